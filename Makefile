@@ -1,0 +1,37 @@
+# Two set-up commands that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := datasets/demo
+# torch comes first, from its pinned CPU wheel; constraints.txt keeps every later
+# install from replacing it with a CUDA build.
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: install demo demo-data test unit integration clean
+install: $(VENV)/.installed
+
+demo-data: install
+	$(PY) -m data.samples $(DEMO_DATA)
+
+# A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then sample videos.
+# A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
+demo: demo-data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train experiment=demo \
+		$(if $(FRESH),train.resume=false,)
+
+test: install
+	$(PY) -m pytest tests/unit tests/integration
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: install
+	$(PY) -m pytest tests/integration
+
+clean:
+	rm -rf runs datasets outputs .pytest_cache

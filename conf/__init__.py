@@ -1,0 +1,1 @@
+"""Hydra configuration tree (YAML); the typed schema lives in train/config.py."""

@@ -1,0 +1,1 @@
+"""Licensed video data: shards, license gate, decoding, buckets, loading."""

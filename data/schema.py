@@ -1,0 +1,43 @@
+"""The video shard sample contract (DESIGN.md) and the manifest format.
+
+A sample is `KEY.mp4` + `KEY.txt` (caption) + `KEY.json` (metadata). Compatible
+with video2dataset output; extra json fields are kept.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+REQUIRED_FIELDS = ("license", "source_url", "attribution", "rights_holder", "width", "height", "fps", "num_frames")
+POSITIVE_NUMBER_FIELDS = ("width", "height", "fps", "num_frames")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def metadata_problems(meta: Dict[str, Any]) -> List[str]:
+    """What is wrong with a sample's metadata, as short reasons; empty if it is valid."""
+    problems = [f"missing {name}" for name in REQUIRED_FIELDS if meta.get(name) in (None, "")]
+    for name in POSITIVE_NUMBER_FIELDS:
+        value = meta.get(name)
+        if value not in (None, "") and (not isinstance(value, (int, float)) or value <= 0):
+            problems.append(f"{name} is not a positive number")
+    return problems
+
+
+def parse_metadata(raw: bytes) -> Dict[str, Any]:
+    meta = json.loads(raw.decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    return meta
+
+
+def read_manifest(root) -> Dict[str, Any]:
+    from pathlib import Path
+
+    path = Path(root) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: build shards with `python -m data.samples {root}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: manifest version {manifest.get('version')} is not {MANIFEST_VERSION}")
+    return manifest

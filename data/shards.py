@@ -1,0 +1,89 @@
+"""Write WebDataset video shards and their manifest; verify them against it."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import webdataset as wds
+
+from data.schema import MANIFEST_NAME, MANIFEST_VERSION
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardSetWriter:
+    """Writes samples into numbered tars of at most `samples_per_shard` and records the manifest."""
+
+    def __init__(self, root, prefix: str = "shard", samples_per_shard: int = 16):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.rows: List[Dict[str, Any]] = []
+        self._writer: Optional[wds.TarWriter] = None
+        self._path: Optional[Path] = None
+        self._count = 0
+        self._licenses: Counter = Counter()
+
+    def write(self, key: str, video: bytes, caption: str, meta: Dict[str, Any], caption_bytes: bytes = None) -> None:
+        if self._writer is None or self._count >= self.samples_per_shard:
+            self._close_shard()
+            self._path = self.root / f"{self.prefix}-{len(self.rows):05d}.tar"
+            self._writer = wds.TarWriter(str(self._path))
+        self._writer.write({
+            "__key__": key,
+            "mp4": video,
+            "txt": caption_bytes if caption_bytes is not None else caption.encode("utf-8"),
+            "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+        })
+        self._count += 1
+        self._licenses[str(meta.get("license") or "<missing>")] += 1
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self.rows.append({
+            "path": self._path.name,
+            "num_samples": self._count,
+            "bytes": self._path.stat().st_size,
+            "sha256": sha256_file(self._path),
+            "licenses": dict(self._licenses),
+        })
+        self._writer, self._count, self._licenses = None, 0, Counter()
+
+    def close(self, extra: Optional[Dict[str, Any]] = None) -> Path:
+        self._close_shard()
+        manifest = {"version": MANIFEST_VERSION, "shards": self.rows, **(extra or {})}
+        path = self.root / MANIFEST_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+
+def verify_shards(root) -> List[str]:
+    """Problems found comparing shards with the manifest (sizes, hashes); empty when all match."""
+    from data.schema import read_manifest
+
+    root = Path(root)
+    problems = []
+    for row in read_manifest(root)["shards"]:
+        path = root / row["path"]
+        if not path.exists():
+            problems.append(f"{row['path']}: missing")
+            continue
+        if path.stat().st_size != row["bytes"]:
+            problems.append(f"{row['path']}: {path.stat().st_size} bytes, manifest says {row['bytes']}")
+        elif sha256_file(path) != row["sha256"]:
+            problems.append(f"{row['path']}: sha256 differs from the manifest")
+    return problems

@@ -1,0 +1,1 @@
+"""Launchers: local (torchrun), SLURM, Kubernetes — one entry point everywhere."""

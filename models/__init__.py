@@ -1,0 +1,1 @@
+"""Pure PyTorch model code: no distributed logic lives here."""

@@ -1,0 +1,167 @@
+"""Video diffusion transformer over packed spacetime patches.
+
+Clips of different (T, H, W) are patchified and concatenated into one token
+sequence; 3D RoPE is computed from each clip's own grid and attention stays
+within each clip, so any resolution, duration and aspect ratio mix in one batch
+without padding. Conditioning: adaLN-Zero on the timestep (plus pooled caption),
+cross-attention to caption tokens.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from models.config import ModelConfig
+from models.layers import MLP, Attention, cu_seqlens_from_lengths, timestep_embedding
+from models.text_encoder import TextBatch, TextEncoder
+
+Grid = Tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=256)
+def _rope_angles(grid: Grid, head_dim: int, theta: float) -> torch.Tensor:
+    """Per-token rotation angles (t*h*w, head_dim/2), split over the time, height and width axes."""
+    axis_hw = 2 * (head_dim // 6)
+    axis_dims = (head_dim - 2 * axis_hw, axis_hw, axis_hw)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij"), -1)
+    coords = coords.reshape(-1, 3)
+    angles = []
+    for axis, dim in enumerate(axis_dims):
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles.append(coords[:, axis:axis + 1] * freqs[None])
+    return torch.cat(angles, dim=-1)
+
+
+def rope_3d(grids: Sequence[Grid], head_dim: int, theta: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.cat([_rope_angles(tuple(g), head_dim, theta) for g in grids]).to(device)
+    return angles.cos(), angles.sin()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, context_dim: int):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, backend=cfg.attention_backend)
+        self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        self.cross = Attention(d, cfg.heads, context_dim=context_dim, qk_norm=cfg.qk_norm,
+                               backend=cfg.attention_backend)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(d, int(d * cfg.mlp_ratio))
+        self.ada = nn.Linear(d, 6 * d)  # adaLN-Zero: zero-initialised, so each block starts as identity
+
+    def forward(self, x, cond, lengths, cu, max_len, rope, text, text_cu, text_max):
+        mod = torch.repeat_interleave(self.ada(nn.functional.silu(cond)), lengths, dim=0, output_size=x.shape[0])
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cu, max_len, rope=rope)
+        x = x + self.cross(self.norm_cross(x), cu, max_len, context=text, cu_seqlens_k=text_cu, max_len_k=text_max)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class VideoDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, context_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_size = tuple(cfg.patch_size)
+        self.channels = cfg.autoencoder.latent_channels
+        patch_dim = self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.patch_embed = nn.Linear(patch_dim, d)
+        self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_pool = nn.Linear(context_dim, d)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Linear(d, 2 * d)
+        self.final = nn.Linear(d, patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in self.time_embed:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for zero in [block.ada for block in self.blocks] + [self.final_ada, self.final]:
+            nn.init.zeros_(zero.weight)
+            nn.init.zeros_(zero.bias)
+
+    # -- packing -------------------------------------------------------------------------------
+    def grid(self, shape: Sequence[int]) -> Grid:
+        _, t, h, w = shape
+        pt, ph, pw = self.patch_size
+        return t // pt, h // ph, w // pw
+
+    def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """List of (C, T, H, W) -> packed (sum of tokens, C*pt*ph*pw), each clip's tokens in t, h, w order."""
+        pt, ph, pw = self.patch_size
+        tokens = []
+        for x in latents:
+            c, t, h, w = x.shape
+            x = x.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
+            tokens.append(x.permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, c * pt * ph * pw))
+        return torch.cat(tokens)
+
+    def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        pt, ph, pw = self.patch_size
+        out, start = [], 0
+        for shape in shapes:
+            c = shape[0]
+            gt, gh, gw = self.grid(shape)
+            n = gt * gh * gw
+            x = packed[start:start + n].reshape(gt, gh, gw, c, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
+            out.append(x.reshape(shape))
+            start += n
+        return out
+
+    def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
+                text_batch: TextBatch) -> torch.Tensor:
+        """Velocity prediction for each clip, packed as patch tokens (same layout as `patchify`)."""
+        grids = [self.grid(x.shape) for x in latents]
+        lengths = [g[0] * g[1] * g[2] for g in grids]
+        device = timesteps.device
+        x = self.patch_embed(self.patchify(latents))
+        cu = cu_seqlens_from_lengths(lengths, device)
+        lengths_t = torch.tensor(lengths, device=device)
+        pooled = torch.stack([t.mean(0) for t in torch.split(text, text_batch.lengths)])
+        cond = self.time_embed(timestep_embedding(timesteps, 256).to(x.dtype)) + self.text_pool(pooled)
+        rope = rope_3d(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
+        rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        for block in self.blocks:
+            args = (x, cond, lengths_t, cu, max(lengths), rope, text, text_batch.cu_seqlens, text_batch.max_len)
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        shift, scale = torch.repeat_interleave(self.final_ada(nn.functional.silu(cond)), lengths_t, dim=0,
+                                               output_size=x.shape[0]).chunk(2, dim=-1)
+        return self.final(modulate(self.final_norm(x), shift, scale))
+
+
+class TextToVideoModel(nn.Module):
+    """The trained network: text encoder + video DiT. Knows nothing about distribution."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend)
+        self.dit = VideoDiT(cfg, context_dim=cfg.text.dim)
+
+    def tokenize(self, captions: Sequence[str], device=None) -> TextBatch:
+        return self.text_encoder.tokenizer.batch(captions, device)
+
+    def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text_batch: TextBatch):
+        return self.dit(latents, timesteps, self.text_encoder(text_batch), text_batch)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

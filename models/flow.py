@@ -1,0 +1,55 @@
+"""Rectified flow: x_t = (1 - t) x_0 + t ε, the network predicts v = ε - x_0; t = 1 is pure noise."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def sample_timesteps(count: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Logit-normal timesteps: most mass in the middle, where the velocity is hardest to predict."""
+    return torch.sigmoid(torch.randn(count, generator=generator) * std + mean)
+
+
+def shift_timesteps(t: torch.Tensor, num_tokens, reference_tokens: int) -> torch.Tensor:
+    """Longer sequences keep more signal at equal t, so move them toward noise: shift = sqrt(n / n_ref)."""
+    shift = torch.sqrt(torch.as_tensor(num_tokens, dtype=torch.float32) / reference_tokens)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def noisy_pair(x0: torch.Tensor, noise: torch.Tensor, t: float):
+    """The network input at time t and its velocity target."""
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def euler_sample(velocity: Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]],
+                 noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
+                 tokens: Sequence[int]) -> List[torch.Tensor]:
+    """Integrate dx/dt = v from t = 1 to 0 on each clip's own shifted schedule."""
+    x = [n.clone() for n in noise]
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    schedules = [shift_timesteps(grid, n, reference_tokens) for n in tokens]
+    for i in range(steps):
+        t_now = torch.stack([s[i] for s in schedules])
+        v = velocity(x, t_now)
+        x = [xi + (float(s[i + 1]) - float(s[i])) * vi for xi, vi, s in zip(x, v, schedules)]
+    return x
+
+
+def guided(velocity_fn, cfg_scale: float):
+    """Classifier-free guidance: v = v_uncond + s (v_cond - v_uncond), one batched call for both."""
+    def combined(x: List[torch.Tensor], t: torch.Tensor) -> List[torch.Tensor]:
+        if cfg_scale == 1.0:
+            return velocity_fn(x, t, conditional=True)
+        both = velocity_fn(x + x, torch.cat([t, t]), conditional=None)
+        cond, uncond = both[:len(x)], both[len(x):]
+        return [u + cfg_scale * (c - u) for c, u in zip(cond, uncond)]
+    return combined
+
+
+def loss_weight_bins(t: torch.Tensor, bins: int = 4) -> torch.Tensor:
+    return torch.clamp((t * bins).long(), max=bins - 1)
+
+
+__all__ = ["sample_timesteps", "shift_timesteps", "noisy_pair", "euler_sample", "guided", "math"]

@@ -1,0 +1,81 @@
+"""Built-in text encoder: UTF-8 bytes -> a small transformer, trained jointly with the DiT."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+from models.config import TextEncoderConfig
+from models.layers import MLP, Attention, RMSNorm, cu_seqlens_from_lengths
+
+
+@dataclass
+class TextBatch:
+    """Packed token ids of a batch of captions."""
+
+    ids: torch.Tensor  # (M,) long
+    positions: torch.Tensor  # (M,) long
+    cu_seqlens: torch.Tensor  # (B + 1,) int32
+    max_len: int
+
+    @property
+    def lengths(self) -> List[int]:
+        return torch.diff(self.cu_seqlens).tolist()
+
+
+class ByteTokenizer:
+    """Every caption starts with BOS, so the empty (unconditional) caption is one token, never zero."""
+
+    BOS = 1
+    OFFSET = 2
+    vocab_size = 256 + OFFSET
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+
+    def encode(self, text: str) -> List[int]:
+        return [self.BOS] + [b + self.OFFSET for b in text.encode("utf-8")][: self.max_tokens - 1]
+
+    def batch(self, captions: Sequence[str], device=None) -> TextBatch:
+        encoded = [self.encode(c) for c in captions]
+        lengths = [len(e) for e in encoded]
+        ids = torch.tensor([i for e in encoded for i in e], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        return TextBatch(ids, positions, cu_seqlens_from_lengths(lengths, device), max(lengths))
+
+
+class TextBlock(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig, backend: str):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, qk_norm=True, backend=backend)
+        self.mlp = MLP(cfg.dim, 4 * cfg.dim)
+
+    def forward(self, x, cu_seqlens, max_len):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_len)
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = ByteTokenizer(cfg.max_tokens)
+        self.token_embed = nn.Embedding(ByteTokenizer.vocab_size, cfg.dim)
+        self.position_embed = nn.Embedding(cfg.max_tokens, cfg.dim)
+        self.blocks = nn.ModuleList(TextBlock(cfg, backend) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.dim)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.position_embed.weight, std=0.02)
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def forward(self, text: TextBatch) -> torch.Tensor:
+        x = self.token_embed(text.ids) + self.position_embed(text.positions)
+        for block in self.blocks:
+            x = block(x, text.cu_seqlens, text.max_len)
+        return self.norm(x)

@@ -1,0 +1,1 @@
+"""Training: Hydra entry, DeepSpeed engine, checkpoints, curriculum, tracking, sampling."""

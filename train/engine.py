@@ -1,0 +1,100 @@
+"""Distributed set-up and the DeepSpeed engine, configured from the Hydra tree."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+
+from train.config import KinoConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """One process group for torchrun, SLURM (srun + torchrun) and Kubernetes alike: nccl on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)  # a plain `python -m train` is a world of one
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if not use_cuda:
+        # The CPU shared-memory collective op compiles for a minute on first use; gloo alone serves CPU runs.
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str) -> Dict[str, Any]:
+    zero, optim = cfg.zero, cfg.optim
+    zero_section: Dict[str, Any] = {
+        "stage": zero.stage,
+        "overlap_comm": zero.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": zero.reduce_bucket_size,
+    }
+    if zero.stage in (1, 2):
+        zero_section["allgather_bucket_size"] = zero.allgather_bucket_size
+    if zero.offload_optimizer:
+        zero_section["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    return {
+        # Micro-batches are packed by tokens, not counted in samples: DeepSpeed sees one "sample" each.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": zero.gradient_accumulation_steps,
+        "train_batch_size": zero.gradient_accumulation_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero_section,
+        "bf16": {"enabled": zero.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.curriculum.stages[0].lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                # DeepSpeed's fused/CPU Adam ops compile for minutes on CPU; torch's AdamW is equivalent.
+                "torch_adam": device_type != "cuda",
+            },
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv):
+    import deepspeed
+
+    config = deepspeed_config(cfg, env.world_size, env.device.type)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,69 @@
+"""Hydra entry point: `python -m train [--dry-run] key=value ...` (under torchrun for several processes).
+
+The config is composed and validated before any process group starts; a bad
+config exits with status 2 and the offending key in the message.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from train.config import ConfigError, load_config, to_yaml
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("torch.distributed", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in args
+    overrides = [a for a in args if a != "--dry-run"]
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank)
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as error:
+        print(f"kino: {error}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(to_yaml(cfg))
+        print(f"config OK: {cfg.total_steps} steps in {len(cfg.curriculum.stages)} stage(s), run dir {cfg.run_dir}")
+        return 0
+
+    from train.engine import init_distributed
+    from train.trainer import Trainer
+
+    env = init_distributed()
+    summary = Trainer(cfg, env).train()
+    if env.is_main:
+        _print_summary(summary)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    audit = summary["audit"]
+    print("\n==== kino run finished ====")
+    print(f"run directory : {summary['run_dir']}  (config.yaml, metrics.jsonl, provenance/)")
+    print(f"checkpoint    : {summary['checkpoint']}")
+    print(f"samples       : {', '.join(summary['samples']) or '-'}")
+    print(f"W&B files     : {summary['wandb_dir'] or 'tracking disabled'}")
+    print(f"trained on    : {json.dumps(audit['license_totals'], sort_keys=True)} samples per license")
+    dropped = ", ".join(f"{reason}={count} (e.g. {', '.join(audit['dropped_examples'].get(reason, [])[:3])})"
+                        for reason, count in sorted(audit["dropped"].items()))
+    print(f"dropped       : {dropped or 'none'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

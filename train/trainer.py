@@ -1,0 +1,354 @@
+"""One Trainer with named steps: build, resume, data_step, forward_backward_step, train_step,
+checkpoint, sample. Every resumable piece (engine, data positions, curriculum, RNG, tracker,
+audit, EMA) is saved and restored through `state_dict` / `load_state_dict`."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from data.licenses import Audit, LicensePolicy
+from data.loader import LoaderSpec, dataset_shards, make_loader
+from models.autoencoder import build_autoencoder
+from models.dit import TextToVideoModel, parameter_count
+from models.flops import flops_per_batch, parameter_groups, peak_flops
+from models.flow import noisy_pair, sample_timesteps, shift_timesteps
+from train.checkpoint import CheckpointManager, latest_checkpoint, save_tensor_file, save_text_file
+from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
+from train.curriculum import Curriculum, stage_shapes
+from train.ema import EMA
+from train.engine import DistEnv, build_engine, set_learning_rate
+from train.provenance import ProvenanceLog
+from train.rng import RNGState
+from train.sample import generate, sample_plan, write_samples
+from train.tracking import Tracker
+
+log = logging.getLogger("kino")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class DataPositions:
+    """Where each data stream stands: stream id -> [epoch, raw samples consumed]."""
+
+    def __init__(self, num_streams: int):
+        self.num_streams = num_streams
+        self.positions: Dict[int, List[int]] = {}
+
+    def advance(self, batch: Dict[str, Any]) -> None:
+        self.positions[batch["stream"]] = list(batch["resume_position"])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"num_streams": self.num_streams, "positions": {str(k): v for k, v in self.positions.items()}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["num_streams"] != self.num_streams:
+            raise RuntimeError(
+                f"the checkpoint's data plan has {state['num_streams']} streams (ranks x loader workers), "
+                f"this run has {self.num_streams}: resume with the same world size and data.num_workers")
+        self.positions.update({int(k): list(v) for k, v in state["positions"].items()})
+
+
+class Trainer:
+    def __init__(self, cfg: KinoConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        self.step = 0
+        self.rng = RNGState(cfg.train.seed, env.rank)
+        self.model = TextToVideoModel(cfg.model).to(env.device)
+        self.autoencoder = build_autoencoder(cfg.model.autoencoder)
+        self.flop_groups = parameter_groups(self.model)
+        self.engine = build_engine(self.model, cfg, env)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
+        self.curriculum = Curriculum(cfg.curriculum)
+        self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
+        self.audit = Audit(policy=sorted(self.policy.allow))
+        self.shards = dataset_shards(cfg.data.root)
+        self.data = DataPositions(env.world_size * max(1, cfg.data.num_workers))
+        self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
+                               self.curriculum.total_steps)
+        self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self._iterator = None
+        self._iterator_stage: Optional[int] = None
+        peak = cfg.tracking.peak_flops or (peak_flops(torch.cuda.get_device_name(env.device))
+                                           if env.device.type == "cuda" else None)
+        self.peak_flops = peak
+        if env.is_main:
+            log.info("model: %.2fM parameters (DiT %.2fM, text encoder %.2fM); ZeRO-%d over %d %s process(es)",
+                     parameter_count(self.model) / 1e6, parameter_count(self.model.dit) / 1e6,
+                     parameter_count(self.model.text_encoder) / 1e6, cfg.zero.stage, env.world_size,
+                     env.device.type)
+
+    # -- resumable state -------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Shared state (identical on all ranks, written once)."""
+        return {
+            "curriculum": self.curriculum.state_dict(self.step),
+            "tracker": self.tracker.state_dict(),
+            "config_hash": trajectory_hash(self.cfg),
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def rank_state_dict(self) -> Dict[str, Any]:
+        """State each rank owns; gathered into train_state.json's `ranks` list."""
+        return {"rng": self.rng.state_dict(), "data": self.data.state_dict(), "audit": self.audit.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.tracker.load_state_dict(state["tracker"])
+        if len(state["ranks"]) != self.env.world_size:
+            raise RuntimeError(f"checkpoint was written by {len(state['ranks'])} ranks; this run has "
+                               f"{self.env.world_size}: resume with the same world size")
+        mine = state["ranks"][self.env.rank]
+        self.rng.load_state_dict(mine["rng"])
+        for rank_state in state["ranks"]:  # every rank keeps the whole plan; it reads only its own streams
+            self.data.load_state_dict(rank_state["data"])
+        self.audit = Audit.from_state(mine["audit"])
+        expected = self.curriculum.state_dict(self.step)
+        if state["curriculum"]["stage"] != expected["stage"]:
+            raise RuntimeError(f"checkpoint is in stage {state['curriculum']['stage']!r} at step {self.step}, "
+                               f"the curriculum puts that step in {expected['stage']!r}")
+
+    # -- resume ----------------------------------------------------------------------------------
+    def resume(self) -> Optional[Path]:
+        path = latest_checkpoint(self.run_dir / "checkpoints") if self.cfg.train.resume else None
+        if path is None:
+            return None
+        saved_cfg = from_yaml((path / "config.yaml").read_text())
+        changed = changed_trajectory_keys(saved_cfg, self.cfg)
+        if changed:
+            raise RuntimeError(f"cannot resume {path}: the config changed keys that shape training: "
+                               f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
+        state = self.checkpoints.load(path, self.engine)
+        self.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu"))
+        self.provenance.resume(self.step)
+        return path
+
+    # -- data ------------------------------------------------------------------------------------
+    def _loader_for_stage(self, stage_index: int):
+        cfg, stage = self.cfg, self.curriculum.stages[stage_index]
+        ae = cfg.model.autoencoder
+        spec = LoaderSpec(root=cfg.data.root, shards=self.shards, policy=self.policy,
+                          shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
+                          patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
+                          spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed,
+                          rank=self.env.rank, world_size=self.env.world_size, num_workers=cfg.data.num_workers,
+                          positions=dict(self.data.positions))
+        return iter(make_loader(spec))
+
+    def data_step(self) -> Dict[str, Any]:
+        """The next non-empty micro-batch of the current stage; accounts for what the loader dropped."""
+        stage_index = self.curriculum.stage_index(self.step)
+        if self._iterator is None or self._iterator_stage != stage_index:
+            self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
+        while True:
+            batch = next(self._iterator)
+            self.data.advance(batch)
+            for reason, key in batch["dropped"]:
+                self.audit.record_dropped(reason, key)
+            if batch["videos"]:
+                return batch
+
+    # -- one step --------------------------------------------------------------------------------
+    def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        device, gen, cfg = self.env.device, self.rng.generator, self.cfg
+        x0 = [self.autoencoder.encode(v).to(device) for v in batch["videos"]]
+        drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch["captions"])]
+        text = self.model.tokenize(captions, device)
+        tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
+        t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
+                            tokens, cfg.train.shift_reference_tokens)
+        noise = [torch.randn(x.shape, generator=gen).to(device) for x in x0]
+        pairs = [noisy_pair(x, n, float(ti)) for x, n, ti in zip(x0, noise, t)]
+        prediction = self.engine([p[0] for p in pairs], t.to(device), text)
+        target = self.model.dit.patchify([p[1] for p in pairs])
+        squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
+        loss = squared.mean()
+        # Every rank must agree to skip, or the gradient all-reduce would wait forever.
+        finite = torch.tensor([float(torch.isfinite(loss))], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
+        self.engine.backward(loss)
+        per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
+        return {"finite": True, "loss_sum": float(squared.detach().sum()), "tokens": sum(tokens),
+                "per_sample": per_sample.cpu(), "t": t, "text_tokens": text.lengths, "video_tokens": tokens}
+
+    def train_step(self) -> Dict[str, Any]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        set_learning_rate(self.engine, self.curriculum.lr(self.step))
+        data_time, results, batches = 0.0, [], []
+        for _ in range(self.cfg.zero.gradient_accumulation_steps):
+            start = time.perf_counter()
+            batch = self.data_step()
+            data_time += time.perf_counter() - start
+            result = self.forward_backward_step(batch)
+            results.append(result)
+            batches.append(batch)
+            if result["finite"]:
+                self.engine.step()
+        finite = all(r["finite"] for r in results)
+        if finite:
+            self.nonfinite_in_row = 0
+            for batch in batches:
+                self.provenance.record(self.step + 1, batch)
+                for shard, meta in zip(batch["shards"], batch["meta"]):
+                    self.audit.record_trained(shard, meta["license"], meta["rights_holder"], meta["source_url"])
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.nonfinite_in_row)
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
+                                    f"lower the learning rate or check the data (train.max_nonfinite_in_row)")
+        return {"results": results, "batches": batches, "data_time": data_time}
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def _metrics(self, outcome: Dict[str, Any], step_time: float, run_start: float, start_step: int) -> Dict:
+        results = [r for r in outcome["results"] if r["finite"]]
+        local = torch.tensor([sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
+                              sum(flops_per_batch(self.model, zip(r["video_tokens"], r["text_tokens"]),
+                                                  self.flop_groups) for r in results),
+                              outcome["data_time"]], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(local)
+        loss_sum, tokens, flops, data_time = local.tolist()
+        stage = self.curriculum.stage(self.step - 1)
+        done = self.step - start_step
+        elapsed = time.perf_counter() - run_start
+        metrics = {
+            "step": self.step, "stage": stage.name, "loss": loss_sum / max(tokens, 1),
+            "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
+            "samples_per_s": sum(len(b["videos"]) for b in outcome["batches"]) * self.env.world_size / step_time,
+            "step_time_s": step_time, "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
+            "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops else None,
+            "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
+            "eta_s": elapsed / max(done, 1) * (self.curriculum.total_steps - self.step),
+            "dropped": dict(self.audit.dropped),
+        }
+        bins, buckets = defaultdict(list), defaultdict(list)
+        for r, batch in zip(outcome["results"], outcome["batches"]):
+            if not r["finite"]:
+                continue
+            for loss, t, video in zip(r["per_sample"].tolist(), r["t"].tolist(), batch["videos"]):
+                bins[min(3, int(t * 4))].append(loss)
+                buckets["x".join(map(str, (video.shape[0], video.shape[1], video.shape[2])))].append(loss)
+        metrics.update({f"loss_t{b}": sum(v) / len(v) for b, v in sorted(bins.items())})
+        metrics.update({f"loss_bucket/{k}": sum(v) / len(v) for k, v in sorted(buckets.items())})
+        if self.env.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
+        return metrics
+
+    # -- checkpoint and samples ------------------------------------------------------------------
+    def merged_audit(self) -> Audit:
+        """Collective: the audit of all ranks together."""
+        audits = [self.audit.state_dict()]
+        if dist.is_initialized():
+            audits = [None] * self.env.world_size
+            dist.all_gather_object(audits, self.audit.state_dict())
+        merged = Audit(policy=sorted(self.policy.allow))
+        for state in audits:
+            merged = merged.merge(Audit.from_state(state))
+        return merged
+
+    def checkpoint(self) -> Path:
+        merged = self.merged_audit()
+        files = {"config.yaml": save_text_file(to_yaml(self.cfg))}
+        if self.env.is_main:
+            audit = dict(merged.state_dict(), step=self.step, dataset=str(self.cfg.data.root))
+            files["audit.json"] = save_text_file(json.dumps(audit, indent=1, sort_keys=True))
+            files["ema.pt"] = save_tensor_file(self.ema.state_dict())
+        path = self.checkpoints.save(self.step, self.engine, self.state_dict(), self.rank_state_dict(), files)
+        self.tracker.log_event(self.step, f"checkpoint saved: {path}")
+        return path
+
+    def sample(self) -> List[Path]:
+        """Sample the fixed prompts with the EMA weights at the current stage's shapes (main rank)."""
+        if not self.env.is_main:
+            return []
+        cfg = self.cfg
+        stage = self.curriculum.stage(max(self.step - 1, 0))
+        prompts, shapes = sample_plan(cfg.tracking.sample_prompts, stage_shapes(cfg, stage))
+        ema_model = TextToVideoModel(cfg.model).to(self.env.device)
+        self.ema.copy_to(ema_model)
+        videos = generate(ema_model, self.autoencoder, prompts, shapes, cfg.tracking.sample_steps,
+                          cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device)
+        paths = write_samples(videos, prompts, self.run_dir / "samples" / f"step_{self.step}", cfg.data.fps)
+        self.tracker.log_videos(self.step, paths, prompts)
+        return paths
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        resumed = self.resume()
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            if resumed:
+                log.info("resuming from %s (step %d, stage %s)", resumed, self.step,
+                         self.curriculum.stage(self.step).name)
+            elif latest_checkpoint(self.run_dir / "checkpoints") is not None:
+                log.info("train.resume=false: starting fresh, ignoring existing checkpoints in %s", self.run_dir)
+        from omegaconf import OmegaConf
+
+        self.tracker.start(OmegaConf.to_container(OmegaConf.structured(cfg)), self.step if resumed else None)
+        total, start_step, run_start = self.curriculum.total_steps, self.step, time.perf_counter()
+        if self.step >= total and env.is_main:
+            log.info("the run already reached its last step (%d): nothing to train "
+                     "(FRESH=1 / train.resume=false starts over)", total)
+        last_saved = self.step if resumed else -1
+        while self.step < total:
+            stage_before = self.curriculum.stage_index(self.step)
+            if self.step == start_step or self.curriculum.boundaries[stage_before] == self.step:
+                stage = self.curriculum.stages[stage_before]
+                self.tracker.log_event(self.step, f"stage {stage.name!r} ({stage_before + 1}/"
+                                                  f"{len(self.curriculum.stages)}) from step {self.step}: "
+                                                  f"buckets (frames x height x width) "
+                                                  f"{', '.join(f'{b.frames}x{b.height}x{b.width}' for b in stage_shapes(cfg, stage))}; "
+                                                  f"token budget {stage.token_budget}")
+            start = time.perf_counter()
+            outcome = self.train_step()
+            self.step += 1
+            step_time = time.perf_counter() - start
+            if self.step % cfg.tracking.log_every == 0 or self.step == total:
+                self.tracker.log(self._metrics(outcome, step_time, run_start, start_step))
+            if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
+                self.sample()
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == total:
+                self.checkpoint()
+                last_saved = self.step
+        if last_saved != self.step and self.step > 0:
+            self.checkpoint()
+        samples = self.sample()
+        summary = {"step": self.step, "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
+                   "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
+                   "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}
+        self.tracker.finish()
+        return summary
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if norm is None:
+        return None
+    norm = float(norm)
+    return norm if math.isfinite(norm) else None
