@@ -21,6 +21,7 @@ demo-data: install
 # A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then sample videos.
 # A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
 demo: demo-data
+	$(PY) -m train --dry-run experiment=demo > /dev/null  # a bad config stops here, before any process starts
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train experiment=demo \
 		$(if $(FRESH),train.resume=false,)
 

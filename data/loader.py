@@ -24,6 +24,14 @@ from data.licenses import LicensePolicy
 from data.schema import metadata_problems, parse_metadata, read_manifest
 
 log = logging.getLogger(__name__)
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    """Each bad sample is named once per process, not once per epoch."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 METADATA_INVALID = "metadata_invalid"
 UNDECODABLE = "undecodable"
@@ -102,7 +110,7 @@ class ClipStream(IterableDataset):
             while errors:
                 shard, message = errors.pop(0)
                 if index >= start:
-                    log.warning("corrupt shard %s: %s", shard, message)
+                    _warn_once(shard, "corrupt shard %s (skipped from here on, counted): %s", shard, message)
                     dropped.append((index, CORRUPT_SHARD, shard))
 
         index = 0
@@ -175,7 +183,7 @@ class ClipStream(IterableDataset):
         except ClipTooShort:
             return None, TOO_SHORT
         except Exception as error:  # decord raises its own error types for broken streams
-            log.warning("undecodable video %s: %s", key, str(error).splitlines()[0][:200] if str(error) else error)
+            _warn_once(key, "undecodable video %s (skipped, counted): %s", key, (str(error) or repr(error)).splitlines()[0][:200])
             return None, UNDECODABLE
         shard = Path(raw.get("__url__", "?")).name
         tokens = shape.tokens(spec.patch_size, spec.temporal_factor, spec.spatial_factor)

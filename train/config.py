@@ -89,6 +89,9 @@ class TrainConfig:
     # Write every trained sample key per step to RUN/provenance/ (the license audit trail).
     record_sample_keys: bool = True
     max_nonfinite_in_row: int = 5
+    # Stop (with a checkpoint) after this many steps in this invocation; null = run to the end.
+    # For jobs with a wall-clock limit: the next invocation resumes from `latest`.
+    stop_after_steps: Optional[int] = None
     # Flow matching: logit-normal timesteps and a resolution-dependent shift.
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
@@ -153,6 +156,9 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), value)
+        elif isinstance(node, list) and any(isinstance(item, dict) for item in node):
+            for index, item in enumerate(node):
+                walk(f"{prefix}.{index}", item)
         else:
             flat[prefix] = node
 
@@ -163,7 +169,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 # Keys a resumed run may change: they affect bookkeeping, not the training trajectory.
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
-    "train.record_sample_keys", "tracking", "data.num_workers", "data.root",
+    "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
     "model.attention_backend", "model.activation_checkpointing",
 )
 
@@ -231,11 +237,14 @@ def _validate_stages(cfg: KinoConfig) -> None:
             latent_frames = 1 + (frames - 1) // ae.temporal_factor if ae.temporal_factor > 1 else frames
             if frames < 1 or latent_frames % pt:
                 raise ConfigError(f"{key}.frame_counts: {frames} frames do not divide into temporal patches of {pt}")
-        shapes = bucket_shapes(stage.resolutions, stage.aspect_ratios, stage.frame_counts,
-                               multiple=ae.spatial_factor * max(ph, pw))
-        for shape in shapes:
-            if (shape.height // ae.spatial_factor) % ph or (shape.width // ae.spatial_factor) % pw:
-                raise ConfigError(f"{key}: bucket {shape} is not divisible by the patch size {cfg.model.patch_size}")
+        multiple = ae.spatial_factor * max(ph, pw)
+        for side in stage.resolutions:
+            if side <= 0 or side % multiple:
+                raise ConfigError(f"{key}.resolutions: {side} is not a positive multiple of {multiple} "
+                                  f"(patch size {cfg.model.patch_size} x autoencoder factor {ae.spatial_factor})")
+        if not stage.aspect_ratios or min(stage.aspect_ratios) <= 0:
+            raise ConfigError(f"{key}.aspect_ratios must be positive width/height ratios")
+        shapes = bucket_shapes(stage.resolutions, stage.aspect_ratios, stage.frame_counts, multiple=multiple)
         smallest = min(s.tokens(cfg.model.patch_size, ae.temporal_factor, ae.spatial_factor) for s in shapes)
         largest = max(s.tokens(cfg.model.patch_size, ae.temporal_factor, ae.spatial_factor) for s in shapes)
         if stage.token_budget < smallest:

@@ -20,8 +20,6 @@ class ProvenanceLog:
     def __init__(self, run_dir: Path, rank: int, enabled: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "provenance" / f"rank_{rank}.jsonl"
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def resume(self, step: int) -> None:
         if self.enabled:
@@ -30,6 +28,7 @@ class ProvenanceLog:
     def record(self, step: int, batch: Dict) -> None:
         if not self.enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "keys": batch["keys"], "shards": batch["shards"],
                   "licenses": [m.get("license") for m in batch["meta"]]}
         with open(self.path, "a") as handle:

@@ -80,6 +80,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self._recent_step_time: Optional[float] = None
         self._iterator = None
         self._iterator_stage: Optional[int] = None
         peak = cfg.tracking.peak_flops or (peak_flops(torch.cuda.get_device_name(env.device))
@@ -223,7 +224,7 @@ class Trainer:
         return {"results": results, "batches": batches, "data_time": data_time}
 
     # -- metrics ---------------------------------------------------------------------------------
-    def _metrics(self, outcome: Dict[str, Any], step_time: float, run_start: float, start_step: int) -> Dict:
+    def _metrics(self, outcome: Dict[str, Any], step_time: float) -> Dict:
         results = [r for r in outcome["results"] if r["finite"]]
         local = torch.tensor([sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
                               sum(flops_per_batch(self.model, zip(r["video_tokens"], r["text_tokens"]),
@@ -233,8 +234,6 @@ class Trainer:
             dist.all_reduce(local)
         loss_sum, tokens, flops, data_time = local.tolist()
         stage = self.curriculum.stage(self.step - 1)
-        done = self.step - start_step
-        elapsed = time.perf_counter() - run_start
         metrics = {
             "step": self.step, "stage": stage.name, "loss": loss_sum / max(tokens, 1),
             "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
@@ -242,7 +241,7 @@ class Trainer:
             "step_time_s": step_time, "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
             "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops else None,
             "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
-            "eta_s": elapsed / max(done, 1) * (self.curriculum.total_steps - self.step),
+            "eta_s": self._recent_step_time * (self.curriculum.total_steps - self.step),
             "dropped": dict(self.audit.dropped),
         }
         bins, buckets = defaultdict(list), defaultdict(list)
@@ -306,17 +305,22 @@ class Trainer:
             if resumed:
                 log.info("resuming from %s (step %d, stage %s)", resumed, self.step,
                          self.curriculum.stage(self.step).name)
-            elif latest_checkpoint(self.run_dir / "checkpoints") is not None:
-                log.info("train.resume=false: starting fresh, ignoring existing checkpoints in %s", self.run_dir)
+            else:
+                archived = archive_previous_run(self.run_dir)
+                if archived:
+                    log.info("starting fresh: earlier outputs of this run directory moved to %s", archived)
+        if dist.is_initialized():
+            dist.barrier()  # nobody writes into the run directory before it is set up
         from omegaconf import OmegaConf
 
         self.tracker.start(OmegaConf.to_container(OmegaConf.structured(cfg)), self.step if resumed else None)
-        total, start_step, run_start = self.curriculum.total_steps, self.step, time.perf_counter()
+        total, start_step = self.curriculum.total_steps, self.step
         if self.step >= total and env.is_main:
             log.info("the run already reached its last step (%d): nothing to train "
                      "(FRESH=1 / train.resume=false starts over)", total)
         last_saved = self.step if resumed else -1
-        while self.step < total:
+        stop_at = total if cfg.train.stop_after_steps is None else min(total, self.step + cfg.train.stop_after_steps)
+        while self.step < stop_at:
             stage_before = self.curriculum.stage_index(self.step)
             if self.step == start_step or self.curriculum.boundaries[stage_before] == self.step:
                 stage = self.curriculum.stages[stage_before]
@@ -329,8 +333,11 @@ class Trainer:
             outcome = self.train_step()
             self.step += 1
             step_time = time.perf_counter() - start
-            if self.step % cfg.tracking.log_every == 0 or self.step == total:
-                self.tracker.log(self._metrics(outcome, step_time, run_start, start_step))
+            # Recent steps predict the rest better than the run's average (later stages are slower).
+            self._recent_step_time = step_time if self._recent_step_time is None else \
+                0.9 * self._recent_step_time + 0.1 * step_time
+            if self.step % cfg.tracking.log_every == 0 or self.step == stop_at:
+                self.tracker.log(self._metrics(outcome, step_time))
             if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
                 self.sample()
             if self.step % cfg.train.checkpoint_every == 0 or self.step == total:
@@ -338,12 +345,28 @@ class Trainer:
                 last_saved = self.step
         if last_saved != self.step and self.step > 0:
             self.checkpoint()
-        samples = self.sample()
+        if self.step < total:
+            self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} "
+                                              f"(train.stop_after_steps); run again to resume")
+        samples = self.sample() if self.step >= total else []
         summary = {"step": self.step, "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                    "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}
         self.tracker.finish()
         return summary
+
+
+def archive_previous_run(run_dir: Path) -> Optional[Path]:
+    """Move an earlier run's outputs aside so a fresh start can neither mix with nor lose them."""
+    outputs = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "provenance", "samples")]
+    present = [p for p in outputs if p.exists()]
+    if not present:
+        return None
+    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        path.rename(target / path.name)
+    return target
 
 
 def _grad_norm(engine) -> Optional[float]:

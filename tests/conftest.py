@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+REPO = Path(__file__).resolve().parents[1]
+
+# 16 procedural CC0 clips + 4 the license gate must drop + 1 corrupt video, 4 samples per shard.
+GOOD_SAMPLES = 16
+GATED = {"nolicense-00": "license_missing", "nolicense-01": "license_missing",
+         "disallowed-00": "license_not_allowed", "disallowed-01": "license_not_allowed"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from data.samples import build
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    build(root, procedural=GOOD_SAMPLES, real=False, samples_per_shard=4, seed=0)
+    return root

@@ -1,0 +1,124 @@
+"""Real training: torchrun, 2 CPU processes, DeepSpeed ZeRO-2 over gloo, W&B offline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GATED, REPO
+from train.provenance import read_trained_keys
+
+TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
+        "model.text.heads=2", "curriculum.stages.0.steps=5", "curriculum.stages.1.steps=3",
+        "curriculum.stages.0.token_budget=1600", "curriculum.stages.1.resolutions=[32]",
+        "curriculum.stages.1.frame_counts=[8]", "curriculum.stages.1.token_budget=2100",
+        "tracking.log_every=1", "tracking.sample_steps=3", "train.checkpoint_every=4"]
+
+
+def torchrun(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "train", "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}", *TINY,
+               *overrides]
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_dataset):
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    result = torchrun(run_dir, tiny_dataset)
+    return run_dir, result
+
+
+def test_zero2_run_writes_the_run_directory_contract(finished_run):
+    run_dir, result = finished_run
+    assert (run_dir / "config.yaml").exists()
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_8" and (latest / "COMPLETE").exists()
+    for name in ("train_state.json", "audit.json", "ema.pt", "config.yaml", "engine"):
+        assert (latest / name).exists(), name
+    # ZeRO-2 over 2 ranks: each rank wrote its own optimizer shard
+    assert len(list((latest / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("step", "stage", "loss", "lr", "tokens_per_s", "mfu", "data_wait_frac"):
+        assert all(key in r for r in rows), key
+    assert [r["stage"] for r in rows] == ["low"] * 5 + ["high"] * 3
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    samples = list((run_dir / "samples" / "step_8").glob("*"))
+    assert {p.suffix for p in samples} == {".mp4", ".gif"} and all(p.stat().st_size > 0 for p in samples)
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert "kino run finished" in result.stdout
+
+
+def test_only_licensed_samples_were_trained_and_the_audit_says_so(finished_run):
+    run_dir, result = finished_run
+    records = list(read_trained_keys(run_dir))
+    keys = [k for r in records for k in r["keys"]]
+    assert keys and not set(keys) & set(GATED) and "corrupt-00" not in keys
+    assert {lic for r in records for lic in r["licenses"]} == {"CC0-1.0"}
+    assert max(r["step"] for r in records) == 8
+    audit = json.loads((run_dir / "checkpoints" / "step_8" / "audit.json").read_text())
+    assert sum(audit["license_totals"].values()) == len(keys)
+    assert set(audit["license_totals"]) == {"CC0-1.0"}
+    assert audit["dropped"]["license_missing"] >= 2 and audit["dropped"]["license_not_allowed"] >= 2
+    assert set(audit["dropped_examples"]["license_missing"]) == {"nolicense-00", "nolicense-01"}
+    assert "license_missing=" in result.stdout and "license_not_allowed=" in result.stdout
+
+
+def test_a_finished_run_resumes_and_says_there_is_nothing_left(finished_run, tiny_dataset):
+    run_dir, _ = finished_run
+    result = torchrun(run_dir, tiny_dataset)
+    assert "resuming from" in result.stdout and "step_8" in result.stdout
+    assert "nothing to train" in result.stdout
+
+
+def test_stop_and_resume_reproduces_the_straight_run_exactly(finished_run, tiny_dataset, tmp_path):
+    straight, _ = finished_run
+    interrupted = tmp_path / "interrupted"
+    first = torchrun(interrupted, tiny_dataset, "train.stop_after_steps=3")
+    assert "stopping at step 3" in first.stdout
+    second = torchrun(interrupted, tiny_dataset)
+    assert "resuming from" in second.stdout and "step_3" in second.stdout
+    # the second half crosses the stage change at step 5
+    assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
+    trained = sorted(k for r in read_trained_keys(interrupted) for k in r["keys"])
+    assert trained == sorted(k for r in read_trained_keys(straight) for k in r["keys"])
+
+
+def test_resume_refuses_a_config_that_changes_training(finished_run, tiny_dataset):
+    run_dir, _ = finished_run
+    command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+               f"train.run_dir={run_dir}", *TINY, "model.depth=3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, MASTER_PORT="29531"))
+    assert result.returncode != 0
+    assert "model.depth" in result.stderr + result.stdout
+
+
+def test_bad_config_is_rejected_before_any_process_starts():
+    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", "zero.stage=7"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "zero.stage=7" in result.stderr
+    assert "DeepSpeed" not in result.stdout + result.stderr
+
+
+def test_a_fresh_start_keeps_the_previous_run_aside(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "fresh"
+    torchrun(run_dir, tiny_dataset, "train.stop_after_steps=2", "tracking.mode=disabled")
+    result = torchrun(run_dir, tiny_dataset, "train.resume=false", "train.stop_after_steps=1",
+                      "tracking.mode=disabled")
+    assert "starting fresh" in result.stdout and "resuming" not in result.stdout
+    previous = list((run_dir / "previous").iterdir())
+    assert len(previous) == 1 and (previous[0] / "checkpoints" / "step_2" / "COMPLETE").exists()
+    assert [r["step"] for r in metrics(run_dir)] == [1]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"

@@ -1,0 +1,52 @@
+import pytest
+
+from train.config import ConfigError, changed_trajectory_keys, from_yaml, load_config, to_yaml, trajectory_hash
+
+
+def test_demo_experiment_composes_and_validates():
+    cfg = load_config(["experiment=demo"])
+    assert cfg.train.experiment == "demo"
+    assert cfg.zero.stage == 2
+    assert [s.name for s in cfg.curriculum.stages] == ["low", "high"]
+    assert "CC0-1.0" in cfg.data.licenses.allow and "CC-BY-NC-4.0" not in cfg.data.licenses.allow
+    assert cfg.run_dir == "runs/demo"
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.no_such_knob=1"], "model.no_such_knob"),
+    (["zero.stage=4"], "zero.stage"),
+    (["zero.precision=fp8"], "zero.precision"),
+    (["model.attention_backend=magic"], "model.attention_backend"),
+    (["curriculum.stages.0.token_budget=10"], "curriculum.stages[0].token_budget"),
+    (["curriculum.stages.0.resolutions=[30]"], "curriculum.stages[0].resolutions"),
+    (["model.patch_size=[3,4,4]"], "curriculum.stages[0].frame_counts"),
+    (["model.heads=3"], "model.dim"),
+    (["data.licenses.allow=[]"], "data.licenses.allow"),
+    (["tracking.mode=sometimes"], "tracking.mode"),
+])
+def test_bad_configs_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(["experiment=demo", *override])
+    assert key in str(error.value)
+
+
+def test_a_type_error_is_rejected():
+    with pytest.raises(ConfigError, match="zero.stage"):
+        load_config(["zero.stage=two"])
+
+
+def test_yaml_round_trip_keeps_every_value():
+    cfg = load_config(["experiment=demo", "model.dim=64"])
+    again = from_yaml(to_yaml(cfg))
+    assert again == cfg
+    assert trajectory_hash(again) == trajectory_hash(cfg)
+
+
+def test_resume_check_names_keys_that_change_training_and_ignores_bookkeeping():
+    base = load_config(["experiment=demo"])
+    bookkeeping = load_config(["experiment=demo", "tracking.log_every=1", "train.checkpoint_every=7",
+                               "data.num_workers=1"])
+    assert changed_trajectory_keys(base, bookkeeping) == []
+    assert trajectory_hash(base) == trajectory_hash(bookkeeping)
+    changed = load_config(["experiment=demo", "model.depth=2", "curriculum.stages.1.lr=0.1"])
+    assert changed_trajectory_keys(base, changed) == ["curriculum.stages.1.lr", "model.depth"]
