@@ -26,7 +26,11 @@ setup(
     extras_require={
         # Encoding sample videos (mp4 via PyAV, gif via imageio) and W&B video logging.
         "media": ["av>=12", "imageio>=2.34", "moviepy>=1.0"],
-        "dev": ["pytest>=8", "av>=12", "imageio>=2.34", "moviepy>=1.0"],
+        # Loading pretrained autoencoders (diffusers) and text encoders (transformers) from local paths.
+        "encoders": ["diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0", "tokenizers>=0.21",
+                     "sentencepiece>=0.2"],
+        "dev": ["pytest>=8", "av>=12", "imageio>=2.34", "moviepy>=1.0", "diffusers>=0.35", "transformers>=4.50",
+                "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "jsonschema>=4"],
         # Needs CUDA to build; install on GPU machines only.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -1,0 +1,148 @@
+"""Built-in small causal 3D video VAE: 4x temporal, 8x spatial compression by default.
+
+Causal in time: every convolution sees only the current and earlier frames, and the
+first frame is compressed on its own, so a clip of 1 + 4k frames maps to 1 + k latent
+frames and a single image (1 frame) is a valid input.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CausalConv3d(nn.Module):
+    """3x3x3 convolution padded on the past side in time (first frame replicated), symmetric in space."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3):
+        super().__init__()
+        self.time_pad = kernel - 1
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, padding=(0, kernel // 2, kernel // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.time_pad:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        return self.conv(x)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm within each frame: normalising across time would let later frames leak into earlier ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _per_frame(super().forward, x)
+
+
+def _norm(channels: int) -> nn.Module:
+    return FrameGroupNorm(min(8, channels), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = CausalConv3d(in_channels, out_channels)
+        self.norm2 = _norm(out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D op to every frame of (B, C, T, H, W)."""
+    b, c, t, h, w = x.shape
+    y = fn(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+    return y.reshape(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.spatial = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _per_frame(self.spatial, x)
+        if self.temporal and x.shape[2] > 1:
+            # first frame alone; the following 2k frames average in pairs
+            first, rest = x[:, :, :1], x[:, :, 1:]
+            rest = rest.reshape(*rest.shape[:2], rest.shape[2] // 2, 2, *rest.shape[3:]).mean(dim=3)
+            x = torch.cat([first, rest], dim=2)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.spatial = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.temporal and x.shape[2] > 1:
+            first, rest = x[:, :, :1], x[:, :, 1:]
+            x = torch.cat([first, rest.repeat_interleave(2, dim=2)], dim=2)
+        return _per_frame(lambda f: self.spatial(F.interpolate(f, scale_factor=2.0, mode="nearest")), x)
+
+
+class CausalVideoVAE(nn.Module):
+    def __init__(self, latent_channels: int = 16, base_channels: int = 32, channel_mult: Tuple[int, ...] = (1, 2, 2),
+                 temporal_downsample: Tuple[bool, ...] = (False, True, True)):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.spatial_factor = 2 ** len(channel_mult)
+        self.temporal_factor = 2 ** sum(temporal_downsample)
+        widths = [base_channels * m for m in channel_mult]
+        self.encoder_in = CausalConv3d(3, widths[0])
+        down: List[nn.Module] = []
+        channels = widths[0]
+        for width, temporal in zip(widths, temporal_downsample):
+            down += [ResBlock(channels, width), Downsample(width, temporal)]
+            channels = width
+        self.encoder = nn.Sequential(*down, ResBlock(channels, channels))
+        self.encoder_out = nn.Sequential(_norm(channels), nn.SiLU(),
+                                         CausalConv3d(channels, 2 * latent_channels))
+        self.decoder_in = CausalConv3d(latent_channels, channels)
+        up: List[nn.Module] = [ResBlock(channels, channels)]
+        for width, temporal in zip(reversed(widths), reversed(temporal_downsample)):
+            up += [ResBlock(channels, width), Upsample(width, temporal)]
+            channels = width
+        self.decoder = nn.Sequential(*up)
+        self.decoder_out = nn.Sequential(_norm(channels), nn.SiLU(),
+                                         CausalConv3d(channels, 3))
+
+    def check_frames(self, frames: int) -> None:
+        if (frames - 1) % self.temporal_factor:
+            raise ValueError(f"{frames} frames: the causal VAE needs 1 + {self.temporal_factor}k frames")
+
+    def encode_distribution(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) in [-1, 1] -> mean, log-variance of (B, C, 1 + (T-1)/ft, H/fs, W/fs)."""
+        self.check_frames(x.shape[2])
+        moments = self.encoder_out(self.encoder(self.encoder_in(x)))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder_out(self.decoder(self.decoder_in(z)))
+
+    def forward(self, x: torch.Tensor, sample: bool = True):
+        mean, logvar = self.encode_distribution(x)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        return self.decode(z), mean, logvar
+
+
+def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+             kl_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 reconstruction + weighted KL to N(0, I), both per element."""
+    recon = (reconstruction - x).abs().mean()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return recon + kl_weight * kl, recon, kl
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of two videos in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)
+    return float(10 * torch.log10(4.0 / mse))
