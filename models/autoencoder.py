@@ -1,23 +1,132 @@
-"""Latent space of the model. Built in: `pixel` (normalised RGB, no compression)."""
+"""Latent spaces the DiT can train in, behind one interface.
+
+Every autoencoder here maps a uint8 clip (T, H, W, 3) to a normalised latent
+(C, t, h, w) and back, and states its channels and compression factors:
+  pixel       normalised RGB, no compression (tests, the CPU demo)
+  causal_vae  the built-in causal 3D VAE (models/vae.py)
+  diffusers   a diffusers video autoencoder loaded from a local directory
+Latents are normalised per channel, z' = (z - mean) / std, so the diffusion sees
+roughly unit-variance inputs whatever the autoencoder.
+"""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 from models.config import AutoencoderConfig
 
 
-class PixelSpace:
-    """uint8 (T, H, W, 3) <-> float (3, T, H, W) in [-1, 1]. Stateless; real VAEs plug in beside it."""
+def to_unit_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1]."""
+    return video.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
-    latent_channels = 3
-    temporal_factor = 1
-    spatial_factor = 1
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+
+
+class LatentNormalizer:
+    def __init__(self, channels: int, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+        mean = torch.zeros(channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        if mean.numel() != channels or std.numel() != channels:
+            raise ValueError(f"latent normalisation needs {channels} means and stds, got {mean.numel()}, {std.numel()}")
+        self.mean, self.std = mean.view(-1, 1, 1, 1), std.view(-1, 1, 1, 1)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std.to(z) + self.mean.to(z)
+
+
+class PixelSpace:
+    latent_channels, temporal_factor, spatial_factor = 3, 1, 1
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return video.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+        return to_unit_range(video)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+        return to_uint8(latent)
+
+
+class FrozenVideoAutoencoder:
+    """Shared encode/decode around a frozen network: subclasses provide `_encode` and `_decode`."""
+
+    latent_channels: int
+    temporal_factor: int
+    spatial_factor: int
+    normalizer: LatentNormalizer
+    device = torch.device("cpu")
+
+    def to(self, device) -> "FrozenVideoAutoencoder":
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        x = to_unit_range(video).unsqueeze(0).to(self.device)
+        return self.normalizer.normalize(self._encode(x)[0].float())
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        z = self.normalizer.denormalize(latent.float()).unsqueeze(0).to(self.device)
+        return to_uint8(self._decode(z)[0].clamp(-1, 1).cpu())
+
+
+class BuiltinVAE(FrozenVideoAutoencoder):
+    def __init__(self, cfg: AutoencoderConfig):
+        from models.vae import CausalVideoVAE
+
+        self.network = CausalVideoVAE(cfg.latent_channels, cfg.base_channels, tuple(cfg.channel_mult),
+                                      tuple(cfg.temporal_downsample)).eval().requires_grad_(False)
+        if cfg.path:
+            from safetensors.torch import load_file
+
+            self.network.load_state_dict(load_file(cfg.path))
+        self.latent_channels = cfg.latent_channels
+        self.temporal_factor, self.spatial_factor = self.network.temporal_factor, self.network.spatial_factor
+        self.normalizer = LatentNormalizer(cfg.latent_channels, cfg.latent_mean, cfg.latent_std)
+
+    def _encode(self, x):
+        return self.network.encode_distribution(x)[0]
+
+    def _decode(self, z):
+        return self.network.decode(z)
+
+
+class DiffusersVideoAutoencoder(FrozenVideoAutoencoder):
+    """A diffusers video VAE from a local directory (config.json + weights); nothing is downloaded."""
+
+    def __init__(self, path: str, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        import diffusers
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        cls = getattr(diffusers, config["_class_name"], None)
+        if cls is None:
+            raise ValueError(f"{path}: diffusers has no class {config['_class_name']!r}")
+        self.network = cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        self.latent_channels = int(config.get("z_dim") or config.get("latent_channels"))
+        self.temporal_factor = int(config.get("scale_factor_temporal") or config.get("temporal_compression_ratio") or 4)
+        self.spatial_factor = int(config.get("scale_factor_spatial") or 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1))
+        if mean is None and config.get("latents_mean") is not None:  # Wan publishes per-channel statistics
+            mean, std = config["latents_mean"], config["latents_std"]
+        elif mean is None and config.get("scaling_factor") is not None:  # CogVideoX-style single scale
+            shift = config.get("shift_factor") or 0.0
+            mean = [shift] * self.latent_channels
+            std = [1.0 / config["scaling_factor"]] * self.latent_channels
+        self.normalizer = LatentNormalizer(self.latent_channels, mean, std)
+
+    def _encode(self, x):
+        return self.network.encode(x).latent_dist.mode()
+
+    def _decode(self, z):
+        return self.network.decode(z).sample
 
 
 def build_autoencoder(cfg: AutoencoderConfig):
@@ -25,4 +134,23 @@ def build_autoencoder(cfg: AutoencoderConfig):
         if (cfg.latent_channels, cfg.temporal_factor, cfg.spatial_factor) != (3, 1, 1):
             raise ValueError("model.autoencoder: the pixel space has 3 channels and no compression")
         return PixelSpace()
-    raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel")
+    if cfg.name == "causal_vae":
+        vae = BuiltinVAE(cfg)
+        _check_declared(cfg, vae)
+        return vae
+    if cfg.name == "diffusers":
+        if not cfg.path:
+            raise ValueError("model.autoencoder.path must name a local diffusers autoencoder directory")
+        vae = DiffusersVideoAutoencoder(cfg.path, cfg.latent_mean, cfg.latent_std)
+        _check_declared(cfg, vae)
+        return vae
+    raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel, causal_vae, diffusers")
+
+
+def _check_declared(cfg: AutoencoderConfig, ae) -> None:
+    """The config's factors drive bucket sizes before the model loads; they must match the model."""
+    declared = (cfg.latent_channels, cfg.temporal_factor, cfg.spatial_factor)
+    actual = (ae.latent_channels, ae.temporal_factor, ae.spatial_factor)
+    if declared != actual:
+        raise ValueError(f"model.autoencoder declares (latent_channels, temporal_factor, spatial_factor)={declared} "
+                         f"but the autoencoder has {actual}")

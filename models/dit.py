@@ -16,8 +16,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, cu_seqlens_from_lengths, timestep_embedding
-from models.text_encoder import TextBatch, TextEncoder
+from models.attention import varlen_attention
+from models.layers import MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding
+from models.text_encoder import (ByteTokenizer, PretrainedTextEncoder, TextBatch, TextEncoder,
+                                 pretrained_text_dim)
 
 Grid = Tuple[int, int, int]
 
@@ -66,6 +68,76 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+class JointBlock(nn.Module):
+    """MM-DiT-style block: each clip's caption tokens and video tokens attend jointly in one sequence,
+    each stream with its own projections, norms, MLP and adaLN modulation."""
+
+    def __init__(self, cfg: ModelConfig, last: bool = False):
+        super().__init__()
+        d = cfg.dim
+        self.backend = cfg.attention_backend
+        # The last block's caption tokens are never read again: that stream only supplies keys and values.
+        self.streams = nn.ModuleDict({"video": _Stream(d, cfg), "text": _Stream(d, cfg, attend_only=last)})
+
+    def forward(self, x, cond, lengths, cu, max_len, rope, text, text_cu, text_max):
+        video, txt = self.streams["video"], self.streams["text"]
+        text_lengths = torch.diff(text_cu)
+        mv, mt = video.modulation(cond, lengths, x.shape[0]), txt.modulation(cond, text_lengths, text.shape[0])
+        qv, kv, vv = video.qkv(x, mv)
+        qt, kt, vt = txt.qkv(text, mt)
+        qv, kv = apply_rotary(qv, *rope), apply_rotary(kv, *rope)  # positions only for video tokens
+        order = _joint_order(cu, text_cu)
+        q, k, v = (torch.cat([t_, v_])[order] for t_, v_ in ((qt, qv), (kt, kv), (vt, vv)))
+        joint_cu = cu + text_cu
+        out = varlen_attention(q, k, v, joint_cu, joint_cu, int(torch.diff(joint_cu).max()),
+                               int(torch.diff(joint_cu).max()), self.backend)
+        unjoined = torch.empty_like(out)
+        unjoined[order] = out  # back to [all text tokens; all video tokens]
+        n_text = text.shape[0]
+        text = text if txt.attend_only else txt.finish(text, unjoined[:n_text], mt)
+        return video.finish(x, unjoined[n_text:], mv), text
+
+
+def _joint_order(cu_video: torch.Tensor, cu_text: torch.Tensor) -> torch.Tensor:
+    """Indices into cat([text, video]) that lay out each clip as [its text tokens, its video tokens]."""
+    n_text = int(cu_text[-1])
+    pieces = []
+    for i in range(len(cu_video) - 1):
+        pieces.append(torch.arange(int(cu_text[i]), int(cu_text[i + 1]), device=cu_video.device))
+        pieces.append(torch.arange(int(cu_video[i]), int(cu_video[i + 1]), device=cu_video.device) + n_text)
+    return torch.cat(pieces)
+
+
+class _Stream(nn.Module):
+    def __init__(self, d: int, cfg: ModelConfig, attend_only: bool = False):
+        super().__init__()
+        self.heads, self.head_dim, self.attend_only = cfg.heads, d // cfg.heads, attend_only
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv_proj = nn.Linear(d, 3 * d)
+        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        if not attend_only:
+            self.out = nn.Linear(d, d)
+            self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+            self.mlp = MLP(d, int(d * cfg.mlp_ratio))
+        self.ada = nn.Linear(d, (2 if attend_only else 6) * d)
+
+    def modulation(self, cond, lengths, total):
+        return torch.repeat_interleave(self.ada(nn.functional.silu(cond)), lengths, dim=0,
+                                       output_size=total).chunk(2 if self.attend_only else 6, dim=-1)
+
+    def qkv(self, x, mod):
+        shift1, scale1 = mod[0], mod[1]
+        q, k, v = self.qkv_proj(modulate(self.norm1(x), shift1, scale1)).view(
+            x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def finish(self, x, attended, mod):
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = x + gate1 * self.out(attended.reshape(x.shape[0], -1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
 class VideoDiT(nn.Module):
     def __init__(self, cfg: ModelConfig, context_dim: int):
         super().__init__()
@@ -77,7 +149,12 @@ class VideoDiT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, d)
         self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.text_pool = nn.Linear(context_dim, d)
-        self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim) for _ in range(cfg.depth))
+        self.joint = cfg.conditioning == "joint"
+        if self.joint:
+            self.text_in = nn.Linear(context_dim, d)  # caption tokens join the sequence at model width
+            self.blocks = nn.ModuleList(JointBlock(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(cfg, context_dim) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, patch_dim)
@@ -91,7 +168,8 @@ class VideoDiT(nn.Module):
         for layer in self.time_embed:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
-        for zero in [block.ada for block in self.blocks] + [self.final_ada, self.final]:
+        adas = [m for name, m in self.named_modules() if name.endswith(".ada")]
+        for zero in adas + [self.final_ada, self.final]:
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
 
@@ -136,31 +214,48 @@ class VideoDiT(nn.Module):
         cond = self.time_embed(timestep_embedding(timesteps, 256).to(x.dtype)) + self.text_pool(pooled)
         rope = rope_3d(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
         rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        if self.joint:
+            text = self.text_in(text)
         for block in self.blocks:
             args = (x, cond, lengths_t, cu, max(lengths), rope, text, text_batch.cu_seqlens, text_batch.max_len)
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, *args, use_reentrant=False)
+                out = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(*args)
+                out = block(*args)
+            x, text = out if self.joint else (out, text)
         shift, scale = torch.repeat_interleave(self.final_ada(nn.functional.silu(cond)), lengths_t, dim=0,
                                                output_size=x.shape[0]).chunk(2, dim=-1)
         return self.final(modulate(self.final_norm(x), shift, scale))
 
 
 class TextToVideoModel(nn.Module):
-    """The trained network: text encoder + video DiT. Knows nothing about distribution."""
+    """The trained network: video DiT (+ the built-in text encoder when captions are encoded jointly).
+    Knows nothing about distribution. With a frozen pretrained text encoder, the caller passes its
+    embeddings in the TextBatch (`text_conditioner` builds either kind)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend)
-        self.dit = VideoDiT(cfg, context_dim=cfg.text.dim)
-
-    def tokenize(self, captions: Sequence[str], device=None) -> TextBatch:
-        return self.text_encoder.tokenizer.batch(captions, device)
+        if cfg.text.name == "builtin":
+            self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend)
+            context_dim = cfg.text.dim
+        elif cfg.text.name == "pretrained":
+            self.text_encoder = None
+            context_dim = pretrained_text_dim(cfg.text.path)
+        else:
+            raise ValueError(f"model.text.name={cfg.text.name!r}: supported: builtin, pretrained")
+        self.dit = VideoDiT(cfg, context_dim=context_dim)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text_batch: TextBatch):
-        return self.dit(latents, timesteps, self.text_encoder(text_batch), text_batch)
+        context = text_batch.embeddings if text_batch.embeddings is not None else self.text_encoder(text_batch)
+        return self.dit(latents, timesteps, context, text_batch)
+
+
+def text_conditioner(cfg: ModelConfig):
+    """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
+    if cfg.text.name == "pretrained":
+        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens)
+    return ByteTokenizer(cfg.text.max_tokens)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -45,7 +45,9 @@ def flops_per_sample(model: nn.Module, video_tokens: int, text_tokens: int, grou
     groups = groups or parameter_groups(model)
     n, m = video_tokens, text_tokens
     dense = 6 * (groups.per_video_token * n + groups.per_text_token * m + groups.per_sample)
-    attention = 12 * cfg.depth * cfg.dim * (n * n + n * m) + 12 * cfg.text.depth * cfg.text.dim * m * m
+    attention = 12 * cfg.depth * cfg.dim * (n * n + n * m)
+    if getattr(model, "text_encoder", None) is not None:  # a frozen pretrained encoder is not trained
+        attention += 12 * cfg.text.depth * cfg.text.dim * m * m
     return float(dense + attention)
 
 

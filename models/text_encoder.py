@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,12 +15,14 @@ from models.layers import MLP, Attention, RMSNorm, cu_seqlens_from_lengths
 
 @dataclass
 class TextBatch:
-    """Packed token ids of a batch of captions."""
+    """A batch of captions, packed: token ids for the built-in encoder, or the embeddings a frozen
+    pretrained encoder already computed (then `ids` and `positions` are None)."""
 
-    ids: torch.Tensor  # (M,) long
-    positions: torch.Tensor  # (M,) long
+    ids: Optional[torch.Tensor]  # (M,) long
+    positions: Optional[torch.Tensor]  # (M,) long
     cu_seqlens: torch.Tensor  # (B + 1,) int32
     max_len: int
+    embeddings: Optional[torch.Tensor] = None  # (M, dim)
 
     @property
     def lengths(self) -> List[int]:
@@ -79,3 +83,46 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, text.cu_seqlens, text.max_len)
         return self.norm(x)
+
+
+class PretrainedTextEncoder:
+    """A frozen transformers T5 / UMT5 encoder and its tokenizer, from a local directory (no hub access).
+
+    Runs outside the trained model, under no_grad; its packed embeddings feed the DiT's cross-attention.
+    """
+
+    def __init__(self, path: str, max_tokens: int):
+        from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "mt5": T5EncoderModel}
+        if config.model_type not in classes:
+            raise ValueError(f"{path}: a {config.model_type!r} model is not a T5/UMT5 encoder")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.network = classes[config.model_type].from_pretrained(path, local_files_only=True).eval()
+        self.network.requires_grad_(False)
+        self.dim = config.d_model
+        self.max_tokens = max_tokens
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> "PretrainedTextEncoder":
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def batch(self, captions: Sequence[str], device=None) -> TextBatch:
+        tokens = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt")
+        mask = tokens["attention_mask"].to(self.device)
+        hidden = self.network(input_ids=tokens["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
+        lengths = mask.sum(dim=1).tolist()
+        packed = hidden[mask.bool()]  # (M, dim), each caption's real tokens only
+        device = device or self.device
+        return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths),
+                         embeddings=packed.float().to(device))
+
+
+def pretrained_text_dim(path: str) -> int:
+    """The encoder's width, read from its config.json without loading weights."""
+    return int(json.loads((Path(path) / "config.json").read_text())["d_model"])

@@ -201,8 +201,14 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError("model.dim / model.heads must be even for rotary embeddings")
     if model.text.dim % model.text.heads:
         raise ConfigError(f"model.text.dim={model.text.dim} is not divisible by model.text.heads={model.text.heads}")
-    if model.conditioning not in ("cross_attention",):
-        raise ConfigError(f"model.conditioning={model.conditioning!r}: supported: cross_attention")
+    if model.conditioning not in ("cross_attention", "joint"):
+        raise ConfigError(f"model.conditioning={model.conditioning!r}: supported: cross_attention, joint")
+    if model.text.name not in ("builtin", "pretrained"):
+        raise ConfigError(f"model.text.name={model.text.name!r}: supported: builtin, pretrained")
+    if model.text.name == "pretrained" and not model.text.path:
+        raise ConfigError("model.text.path must name a local T5/UMT5 directory when model.text.name=pretrained")
+    if model.autoencoder.name not in ("pixel", "causal_vae", "diffusers"):
+        raise ConfigError(f"model.autoencoder.name={model.autoencoder.name!r}: supported: pixel, causal_vae, diffusers")
     if model.attention_backend not in ("auto", "flash_attn", "torch_varlen", "sdpa", "reference"):
         raise ConfigError(f"model.attention_backend={model.attention_backend!r} is not a known backend")
     if cfg.zero.stage not in (0, 1, 2, 3):

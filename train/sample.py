@@ -17,7 +17,7 @@ def _slug(text: str) -> str:
 
 
 @torch.no_grad()
-def generate(model, autoencoder, prompts: Sequence[str], shapes: Sequence[BucketShape], steps: int,
+def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[BucketShape], steps: int,
              cfg_scale: float, seed: int, reference_tokens: int, device) -> List[torch.Tensor]:
     """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos."""
     was_training = model.training
@@ -31,7 +31,7 @@ def generate(model, autoencoder, prompts: Sequence[str], shapes: Sequence[Bucket
 
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)
-        packed = model(x, t.to(device), model.tokenize(captions, device))
+        packed = model(x, t.to(device), text.batch(captions, device))
         return model.dit.unpatchify(packed, [tuple(xi.shape) for xi in x])
 
     latents = euler_sample(guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from data.licenses import Audit, LicensePolicy
 from data.loader import LoaderSpec, dataset_shards, make_loader
 from models.autoencoder import build_autoencoder
-from models.dit import TextToVideoModel, parameter_count
+from models.dit import TextToVideoModel, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.checkpoint import CheckpointManager, latest_checkpoint, save_tensor_file, save_text_file
@@ -65,7 +65,8 @@ class Trainer:
         self.step = 0
         self.rng = RNGState(cfg.train.seed, env.rank)
         self.model = TextToVideoModel(cfg.model).to(env.device)
-        self.autoencoder = build_autoencoder(cfg.model.autoencoder)
+        self.autoencoder = _on_device(build_autoencoder(cfg.model.autoencoder), env.device)
+        self.text = _on_device(text_conditioner(cfg.model), env.device)
         self.flop_groups = parameter_groups(self.model)
         self.engine = build_engine(self.model, cfg, env)
         self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
@@ -171,7 +172,7 @@ class Trainer:
         x0 = [self.autoencoder.encode(v).to(device) for v in batch["videos"]]
         drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch["captions"])]
-        text = self.model.tokenize(captions, device)
+        text = self.text.batch(captions, device)
         tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
         t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
                             tokens, cfg.train.shift_reference_tokens)
@@ -289,7 +290,7 @@ class Trainer:
         prompts, shapes = sample_plan(cfg.tracking.sample_prompts, stage_shapes(cfg, stage))
         ema_model = TextToVideoModel(cfg.model).to(self.env.device)
         self.ema.copy_to(ema_model)
-        videos = generate(ema_model, self.autoencoder, prompts, shapes, cfg.tracking.sample_steps,
+        videos = generate(ema_model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
                           cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device)
         paths = write_samples(videos, prompts, self.run_dir / "samples" / f"step_{self.step}", cfg.data.fps)
         self.tracker.log_videos(self.step, paths, prompts)
@@ -354,6 +355,11 @@ class Trainer:
                    "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}
         self.tracker.finish()
         return summary
+
+
+def _on_device(component, device):
+    """Frozen helpers (autoencoder, pretrained text encoder) live on the training device when they can move."""
+    return component.to(device) if hasattr(component, "to") else component
 
 
 def archive_previous_run(run_dir: Path) -> Optional[Path]:

@@ -4,16 +4,16 @@ import torch
 
 from models.attention import BackendUnavailable, resolve_backend, varlen_attention
 from models.config import ModelConfig, TextEncoderConfig
-from models.dit import TextToVideoModel, rope_3d
+from models.dit import TextToVideoModel, rope_3d, text_conditioner
 
 CAPTIONS = ["a red circle moving left", "", "a blue square on a grey background"]
 
 
-def tiny_model(seed=0, **overrides) -> TextToVideoModel:
+def tiny_model(seed=0, dtype=torch.float64, **overrides) -> TextToVideoModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(dim=32, depth=2, heads=2, text=TextEncoderConfig(dim=32, depth=1, heads=2, max_tokens=32),
                       attention_backend="sdpa", **overrides)
-    model = TextToVideoModel(cfg).double()
+    model = TextToVideoModel(cfg).to(dtype)
     # adaLN-Zero makes a fresh model output zeros; randomise those layers so the test can fail.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -22,29 +22,32 @@ def tiny_model(seed=0, **overrides) -> TextToVideoModel:
     return model
 
 
-def clips():
+def clips(dtype=torch.float64):
     g = torch.Generator().manual_seed(3)
-    return [torch.randn(3, 4, 16, 16, generator=g, dtype=torch.float64),
-            torch.randn(3, 2, 12, 20, generator=g, dtype=torch.float64),
-            torch.randn(3, 1, 20, 8, generator=g, dtype=torch.float64)]
+    return [torch.randn(3, 4, 16, 16, generator=g, dtype=dtype),
+            torch.randn(3, 2, 12, 20, generator=g, dtype=dtype),
+            torch.randn(3, 1, 20, 8, generator=g, dtype=dtype)]
 
 
-def test_packed_batch_matches_each_sample_alone_in_outputs_and_gradients():
-    model = tiny_model()
-    latents, t = clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
-    packed = model(latents, t, model.tokenize(CAPTIONS))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("conditioning", ["cross_attention", "joint"])
+def test_packed_batch_matches_each_sample_alone_in_outputs_and_gradients(conditioning, dtype, tolerance):
+    model = tiny_model(conditioning=conditioning, dtype=dtype)
+    latents, t = clips(dtype), torch.tensor([0.2, 0.5, 0.9], dtype=dtype)
+    packed = model(latents, t, text_conditioner(model.cfg).batch(CAPTIONS))
     packed.pow(2).sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
     alone, start = [], 0
     for i, latent in enumerate(latents):
-        out = model([latent], t[i:i + 1], model.tokenize([CAPTIONS[i]]))
+        out = model([latent], t[i:i + 1], text_conditioner(model.cfg).batch([CAPTIONS[i]]))
         out.pow(2).sum().backward()
         alone.append(out.detach())
-    assert (packed.detach() - torch.cat(alone)).abs().max() < 1e-10
-    for name, p in model.named_parameters():
-        assert (packed_grads[name] - p.grad).abs().max() < 1e-8, name
+    assert (packed.detach() - torch.cat(alone)).abs().max() < tolerance
+    for name, p in model.named_parameters():  # gradients relative to their own scale (sums reach ~1e3)
+        scale = max(1.0, float(p.grad.abs().max()))
+        assert (packed_grads[name] - p.grad).abs().max() < tolerance * scale, name
     assert packed.abs().max() > 1e-3  # the comparison above was not between zeros
 
 
@@ -61,7 +64,7 @@ def test_output_shapes_follow_each_clip_and_fresh_model_predicts_zero():
     torch.manual_seed(0)
     model = TextToVideoModel(ModelConfig(dim=32, depth=1, heads=2, text=TextEncoderConfig(dim=32, depth=1, heads=2)))
     latents = [torch.randn(3, 3, 8, 8), torch.randn(3, 1, 16, 4)]
-    out = model(latents, torch.rand(2), model.tokenize(["x", "y"]))
+    out = model(latents, torch.rand(2), text_conditioner(model.cfg).batch(["x", "y"]))
     shapes = [v.shape for v in model.dit.unpatchify(out, [x.shape for x in latents])]
     assert shapes == [torch.Size([3, 3, 8, 8]), torch.Size([3, 1, 16, 4])]
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: every block starts as identity, the head as zero
