@@ -26,7 +26,7 @@ demo: demo-data
 		$(if $(FRESH),train.resume=false,)
 
 test: install
-	$(PY) -m pytest tests/unit tests/integration
+	$(PY) -m pytest tests/unit tests/integration tests/gpu
 
 unit: install
 	$(PY) -m pytest tests/unit

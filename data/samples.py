@@ -68,6 +68,14 @@ def render_clip(shape: str, colour: str, background: str, motion: str, width: in
     return clip
 
 
+def procedural_clip(seed: int, frames: int, width: int, height: int) -> np.ndarray:
+    """One random procedural clip (shape, colours and motion drawn from `seed`)."""
+    rng = random.Random(seed)
+    colour = rng.choice(sorted(COLOURS))
+    background = rng.choice(sorted(BACKGROUNDS))
+    return render_clip(rng.choice(SHAPES), colour, background, rng.choice(sorted(MOTIONS)), width, height, frames)
+
+
 def procedural_samples(count: int, seed: int) -> Iterator[Tuple[str, bytes, str, Dict]]:
     rng = random.Random(seed)
     for i in range(count):

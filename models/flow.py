@@ -1,7 +1,6 @@
 """Rectified flow: x_t = (1 - t) x_0 + t ε, the network predicts v = ε - x_0; t = 1 is pure noise."""
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Sequence
 
 import torch
@@ -37,6 +36,30 @@ def euler_sample(velocity: Callable[[List[torch.Tensor], torch.Tensor], List[tor
     return x
 
 
+def heun_sample(velocity: Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]],
+                noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
+                tokens: Sequence[int]) -> List[torch.Tensor]:
+    """Second order: average the velocity at both ends of each step (Euler on the last step, where t = 0)."""
+    x = [n.clone() for n in noise]
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    schedules = [shift_timesteps(grid, n, reference_tokens) for n in tokens]
+    for i in range(steps):
+        t_now = torch.stack([s[i] for s in schedules])
+        t_next = torch.stack([s[i + 1] for s in schedules])
+        dt = [float(b - a) for a, b in zip(t_now, t_next)]
+        v = velocity(x, t_now)
+        predicted = [xi + d * vi for xi, vi, d in zip(x, v, dt)]
+        if i == steps - 1:
+            x = predicted
+            continue
+        v_next = velocity(predicted, t_next)
+        x = [xi + d * 0.5 * (a + b) for xi, a, b, d in zip(x, v, v_next, dt)]
+    return x
+
+
+SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
+
+
 def guided(velocity_fn, cfg_scale: float):
     """Classifier-free guidance: v = v_uncond + s (v_cond - v_uncond), one batched call for both."""
     def combined(x: List[torch.Tensor], t: torch.Tensor) -> List[torch.Tensor]:
@@ -52,4 +75,4 @@ def loss_weight_bins(t: torch.Tensor, bins: int = 4) -> torch.Tensor:
     return torch.clamp((t * bins).long(), max=bins - 1)
 
 
-__all__ = ["sample_timesteps", "shift_timesteps", "noisy_pair", "euler_sample", "guided", "math"]
+__all__ = ["sample_timesteps", "shift_timesteps", "noisy_pair", "euler_sample", "heun_sample", "SAMPLERS", "guided"]

@@ -128,9 +128,14 @@ class CausalVideoVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder_out(self.decoder(self.decoder_in(z)))
 
-    def forward(self, x: torch.Tensor, sample: bool = True):
+    def forward(self, x: torch.Tensor, sample: bool = True, noise: torch.Tensor = None):
+        """Reconstruction, mean, log-variance. `noise` (from the caller's generator) keeps training reproducible."""
         mean, logvar = self.encode_distribution(x)
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+        if sample:
+            noise = torch.randn_like(mean) if noise is None else noise
+            z = mean + noise * torch.exp(0.5 * logvar)
+        else:
+            z = mean
         return self.decode(z), mean, logvar
 
 

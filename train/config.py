@@ -72,6 +72,7 @@ class TrackingConfig:
     sample_every: int = 0
     sample_prompts: List[str] = field(default_factory=lambda: ["a red circle moving right on a black background"])
     sample_steps: int = 20
+    sampler: str = "euler"  # euler | heun
     cfg_scale: float = 3.0
     # Peak FLOP/s of one device for MFU; null = look it up from the device name (unknown on CPU).
     peak_flops: Optional[float] = None
@@ -80,6 +81,8 @@ class TrackingConfig:
 @dataclass
 class TrainConfig:
     experiment: str = "default"
+    # dit: the text-to-video diffusion transformer; vae: the built-in causal video VAE (experiment=vae_demo)
+    method: str = "dit"
     run_dir: Optional[str] = None  # default runs/<experiment>
     seed: int = 0
     resume: bool = True
@@ -125,8 +128,9 @@ def _register() -> None:
     ConfigStore.instance().store(name="kino_schema", node=KinoConfig)
 
 
-def load_config(overrides: List[str]) -> KinoConfig:
-    """Compose conf/config.yaml with command-line overrides into a validated KinoConfig."""
+def load_config(overrides: List[str], check: bool = True) -> KinoConfig:
+    """Compose conf/config.yaml with command-line overrides into a KinoConfig, validated unless check=False
+    (for tools that read one section only, e.g. `python -m models`)."""
     _register()
     GlobalHydra.instance().clear()
     try:
@@ -135,7 +139,8 @@ def load_config(overrides: List[str]) -> KinoConfig:
     except Exception as error:  # Hydra/OmegaConf name the offending key in their message.
         raise ConfigError(f"invalid configuration: {error}") from error
     cfg: KinoConfig = OmegaConf.to_object(composed)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -217,6 +222,12 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError(f"zero.precision={cfg.zero.precision!r}: must be fp32 or bf16")
     if cfg.tracking.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"tracking.mode={cfg.tracking.mode!r}: must be offline, online or disabled")
+    if cfg.train.method not in ("dit", "vae"):
+        raise ConfigError(f"train.method={cfg.train.method!r}: must be dit or vae")
+    if cfg.train.method == "vae" and cfg.model.autoencoder.name != "causal_vae":
+        raise ConfigError("train.method=vae trains the built-in VAE: set model.autoencoder.name=causal_vae")
+    if cfg.tracking.sampler not in ("euler", "heun"):
+        raise ConfigError(f"tracking.sampler={cfg.tracking.sampler!r}: must be euler or heun")
     if not cfg.curriculum.stages:
         raise ConfigError("curriculum.stages is empty")
     if not cfg.data.licenses.allow:
@@ -240,6 +251,9 @@ def _validate_stages(cfg: KinoConfig) -> None:
         if stage.schedule not in ("constant", "cosine"):
             raise ConfigError(f"{key}.schedule={stage.schedule!r}: must be constant or cosine")
         for frames in stage.frame_counts:
+            if ae.temporal_factor > 1 and (frames - 1) % ae.temporal_factor:
+                raise ConfigError(f"{key}.frame_counts: {frames} frames; a causal autoencoder with temporal factor "
+                                  f"{ae.temporal_factor} needs 1 + {ae.temporal_factor}k frames")
             latent_frames = 1 + (frames - 1) // ae.temporal_factor if ae.temporal_factor > 1 else frames
             if frames < 1 or latent_frames % pt:
                 raise ConfigError(f"{key}.frame_counts: {frames} frames do not divide into temporal patches of {pt}")

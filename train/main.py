@@ -15,10 +15,11 @@ from train.config import ConfigError, load_config, to_yaml
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("torch.distributed", "DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries stay at WARNING (DeepSpeed's op probes are chatty at INFO); Kino's own progress is INFO on rank 0.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    for ours in ("kino", "data", "train", "models"):
+        logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -39,9 +40,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from train.engine import init_distributed
     from train.trainer import Trainer
+    from train.vae_trainer import VAETrainer
 
     env = init_distributed()
-    summary = Trainer(cfg, env).train()
+    trainer_class = VAETrainer if cfg.train.method == "vae" else Trainer
+    summary = trainer_class(cfg, env).train()
     if env.is_main:
         _print_summary(summary)
     import torch.distributed as dist

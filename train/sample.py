@@ -9,7 +9,7 @@ import torch
 
 from data.buckets import BucketShape
 from data.video_io import write_video
-from models.flow import euler_sample, guided
+from models.flow import SAMPLERS, guided
 
 
 def _slug(text: str) -> str:
@@ -18,7 +18,7 @@ def _slug(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[BucketShape], steps: int,
-             cfg_scale: float, seed: int, reference_tokens: int, device) -> List[torch.Tensor]:
+             cfg_scale: float, seed: int, reference_tokens: int, device, sampler: str = "euler") -> List[torch.Tensor]:
     """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos."""
     was_training = model.training
     model.eval()
@@ -34,7 +34,7 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
         packed = model(x, t.to(device), text.batch(captions, device))
         return model.dit.unpatchify(packed, [tuple(xi.shape) for xi in x])
 
-    latents = euler_sample(guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)
+    latents = SAMPLERS[sampler](guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)
     model.train(was_training)
     return [autoencoder.decode(latent.cpu()) for latent in latents]
 

@@ -64,10 +64,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
         self.rng = RNGState(cfg.train.seed, env.rank)
-        self.model = TextToVideoModel(cfg.model).to(env.device)
-        self.autoencoder = _on_device(build_autoencoder(cfg.model.autoencoder), env.device)
-        self.text = _on_device(text_conditioner(cfg.model), env.device)
-        self.flop_groups = parameter_groups(self.model)
+        self.model = self.build_model().to(env.device)
         self.engine = build_engine(self.model, cfg, env)
         self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
@@ -88,10 +85,23 @@ class Trainer:
                                            if env.device.type == "cuda" else None)
         self.peak_flops = peak
         if env.is_main:
-            log.info("model: %.2fM parameters (DiT %.2fM, text encoder %.2fM); ZeRO-%d over %d %s process(es)",
-                     parameter_count(self.model) / 1e6, parameter_count(self.model.dit) / 1e6,
-                     parameter_count(self.model.text_encoder) / 1e6, cfg.zero.stage, env.world_size,
-                     env.device.type)
+            log.info("model: %s; ZeRO-%d over %d %s process(es)", self.describe_model(), cfg.zero.stage,
+                     env.world_size, env.device.type)
+
+    # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
+    def build_model(self) -> torch.nn.Module:
+        cfg, device = self.cfg, self.env.device
+        self.autoencoder = _on_device(build_autoencoder(cfg.model.autoencoder), device)
+        self.text = _on_device(text_conditioner(cfg.model), device)
+        model = TextToVideoModel(cfg.model)
+        self.flop_groups = parameter_groups(model)
+        return model
+
+    def describe_model(self) -> str:
+        text = self.model.text_encoder
+        return (f"{parameter_count(self.model) / 1e6:.2f}M trained parameters (DiT "
+                f"{parameter_count(self.model.dit) / 1e6:.2f}M, text encoder "
+                f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M)")
 
     # -- resumable state -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -190,8 +200,9 @@ class Trainer:
             return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
         self.engine.backward(loss)
         per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
+        flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups)
         return {"finite": True, "loss_sum": float(squared.detach().sum()), "tokens": sum(tokens),
-                "per_sample": per_sample.cpu(), "t": t, "text_tokens": text.lengths, "video_tokens": tokens}
+                "per_sample": per_sample.cpu(), "t": t, "flops": flops}
 
     def train_step(self) -> Dict[str, Any]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
@@ -228,9 +239,7 @@ class Trainer:
     def _metrics(self, outcome: Dict[str, Any], step_time: float) -> Dict:
         results = [r for r in outcome["results"] if r["finite"]]
         local = torch.tensor([sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
-                              sum(flops_per_batch(self.model, zip(r["video_tokens"], r["text_tokens"]),
-                                                  self.flop_groups) for r in results),
-                              outcome["data_time"]], dtype=torch.float64)
+                              sum(r.get("flops", 0.0) for r in results), outcome["data_time"]], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(local)
         loss_sum, tokens, flops, data_time = local.tolist()
@@ -240,14 +249,14 @@ class Trainer:
             "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
             "samples_per_s": sum(len(b["videos"]) for b in outcome["batches"]) * self.env.world_size / step_time,
             "step_time_s": step_time, "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
-            "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops else None,
+            "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops and flops else None,
             "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
             "eta_s": self._recent_step_time * (self.curriculum.total_steps - self.step),
             "dropped": dict(self.audit.dropped),
         }
         bins, buckets = defaultdict(list), defaultdict(list)
         for r, batch in zip(outcome["results"], outcome["batches"]):
-            if not r["finite"]:
+            if not r["finite"] or "t" not in r:
                 continue
             for loss, t, video in zip(r["per_sample"].tolist(), r["t"].tolist(), batch["videos"]):
                 bins[min(3, int(t * 4))].append(loss)
@@ -291,7 +300,8 @@ class Trainer:
         ema_model = TextToVideoModel(cfg.model).to(self.env.device)
         self.ema.copy_to(ema_model)
         videos = generate(ema_model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
-                          cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device)
+                          cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,
+                          cfg.tracking.sampler)
         paths = write_samples(videos, prompts, self.run_dir / "samples" / f"step_{self.step}", cfg.data.fps)
         self.tracker.log_videos(self.step, paths, prompts)
         return paths

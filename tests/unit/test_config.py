@@ -23,6 +23,9 @@ def test_demo_experiment_composes_and_validates():
     (["model.heads=3"], "model.dim"),
     (["data.licenses.allow=[]"], "data.licenses.allow"),
     (["tracking.mode=sometimes"], "tracking.mode"),
+    (["model=S"], "curriculum.stages[0].frame_counts"),  # 4 and 8 frames do not fit a 4x causal VAE
+    (["model.conditioning=concat"], "model.conditioning"),
+    (["model.text.name=pretrained"], "model.text.path"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
@@ -50,3 +53,13 @@ def test_resume_check_names_keys_that_change_training_and_ignores_bookkeeping():
     assert trajectory_hash(base) == trajectory_hash(bookkeeping)
     changed = load_config(["experiment=demo", "model.depth=2", "curriculum.stages.1.lr=0.1"])
     assert changed_trajectory_keys(base, changed) == ["curriculum.stages.1.lr", "model.depth"]
+
+
+def test_every_shipped_model_size_validates_with_the_realistic_curriculum():
+    from pathlib import Path
+
+    sizes = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
+    assert {"tiny", "S", "B", "L", "XL", "1B", "3B", "7B"} <= set(sizes)
+    for size in set(sizes) - {"tiny"}:  # tiny trains in pixel space: the demo curriculum
+        cfg = load_config([f"model={size}", "curriculum=t2v_3stage"])
+        assert [s.name for s in cfg.curriculum.stages] == ["256p", "480p", "720p"]

@@ -1,6 +1,6 @@
 import torch
 
-from models.flow import euler_sample, guided, noisy_pair, sample_timesteps, shift_timesteps
+from models.flow import euler_sample, guided, heun_sample, noisy_pair, sample_timesteps, shift_timesteps
 
 
 def test_timesteps_are_in_the_open_unit_interval_and_reproducible():
@@ -42,3 +42,16 @@ def test_guidance_extrapolates_from_unconditional_to_conditional():
 
     v = guided(fn, 3.0)([torch.zeros(2)], torch.tensor([0.5]))
     assert torch.allclose(v[0], torch.full((2,), 3.0))
+
+
+def test_heun_is_more_accurate_than_euler_on_a_curved_path():
+    # dx/dt = x has the exact solution x(0) = x(1) * e^{-1} when integrating from t = 1 to 0
+    start = [torch.ones(3)]
+
+    def velocity(x, t):
+        return [xi.clone() for xi in x]
+
+    exact = torch.exp(torch.tensor(-1.0))
+    euler = euler_sample(velocity, start, steps=8, reference_tokens=1, tokens=[1])[0]
+    heun = heun_sample(velocity, start, steps=8, reference_tokens=1, tokens=[1])[0]
+    assert (heun - exact).abs().max() < (euler - exact).abs().max() / 3

@@ -1,0 +1,136 @@
+"""Training-step throughput of a Kino DiT against diffusers' WanTransformer3DModel of the same size.
+
+One training step = forward + backward + AdamW step on one clip of `--tokens` video tokens with a
+`--text-tokens` caption. Both models are built from the same width/depth/heads/MLP/patch/channels and
+measured in the same process, alternating, after warm-up. MFU uses DESIGN.md's formula
+(models/flops.py) with Kino's FLOP count for both (same-size models doing the same work).
+
+  python benchmarks/model_step.py --model 1B --tokens 16384 --dtype bf16        # GPU
+  python benchmarks/model_step.py --model tiny --tokens 1024 --dtype fp32 --steps 3  # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+
+
+def latent_grid(tokens: int, patch) -> tuple:
+    """A (T, H, W) latent whose patch grid holds ~`tokens` tokens, 16:9-ish."""
+    t = 8 if tokens >= 2048 else 2
+    per_frame = tokens // t
+    gh = max(1, int(round(math.sqrt(per_frame * 9 / 16))))
+    gw = max(1, per_frame // gh)
+    return t * patch[0], gh * patch[1], gw * patch[2]
+
+
+def build_wan(cfg, context_dim: int):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.heads,
+                                 attention_head_dim=cfg.dim // cfg.heads, in_channels=cfg.autoencoder.latent_channels,
+                                 out_channels=cfg.autoencoder.latent_channels, text_dim=context_dim,
+                                 ffn_dim=int(cfg.dim * cfg.mlp_ratio), num_layers=cfg.depth)
+
+
+def timed_steps(step, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--checkpointing", choices=["config", "on", "off"], default="config")
+    parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s (default: known GPUs)")
+    args = parser.parse_args()
+
+    from models.dit import TextToVideoModel, text_conditioner
+    from models.flops import flops_per_sample, peak_flops
+    from train.config import load_config
+
+    cfg = load_config([f"model={args.model}"], check=False).model
+    if args.checkpointing != "config":
+        cfg.activation_checkpointing = args.checkpointing == "on"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    kino = TextToVideoModel(cfg).to(device=device, dtype=dtype)
+    shape = (cfg.autoencoder.latent_channels, *latent_grid(args.tokens, cfg.patch_size))
+    tokens = math.prod(g for g in (shape[1] // cfg.patch_size[0], shape[2] // cfg.patch_size[1],
+                                   shape[3] // cfg.patch_size[2]))
+    latent = torch.randn(shape, device=device, dtype=dtype)
+    caption = "x" * (args.text_tokens - 1)
+    text = text_conditioner(cfg).batch([caption], device)
+    if text.embeddings is not None:
+        text.embeddings = text.embeddings.to(dtype)
+    optimizer = torch.optim.AdamW(kino.parameters(), lr=1e-4, fused=device.type == "cuda")
+    timestep = torch.rand(1, device=device)
+
+    def kino_step():
+        optimizer.zero_grad(set_to_none=True)
+        out = kino([latent], timestep, text)
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+
+    flops = flops_per_sample(kino, tokens, text.max_len)
+    peak = args.peak_flops or (peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    results = {"kino": timed_steps(kino_step, args.steps, args.warmup, device)}
+    backend = __import__("models.attention", fromlist=["resolve_backend"]).resolve_backend(
+        cfg.attention_backend, device.type)
+    if not args.no_baseline:
+        del optimizer
+        context_dim = kino.dit.text_pool.in_features
+        wan = build_wan(cfg, context_dim).to(device=device, dtype=dtype)
+        if cfg.activation_checkpointing:
+            wan.enable_gradient_checkpointing()
+        wan_optimizer = torch.optim.AdamW(wan.parameters(), lr=1e-4, fused=device.type == "cuda")
+        hidden = latent[None]
+        context = torch.randn(1, args.text_tokens, context_dim, device=device, dtype=dtype)
+
+        def wan_step():
+            wan_optimizer.zero_grad(set_to_none=True)
+            out = wan(hidden_states=hidden, timestep=(timestep * 1000), encoder_hidden_states=context,
+                      return_dict=False)[0]
+            out.float().pow(2).mean().backward()
+            wan_optimizer.step()
+
+        results["diffusers_wan"] = timed_steps(wan_step, args.steps, args.warmup, device)
+        results["wan_params"] = sum(p.numel() for p in wan.parameters())
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+        else platform.processor() or "cpu", "torch": torch.__version__, "model": args.model,
+        "kino_params": sum(p.numel() for p in kino.parameters()), "tokens": tokens, "text_tokens": text.max_len,
+        "dtype": args.dtype, "attention_backend": backend, "activation_checkpointing": cfg.activation_checkpointing,
+        "flops_per_step": flops,
+    }
+    for name in ("kino", "diffusers_wan"):
+        if name in results:
+            report[f"{name}_step_s"] = results[name]
+            report[f"{name}_tokens_per_s"] = tokens / results[name]
+            report[f"{name}_mfu"] = flops / (results[name] * peak) if peak else None
+    if "wan_params" in results:
+        report["wan_params"] = results["wan_params"]
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Train the built-in causal video VAE (experiment=vae_demo) with the same loop, data, engine,
+checkpoints and tracking as the DiT: only the model, the step and the samples differ."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from data.samples import procedural_clip
+from data.video_io import write_video
+from models.autoencoder import to_uint8, to_unit_range
+from models.dit import parameter_count
+from models.vae import CausalVideoVAE, psnr, vae_loss
+from train.curriculum import stage_shapes
+from train.trainer import Trainer
+
+
+def build_vae(cfg) -> CausalVideoVAE:
+    ae = cfg.model.autoencoder
+    return CausalVideoVAE(ae.latent_channels, ae.base_channels, tuple(ae.channel_mult), tuple(ae.temporal_downsample))
+
+
+class VAETrainer(Trainer):
+    def build_model(self) -> torch.nn.Module:
+        return build_vae(self.cfg)
+
+    def describe_model(self) -> str:
+        return f"causal video VAE, {parameter_count(self.model) / 1e6:.2f}M parameters"
+
+    def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        device = self.env.device
+        by_shape: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
+        for video in batch["videos"]:  # clips of one shape share a forward pass
+            by_shape[tuple(video.shape)].append(to_unit_range(video))
+        total, elements, recon_sum = 0.0, 0, 0.0
+        losses = []
+        for clips in by_shape.values():
+            x = torch.stack(clips).to(device)
+            noise_gen = self.rng.generator
+            reconstruction, mean, logvar = self.engine(x, noise=torch.randn(
+                (x.shape[0], self.model.latent_channels, *self._latent_dims(x)), generator=noise_gen).to(device))
+            loss, recon, _ = vae_loss(x, reconstruction, mean, logvar, self.cfg.model.autoencoder.kl_weight)
+            losses.append(loss * x.numel())
+            elements += x.numel()
+            recon_sum += float(recon.detach()) * x.numel()
+        loss = torch.stack(losses).sum() / elements
+        finite = torch.tensor([float(torch.isfinite(loss))], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            return {"finite": False, "loss_sum": 0.0, "tokens": batch["tokens"]}
+        self.engine.backward(loss)
+        # "loss" in metrics is the L1 reconstruction error per element, comparable across runs
+        return {"finite": True, "loss_sum": recon_sum / elements * batch["tokens"], "tokens": batch["tokens"]}
+
+    def _latent_dims(self, x: torch.Tensor) -> tuple:
+        t, h, w = x.shape[2:]
+        return 1 + (t - 1) // self.model.temporal_factor, h // self.model.spatial_factor, w // self.model.spatial_factor
+
+    def sample(self) -> List[Path]:
+        """Reconstruct held-out procedural clips with the EMA weights: original | reconstruction, side by side."""
+        if not self.env.is_main:
+            return []
+        vae = build_vae(self.cfg).to(self.env.device).eval()
+        self.ema.copy_to(vae)
+        stage = self.curriculum.stage(max(self.step - 1, 0))
+        out_dir = self.run_dir / "samples" / f"step_{self.step}"
+        paths, scores = [], []
+        for i, shape in enumerate(sorted(stage_shapes(self.cfg, stage), key=lambda s: -s.frames)[:3]):
+            clip = held_out_clip(i, shape)
+            x = to_unit_range(clip).unsqueeze(0).to(self.env.device)
+            with torch.no_grad():
+                reconstruction = vae(x, sample=False)[0].clamp(-1, 1)
+            scores.append(psnr(reconstruction, x))
+            side_by_side = torch.cat([clip, to_uint8(reconstruction[0].cpu())], dim=2)
+            paths.append(write_video(out_dir / f"{i:02d}-reconstruction-{shape.width}x{shape.height}x{shape.frames}.mp4",
+                                     side_by_side.numpy(), self.cfg.data.fps))
+        self.tracker.log_event(self.step, f"held-out reconstruction PSNR: {sum(scores) / len(scores):.2f} dB")
+        self.tracker.log_videos(self.step, paths, [p.stem for p in paths])
+        return paths
+
+
+def held_out_clip(index: int, shape) -> torch.Tensor:
+    """A procedural clip the VAE never trained on (its own seed), at a bucket shape."""
+    from data.decode import resize_and_crop
+
+    clip = procedural_clip(seed=10_000 + index, frames=shape.frames * 2, width=96, height=96)
+    return resize_and_crop(clip[::2], shape.height, shape.width)
