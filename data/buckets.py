@@ -68,31 +68,43 @@ def assign_bucket(shapes: Sequence[BucketShape], width: int, height: int, availa
     return min(candidates, key=lambda s: s.height * s.width)
 
 
-class GreedyPacker:
-    """Packs items into micro-batches in arrival order without exceeding a token budget.
+class WindowPacker:
+    """Packs items into micro-batches of at most `token_budget` tokens, choosing from a window of
+    buffered items the subset that fills the budget best (exact subset sum: the window is small and
+    clips come in a few bucket sizes, so the distinct sums stay few), oldest items first on ties.
 
-    Order is kept so a data cursor stays a single position: everything before the
-    first item of the open batch has been emitted.
+    A batch is emitted once it is within `tolerance` of the budget, or when the window is full
+    (then the best fill available goes out, so memory and latency stay bounded).
     """
 
-    def __init__(self, token_budget: int):
-        self.token_budget = token_budget
-        self.items: list = []
-        self.tokens = 0
+    def __init__(self, token_budget: int, window: int = 16, tolerance: float = 0.01):
+        self.token_budget, self.window, self.tolerance = token_budget, window, tolerance
+        self.buffer: List[tuple] = []
 
     def add(self, item, tokens: int) -> List[list]:
-        """Add an item; returns the batches it closed (none, one, or two when it fills the next)."""
         if tokens > self.token_budget:
             raise ValueError(f"a sample of {tokens} tokens exceeds the token budget {self.token_budget}")
-        closed = []
-        if self.tokens + tokens > self.token_budget:
-            closed.append(self.flush())
-        self.items.append(item)
-        self.tokens += tokens
-        if self.tokens == self.token_budget:
-            closed.append(self.flush())
-        return closed
+        self.buffer.append((item, tokens))
+        batches = []
+        while True:
+            chosen = self._best_fill()
+            total = sum(self.buffer[i][1] for i in chosen)
+            if total < self.token_budget * (1 - self.tolerance) and len(self.buffer) < self.window:
+                return batches
+            batches.append([self.buffer[i][0] for i in sorted(chosen)])
+            self.buffer = [entry for i, entry in enumerate(self.buffer) if i not in set(chosen)]
+            if not self.buffer:
+                return batches
+
+    def _best_fill(self) -> List[int]:
+        reachable = {0: ()}  # token sum -> the earliest-found subset of buffer indices reaching it
+        for i, (_, tokens) in enumerate(self.buffer):
+            for total, subset in list(reachable.items()):
+                grown = total + tokens
+                if grown <= self.token_budget and grown not in reachable:
+                    reachable[grown] = subset + (i,)
+        return list(reachable[max(reachable)])
 
     def flush(self) -> list:
-        batch, self.items, self.tokens = self.items, [], 0
-        return batch
+        items, self.buffer = [entry[0] for entry in self.buffer], []
+        return items

@@ -1,6 +1,6 @@
 """Typed data configuration (Hydra structured config, group `data`)."""
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 @dataclass
@@ -19,6 +19,16 @@ class DataConfig:
     fps: float = 8.0
     # Probability of replacing a caption by the empty (unconditional) caption, for CFG.
     caption_dropout: float = 0.1
-    # DataLoader worker processes per rank that decode video.
+    # DataLoader worker processes per rank that decode video (> 0 needs the Ray coordinator).
     num_workers: int = 0
     seed: int = 0
+    # Who hands out shards: local (in-process, one process, no workers), ray (a Ray actor every rank and
+    # worker reaches), auto (ray when there are several ranks or workers).
+    coordinator: str = "auto"
+    # An existing Ray cluster (e.g. started by the launcher on the first node); null = start one on rank 0.
+    ray_address: Optional[str] = None
+    # Samples per unit of work handed out; null = a whole shard.
+    chunk_samples: Optional[int] = None
+    # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.
+    pack_window: int = 16
+    pack_tolerance: float = 0.01

@@ -1,16 +1,16 @@
 """Stream licensed clips from WebDataset shards into packed micro-batches.
 
-Each (rank, worker) reads its own stream: a seeded per-epoch permutation of the
-shards, dealt round-robin. A stream's position is (epoch, raw samples consumed);
-every batch carries the position from which the stream would resume after it, so
-a checkpoint records exactly what was trained and resume neither repeats nor skips.
+Each consumer, one per (rank, loader worker), asks the data coordinator for chunks of
+shards, reads them, gates, decodes and fits each sample to a bucket, and packs clips of
+mixed shapes into micro-batches up to the stage's token budget. Every sample carries its
+tag (epoch, chunk, offset); a batch lists the tags of what it holds and of what was
+dropped since the last batch, and the trainer acknowledges them after its optimizer step.
 """
 from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,13 +18,23 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.buckets import BucketShape, GreedyPacker, assign_bucket
+from data.buckets import BucketShape, WindowPacker, assign_bucket
+from data.coordinator import CoordinatorClient, Tag
 from data.decode import ClipTooShort, decode_clip, frames_available
 from data.licenses import LicensePolicy
 from data.schema import metadata_problems, parse_metadata, read_manifest
 
 log = logging.getLogger(__name__)
 _warned: set = set()
+
+METADATA_INVALID = "metadata_invalid"
+UNDECODABLE = "undecodable"
+TOO_SHORT = "too_short"
+CAPTION_INVALID = "caption_not_utf8"
+CORRUPT_SHARD = "corrupt_shard"
+INCOMPLETE_SAMPLE = "incomplete_sample"
+# Drops are handed to the trainer at least this often, even when nothing is being packed.
+DROP_FLUSH = 64
 
 
 def _warn_once(key: str, message: str, *args) -> None:
@@ -33,20 +43,12 @@ def _warn_once(key: str, message: str, *args) -> None:
         _warned.add(key)
         log.warning(message, *args)
 
-METADATA_INVALID = "metadata_invalid"
-UNDECODABLE = "undecodable"
-TOO_SHORT = "too_short"
-CAPTION_INVALID = "caption_not_utf8"
-CORRUPT_SHARD = "corrupt_shard"
-INCOMPLETE_SAMPLE = "incomplete_sample"
-
 
 @dataclass
 class LoaderSpec:
-    """What a stream needs to turn raw samples into batches for one curriculum stage."""
+    """What a consumer needs to turn raw samples into batches for one curriculum stage."""
 
     root: str
-    shards: List[str]
     policy: LicensePolicy
     shapes: List[BucketShape]
     token_budget: int
@@ -55,106 +57,159 @@ class LoaderSpec:
     spatial_factor: int
     fps: float
     seed: int
+    coordinator: CoordinatorClient
     rank: int = 0
     world_size: int = 1
     num_workers: int = 0
-    # stream id -> [epoch, position]
-    positions: Dict[int, List[int]] = field(default_factory=dict)
+    pack_window: int = 16
+    pack_tolerance: float = 0.01
+    # consumer name -> the snapshot its last trained batch carried (resume exactly where it stood)
+    resume: Optional[Dict[str, Dict[str, Any]]] = None
 
 
-def shard_plan(shards: Sequence[str], num_streams: int, seed: int, epoch: int) -> List[List[str]]:
-    order = sorted(shards)
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return [order[i::num_streams] for i in range(num_streams)]
-
-
-def dataset_shards(root) -> List[str]:
-    return [row["path"] for row in read_manifest(root)["shards"]]
+def dataset_rows(root) -> List[Tuple[str, int]]:
+    """(shard file, sample count) for every shard of a dataset's manifest."""
+    return [(row["path"], int(row["num_samples"])) for row in read_manifest(root)["shards"]]
 
 
 class ClipStream(IterableDataset):
     def __init__(self, spec: LoaderSpec):
         super().__init__()
         self.spec = spec
-        streams = spec.world_size * max(1, spec.num_workers)
-        if len(spec.shards) < streams:
-            raise ValueError(f"{len(spec.shards)} shards cannot feed {spec.world_size} ranks x "
-                             f"{max(1, spec.num_workers)} workers: write more, smaller shards")
+
+    def consumer(self) -> Tuple[str, int, int]:
+        """(name, slot, slots): slots are rank x worker, so the same world reads the same data."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return f"rank{self.spec.rank}-worker{worker}", self.spec.rank * workers + worker, self.spec.world_size * workers
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        """Batches, each carrying this consumer's snapshot after it: the clips still buffered for
+        packing (by tag), the chunk being read and the next offset in it, and drops not yet reported."""
         spec = self.spec
-        info = get_worker_info()
-        workers = max(1, spec.num_workers)
-        stream_id = spec.rank * workers + (info.id if info else 0)
-        epoch, position = spec.positions.get(stream_id, [0, 0])
-        while True:
-            plan = shard_plan(spec.shards, spec.world_size * workers, spec.seed, epoch)[stream_id]
-            yield from self._epoch(stream_id, epoch, position, plan)
-            epoch, position = epoch + 1, 0
-
-    def _raw_samples(self, plan: List[str], errors: List[Tuple[str, str]]) -> Iterator[Dict[str, Any]]:
-        for shard in plan:
-            def note(error: Exception, shard=shard) -> bool:
-                errors.append((shard, f"{type(error).__name__}: {error}"))
-                return True  # keep going with the next shard
-            yield from wds.tarfile_samples([{"url": str(Path(self.spec.root) / shard)}], handler=note)
-
-    def _epoch(self, stream_id: int, epoch: int, start: int, plan: List[str]) -> Iterator[Dict[str, Any]]:
-        spec = self.spec
-        packer = GreedyPacker(spec.token_budget)
-        dropped: List[Tuple[int, str, str]] = []  # (raw index, reason, key)
-        errors: List[Tuple[str, str]] = []
-
-        def note_errors(index: int) -> None:
-            # A shard that broke off is noted where the stream stood; before `start` it was counted already.
-            while errors:
-                shard, message = errors.pop(0)
-                if index >= start:
-                    _warn_once(shard, "corrupt shard %s (skipped from here on, counted): %s", shard, message)
-                    dropped.append((index, CORRUPT_SHARD, shard))
-
-        index = 0
-        for raw in self._raw_samples(plan, errors):
-            note_errors(index)
-            if index < start:  # consumed before the checkpoint we resumed from
-                index += 1
+        name, slot, slots = self.consumer()
+        packer = WindowPacker(spec.token_budget, spec.pack_window, spec.pack_tolerance)
+        self._dropped: List[Tuple[Tag, str, str]] = []
+        self._current: Optional[Dict[str, Any]] = None
+        self._replaying: List[List[Any]] = []  # snapshot buffer entries not yet re-read
+        snapshot = (spec.resume or {}).get(name)
+        if snapshot and snapshot.get("stage") == self._stage_key():
+            # Same stage: batches that were already closed come out again exactly as they were.
+            for entries in snapshot["pending"]:
+                items = [self._prepare(raw, tag)[0] for raw, tag, _ in self._read_tags(entries)]
+                remaining = snapshot["pending"][snapshot["pending"].index(entries) + 1:]
+                yield self._batch([i for i in items if i is not None], name, packer, remaining)
+            snapshot = dict(snapshot, pending=[])
+        elif snapshot:  # a new stage re-buckets: closed batches go back into packing, in order
+            snapshot = dict(snapshot, buffer=[e for batch in snapshot["pending"] for e in batch] + snapshot["buffer"],
+                            pending=[])
+        for raw, tag, error in self._resumed_then_new(snapshot, name, slot, slots):
+            if error is not None:
+                self._dropped.append((tag, CORRUPT_SHARD, error))
                 continue
-            item, reason = self._prepare(raw, epoch, stream_id, index)
+            item, reason = self._prepare(raw, tag)
             if item is None:
-                dropped.append((index, reason, raw.get("__key__", "?")))
+                self._dropped.append((tag, reason, raw.get("__key__", "?")))
             else:
                 closed = packer.add(item, item["tokens"])
                 for n, batch in enumerate(closed):
-                    # Resume at the first sample not yet emitted: the next closed batch's, the open batch's,
-                    # or the one after this sample.
-                    following = closed[n + 1:] + ([packer.items] if packer.items else [])
-                    resume_at = following[0][0]["index"] if following else index + 1
-                    yield self._batch(batch, dropped, stream_id, [epoch, resume_at])
-            index += 1
-        note_errors(index)
-        leftover = packer.flush()
-        if leftover or dropped:
-            yield self._batch(leftover, dropped, stream_id, [epoch + 1, 0])
+                    yield self._batch(batch, name, packer, [self._entries(b) for b in closed[n + 1:]])
+            if len(self._dropped) >= DROP_FLUSH:
+                yield self._batch([], name, packer, [])
+
+    def _stage_key(self) -> List[Any]:
+        return [self.spec.token_budget, [[s.frames, s.height, s.width] for s in self.spec.shapes]]
 
     @staticmethod
-    def _batch(items: List[Dict[str, Any]], dropped: List[Tuple[int, str, str]], stream_id: int,
-               resume_position: List[int]) -> Dict[str, Any]:
-        epoch_ended = resume_position[1] == 0
-        ours = [d for d in dropped if epoch_ended or d[0] < resume_position[1]]
-        dropped[:] = [d for d in dropped if not (epoch_ended or d[0] < resume_position[1])]
+    def _entries(items: List[Dict[str, Any]]) -> List[List[Any]]:
+        return [[*item["tag"], item["shard_file"]] for item in items]
+
+    def _resumed_then_new(self, snapshot, name: str, slot: int, slots: int):
+        if snapshot:
+            self._current = snapshot["current"] and dict(snapshot["current"])
+            self._replaying = [list(entry) for entry in snapshot["buffer"]]
+            yield from self._read_tags(snapshot["buffer"], replaying=True)  # what sat in the packer, in order
+            if snapshot["current"] is not None:
+                yield from self._read_chunk(snapshot["current"]["work"], snapshot["current"]["next"])
+        while True:
+            yield from self._read_chunk(self.spec.coordinator.request(name, slot, slots))
+
+    def _read_tags(self, entries: List[List[Any]], replaying: bool = False):
+        """Re-read specific samples by tag (epoch, chunk, offset, shard), in the given order."""
+        wanted: Dict[str, Dict[int, List[Tag]]] = {}  # one offset can be wanted in several epochs
+        for epoch, chunk, offset, shard in entries:
+            wanted.setdefault(shard, {}).setdefault(offset, []).append((epoch, chunk, offset))
+        found: Dict[Tag, Dict[str, Any]] = {}
+        for shard, offsets in wanted.items():
+            for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(self.spec.root) / shard)}],
+                                                             handler=lambda error: False)):
+                for tag in offsets.get(offset, ()):
+                    found[tag] = raw
+                if offset >= max(offsets):
+                    break
+        for epoch, chunk, offset, shard in entries:
+            tag = (epoch, chunk, offset)
+            if replaying:
+                self._replaying.pop(0)
+            yield (found[tag], tag, None) if tag in found else (None, tag, shard)
+
+    def _read_chunk(self, work: Dict[str, Any], first: int = 0):
+        epoch, chunk, start, stop = work["epoch"], work["chunk"], work["start"], work["stop"]
+        skip = set(work["skip"])
+        errors: List[str] = []
+
+        def note(error: Exception) -> bool:
+            errors.append(f"{type(error).__name__}: {error}")
+            return False  # stop reading this shard
+
+        path = str(Path(self.spec.root) / work["shard"])
+        offset = 0
+        begin = max(start, first)
+        self._current = {"work": work, "next": begin}
+        for raw in wds.tarfile_samples([{"url": path}], handler=note):
+            if offset >= stop:
+                break
+            if offset >= begin and offset not in skip:
+                self._current["next"] = offset + 1
+                yield raw, (epoch, chunk, offset), None
+            offset += 1
+        if offset < stop:  # the tar ended or broke before the manifest's count: those samples are lost
+            detail = errors[0] if errors else "fewer samples than the manifest lists"
+            _warn_once(work["shard"], "corrupt shard %s (samples from %d on skipped, counted): %s",
+                       work["shard"], max(offset, begin), detail)
+            for missing in range(max(offset, begin), stop):
+                if missing not in skip:
+                    self._current["next"] = missing + 1
+                    yield None, (epoch, chunk, missing), work["shard"]
+        self._current = None
+
+    def _batch(self, items: List[Dict[str, Any]], consumer: str, packer: WindowPacker,
+               pending: List[List[List[Any]]]) -> Dict[str, Any]:
+        dropped, self._dropped = self._dropped, []
+        current = None
+        if self._current is not None and self._current["next"] < self._current["work"]["stop"]:
+            current = {"work": self._current["work"], "next": self._current["next"]}
+        # Every drop so far goes out with this batch, so a snapshot never holds any. `pending`: batches
+        # the packer closed together with this one, not yet handed out.
+        snapshot = {"stage": self._stage_key(), "pending": pending,
+                    "buffer": self._entries([entry[0] for entry in packer.buffer])
+                    + [list(entry) for entry in self._replaying],
+                    "current": current}
         return {
             "videos": [item["video"] for item in items],
             "captions": [item["caption"] for item in items],
             "keys": [item["key"] for item in items],
             "shards": [item["shard"] for item in items],
             "meta": [item["meta"] for item in items],
+            "tags": [item["tag"] for item in items],
             "tokens": sum(item["tokens"] for item in items),
-            "stream": stream_id,
-            "resume_position": resume_position,
-            "dropped": [(reason, key) for _, reason, key in ours],
+            "dropped": [(reason, key) for _, reason, key in dropped],
+            "dropped_tags": [tag for tag, _, _ in dropped],
+            "consumer": consumer,
+            "snapshot": snapshot,
         }
 
-    def _prepare(self, raw: Dict[str, Any], epoch: int, stream_id: int, index: int):
+    def _prepare(self, raw: Dict[str, Any], tag: Tag):
         spec = self.spec
         key = raw.get("__key__", "?")
         if "json" not in raw or "mp4" not in raw or "txt" not in raw:
@@ -177,26 +232,25 @@ class ClipStream(IterableDataset):
         shape = assign_bucket(spec.shapes, int(meta["width"]), int(meta["height"]), available)
         if shape is None:
             return None, TOO_SHORT
-        rng = random.Random(f"{spec.seed}/{epoch}/{stream_id}/{index}")
+        rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same crop whoever reads it
         try:
             video = decode_clip(raw["mp4"], shape, spec.fps, rng)
         except ClipTooShort:
             return None, TOO_SHORT
         except Exception as error:  # decord raises its own error types for broken streams
-            _warn_once(key, "undecodable video %s (skipped, counted): %s", key, (str(error) or repr(error)).splitlines()[0][:200])
+            _warn_once(key, "undecodable video %s (skipped, counted): %s", key,
+                       (str(error) or repr(error)).splitlines()[0][:200])
             return None, UNDECODABLE
         shard = Path(raw.get("__url__", "?")).name
         tokens = shape.tokens(spec.patch_size, spec.temporal_factor, spec.spatial_factor)
-        return {"video": video, "caption": caption, "key": key, "shard": shard, "meta": meta,
-                "tokens": tokens, "index": index}, None
+        return {"video": video, "caption": caption, "key": key, "shard": shard, "shard_file": shard,
+                "meta": meta, "tokens": tokens, "tag": tag}, None
 
 
 def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:
+    # Workers are spawned, not forked: a fork would inherit the parent's Ray connection, which breaks.
     return torch.utils.data.DataLoader(
         ClipStream(spec), batch_size=None, num_workers=spec.num_workers,
         persistent_workers=False, prefetch_factor=2 if spec.num_workers else None,
+        multiprocessing_context="spawn" if spec.num_workers else None,
     )
-
-
-def drop_counts(batches: Sequence[Dict[str, Any]]) -> Counter:
-    return Counter(reason for batch in batches for reason, _ in batch["dropped"])

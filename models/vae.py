@@ -60,31 +60,48 @@ def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 class Downsample(nn.Module):
+    """2x in space (strided conv); 2x in time by folding each pair of frames into channels (learned),
+    the first frame alone so the clip stays causal."""
+
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
         self.spatial = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if temporal:
+            self.fold = nn.Conv3d(2 * channels, channels, 1)
+            self.first = nn.Conv3d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _per_frame(self.spatial, x)
         if self.temporal and x.shape[2] > 1:
-            # first frame alone; the following 2k frames average in pairs
             first, rest = x[:, :, :1], x[:, :, 1:]
-            rest = rest.reshape(*rest.shape[:2], rest.shape[2] // 2, 2, *rest.shape[3:]).mean(dim=3)
-            x = torch.cat([first, rest], dim=2)
+            b, c, t, h, w = rest.shape
+            pairs = rest.reshape(b, c, t // 2, 2, h, w).transpose(2, 3).reshape(b, 2 * c, t // 2, h, w)
+            x = torch.cat([self.first(first), self.fold(pairs)], dim=2)
+        elif self.temporal:
+            x = self.first(x)
         return x
 
 
 class Upsample(nn.Module):
+    """2x in space (nearest + conv); 2x in time by unfolding channels into each pair of frames (learned)."""
+
     def __init__(self, channels: int, temporal: bool):
         super().__init__()
         self.temporal = temporal
         self.spatial = nn.Conv2d(channels, channels, 3, padding=1)
+        if temporal:
+            self.unfold = nn.Conv3d(channels, 2 * channels, 1)
+            self.first = nn.Conv3d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.temporal and x.shape[2] > 1:
             first, rest = x[:, :, :1], x[:, :, 1:]
-            x = torch.cat([first, rest.repeat_interleave(2, dim=2)], dim=2)
+            b, c, t, h, w = rest.shape
+            pairs = self.unfold(rest).reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            x = torch.cat([self.first(first), pairs], dim=2)
+        elif self.temporal:
+            x = self.first(x)
         return _per_frame(lambda f: self.spatial(F.interpolate(f, scale_factor=2.0, mode="nearest")), x)
 
 
@@ -141,8 +158,12 @@ class CausalVideoVAE(nn.Module):
 
 def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
              kl_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """L1 reconstruction + weighted KL to N(0, I), both per element."""
-    recon = (reconstruction - x).abs().mean()
+    """Reconstruction (MSE + 0.1 L1) + weighted KL to N(0, I), each per element.
+
+    MSE keeps small objects: under L1 alone a flat background is the cheapest answer for a clip
+    that is mostly background, and the shapes vanish."""
+    error = reconstruction - x
+    recon = error.pow(2).mean() + 0.1 * error.abs().mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return recon + kl_weight * kl, recon, kl
 

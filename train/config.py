@@ -175,6 +175,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
+    "data.coordinator", "data.ray_address",
     "model.attention_backend", "model.activation_checkpointing",
 )
 
@@ -230,6 +231,12 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError(f"tracking.sampler={cfg.tracking.sampler!r}: must be euler or heun")
     if not cfg.curriculum.stages:
         raise ConfigError("curriculum.stages is empty")
+    if cfg.data.coordinator not in ("auto", "local", "ray"):
+        raise ConfigError(f"data.coordinator={cfg.data.coordinator!r}: must be auto, local or ray")
+    if cfg.data.coordinator == "local" and cfg.data.num_workers > 0:
+        raise ConfigError("data.num_workers > 0 needs data.coordinator=ray (workers are separate processes)")
+    if not 0 <= cfg.data.pack_tolerance < 1 or cfg.data.pack_window < 1:
+        raise ConfigError("data.pack_window must be >= 1 and data.pack_tolerance in [0, 1)")
     if not cfg.data.licenses.allow:
         raise ConfigError("data.licenses.allow is empty: no sample could ever be trained on")
     _validate_stages(cfg)

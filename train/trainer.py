@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from data.licenses import Audit, LicensePolicy
-from data.loader import LoaderSpec, dataset_shards, make_loader
+from data.coordinator import CoordinatorClient, CoordinatorCore, start_ray_coordinator
+from data.loader import LoaderSpec, dataset_rows, make_loader
 from models.autoencoder import build_autoencoder
 from models.dit import TextToVideoModel, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
@@ -37,27 +38,6 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-class DataPositions:
-    """Where each data stream stands: stream id -> [epoch, raw samples consumed]."""
-
-    def __init__(self, num_streams: int):
-        self.num_streams = num_streams
-        self.positions: Dict[int, List[int]] = {}
-
-    def advance(self, batch: Dict[str, Any]) -> None:
-        self.positions[batch["stream"]] = list(batch["resume_position"])
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"num_streams": self.num_streams, "positions": {str(k): v for k, v in self.positions.items()}}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["num_streams"] != self.num_streams:
-            raise RuntimeError(
-                f"the checkpoint's data plan has {state['num_streams']} streams (ranks x loader workers), "
-                f"this run has {self.num_streams}: resume with the same world size and data.num_workers")
-        self.positions.update({int(k): list(v) for k, v in state["positions"].items()})
-
-
 class Trainer:
     def __init__(self, cfg: KinoConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -70,8 +50,8 @@ class Trainer:
         self.curriculum = Curriculum(cfg.curriculum)
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
-        self.shards = dataset_shards(cfg.data.root)
-        self.data = DataPositions(env.world_size * max(1, cfg.data.num_workers))
+        self.coordinator = self.start_coordinator()
+        self.loader_snapshots: Dict[str, Any] = {}  # consumer -> snapshot after its last trained batch
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -87,6 +67,28 @@ class Trainer:
         if env.is_main:
             log.info("model: %s; ZeRO-%d over %d %s process(es)", self.describe_model(), cfg.zero.stage,
                      env.world_size, env.device.type)
+
+    def start_coordinator(self) -> CoordinatorClient:
+        """In-process for a single process without workers; otherwise a Ray actor started (or attached
+        to a cluster at data.ray_address) by rank 0, found by name from every rank and worker."""
+        cfg, env = self.cfg.data, self.env
+        rows = dataset_rows(cfg.root)
+        mode = cfg.coordinator
+        if mode == "auto":
+            mode = "ray" if env.world_size > 1 or cfg.num_workers > 0 or cfg.ray_address else "local"
+        if mode == "local":
+            return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples))
+        import hashlib
+
+        namespace = "kino-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        name = "data-coordinator"
+        client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address)
+                  if env.is_main else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(client, src=0)  # carries the cluster address, not the actor
+        if env.is_main:
+            log.info("data coordinator: Ray actor %r in namespace %s at %s", name, namespace, client[0].ray_address)
+        return client[0]
 
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
     def build_model(self) -> torch.nn.Module:
@@ -105,8 +107,10 @@ class Trainer:
 
     # -- resumable state -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Shared state (identical on all ranks, written once)."""
+        """Shared state (written once, by rank 0): the data plan's acknowledged samples are global."""
         return {
+            "data": self.coordinator.state() if self.env.is_main else None,
+            "num_workers": self.cfg.data.num_workers,
             "curriculum": self.curriculum.state_dict(self.step),
             "tracker": self.tracker.state_dict(),
             "config_hash": trajectory_hash(self.cfg),
@@ -115,20 +119,26 @@ class Trainer:
 
     def rank_state_dict(self) -> Dict[str, Any]:
         """State each rank owns; gathered into train_state.json's `ranks` list."""
-        return {"rng": self.rng.state_dict(), "data": self.data.state_dict(), "audit": self.audit.state_dict()}
+        return {"rng": self.rng.state_dict(), "loaders": self.loader_snapshots}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.tracker.load_state_dict(state["tracker"])
-        if len(state["ranks"]) != self.env.world_size:
-            raise RuntimeError(f"checkpoint was written by {len(state['ranks'])} ranks; this run has "
-                               f"{self.env.world_size}: resume with the same world size")
-        mine = state["ranks"][self.env.rank]
-        self.rng.load_state_dict(mine["rng"])
-        for rank_state in state["ranks"]:  # every rank keeps the whole plan; it reads only its own streams
-            self.data.load_state_dict(rank_state["data"])
-        self.audit = Audit.from_state(mine["audit"])
+        same_world = len(state["ranks"]) == self.env.world_size and \
+            state.get("num_workers", self.cfg.data.num_workers) == self.cfg.data.num_workers
+        if self.env.rank < len(state["ranks"]):  # a rank new to this world size keeps its fresh seed
+            self.rng.load_state_dict(state["ranks"][self.env.rank]["rng"])
+        if same_world:  # each loader continues exactly where it stood: bit-exact
+            self.loader_snapshots = dict(state["ranks"][self.env.rank].get("loaders", {}))
+        if self.env.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
+            slots = self.env.world_size * max(1, self.cfg.data.num_workers)
+            self.coordinator.restore(state["data"], slots if same_world else None)
+            if not same_world:
+                log.info("resuming on %d rank(s) x %d worker(s) where the checkpoint had another layout: "
+                         "the rest of the epoch is dealt out anew (each sample still trained once)",
+                         self.env.world_size, max(1, self.cfg.data.num_workers))
+            self.audit = Audit.from_state(json.loads((self._resume_path / "audit.json").read_text()))
         expected = self.curriculum.state_dict(self.step)
         if state["curriculum"]["stage"] != expected["stage"]:
             raise RuntimeError(f"checkpoint is in stage {state['curriculum']['stage']!r} at step {self.step}, "
@@ -144,6 +154,7 @@ class Trainer:
         if changed:
             raise RuntimeError(f"cannot resume {path}: the config changed keys that shape training: "
                                f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
+        self._resume_path = path
         state = self.checkpoints.load(path, self.engine)
         self.load_state_dict(state)
         if self.ema is not None:
@@ -155,26 +166,49 @@ class Trainer:
     def _loader_for_stage(self, stage_index: int):
         cfg, stage = self.cfg, self.curriculum.stages[stage_index]
         ae = cfg.model.autoencoder
-        spec = LoaderSpec(root=cfg.data.root, shards=self.shards, policy=self.policy,
-                          shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
-                          patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
-                          spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed,
-                          rank=self.env.rank, world_size=self.env.world_size, num_workers=cfg.data.num_workers,
-                          positions=dict(self.data.positions))
+        spec = LoaderSpec(root=cfg.data.root, policy=self.policy, shapes=stage_shapes(cfg, stage),
+                          token_budget=stage.token_budget, patch_size=tuple(cfg.model.patch_size),
+                          temporal_factor=ae.temporal_factor, spatial_factor=ae.spatial_factor, fps=cfg.data.fps,
+                          seed=cfg.data.seed, coordinator=self.coordinator, rank=self.env.rank,
+                          world_size=self.env.world_size, num_workers=cfg.data.num_workers,
+                          pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
+                          resume=dict(self.loader_snapshots))
         return iter(make_loader(spec))
 
     def data_step(self) -> Dict[str, Any]:
-        """The next non-empty micro-batch of the current stage; accounts for what the loader dropped."""
+        """The next non-empty micro-batch of the current stage. Drops reported on the way are settled
+        (audited and acknowledged) together with the step that trains the batch."""
         stage_index = self.curriculum.stage_index(self.step)
         if self._iterator is None or self._iterator_stage != stage_index:
+            # A new stage re-buckets: its loader starts from the old one's snapshots, re-reading what
+            # was buffered (now fitted to the new buckets) and continuing the same chunks.
+            self._iterator = None
             self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
+        dropped, dropped_tags = [], []
         while True:
             batch = next(self._iterator)
-            self.data.advance(batch)
+            dropped += batch["dropped"]
+            dropped_tags += batch["dropped_tags"]
+            if batch["videos"]:
+                batch["dropped"], batch["dropped_tags"] = dropped, dropped_tags
+                return batch
+
+    def _settle(self, batches: List[Dict[str, Any]], trained: bool) -> None:
+        """After an optimizer step: audit, provenance, and acknowledgement to the coordinator."""
+        tags = []
+        for batch in batches:
+            self.loader_snapshots[batch["consumer"]] = batch["snapshot"]
             for reason, key in batch["dropped"]:
                 self.audit.record_dropped(reason, key)
-            if batch["videos"]:
-                return batch
+            tags += batch["dropped_tags"] + batch["tags"]
+            if trained:
+                self.provenance.record(self.step + 1, batch)
+                for shard, meta in zip(batch["shards"], batch["meta"]):
+                    self.audit.record_trained(shard, meta["license"], meta["rights_holder"], meta["source_url"])
+            else:
+                for key in batch["keys"]:
+                    self.audit.record_dropped("nonfinite_step", key)
+        self.coordinator.ack(tags, f"rank{self.env.rank}-worker0")
 
     # -- one step --------------------------------------------------------------------------------
     def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -218,12 +252,9 @@ class Trainer:
             if result["finite"]:
                 self.engine.step()
         finite = all(r["finite"] for r in results)
+        self._settle(batches, trained=finite)
         if finite:
             self.nonfinite_in_row = 0
-            for batch in batches:
-                self.provenance.record(self.step + 1, batch)
-                for shard, meta in zip(batch["shards"], batch["meta"]):
-                    self.audit.record_trained(shard, meta["license"], meta["rights_holder"], meta["source_url"])
             if self.ema is not None:
                 self.ema.update(self.model)
         else:
@@ -248,7 +279,10 @@ class Trainer:
             "step": self.step, "stage": stage.name, "loss": loss_sum / max(tokens, 1),
             "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
             "samples_per_s": sum(len(b["videos"]) for b in outcome["batches"]) * self.env.world_size / step_time,
-            "step_time_s": step_time, "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
+            "step_time_s": step_time,
+            # packed batches carry no padding; this is the share of the token budget left empty
+            "budget_unused_frac": 1 - tokens / (stage.token_budget * self.env.world_size
+                                                * self.cfg.zero.gradient_accumulation_steps), "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
             "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops and flops else None,
             "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
             "eta_s": self._recent_step_time * (self.curriculum.total_steps - self.step),
@@ -280,12 +314,13 @@ class Trainer:
         return merged
 
     def checkpoint(self) -> Path:
-        merged = self.merged_audit()
+        merged = self.merged_audit()  # gathers every rank: all acknowledgements are in
         files = {"config.yaml": save_text_file(to_yaml(self.cfg))}
         if self.env.is_main:
             audit = dict(merged.state_dict(), step=self.step, dataset=str(self.cfg.data.root))
             files["audit.json"] = save_text_file(json.dumps(audit, indent=1, sort_keys=True))
             files["ema.pt"] = save_tensor_file(self.ema.state_dict())
+        # merged_audit() gathered every rank, so every rank's acknowledgements are in: read the plan now
         path = self.checkpoints.save(self.step, self.engine, self.state_dict(), self.rank_state_dict(), files)
         self.tracker.log_event(self.step, f"checkpoint saved: {path}")
         return path
@@ -359,6 +394,7 @@ class Trainer:
         if self.step < total:
             self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} "
                                               f"(train.stop_after_steps); run again to resume")
+        self._iterator = None
         samples = self.sample() if self.step >= total else []
         summary = {"step": self.step, "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from data.buckets import BucketShape, GreedyPacker, assign_bucket, bucket_shapes
+from data.buckets import BucketShape, WindowPacker, assign_bucket, bucket_shapes
 
 
 def test_shapes_keep_area_across_aspect_ratios_and_respect_the_multiple():
@@ -30,26 +30,28 @@ def test_token_count_follows_patch_and_compression():
     assert shape.tokens((1, 2, 2), temporal_factor=4, spatial_factor=8) == 3 * 4 * 2
 
 
-def test_packer_keeps_order_and_never_exceeds_the_budget():
+def test_window_packer_never_exceeds_the_budget_and_fills_it_nearly():
     rng = random.Random(0)
-    packer, batches, fed = GreedyPacker(100), [], []
-    for i in range(500):
-        tokens = rng.choice([10, 25, 40, 60, 100])
+    packer, batches, fed = WindowPacker(1600, window=16, tolerance=0.01), [], []
+    for i in range(2000):
+        tokens = rng.choice([200, 400, 800, 600])  # sizes that can fill 1600 exactly
         fed.append(i)
         batches += packer.add((i, tokens), tokens)
     leftover = packer.flush()
-    batches += [leftover] if leftover else []
-    assert [item[0] for batch in batches for item in batch] == fed
-    assert all(0 < sum(t for _, t in batch) <= 100 for batch in batches)
+    assert sorted([item[0] for batch in batches for item in batch] + [entry[0] for entry in leftover]) == fed
+    fills = [sum(t for _, t in batch) for batch in batches]
+    assert all(0 < f <= 1600 for f in fills)
+    assert 1 - sum(fills) / (1600 * len(fills)) <= 0.01  # unused budget
+    assert len(packer.buffer) == 0
 
 
-def test_packer_can_close_two_batches_with_one_item():
-    packer = GreedyPacker(100)
-    assert packer.add("a", 60) == []
-    closed = packer.add("b", 100)  # does not fit after "a", and fills the next batch exactly
-    assert closed == [["a"], ["b"]]
+def test_a_full_window_emits_its_best_fill_rather_than_waiting_forever():
+    packer = WindowPacker(1000, window=3, tolerance=0.0)
+    assert packer.add("a", 400) == [] and packer.add("b", 400) == []
+    assert packer.add("c", 400) == [["a", "b"]]  # 800 of 1000 is the best the window allows
+    assert [entry[0] for entry in packer.buffer] == ["c"]
 
 
 def test_packer_refuses_an_item_larger_than_the_budget():
     with pytest.raises(ValueError, match="exceeds the token budget"):
-        GreedyPacker(10).add("big", 11)
+        WindowPacker(10).add("big", 11)
