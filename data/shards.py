@@ -23,11 +23,13 @@ def sha256_file(path: Path) -> str:
 class ShardSetWriter:
     """Writes samples into numbered tars of at most `samples_per_shard` and records the manifest."""
 
-    def __init__(self, root, prefix: str = "shard", samples_per_shard: int = 16):
+    def __init__(self, root, prefix: str = "shard", samples_per_shard: int = 16, max_bytes: Optional[int] = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self.rows: List[Dict[str, Any]] = []
         self._writer: Optional[wds.TarWriter] = None
         self._path: Optional[Path] = None
@@ -35,7 +37,8 @@ class ShardSetWriter:
         self._licenses: Counter = Counter()
 
     def write(self, key: str, video: bytes, caption: str, meta: Dict[str, Any], caption_bytes: bytes = None) -> None:
-        if self._writer is None or self._count >= self.samples_per_shard:
+        full = self._count >= self.samples_per_shard or (self.max_bytes and self._bytes + len(video) > self.max_bytes)
+        if self._writer is None or (full and self._count):
             self._close_shard()
             self._path = self.root / f"{self.prefix}-{len(self.rows):05d}.tar"
             self._writer = wds.TarWriter(str(self._path))
@@ -46,6 +49,7 @@ class ShardSetWriter:
             "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
         })
         self._count += 1
+        self._bytes += len(video)
         self._licenses[str(meta.get("license") or "<missing>")] += 1
 
     def _close_shard(self) -> None:
@@ -59,7 +63,7 @@ class ShardSetWriter:
             "sha256": sha256_file(self._path),
             "licenses": dict(self._licenses),
         })
-        self._writer, self._count, self._licenses = None, 0, Counter()
+        self._writer, self._count, self._bytes, self._licenses = None, 0, 0, Counter()
 
     def close(self, extra: Optional[Dict[str, Any]] = None) -> Path:
         self._close_shard()

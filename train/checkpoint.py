@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 ENGINE_TAG = "engine"
+UNIVERSAL_TAG = "engine_universal"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -110,12 +111,38 @@ class CheckpointManager:
         for stale in self.root.glob(".partial_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, path: Path, engine) -> Dict[str, Any]:
-        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+    def load(self, path: Path, engine, universal: bool = False) -> Dict[str, Any]:
+        tag = UNIVERSAL_TAG if universal else ENGINE_TAG
+        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
+            raise RuntimeError(f"DeepSpeed could not load the engine state from {path / tag}")
         return json.loads((path / "train_state.json").read_text())
+
+
+def saved_world_size(path: Path) -> int:
+    return len(json.loads((path / "train_state.json").read_text())["ranks"])
+
+
+def ensure_universal(path: Path) -> Path:
+    """Convert a checkpoint's sharded engine state to DeepSpeed's universal format (once, atomically),
+    so it loads on any number of ranks. Runs on one rank."""
+    import subprocess
+    import sys
+
+    target = path / UNIVERSAL_TAG
+    if target.exists():
+        return target
+    partial = path / f".{UNIVERSAL_TAG}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(path / ENGINE_TAG), "--output_folder", str(partial), "--num_extract_workers", "1",
+                             "--num_merge_workers", "1", "--inject_missing_state"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"could not convert {path / ENGINE_TAG} to DeepSpeed's universal format:\n"
+                           f"{result.stderr[-2000:]}")
+    os.replace(partial, target)
+    return target
 
 
 def _barrier() -> None:

@@ -50,7 +50,7 @@ def init_distributed() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 
-def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str) -> Dict[str, Any]:
+def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_universal: bool = False) -> Dict[str, Any]:
     zero, optim = cfg.zero, cfg.optim
     zero_section: Dict[str, Any] = {
         "stage": zero.stage,
@@ -82,15 +82,17 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str) -> Dict
             },
         },
         "zero_force_ds_cpu_optimizer": False,
+        # A checkpoint written by another number of ranks loads through DeepSpeed's universal format.
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv):
+def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, load_universal: bool = False):
     import deepspeed
 
-    config = deepspeed_config(cfg, env.world_size, env.device.type)
+    config = deepspeed_config(cfg, env.world_size, env.device.type, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     return engine
 

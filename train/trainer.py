@@ -21,7 +21,8 @@ from models.autoencoder import build_autoencoder
 from models.dit import TextToVideoModel, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
-from train.checkpoint import CheckpointManager, latest_checkpoint, save_tensor_file, save_text_file
+from train.checkpoint import (CheckpointManager, ensure_universal, latest_checkpoint, save_tensor_file,
+                              save_text_file, saved_world_size)
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
@@ -45,7 +46,16 @@ class Trainer:
         self.step = 0
         self.rng = RNGState(cfg.train.seed, env.rank)
         self.model = self.build_model().to(env.device)
-        self.engine = build_engine(self.model, cfg, env)
+        self._resume_path = latest_checkpoint(self.run_dir / "checkpoints") if cfg.train.resume else None
+        self._universal = self._resume_path is not None and saved_world_size(self._resume_path) != env.world_size
+        if self._universal:  # written by another number of ranks: reshard through the universal format
+            if env.is_main:
+                log.info("%s was written by %d rank(s); converting it to DeepSpeed's universal format to load "
+                         "on %d", self._resume_path, saved_world_size(self._resume_path), env.world_size)
+                ensure_universal(self._resume_path)
+            if dist.is_initialized():
+                dist.barrier()
+        self.engine = build_engine(self.model, cfg, env, load_universal=self._universal)
         self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
@@ -146,7 +156,7 @@ class Trainer:
 
     # -- resume ----------------------------------------------------------------------------------
     def resume(self) -> Optional[Path]:
-        path = latest_checkpoint(self.run_dir / "checkpoints") if self.cfg.train.resume else None
+        path = self._resume_path
         if path is None:
             return None
         saved_cfg = from_yaml((path / "config.yaml").read_text())
@@ -154,8 +164,7 @@ class Trainer:
         if changed:
             raise RuntimeError(f"cannot resume {path}: the config changed keys that shape training: "
                                f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
-        self._resume_path = path
-        state = self.checkpoints.load(path, self.engine)
+        state = self.checkpoints.load(path, self.engine, universal=self._universal)
         self.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu"))

@@ -122,3 +122,26 @@ def test_a_fresh_start_keeps_the_previous_run_aside(tiny_dataset, tmp_path):
     assert len(previous) == 1 and (previous[0] / "checkpoints" / "step_2" / "COMPLETE").exists()
     assert [r["step"] for r in metrics(run_dir)] == [1]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
+
+
+def test_the_audit_at_every_checkpoint_matches_what_the_model_saw(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "audited"
+    torchrun(run_dir, tiny_dataset, "train.keep_last=5", "tracking.mode=disabled")
+    records = list(read_trained_keys(run_dir))
+    for step in (4, 8):
+        audit = json.loads((run_dir / "checkpoints" / f"step_{step}" / "audit.json").read_text())
+        seen = [lic for r in records if r["step"] <= step for lic in r["licenses"]]
+        assert audit["license_totals"] == {"CC0-1.0": len(seen)}
+        assert sum(sum(c.values()) for c in audit["rights_holders"].values()) == len(seen)
+        assert set(audit["dropped_examples"]["license_missing"]) <= set(GATED)
+        assert set(audit["dropped"]) <= {"license_missing", "license_not_allowed", "undecodable"}
+
+
+def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "resized"
+    torchrun(run_dir, tiny_dataset, "train.stop_after_steps=3", "tracking.mode=disabled", "data.chunk_samples=2")
+    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "data.chunk_samples=2",
+                      "train.stop_after_steps=2", nproc=1)
+    assert "dealt out anew" in result.stdout
+    records = list(read_trained_keys(run_dir))
+    assert [r["step"] for r in records if r["step"] > 3] == [4, 5]

@@ -1,0 +1,128 @@
+"""`python -m data pack | verify | inspect | audit` — build, check and question licensed video datasets."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _table(title: str, counts, total: int) -> None:
+    print(f"\n{title}")
+    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {name:<32} {count:>7}  {'#' * max(1, round(40 * count / max(total, 1)))}")
+
+
+def cmd_pack(args) -> int:
+    from data.pack import pack_rows, rows_from_table, rows_from_video2dataset
+
+    mapping = dict(item.split("=", 1) for item in args.map)
+    if args.video2dataset:
+        rows = rows_from_video2dataset(args.video2dataset, mapping)
+    elif args.videos and args.metadata:
+        rows = rows_from_table(args.videos, args.metadata, mapping)
+    else:
+        print("pack needs --videos DIR --metadata TABLE, or --video2dataset DIR", file=sys.stderr)
+        return 2
+    report = pack_rows(rows, args.out, args.samples_per_shard, args.shard_bytes)
+    print(f"packed {report['accepted']} samples into {args.out} ({report['manifest']})")
+    if report["rejected"]:
+        print(f"REJECTED {report['rejected']} rows (details in {args.out / 'pack_report.json'}):")
+        for rejection in report["rejections"][:20]:
+            print(f"  {rejection['key']}: {'; '.join(rejection['reasons'])}")
+    return 1 if report["rejected"] and args.strict else 0
+
+
+def cmd_verify(args) -> int:
+    from data.inspect import scan
+
+    result = scan(args.root)
+    print(f"{result['samples']} samples checked in {args.root}")
+    for problem in result["manifest_problems"]:
+        print(f"  MANIFEST {problem}")
+    for item in result["corrupt"]:
+        print(f"  {item['kind']} {item['shard']} {item['key']}: {item['problem']}")
+    _table("licenses", result["licenses"], result["samples"])
+    bad = len(result["corrupt"]) + len(result["manifest_problems"])
+    print(f"\n{'OK' if not bad else f'{bad} problem(s)'}")
+    return 1 if bad else 0
+
+
+def cmd_inspect(args) -> int:
+    from data.inspect import scan
+
+    result = scan(args.root)
+    print(f"{result['samples']} samples in {args.root}")
+    _table("licenses", result["licenses"], result["samples"])
+    _table("resolutions (width x height)", result["resolutions"], result["samples"])
+    _table("durations", result["durations"], result["samples"])
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from data.inspect import checkpoint_audits, takedown
+
+    if args.rights_holder or args.source:
+        hits = takedown(args.run, args.rights_holder, args.source)
+        who = args.rights_holder or args.source
+        if not hits:
+            print(f"no checkpoint of {args.run} trained on samples of {who!r}")
+            return 0
+        print(f"checkpoints of {args.run} that trained on samples of {who!r}:")
+        for hit in hits:
+            shards = ", ".join(f"{s} ({n})" for s, n in sorted(hit["shards"].items()))
+            print(f"  {hit['checkpoint']} (step {hit['step']}): {hit['samples']} samples from {shards}")
+        return 0
+    audits = checkpoint_audits(args.run)
+    if not audits:
+        print(f"no complete checkpoint with an audit in {args.run}", file=sys.stderr)
+        return 1
+    latest = [a for a in audits if not a["checkpoint"].startswith("previous")][-1:] or audits[-1:]
+    audit = latest[0]
+    if args.json:
+        print(json.dumps(audit, indent=1))
+        return 0
+    print(f"{audit['checkpoint']} (step {audit['step']}), policy: {', '.join(audit['policy'])}")
+    _table("samples trained per license", audit["license_totals"], sum(audit["license_totals"].values()))
+    holders = {}
+    for counts in audit["rights_holders"].values():
+        for name, count in counts.items():
+            holders[name] = holders.get(name, 0) + count
+    _table("per rights holder", holders, sum(holders.values()))
+    _table("dropped, by reason", audit["dropped"], sum(audit["dropped"].values()) or 1)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    pack = verbs.add_parser("pack", help="videos + metadata (or video2dataset output) -> shards + manifest")
+    pack.add_argument("--videos", type=Path, help="folder of video files named in the table's `video` column")
+    pack.add_argument("--metadata", type=Path, help="CSV, JSONL or Parquet table: video, caption, license, "
+                                                     "source_url, attribution, rights_holder, [clip_span, ...]")
+    pack.add_argument("--video2dataset", type=Path, help="video2dataset output (tars or KEY.mp4/txt/json)")
+    pack.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
+                      help="take contract FIELD from SOURCE (a column, or a dotted path in the json)")
+    pack.add_argument("--out", type=Path, required=True)
+    pack.add_argument("--samples-per-shard", type=int, default=64)
+    pack.add_argument("--shard-bytes", type=int, default=None, help="also close a shard at this size")
+    pack.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
+    pack.set_defaults(handler=cmd_pack)
+    verify = verbs.add_parser("verify", help="re-read shards, check the manifest, probe every video")
+    verify.add_argument("root", type=Path)
+    verify.set_defaults(handler=cmd_verify)
+    inspect = verbs.add_parser("inspect", help="counts per license, resolution and duration histograms")
+    inspect.add_argument("root", type=Path)
+    inspect.set_defaults(handler=cmd_inspect)
+    audit = verbs.add_parser("audit", help="what a run trained on; which checkpoints used a rights holder/source")
+    audit.add_argument("run", type=Path)
+    audit.add_argument("--rights-holder")
+    audit.add_argument("--source")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(handler=cmd_audit)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

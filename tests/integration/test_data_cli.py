@@ -1,0 +1,99 @@
+"""python -m data pack / verify / inspect / audit on real files."""
+import csv
+import json
+import subprocess
+import sys
+
+from data.samples import render_clip
+from data.video_io import encode_mp4
+from tests.conftest import REPO
+
+CONTRACT = {"license": "CC0-1.0", "source_url": "https://example.org/v", "attribution": "A. Maker",
+            "rights_holder": "A. Maker"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_pack_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_report(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b", "c"):
+        (videos / f"{name}.mp4").write_bytes(encode_mp4(render_clip("circle", "red", "black", "left", 64, 48, 36), 12))
+    with open(tmp_path / "meta.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["video", "caption", *CONTRACT, "clip_span", "aesthetic"])
+        writer.writeheader()
+        writer.writerow({"video": "a.mp4", "caption": "a red circle", **CONTRACT, "clip_span": "0.5,2.0",
+                         "aesthetic": "5.5"})
+        writer.writerow({"video": "b.mp4", "caption": "a red circle", **dict(CONTRACT, license="")})
+        writer.writerow({"video": "c.mp4", "caption": "a red circle", **dict(CONTRACT, rights_holder="")})
+        writer.writerow({"video": "missing.mp4", "caption": "x", **CONTRACT})
+    out = tmp_path / "shards"
+    result = run("pack", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "REJECTED 3 rows" in result.stdout
+    report = json.loads((out / "pack_report.json").read_text())
+    reasons = {r["key"]: r["reasons"] for r in report["rejections"]}
+    assert reasons["b"] == ["missing license"] and reasons["c"] == ["missing rights_holder"]
+    assert "video file missing" in reasons["missing"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [row["num_samples"] for row in manifest["shards"]] == [1]
+    import webdataset as wds
+
+    sample = next(iter(wds.tarfile_samples([{"url": str(out / manifest["shards"][0]["path"])}])))
+    meta = json.loads(sample["json"])
+    assert meta["clip_span"] == [0.5, 2.0] and meta["num_frames"] == 18 and meta["fps"] == 12
+    assert meta["aesthetic"] == 5.5 and meta["width"] == 64  # extra fields kept, probed fields filled
+    assert run("pack", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out",
+               str(tmp_path / "strict"), "--strict").returncode == 1
+
+
+def test_pack_ingests_video2dataset_output_with_a_field_mapping(tmp_path):
+    source = tmp_path / "v2d" / "00000"
+    source.mkdir(parents=True)
+    for i in range(3):
+        (source / f"{i:05d}.mp4").write_bytes(encode_mp4(render_clip("square", "blue", "grey", "up", 32, 32, 12), 12))
+        (source / f"{i:05d}.txt").write_text("a blue square")
+        (source / f"{i:05d}.json").write_text(json.dumps(
+            {"url": f"https://example.org/{i}", "meta": {"license_id": "CC-BY-4.0", "owner": "B. Owner"}}))
+    out = tmp_path / "out"
+    result = run("pack", "--video2dataset", str(tmp_path / "v2d"), "--out", str(out),
+                 "--map", "license=meta.license_id", "--map", "rights_holder=meta.owner",
+                 "--map", "attribution=meta.owner", "--map", "source_url=url")
+    assert result.returncode == 0 and "packed 3 samples" in result.stdout, result.stdout + result.stderr
+    verify = run("verify", str(out))
+    assert verify.returncode == 0 and "OK" in verify.stdout and "CC-BY-4.0" in verify.stdout
+
+
+def test_verify_reports_corruption_and_invalid_samples(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    shard = sorted(copy.glob("shard-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    result = run("verify", str(copy))
+    assert result.returncode == 1
+    assert f"MANIFEST {shard.name}" in result.stdout
+    assert "CORRUPT" in result.stdout and "corrupt-00" in result.stdout  # the garbage video
+    assert "INVALID" in result.stdout and "nolicense-00" in result.stdout
+    inspect = run("inspect", str(tiny_dataset))
+    assert inspect.returncode == 0 and "96x96" in inspect.stdout and "CC0-1.0" in inspect.stdout
+
+
+def test_audit_answers_a_takedown_query_over_every_checkpoint(tmp_path):
+    for step, holders in ((100, {"s0.tar": {"A. Maker": 3}}), (200, {"s0.tar": {"A. Maker": 3}, "s1.tar": {"B": 2}})):
+        path = tmp_path / "checkpoints" / f"step_{step}"
+        path.mkdir(parents=True)
+        (path / "COMPLETE").write_text(str(step))
+        (path / "audit.json").write_text(json.dumps({
+            "step": step, "policy": ["CC0-1.0"], "license_totals": {"CC0-1.0": 5}, "rights_holders": holders,
+            "sources": {"s1.tar": {"https://example.org/b": 2}} if step == 200 else {}, "dropped": {}}))
+    result = run("audit", str(tmp_path), "--source", "https://example.org/b")
+    assert "checkpoints/step_200 (step 200): 2 samples from s1.tar (2)" in result.stdout
+    assert "step_100" not in result.stdout
+    result = run("audit", str(tmp_path), "--rights-holder", "A. Maker")
+    assert "step_100" in result.stdout and "step_200" in result.stdout
+    assert "samples trained per license" in run("audit", str(tmp_path)).stdout
