@@ -145,3 +145,43 @@ def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(tin
     assert "dealt out anew" in result.stdout
     records = list(read_trained_keys(run_dir))
     assert [r["step"] for r in records if r["step"] > 3] == [4, 5]
+
+
+def test_decoding_in_spawned_loader_workers_reaches_the_ray_coordinator(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "workers"
+    torchrun(run_dir, tiny_dataset, "data.num_workers=1", "curriculum.stages.0.steps=3",
+             "curriculum.stages.1.steps=1", "tracking.mode=disabled")
+    keys = [k for r in read_trained_keys(run_dir) for k in r["keys"]]
+    assert keys and not set(keys) & set(GATED)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tiny_dataset, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+               "experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={run_dir}", *TINY,
+               "tracking.mode=disabled"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", KINO_FAULT_CHECKPOINT_DELAY_S="60",
+               KINO_FAULT_CHECKPOINT_AFTER_STEP="8")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    partial = run_dir / "checkpoints" / ".partial_step_8"
+    deadline = time.time() + 300
+    while not (partial / "engine").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the engine shards are on disk; COMPLETE is not
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert partial.exists() and not (partial / "COMPLETE").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert not (run_dir / "checkpoints" / "step_8").exists()
+
+    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled")
+    assert "resuming from" in result.stdout and "step_4" in result.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # steps 5-8 trained once, logged once
+    assert sorted(r["step"] for r in read_trained_keys(run_dir)) == sorted(list(range(1, 9)) * 2)  # per rank once
+    assert not partial.exists()  # the stale half checkpoint was cleaned up
