@@ -54,6 +54,18 @@ def _decode_with_pyav(video: bytes, count: int, target_fps: float, rng: random.R
     with av.open(io.BytesIO(video)) as container:
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate or target_fps)
+        total = stream.frames
+        if total:  # the container knows its length: convert only the frames the crop needs
+            indices = temporal_indices(total, source_fps, target_fps, count, rng)
+            wanted, picked = set(indices), {}
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24")
+                if i >= indices[-1]:
+                    break
+            if len(picked) == len(wanted):
+                return np.stack([picked[i] for i in indices])
+            raise ValueError(f"the stream ended before frame {indices[-1]} of {total}")
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not frames:
         raise ValueError("no frames decoded")

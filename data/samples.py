@@ -79,7 +79,7 @@ def procedural_clip(seed: int, frames: int, width: int, height: int) -> np.ndarr
 def procedural_samples(count: int, seed: int) -> Iterator[Tuple[str, bytes, str, Dict]]:
     rng = random.Random(seed)
     for i in range(count):
-        shape, colour = SHAPES[i % len(SHAPES)], rng.choice(sorted(COLOURS))
+        shape, colour = SHAPES[(i + i // 12) % len(SHAPES)], rng.choice(sorted(COLOURS))
         background = rng.choice(sorted(b for b in BACKGROUNDS if b != colour))
         motion = rng.choice(sorted(MOTIONS))
         width, height = SIZES[i % len(SIZES)]

@@ -105,6 +105,43 @@ class Upsample(nn.Module):
         return _per_frame(lambda f: self.spatial(F.interpolate(f, scale_factor=2.0, mode="nearest")), x)
 
 
+class BlockShortcut(nn.Module):
+    """A learned linear codec of whole spacetime blocks (first frame alone, then blocks of `temporal`
+    frames, `spatial` x `spatial` pixels), added around the conv paths. It gives the VAE a strong start
+    (a block-wise linear code already beats averaging) and leaves the convolutions the residual."""
+
+    def __init__(self, latent_channels: int, temporal: int, spatial: int):
+        super().__init__()
+        self.temporal, self.spatial = temporal, spatial
+        first, block = 3 * spatial * spatial, 3 * temporal * spatial * spatial
+        self.encode_first, self.encode_rest = nn.Conv3d(first, latent_channels, 1), nn.Conv3d(block, latent_channels, 1)
+        self.decode_first, self.decode_rest = nn.Conv3d(latent_channels, first, 1), nn.Conv3d(latent_channels, block, 1)
+
+    def _pack(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        s = self.spatial
+        x = x.reshape(b, c, t // frames, frames, h // s, s, w // s, s)
+        return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * frames * s * s, t // frames, h // s, w // s)
+
+    def _unpack(self, y: torch.Tensor, frames: int) -> torch.Tensor:
+        b, _, t, h, w = y.shape
+        s = self.spatial
+        y = y.reshape(b, 3, frames, s, s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return y.reshape(b, 3, t * frames, h * s, w * s)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.encode_first(self._pack(x[:, :, :1], 1))
+        if x.shape[2] == 1:
+            return first
+        return torch.cat([first, self.encode_rest(self._pack(x[:, :, 1:], self.temporal))], dim=2)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        first = self._unpack(self.decode_first(z[:, :, :1]), 1)
+        if z.shape[2] == 1:
+            return first
+        return torch.cat([first, self._unpack(self.decode_rest(z[:, :, 1:]), self.temporal)], dim=2)
+
+
 class CausalVideoVAE(nn.Module):
     def __init__(self, latent_channels: int = 16, base_channels: int = 32, channel_mult: Tuple[int, ...] = (1, 2, 2),
                  temporal_downsample: Tuple[bool, ...] = (False, True, True)):
@@ -130,6 +167,7 @@ class CausalVideoVAE(nn.Module):
         self.decoder = nn.Sequential(*up)
         self.decoder_out = nn.Sequential(_norm(channels), nn.SiLU(),
                                          CausalConv3d(channels, 3))
+        self.shortcut = BlockShortcut(latent_channels, self.temporal_factor, self.spatial_factor)
 
     def check_frames(self, frames: int) -> None:
         if (frames - 1) % self.temporal_factor:
@@ -140,10 +178,10 @@ class CausalVideoVAE(nn.Module):
         self.check_frames(x.shape[2])
         moments = self.encoder_out(self.encoder(self.encoder_in(x)))
         mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return mean + self.shortcut.encode(x), logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder_out(self.decoder(self.decoder_in(z)))
+        return self.decoder_out(self.decoder(self.decoder_in(z))) + self.shortcut.decode(z)
 
     def forward(self, x: torch.Tensor, sample: bool = True, noise: torch.Tensor = None):
         """Reconstruction, mean, log-variance. `noise` (from the caller's generator) keeps training reproducible."""

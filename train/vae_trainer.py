@@ -83,8 +83,9 @@ class VAETrainer(Trainer):
 
 
 def held_out_clip(index: int, shape) -> torch.Tensor:
-    """A procedural clip the VAE never trained on (its own seed), at a bucket shape."""
+    """A procedural clip the VAE never trained on (a seed outside the training sets), drawn like the
+    training clips: 1-3 s at 12 fps, the first `shape.frames` frames, fitted to the bucket."""
     from data.decode import resize_and_crop
 
-    clip = procedural_clip(seed=10_000 + index, frames=shape.frames * 2, width=96, height=96)
-    return resize_and_crop(clip[::2], shape.height, shape.width)
+    clip = procedural_clip(seed=10_000 + index, frames=max(shape.frames, 12 * (1 + index % 3)), width=96, height=96)
+    return resize_and_crop(clip[: shape.frames], shape.height, shape.width)

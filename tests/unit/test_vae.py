@@ -40,3 +40,15 @@ def test_loss_and_psnr():
     assert recon.item() == pytest.approx(0.25 + 0.05) and kl.item() == pytest.approx(0.0)
     assert loss.item() == pytest.approx(0.30)
     assert psnr(x, x + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4.0 / 0.04)).item(), rel=1e-5)
+
+
+def test_block_shortcut_packs_spacetime_blocks_losslessly():
+    from models.vae import BlockShortcut
+
+    shortcut = BlockShortcut(latent_channels=4, temporal=4, spatial=8)
+    x = torch.randn(2, 3, 8, 16, 24)
+    packed = shortcut._pack(x, 4)
+    assert packed.shape == (2, 3 * 4 * 8 * 8, 2, 2, 3)
+    assert torch.equal(shortcut._unpack(packed, 4), x)
+    # block (t=0, h=1, w=2) holds exactly the pixels of frames 0-3, rows 8-15, columns 16-23
+    assert torch.equal(packed[0, :, 0, 1, 2].reshape(3, 4, 8, 8), x[0, :, 0:4, 8:16, 16:24])
