@@ -259,4 +259,5 @@ def text_conditioner(cfg: ModelConfig):
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    # a parameter partitioned by ZeRO-3 keeps its full size in ds_numel
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

@@ -100,3 +100,16 @@ def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, load_uni
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+
+
+def full_parameters(module: torch.nn.Module):
+    """A context in which every parameter of `module` is whole on every rank. Under ZeRO-3 this gathers
+    the partitions (collective: every rank must enter it); otherwise parameters are already whole."""
+    import contextlib
+
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -26,7 +26,7 @@ from train.checkpoint import (CheckpointManager, ensure_universal, latest_checkp
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
-from train.engine import DistEnv, build_engine, set_learning_rate
+from train.engine import DistEnv, build_engine, full_parameters, set_learning_rate
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
 from train.sample import generate, sample_plan, write_samples
@@ -56,7 +56,8 @@ class Trainer:
             if dist.is_initialized():
                 dist.barrier()
         self.engine = build_engine(self.model, cfg, env, load_universal=self._universal)
-        self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
+        with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
+            self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
@@ -264,8 +265,9 @@ class Trainer:
         self._settle(batches, trained=finite)
         if finite:
             self.nonfinite_in_row = 0
-            if self.ema is not None:
-                self.ema.update(self.model)
+            with full_parameters(self.model):  # collective under ZeRO-3; rank 0 keeps the fp32 EMA
+                if self.ema is not None:
+                    self.ema.update(self.model)
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1

@@ -185,3 +185,52 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # steps 5-8 trained once, logged once
     assert sorted(r["step"] for r in read_trained_keys(run_dir)) == sorted(list(range(1, 9)) * 2)  # per rank once
     assert not partial.exists()  # the stale half checkpoint was cleaned up
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_zero_stage_trains_the_tiny_model_with_decreasing_loss(tiny_dataset, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    torchrun(run_dir, tiny_dataset, f"zero.stage={stage}", "curriculum.stages.0.steps=14",
+             "curriculum.stages.0.lr=2e-3", "curriculum.stages.1.steps=1", "tracking.mode=disabled",
+             "train.checkpoint_every=100", "tracking.sample_steps=1")
+    losses = [r["loss"] for r in metrics(run_dir)][:14]
+    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
+    assert (run_dir / "checkpoints" / "step_15" / "COMPLETE").exists()
+
+
+def test_zero3_stop_and_resume_is_exact_including_the_ema(tiny_dataset, tmp_path):
+    import torch
+
+    straight, interrupted = tmp_path / "z3_straight", tmp_path / "z3_interrupted"
+    common = ("zero.stage=3", "tracking.mode=disabled", "train.keep_last=5")
+    torchrun(straight, tiny_dataset, *common)
+    torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
+    torchrun(interrupted, tiny_dataset, *common)
+    assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
+    a = torch.load(straight / "checkpoints" / "step_8" / "ema.pt")
+    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
+    assert a["updates"] == b["updates"] == 8
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+
+
+def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished_run, tmp_path):
+    import torch
+
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import TextToVideoModel, text_conditioner
+    from train.config import from_yaml
+    from train.export import export, load_exported
+    from train.sample import generate
+
+    run_dir, _ = finished_run
+    out = export(run_dir, out=tmp_path / "export")
+    cfg, exported = load_exported(out)
+    reference = TextToVideoModel(cfg.model)
+    ema = torch.load(run_dir / "checkpoints" / "step_8" / "ema.pt")["weights"]
+    reference.load_state_dict(ema)
+    shapes, prompts = [BucketShape(8, 32, 32)], ["a red circle moving right on a black background"]
+    ae, text = build_autoencoder(cfg.model.autoencoder), text_conditioner(cfg.model)
+    args = (prompts, shapes, 3, 3.0, 0, cfg.train.shift_reference_tokens, "cpu")
+    assert torch.equal(generate(exported, ae, text, *args)[0], generate(reference, ae, text, *args)[0])
+    assert from_yaml((out / "config.yaml").read_text()) == cfg
