@@ -22,31 +22,32 @@ def noisy_pair(x0: torch.Tensor, noise: torch.Tensor, t: float):
     return (1 - t) * x0 + t * noise, noise - x0
 
 
-def euler_sample(velocity: Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]],
-                 noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
+Velocity = Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]]
+
+
+def _steps(steps: int, reference_tokens: int, tokens: Sequence[int]):
+    """(t_now, t_next, per-clip dt) for each step of every clip's own shifted schedule, from 1 to 0."""
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    schedules = torch.stack([shift_timesteps(grid, n, reference_tokens) for n in tokens])  # (clips, steps+1)
+    for i in range(steps):
+        t_now, t_next = schedules[:, i], schedules[:, i + 1]
+        yield t_now, t_next, (t_next - t_now).tolist()
+
+
+def euler_sample(velocity: Velocity, noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
                  tokens: Sequence[int]) -> List[torch.Tensor]:
     """Integrate dx/dt = v from t = 1 to 0 on each clip's own shifted schedule."""
     x = [n.clone() for n in noise]
-    grid = torch.linspace(1.0, 0.0, steps + 1)
-    schedules = [shift_timesteps(grid, n, reference_tokens) for n in tokens]
-    for i in range(steps):
-        t_now = torch.stack([s[i] for s in schedules])
-        v = velocity(x, t_now)
-        x = [xi + (float(s[i + 1]) - float(s[i])) * vi for xi, vi, s in zip(x, v, schedules)]
+    for t_now, _, dt in _steps(steps, reference_tokens, tokens):
+        x = [xi + d * vi for xi, vi, d in zip(x, velocity(x, t_now), dt)]
     return x
 
 
-def heun_sample(velocity: Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]],
-                noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
+def heun_sample(velocity: Velocity, noise: Sequence[torch.Tensor], steps: int, reference_tokens: int,
                 tokens: Sequence[int]) -> List[torch.Tensor]:
     """Second order: average the velocity at both ends of each step (Euler on the last step, where t = 0)."""
     x = [n.clone() for n in noise]
-    grid = torch.linspace(1.0, 0.0, steps + 1)
-    schedules = [shift_timesteps(grid, n, reference_tokens) for n in tokens]
-    for i in range(steps):
-        t_now = torch.stack([s[i] for s in schedules])
-        t_next = torch.stack([s[i + 1] for s in schedules])
-        dt = [float(b - a) for a, b in zip(t_now, t_next)]
+    for i, (t_now, t_next, dt) in enumerate(_steps(steps, reference_tokens, tokens)):
         v = velocity(x, t_now)
         predicted = [xi + d * vi for xi, vi, d in zip(x, v, dt)]
         if i == steps - 1:
