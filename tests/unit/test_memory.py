@@ -1,0 +1,63 @@
+"""The memory estimator against what a real training step holds (tiny model, CPU, fp32)."""
+import torch
+
+from models.dit import TextToVideoModel, text_conditioner
+from train.config import load_config
+from train.memory import estimate
+
+
+def measured_step_bytes(cfg, clips, tokens_per_clip):
+    """Weights + gradients + AdamW state + every activation autograd saves, for one step."""
+    torch.manual_seed(0)
+    model = TextToVideoModel(cfg.model).train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    latents = [torch.randn(3, 8, 32, 32) for _ in range(clips)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(latents, torch.rand(clips), text_conditioner(cfg.model).batch(["a red circle"] * clips))
+    out.pow(2).mean().backward()
+    optimizer.step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    return weights + grads + state, sum(saved.values())
+
+
+def test_estimate_is_within_25_percent_of_a_measured_step_with_and_without_checkpointing():
+    for checkpointing in ("false", "true"):
+        cfg = load_config(["experiment=demo", "zero.stage=0", f"model.activation_checkpointing={checkpointing}",
+                           "model.attention_backend=sdpa"])
+        states, activations = measured_step_bytes(cfg, clips=3, tokens_per_clip=512)
+        estimated = estimate(cfg, world_size=1, token_budget=3 * 512, text_tokens=13)
+        model_states = estimated.parameters + estimated.gradients + estimated.optimizer
+        assert abs(model_states / states - 1) < 0.01  # the ZeRO formulas are exact for the states
+        # what forward saves for backward (with checkpointing: the blocks' inputs only)
+        assert abs(estimated.saved_activations / activations - 1) < 0.25, (checkpointing, estimated, activations)
+        if checkpointing == "false":  # then the peak is exactly what forward saved
+            total = estimated.total - estimated.buffers  # a single process has no communication buckets
+            assert abs(total / (states + activations) - 1) < 0.25
+
+
+def test_zero_stages_divide_the_states_as_the_formulas_say():
+    cfg = load_config(["model=1B", "curriculum=t2v_3stage", "zero.precision=bf16", "zero.stage=1"])
+    one, two, three = (estimate(load_config(["model=1B", "curriculum=t2v_3stage", "zero.precision=bf16",
+                                             f"zero.stage={s}"]), world_size=8) for s in (1, 2, 3))
+    psi = one.parameters / 2
+    assert one.optimizer == 12 * psi / 8 and one.gradients == 2 * psi
+    assert two.gradients == 2 * psi / 8 and two.parameters == 2 * psi
+    assert three.parameters == 2 * psi / 8
+    assert three.total < two.total < one.total
+    assert cfg.model.activation_checkpointing  # the 1B config checkpoints: activations stay small
+
+
+def test_the_command_says_when_a_run_does_not_fit(capsys):
+    from train.memory import main
+
+    assert main(["model=7B", "curriculum=t2v_3stage", "zero.stage=0", "--world-size", "1", "--gpu", "H100"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["model=1B", "curriculum=t2v_3stage", "zero.precision=bf16", "zero.stage=2", "--world-size", "8"]) == 0

@@ -1,0 +1,105 @@
+"""`python -m train.memory [overrides] --world-size N --gpu H100`: will this run fit?
+
+Per-GPU memory of a training run, estimated before launch:
+  * parameters, gradients and optimizer state by the ZeRO formulas (Rajbhandari et al.): with Ψ
+    parameters, bf16 keeps 2Ψ weights + 2Ψ gradients + 12Ψ fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ
+    + 8Ψ. ZeRO-1 divides the optimizer state by the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
+  * DeepSpeed's communication buckets.
+  * activations of one micro-batch (the stage's token budget T): each DiT block saves about
+    ACTIVATION_VALUES_PER_TOKEN x d values per token for backward (counted for this architecture from the
+    tensors autograd saves, see tests/unit/test_memory.py); with activation checkpointing a block keeps only
+    its input, and one block is recomputed at a time. Attention scores are never stored on GPU (flash /
+    fused kernels); CPU kernels keep only per-row statistics.
+Frozen encoders (a pretrained VAE or T5) are not included.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+ACTIVATION_VALUES_PER_TOKEN = 42  # x model.dim, per DiT block, without checkpointing
+OUTSIDE_BLOCKS_VALUES_PER_TOKEN = 8  # patch embedding, final layer, loss, x model.dim
+GPU_MEMORY_GIB = {"A100-40": 40, "A100-80": 80, "H100": 80, "H200": 141}
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: float
+    gradients: float
+    optimizer: float
+    buffers: float
+    activations: float  # peak: saved_activations + one block recomputed under checkpointing
+    saved_activations: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.buffers + self.activations
+
+    def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
+        """Fits with 10% left for the allocator, kernels' workspaces and fragmentation."""
+        return self.total <= capacity_bytes * headroom
+
+
+def trainable_parameters(model_cfg) -> int:
+    from models.dit import TextToVideoModel
+
+    with torch.device("meta"):
+        model = TextToVideoModel(model_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None) -> MemoryEstimate:
+    stage = cfg.zero.stage
+    n = max(1, world_size)
+    psi = trainable_parameters(cfg.model)
+    bf16 = cfg.zero.precision == "bf16"
+    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    parameters = psi * weight / (n if stage >= 3 else 1)
+    gradients = psi * grad / (n if stage >= 2 else 1)
+    optimizer = psi * optim / (n if stage >= 1 else 1)
+    if cfg.zero.offload_optimizer:
+        optimizer = 0.0
+    value_bytes = 2 if bf16 else 4
+    buffers = (cfg.zero.reduce_bucket_size + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
+    buffers = min(buffers, 2 * psi * value_bytes)  # buckets never exceed the model
+    tokens = token_budget or max(s.token_budget for s in cfg.curriculum.stages)
+    m = cfg.model
+    text = text_tokens if text_tokens is not None else m.text.max_tokens
+    per_block = ACTIVATION_VALUES_PER_TOKEN * m.dim * tokens
+    saved_blocks = m.depth * (m.dim * tokens if m.activation_checkpointing else per_block)
+    recompute = per_block if m.activation_checkpointing else 0  # one block rebuilt during backward
+    outside = OUTSIDE_BLOCKS_VALUES_PER_TOKEN * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
+    saved = (saved_blocks + outside) * value_bytes
+    return MemoryEstimate(parameters, gradients, optimizer, buffers, saved + recompute * value_bytes, saved)
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=1B zero.stage=3")
+    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)} or GiB as a number")
+    parser.add_argument("--tokens", type=int, default=None, help="micro-batch tokens (default: largest stage budget)")
+    args = parser.parse_args(argv)
+    from train.config import load_config
+
+    cfg = load_config(args.overrides)
+    gib = float(GPU_MEMORY_GIB.get(args.gpu, args.gpu))
+    result = estimate(cfg, args.world_size, args.tokens)
+    print(f"model {cfg.model.name}: {trainable_parameters(cfg.model) / 1e9:.2f}B trainable parameters; "
+          f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs, "
+          f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}")
+    for name in ("parameters", "gradients", "optimizer", "buffers", "activations"):
+        print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB")
+    print(f"  {'total':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu})")
+    fits = result.fits(gib * 2 ** 30)
+    print("fits" if fits else "does NOT fit: raise zero.stage, turn on model.activation_checkpointing, "
+                              "lower the stage token_budget, or use more GPUs")
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
