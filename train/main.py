@@ -39,12 +39,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from train.engine import init_distributed
-    from train.trainer import Trainer
+    from train.trainer import NonFiniteLoss, Trainer
     from train.vae_trainer import VAETrainer
 
     env = init_distributed()
     trainer_class = VAETrainer if cfg.train.method == "vae" else Trainer
-    summary = trainer_class(cfg, env).train()
+    try:
+        summary = trainer_class(cfg, env).train()
+    except NonFiniteLoss as error:
+        if env.is_main:
+            print(f"kino: training stopped: {error}", file=sys.stderr)
+        return 3
     if env.is_main:
         _print_summary(summary)
     import torch.distributed as dist

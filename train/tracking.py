@@ -23,7 +23,8 @@ def _format_duration(seconds: float) -> str:
 
 def console_line(m: Dict[str, Any], total_steps: int) -> str:
     tokens = m.get("tokens_per_s", 0.0)
-    parts = [f"step {m['step']}/{total_steps}", f"stage {m['stage']}", f"loss {m['loss']:.4f}",
+    loss = "skipped (non-finite)" if m["loss"] is None else f"{m['loss']:.4f}"
+    parts = [f"step {m['step']}/{total_steps}", f"stage {m['stage']}", f"loss {loss}",
              f"lr {m['lr']:.2e}", f"{tokens / 1000:.1f}k tok/s", f"data {100 * m.get('data_wait_frac', 0):.0f}%"]
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")

@@ -287,7 +287,7 @@ class Trainer:
         loss_sum, tokens, flops, data_time = local.tolist()
         stage = self.curriculum.stage(self.step - 1)
         metrics = {
-            "step": self.step, "stage": stage.name, "loss": loss_sum / max(tokens, 1),
+            "step": self.step, "stage": stage.name, "loss": loss_sum / tokens if tokens else None,  # None: skipped
             "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
             "samples_per_s": sum(len(b["videos"]) for b in outcome["batches"]) * self.env.world_size / step_time,
             "step_time_s": step_time,

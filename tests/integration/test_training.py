@@ -234,3 +234,20 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
     args = (prompts, shapes, 3, 3.0, 0, cfg.train.shift_reference_tokens, "cpu")
     assert torch.equal(generate(exported, ae, text, *args)[0], generate(reference, ae, text, *args)[0])
     assert from_yaml((out / "config.yaml").read_text()) == cfg
+
+
+def test_non_finite_losses_are_skipped_counted_and_abort_the_run_with_a_clear_message(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "nan"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+               "experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={run_dir}", *TINY,
+               "curriculum.stages.0.lr=1e30", "curriculum.stages.0.warmup_steps=0", "optim.grad_clip=0",
+               "train.max_nonfinite_in_row=3", "tracking.mode=disabled"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert "training stopped: 3 non-finite losses in a row" in result.stderr
+    assert "raise NonFiniteLoss" not in result.stderr  # a message, not our traceback (torchrun adds its own)
+    rows = metrics(run_dir)
+    skipped = [r for r in rows if r["loss"] is None]  # the third aborts the run before it is logged
+    assert len(skipped) == 2 and skipped[-1]["nonfinite_steps"] == 2
+    assert "step skipped" in result.stdout
