@@ -63,6 +63,7 @@ class LoaderSpec:
     num_workers: int = 0
     pack_window: int = 16
     pack_tolerance: float = 0.01
+    image_fraction: float = 0.0  # share of samples trained as one frame (the stage's image/video mix)
     # consumer name -> the snapshot its last trained batch carried (resume exactly where it stood)
     resume: Optional[Dict[str, Dict[str, Any]]] = None
 
@@ -228,11 +229,14 @@ class ClipStream(IterableDataset):
             caption = raw["txt"].decode("utf-8")
         except UnicodeDecodeError:
             return None, CAPTION_INVALID
+        rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same choices whoever reads it
         available = frames_available(int(meta["num_frames"]), float(meta["fps"]), spec.fps)
-        shape = assign_bucket(spec.shapes, int(meta["width"]), int(meta["height"]), available)
+        if spec.image_fraction and rng.random() < spec.image_fraction:
+            available = 1  # this sample trains as an image: one frame of the clip
+        shapes = [s for s in spec.shapes if s.frames == 1] if available == 1 else spec.shapes
+        shape = assign_bucket(shapes or spec.shapes, int(meta["width"]), int(meta["height"]), available)
         if shape is None:
             return None, TOO_SHORT
-        rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same crop whoever reads it
         try:
             video = decode_clip(raw["mp4"], shape, spec.fps, rng)
         except ClipTooShort:

@@ -29,6 +29,8 @@ class StageConfig:
     frame_counts: List[int] = field(default_factory=lambda: [8])
     # Video tokens per GPU micro-batch (after patchify); samples are packed up to it.
     token_budget: int = 2048
+    # Share of samples trained as single frames (images), each drawn from its clip: the image/video mix.
+    image_fraction: float = 0.0
     lr: float = 3e-4
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine
@@ -255,6 +257,10 @@ def _validate_stages(cfg: KinoConfig) -> None:
         names.add(stage.name)
         if stage.steps <= 0:
             raise ConfigError(f"{key}.steps must be positive")
+        if not 0.0 <= stage.image_fraction <= 1.0:
+            raise ConfigError(f"{key}.image_fraction={stage.image_fraction} must be in [0, 1]")
+        if (stage.image_fraction > 0 or 1 in stage.frame_counts) and pt != 1:
+            raise ConfigError(f"{key}: images (1-frame buckets, image_fraction) need model.patch_size[0] = 1")
         if stage.schedule not in ("constant", "cosine"):
             raise ConfigError(f"{key}.schedule={stage.schedule!r}: must be constant or cosine")
         for frames in stage.frame_counts:

@@ -182,7 +182,7 @@ class Trainer:
                           seed=cfg.data.seed, coordinator=self.coordinator, rank=self.env.rank,
                           world_size=self.env.world_size, num_workers=cfg.data.num_workers,
                           pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
-                          resume=dict(self.loader_snapshots))
+                          image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots))
         return iter(make_loader(spec))
 
     def data_step(self) -> Dict[str, Any]:

@@ -230,3 +230,21 @@ def test_resuming_from_a_checkpoint_replays_exactly_what_the_straight_run_reads(
     first, checkpoint = run_ranks(tiny_dataset, 3)
     second, _ = run_ranks(tiny_dataset, 5, restore=checkpoint)
     assert first + second == straight
+
+
+def test_a_stages_image_fraction_trains_that_share_of_samples_as_single_frames(demo_like_dataset):
+    shapes = bucket_shapes([32], [1.0, 1.78, 0.56], [1, 8], multiple=4)
+
+    def first_batches(fraction):
+        spec = LoaderSpec(root=str(demo_like_dataset), policy=POLICY, shapes=shapes, token_budget=1600,
+                          patch_size=(1, 4, 4), temporal_factor=1, spatial_factor=1, fps=8.0, seed=0,
+                          coordinator=local_coordinator(demo_like_dataset), image_fraction=fraction)
+        it, frames = iter(ClipStream(spec)), []
+        while len(frames) < 60:
+            frames += [v.shape[0] for v in next(it)["videos"]]
+        return frames
+
+    mixed = first_batches(0.5)
+    assert set(mixed) == {1, 8} and 0.3 < mixed.count(1) / len(mixed) < 0.7
+    assert first_batches(0.5) == mixed  # the draw is seeded by each sample's tag
+    assert set(first_batches(0.0)) == {8}
