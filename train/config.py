@@ -61,6 +61,8 @@ class ZeroConfig:
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
     offload_optimizer: bool = False
+    # ZeRO-3 only: keep the parameter partitions in CPU memory between uses.
+    offload_parameters: bool = False
 
 
 @dataclass
@@ -221,6 +223,8 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError(f"model.attention_backend={model.attention_backend!r} is not a known backend")
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage={cfg.zero.stage}: must be 0, 1, 2 or 3")
+    if cfg.zero.offload_parameters and cfg.zero.stage != 3:
+        raise ConfigError(f"zero.offload_parameters needs zero.stage=3 (got {cfg.zero.stage})")
     if cfg.zero.precision not in ("fp32", "bf16"):
         raise ConfigError(f"zero.precision={cfg.zero.precision!r}: must be fp32 or bf16")
     if cfg.tracking.mode not in ("offline", "online", "disabled"):

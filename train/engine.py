@@ -62,6 +62,8 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_un
         zero_section["allgather_bucket_size"] = zero.allgather_bucket_size
     if zero.offload_optimizer:
         zero_section["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if zero.offload_parameters:
+        zero_section["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     return {
         # Micro-batches are packed by tokens, not counted in samples: DeepSpeed sees one "sample" each.
         "train_micro_batch_size_per_gpu": 1,

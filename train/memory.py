@@ -63,6 +63,8 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     optimizer = psi * optim / (n if stage >= 1 else 1)
     if cfg.zero.offload_optimizer:
         optimizer = 0.0
+    if cfg.zero.offload_parameters:
+        parameters = 0.0
     value_bytes = 2 if bf16 else 4
     buffers = (cfg.zero.reduce_bucket_size + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
     buffers = min(buffers, 2 * psi * value_bytes)  # buckets never exceed the model

@@ -90,6 +90,12 @@ def test_stop_and_resume_reproduces_the_straight_run_exactly(finished_run, tiny_
     assert "resuming from" in second.stdout and "step_3" in second.stdout
     # the second half crosses the stage change at step 5
     assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
+    import torch
+
+    a = torch.load(straight / "checkpoints" / "step_8" / "ema.pt")
+    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
+    assert a["updates"] == b["updates"] == 8
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     trained = sorted(k for r in read_trained_keys(interrupted) for k in r["keys"])
     assert trained == sorted(k for r in read_trained_keys(straight) for k in r["keys"])
 

@@ -23,7 +23,9 @@ def test_demo_experiment_composes_and_validates():
     (["model.heads=3"], "model.dim"),
     (["data.licenses.allow=[]"], "data.licenses.allow"),
     (["tracking.mode=sometimes"], "tracking.mode"),
-    (["model=S"], "curriculum.stages[0].frame_counts"),  # 4 and 8 frames do not fit a 4x causal VAE
+    (["model=S"], "curriculum.stages[0].frame_counts"),
+    (["zero.offload_parameters=true"], "zero.offload_parameters"),
+    (["curriculum.stages.0.image_fraction=1.5"], "curriculum.stages[0].image_fraction"),  # 4 and 8 frames do not fit a 4x causal VAE
     (["model.conditioning=concat"], "model.conditioning"),
     (["model.text.name=pretrained"], "model.text.path"),
 ])
