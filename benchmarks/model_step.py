@@ -75,8 +75,7 @@ def main() -> None:
     torch.manual_seed(0)
     kino = TextToVideoModel(cfg).to(device=device, dtype=dtype)
     shape = (cfg.autoencoder.latent_channels, *latent_grid(args.tokens, cfg.patch_size))
-    tokens = math.prod(g for g in (shape[1] // cfg.patch_size[0], shape[2] // cfg.patch_size[1],
-                                   shape[3] // cfg.patch_size[2]))
+    tokens = math.prod(kino.dit.grid(shape))
     latent = torch.randn(shape, device=device, dtype=dtype)
     caption = "x" * (args.text_tokens - 1)
     text = text_conditioner(cfg).batch([caption], device)

@@ -12,7 +12,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import webdataset as wds
@@ -86,7 +86,8 @@ class ClipStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         """Batches, each carrying this consumer's snapshot after it: the clips still buffered for
-        packing (by tag), the chunk being read and the next offset in it, and drops not yet reported."""
+        packing (by tag), the chunk being read and the next offset in it, and batches closed but not yet
+        handed out."""
         spec = self.spec
         name, slot, slots = self.consumer()
         packer = WindowPacker(spec.token_budget, spec.pack_window, spec.pack_tolerance)
@@ -96,10 +97,9 @@ class ClipStream(IterableDataset):
         snapshot = (spec.resume or {}).get(name)
         if snapshot and snapshot.get("stage") == self._stage_key():
             # Same stage: batches that were already closed come out again exactly as they were.
-            for entries in snapshot["pending"]:
+            for n, entries in enumerate(snapshot["pending"]):
                 items = [self._prepare(raw, tag)[0] for raw, tag, _ in self._read_tags(entries)]
-                remaining = snapshot["pending"][snapshot["pending"].index(entries) + 1:]
-                yield self._batch([i for i in items if i is not None], name, packer, remaining)
+                yield self._batch([i for i in items if i is not None], name, packer, snapshot["pending"][n + 1:])
             snapshot = dict(snapshot, pending=[])
         elif snapshot:  # a new stage re-buckets: closed batches go back into packing, in order
             snapshot = dict(snapshot, buffer=[e for batch in snapshot["pending"] for e in batch] + snapshot["buffer"],

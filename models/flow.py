@@ -70,10 +70,3 @@ def guided(velocity_fn, cfg_scale: float):
         cond, uncond = both[:len(x)], both[len(x):]
         return [u + cfg_scale * (c - u) for c, u in zip(cond, uncond)]
     return combined
-
-
-def loss_weight_bins(t: torch.Tensor, bins: int = 4) -> torch.Tensor:
-    return torch.clamp((t * bins).long(), max=bins - 1)
-
-
-__all__ = ["sample_timesteps", "shift_timesteps", "noisy_pair", "euler_sample", "heun_sample", "SAMPLERS", "guided"]

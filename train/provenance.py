@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -42,6 +42,3 @@ def read_trained_keys(run_dir) -> Iterator[Dict]:
             if line.strip():
                 yield json.loads(line)
 
-
-def trained_keys(run_dir) -> List[str]:
-    return [key for record in read_trained_keys(run_dir) for key in record["keys"]]

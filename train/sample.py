@@ -1,6 +1,7 @@
 """Generate clips from prompts with the rectified-flow sampler and write them as mp4 + gif."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import List, Sequence
@@ -27,7 +28,7 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
                                                                          autoencoder.spatial_factor))
                      for shape in shapes]
     noise = [torch.randn(s, generator=generator).to(device) for s in latent_shapes]
-    tokens = [model.dit.grid(s)[0] * model.dit.grid(s)[1] * model.dit.grid(s)[2] for s in latent_shapes]
+    tokens = [math.prod(model.dit.grid(s)) for s in latent_shapes]
 
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)

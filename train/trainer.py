@@ -47,11 +47,12 @@ class Trainer:
         self.rng = RNGState(cfg.train.seed, env.rank)
         self.model = self.build_model().to(env.device)
         self._resume_path = latest_checkpoint(self.run_dir / "checkpoints") if cfg.train.resume else None
-        self._universal = self._resume_path is not None and saved_world_size(self._resume_path) != env.world_size
+        saved_world = saved_world_size(self._resume_path) if self._resume_path is not None else env.world_size
+        self._universal = saved_world != env.world_size
         if self._universal:  # written by another number of ranks: reshard through the universal format
             if env.is_main:
                 log.info("%s was written by %d rank(s); converting it to DeepSpeed's universal format to load "
-                         "on %d", self._resume_path, saved_world_size(self._resume_path), env.world_size)
+                         "on %d", self._resume_path, saved_world, env.world_size)
                 ensure_universal(self._resume_path)
             if dist.is_initialized():
                 dist.barrier()
@@ -293,7 +294,8 @@ class Trainer:
             "step_time_s": step_time,
             # packed batches carry no padding; this is the share of the token budget left empty
             "budget_unused_frac": 1 - tokens / (stage.token_budget * self.env.world_size
-                                                * self.cfg.zero.gradient_accumulation_steps), "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
+                                                * self.cfg.zero.gradient_accumulation_steps),
+            "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
             "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops and flops else None,
             "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
             "eta_s": self._recent_step_time * (self.curriculum.total_steps - self.step),
@@ -331,7 +333,6 @@ class Trainer:
             audit = dict(merged.state_dict(), step=self.step, dataset=str(self.cfg.data.root))
             files["audit.json"] = save_text_file(json.dumps(audit, indent=1, sort_keys=True))
             files["ema.pt"] = save_tensor_file(self.ema.state_dict())
-        # merged_audit() gathered every rank, so every rank's acknowledgements are in: read the plan now
         path = self.checkpoints.save(self.step, self.engine, self.state_dict(), self.rank_state_dict(), files)
         self.tracker.log_event(self.step, f"checkpoint saved: {path}")
         return path

@@ -34,13 +34,12 @@ class VAETrainer(Trainer):
         by_shape: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
         for video in batch["videos"]:  # clips of one shape share a forward pass
             by_shape[tuple(video.shape)].append(to_unit_range(video))
-        total, elements, recon_sum = 0.0, 0, 0.0
+        elements, recon_sum = 0, 0.0
         losses = []
         for clips in by_shape.values():
             x = torch.stack(clips).to(device)
-            noise_gen = self.rng.generator
             reconstruction, mean, logvar = self.engine(x, noise=torch.randn(
-                (x.shape[0], self.model.latent_channels, *self._latent_dims(x)), generator=noise_gen).to(device))
+                (x.shape[0], self.model.latent_channels, *self._latent_dims(x)), generator=self.rng.generator).to(device))
             loss, recon, _ = vae_loss(x, reconstruction, mean, logvar, self.cfg.model.autoencoder.kl_weight)
             losses.append(loss * x.numel())
             elements += x.numel()
