@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from data.config import DataConfig
+from launch.config import LauncherConfig
 from models.config import ModelConfig
 
 
@@ -114,6 +115,7 @@ class KinoConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     @property
     def total_steps(self) -> int:
@@ -180,7 +182,7 @@ RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
     "data.coordinator", "data.ray_address",
-    "model.attention_backend", "model.activation_checkpointing",
+    "model.attention_backend", "model.activation_checkpointing", "launcher",
 )
 
 
@@ -246,6 +248,20 @@ def validate(cfg: KinoConfig) -> None:
     if not cfg.data.licenses.allow:
         raise ConfigError("data.licenses.allow is empty: no sample could ever be trained on")
     _validate_stages(cfg)
+    _validate_launcher(cfg)
+
+
+def _validate_launcher(cfg: KinoConfig) -> None:
+    launcher = cfg.launcher
+    if launcher.nodes < 1 or launcher.processes_per_node() < 1 or launcher.gpus_per_node < 0:
+        raise ConfigError("launcher.nodes and launcher.procs_per_node must be >= 1, launcher.gpus_per_node >= 0")
+    if launcher.gpus_per_node and launcher.processes_per_node() > launcher.gpus_per_node:
+        raise ConfigError(f"launcher.procs_per_node={launcher.procs_per_node} is more than "
+                          f"launcher.gpus_per_node={launcher.gpus_per_node}: one process drives one GPU")
+    if launcher.k8s.api not in ("jobset", "pytorchjob"):
+        raise ConfigError(f"launcher.k8s.api={launcher.k8s.api!r}: must be jobset or pytorchjob")
+    if launcher.slurm.preempt_signal_s < 0:
+        raise ConfigError("launcher.slurm.preempt_signal_s must be >= 0 (0 = no preemption signal)")
 
 
 def _validate_stages(cfg: KinoConfig) -> None:

@@ -57,13 +57,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    # 75 after a stop by signal (train/preemption.py): the scheduler must restart the run, which resumes.
+    return summary.get("exit_status", 0)
 
 
 def _print_summary(summary: dict) -> None:
     audit = summary["audit"]
     print("\n==== kino run finished ====")
     print(f"run directory : {summary['run_dir']}  (config.yaml, metrics.jsonl, provenance/)")
+    if summary.get("preempted"):
+        print(f"stopped       : at step {summary['step']} of {summary['total_steps']} on request; "
+              f"the next run resumes from the checkpoint (exit status {summary['exit_status']})")
     print(f"checkpoint    : {summary['checkpoint']}")
     print(f"samples       : {', '.join(summary['samples']) or '-'}")
     print(f"W&B files     : {summary['wandb_dir'] or 'tracking disabled'}")

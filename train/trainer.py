@@ -27,6 +27,7 @@ from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
 from train.engine import DistEnv, build_engine, full_parameters, set_learning_rate
+from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
 from train.sample import generate, sample_plan, write_samples
@@ -42,6 +43,7 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     def __init__(self, cfg: KinoConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
+        self.stop_request = StopRequest(env.device)  # first: a scheduler may ask to stop during start-up
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
         self.rng = RNGState(cfg.train.seed, env.rank)
@@ -63,6 +65,7 @@ class Trainer:
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
         self.coordinator = self.start_coordinator()
+        self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, Any] = {}  # consumer -> snapshot after its last trained batch
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
@@ -401,14 +404,21 @@ class Trainer:
             if self.step % cfg.train.checkpoint_every == 0 or self.step == total:
                 self.checkpoint()
                 last_saved = self.step
+            if self.step < total and self.stop_request.agreed():
+                break
         if last_saved != self.step and self.step > 0:
             self.checkpoint()
+        preempted = self.stop_request.reason is not None
         if self.step < total:
-            self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} "
-                                              f"(train.stop_after_steps); run again to resume")
+            why = f"asked to stop ({self.stop_request.reason})" if preempted else "train.stop_after_steps"
+            self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} ({why}) with a checkpoint; "
+                                              f"the next run resumes from it")
         self._iterator = None
         samples = self.sample() if self.step >= total else []
-        summary = {"step": self.step, "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
+        stopped_early = preempted and self.step < total
+        summary = {"step": self.step, "total_steps": total, "preempted": stopped_early,
+                   "exit_status": self.stop_request.exit_status() if stopped_early else 0,
+                   "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                    "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}
         self.tracker.finish()

@@ -1,0 +1,34 @@
+"""`python -m launch local`: torchrun on this machine, the same `-m train` entry as on a cluster."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import List
+
+from launch.plan import LaunchPlan, shell_join
+
+
+def command(plan: LaunchPlan) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={plan.procs_per_node}", *plan.train_command()]
+
+
+def run(plan: LaunchPlan, dry_run: bool) -> int:
+    words = command(plan)
+    if dry_run:
+        print(shell_join(words))
+        return 0
+    print(f"$ {shell_join(words)}", flush=True)
+    env = dict(os.environ, **plan.cfg.launcher.env)
+    trainer = subprocess.Popen(words, env=env)
+
+    def pass_on(signum, frame) -> None:
+        # Ctrl-C stops at once; SIGTERM/SIGUSR1 (a scheduler around us) ask every rank to checkpoint first.
+        if trainer.poll() is None:
+            trainer.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, pass_on)
+    return trainer.wait()

@@ -1,0 +1,112 @@
+"""`python -m launch slurm` against a real SLURM cluster started on this machine (tests/integration/slurm_cluster.py):
+munged + slurmctld + two slurmd nodes from Debian's packages, installed by the set-up when missing."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.slurm_cluster import LocalSlurmCluster, SlurmUnavailable
+from tests.integration.test_training import TINY
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as reason:
+        cluster.stop()
+        pytest.skip(str(reason))
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit(cluster, dataset: Path, run_dir: Path, *overrides: str) -> str:
+    command = [sys.executable, "-m", "launch", "slurm", "experiment=demo", f"data.root={dataset}",
+               f"train.run_dir={run_dir}", "launcher.nodes=2", "launcher.procs_per_node=1",
+               f"launcher.rdzv_port={free_port()}", f"launcher.ray_port={free_port()}", *TINY, *overrides]
+    env = dict(cluster.env, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = re.search(r"submitted SLURM job (\d+)", done.stdout).group(1)
+    assert f"kino-demo-{job_id}.out" in done.stdout  # the log path is printed
+    return job_id
+
+
+def log_of(run_dir: Path, job_id: str) -> str:
+    path = run_dir / "slurm" / f"kino-demo-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def logged_steps(run_dir: Path):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_demo_runs_on_two_slurm_nodes_with_ray_and_writes_a_complete_checkpoint(cluster, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    job_id = submit(cluster, tiny_dataset, run_dir)
+    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    log = log_of(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert "on n1 n2" in log and "node 0 of 2" in log and "node 1 of 2" in log
+    assert "Ray head up" in log and "Ray worker up" in log
+    assert "data coordinator: Ray actor" in log  # the coordinator lives on the job's Ray cluster
+    assert "ZeRO-2 over 2 cpu process(es)" in log and "kino run finished" in log
+    checkpoint = latest(run_dir)
+    assert checkpoint.name == "step_8" and (checkpoint / "COMPLETE").exists()
+    assert len(list((checkpoint / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per node
+    assert logged_steps(run_dir) == list(range(1, 9))
+
+
+def test_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(cluster, tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    total = 320
+    job_id = submit(cluster, tiny_dataset, run_dir, "curriculum.stages.0.steps=300", "curriculum.stages.1.steps=20",
+                    "train.checkpoint_every=100")
+    cluster.wait_for(job_id, {"RUNNING"}, timeout=60)
+    deadline = time.monotonic() + 240
+    while len(logged_steps(run_dir)) < 15:  # mid-run, well before the first periodic checkpoint
+        assert time.monotonic() < deadline, log_of(run_dir, job_id)[-3000:]
+        time.sleep(0.5)
+    cluster.signal_batch(job_id, "USR1")  # what --signal=B:USR1@N delivers before the time limit
+
+    requeued = cluster.wait_for(job_id, {"PENDING"}, timeout=240)
+    assert requeued["Restarts"] == "1"
+    cluster.release_requeued(job_id)  # skip SLURM's ~2 minute hold on requeued jobs
+    info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    log = log_of(run_dir, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+
+    stopped = re.search(rf"stopping at step (\d+) of {total} \(asked to stop \(stop file", log)
+    assert stopped, log[-4000:]
+    step = int(stopped.group(1))
+    assert 15 <= step < 100  # the checkpoint was made for the signal, not a periodic one
+    assert "requeueing job" in log and "(restart 1)" in log
+    assert f"resuming from {run_dir}/checkpoints/step_{step} (step {step}" in log
+    assert latest(run_dir).name == f"step_{total}" and (latest(run_dir) / "COMPLETE").exists()
+    steps = logged_steps(run_dir)
+    assert sorted(steps) == list(range(1, total + 1)) and len(steps) == len(set(steps))  # no step lost or repeated
+    assert not list(run_dir.glob(".stop-*"))

@@ -1,0 +1,156 @@
+"""launch/: plans, rendered scripts and commands (no scheduler needed; the real SLURM and K8s checks are in
+tests/integration/test_slurm.py and test_k8s_manifests.py)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch import hostfile, k8s, local, slurm
+from launch.__main__ import main as launch_main
+from launch.node import parse_args, torchrun_command
+from launch.plan import LaunchError, make_plan
+from tests.conftest import REPO
+from train.preemption import EXIT_PREEMPTED, StopRequest
+
+CPU2 = ["experiment=demo", "launcher.nodes=2", "launcher.procs_per_node=1"]
+GPU = ["zero.precision=bf16", "model.activation_checkpointing=true", "launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.k8s.image=registry.example/kino:1",
+       "launcher.k8s.volume_claim=shared"]
+
+
+def test_bad_config_is_refused_before_anything_starts(capsys):
+    assert launch_main(["slurm", "--dry-run", "zero.stage=7"]) == 2
+    assert "zero.stage=7" in capsys.readouterr().err
+    assert launch_main(["local", "launcher.nodes=2"]) == 2
+    assert "launch local" in capsys.readouterr().err
+    assert launch_main(["teleport"]) == 2
+
+
+def test_schedulers_refuse_a_run_that_would_restart_from_scratch_after_each_requeue():
+    with pytest.raises(LaunchError, match="train.resume=false"):
+        make_plan("slurm", [*CPU2, "train.resume=false"])
+
+
+def test_memory_check_refuses_what_cannot_fit_and_reports_what_fits():
+    plan = make_plan("slurm", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.gpu_type=H100"])
+    assert "fits" in plan.memory_report and "GiB per GPU of 80 GiB" in plan.memory_report
+    with pytest.raises(LaunchError, match="does not fit"):
+        make_plan("slurm", ["model=7B", "curriculum=t2v_3stage", "zero=stage1", "launcher.nodes=1", "launcher.gpus_per_node=1",
+                            "launcher.gpu_type=A100-40"])
+    assert "skipped" in make_plan("slurm", CPU2).memory_report  # CPU demo: no GPUs requested
+
+
+def test_sbatch_script_has_the_requested_resources_and_preemption_trap(tmp_path):
+    plan = make_plan("slurm", [*CPU2, "launcher.slurm.partition=gpu", "launcher.slurm.account=proj",
+                               "launcher.slurm.qos=high", "launcher.slurm.preempt_signal_s=120",
+                               "launcher.time_limit=01:00:00", "launcher.slurm.setup=[module load cuda/12.4]"])
+    script = slurm.render(plan, tmp_path / "job.sbatch", tmp_path / "logs")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --signal=B:USR1@120",
+                 "#SBATCH --requeue", "#SBATCH --time=01:00:00", f"#SBATCH --output={tmp_path}/logs/%x-%j.out",
+                 "module load cuda/12.4", "trap on_preemption_warning USR1", 'scontrol requeue "$SLURM_JOB_ID"',
+                 "--node-rank-from=SLURM_NODEID", "-- experiment=demo launcher.nodes=2"):
+        assert line in script, line
+    assert "--gpus-per-node" not in script  # a CPU run asks for no GPUs
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    gpu = slurm.render(make_plan("slurm", ["model=B", "curriculum=t2v_3stage", *GPU]), tmp_path / "j", tmp_path / "l")
+    assert "#SBATCH --gpus-per-node=8" in gpu and "--procs=8" in gpu
+
+
+def test_node_agent_runs_the_same_entry_with_c10d_rendezvous_and_owns_the_ray_address():
+    args = parse_args(["--nodes=2", "--procs=4", "--head=n1", "--node-rank=0", "--rdzv-port=29600",
+                       "--ray-port=6400", "--", "experiment=demo", "data.ray_address=elsewhere:1"])
+    head, worker = torchrun_command(args, 0), torchrun_command(args, 1)
+    for words in (head, worker):
+        assert words[1:3] == ["-m", "torch.distributed.run"]
+        assert {"--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=n1:29600"} <= set(words)
+        assert words[words.index("-m", 3):][:3] == ["-m", "train", "experiment=demo"]
+        assert words[-2:] == ["data.coordinator=ray", "data.ray_address=n1:6400"]
+        assert "data.ray_address=elsewhere:1" not in words
+    assert "--rdzv-conf=is_host=true" in head and "--rdzv-conf=is_host=false" in worker
+
+
+def test_local_and_deepspeed_commands(tmp_path):
+    words = local.command(make_plan("local", ["experiment=demo"]))
+    assert words[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
+                         "experiment=demo"]
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("# two machines\nworker-1 slots=8\nworker-2 slots=8\n")
+    plan = make_plan("deepspeed", ["experiment=demo", f"launcher.hostfile={hosts}", "data.ray_address=worker-1:6379"])
+    assert plan.nodes == 2
+    words = hostfile.command(plan)
+    assert f"--hostfile={hosts}" in words and "--master_addr=worker-1" in words
+    assert words[words.index("--module"):][:3] == ["--module", "train", "experiment=demo"]
+    assert "--no_local_rank" in words  # ranks read LOCAL_RANK from the environment
+    with pytest.raises(LaunchError, match="data.ray_address"):
+        hostfile.command(make_plan("deepspeed", ["experiment=demo", f"launcher.hostfile={hosts}"]))
+    hosts.write_text("worker-1 8\n")
+    with pytest.raises(LaunchError, match="HOST slots=N"):
+        hostfile.read_hostfile(str(hosts))
+
+
+def test_k8s_jobset_rendezvous_resources_and_restart_policy():
+    plan = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "tracking.mode=online"])
+    service, jobset = yaml.safe_load_all(k8s.render(plan))
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert jobset["kind"] == "JobSet" and jobset["spec"]["network"]["subdomain"] == service["metadata"]["name"]
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 20
+    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert job["parallelism"] == job["completions"] == 4 and job["completionMode"] == "Indexed"
+    pod = job["template"]["spec"]
+    container = pod["containers"][0]
+    assert "--head=kino-default-node-0-0.kino-default" in container["command"]
+    assert "--node-rank-from=JOB_COMPLETION_INDEX" in container["command"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
+    key = [e for e in container["env"] if e["name"] == "WANDB_API_KEY"][0]
+    assert key == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    offline = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU])  # no W&B key needed offline
+    assert "WANDB_API_KEY" not in k8s.render(offline)
+
+
+def test_k8s_pytorchjob_master_and_workers():
+    (job,) = yaml.safe_load_all(k8s.render(make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.k8s.api=pytorchjob"])))
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
+    command = replicas["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert "--head=kino-default-master-0" in command and "--node-rank-from=RANK" in command
+
+
+def test_k8s_needs_an_image_and_a_shared_volume():
+    with pytest.raises(LaunchError, match="launcher.k8s.image"):
+        k8s.render(make_plan("k8s", ["launcher.k8s.volume_claim=x"]))
+    with pytest.raises(LaunchError, match="volume_claim"):
+        k8s.render(make_plan("k8s", ["launcher.k8s.image=x"]))
+
+
+def test_stop_request_from_the_batch_scripts_file_is_a_clean_stop(tmp_path):
+    flag = tmp_path / "stop"
+    request = StopRequest(torch_device(), stop_file=str(flag))
+    assert not request.agreed()
+    flag.touch()
+    assert request.agreed() and "stop file" in request.reason and request.exit_status() == 0
+
+
+def test_stop_request_from_a_signal_exits_75_so_the_scheduler_restarts_it():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        request = StopRequest(torch_device(), stop_file="")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert request.agreed() and request.reason == "SIGTERM" and request.exit_status() == EXIT_PREEMPTED
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_cli_help_lists_the_schedulers():
+    done = subprocess.run([sys.executable, "-m", "launch", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and all(name in done.stdout for name in ("local", "slurm", "k8s", "deepspeed"))
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
