@@ -18,12 +18,11 @@ install: $(VENV)/.installed
 demo-data: install
 	$(PY) -m data.samples $(DEMO_DATA)
 
-# A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then sample videos.
+# A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then sample videos. The launcher
+# validates the config before any process starts, then runs torchrun -m train (as on a cluster).
 # A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
 demo: demo-data
-	$(PY) -m train --dry-run experiment=demo > /dev/null  # a bad config stops here, before any process starts
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m train experiment=demo \
-		$(if $(FRESH),train.resume=false,)
+	$(PY) -m launch local experiment=demo $(if $(FRESH),train.resume=false,)
 
 test: install
 	$(PY) -m pytest tests/unit tests/integration tests/gpu

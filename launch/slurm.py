@@ -21,9 +21,10 @@ from launch.plan import LaunchError, LaunchPlan, python_on_nodes, shell_join, wo
 TEMPLATE = """#!/bin/bash
 # Rendered by `python -m launch slurm` on {date}. Submit again with: sbatch {script}
 {sbatch}
-set -uo pipefail
 cd {workdir}
+# launcher.slurm.setup (before `set -u`: module systems and activate scripts read unset variables)
 {setup}
+set -uo pipefail
 {env}nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
 head_node=${{nodes[0]}}
 head_addr=$(scontrol show node "$head_node" | grep -o 'NodeAddr=[^ ]*' | head -n 1 | cut -d= -f2)
