@@ -20,7 +20,11 @@ from launch.plan import LaunchError, LaunchPlan, shell_join
 def read_hostfile(path: str) -> Dict[str, int]:
     """host -> slots, in file order (DeepSpeed's format: `worker-1 slots=8`, # comments)."""
     hosts: Dict[str, int] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise LaunchError(f"launcher.hostfile: cannot read {path} ({error.strerror})") from error
+    for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

@@ -10,6 +10,7 @@ Secrets: the W&B key reaches pods through a secretKeyRef; no secret value is eve
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,8 +24,12 @@ CONTAINER = "pytorch"  # the Training Operator requires this container name; Job
 NODE_JOB = "node"  # JobSet replicated job name: pods are <name>-node-0-<i>
 
 
+def job_name(plan: LaunchPlan) -> str:
+    return plan.cfg.launcher.k8s.name or plan.name
+
+
 def _labels(plan: LaunchPlan) -> Dict[str, str]:
-    return {"app.kubernetes.io/name": "kino", "app.kubernetes.io/instance": plan.name,
+    return {"app.kubernetes.io/name": "kino", "app.kubernetes.io/instance": job_name(plan),
             "kino.dev/experiment": plan.name[len("kino-"):] or "default"}
 
 
@@ -44,7 +49,7 @@ def _node_command(plan: LaunchPlan, head: str, rank_env: str) -> List[str]:
     return ["python", "-m", "launch.node", f"--nodes={plan.nodes}", f"--procs={plan.procs_per_node}",
             f"--head={head}", f"--node-rank-from={rank_env}", f"--rdzv-port={launcher.rdzv_port}",
             f"--ray-port={launcher.ray_port}", f"--ray-cpus={max(1, launcher.cpus_per_node // 8)}",
-            f"--ray-object-store-mb={launcher.ray_object_store_mb}", f"--run-id={plan.name}",
+            f"--ray-object-store-mb={launcher.ray_object_store_mb}", f"--run-id={job_name(plan)}",
             f"--stop-grace={max(30, launcher.k8s.termination_grace_s - 30)}", "--", *plan.overrides]
 
 
@@ -76,22 +81,23 @@ def pod_template(plan: LaunchPlan, head: str, rank_env: str, rdzv_port_name: str
 
 
 def _metadata(plan: LaunchPlan) -> Dict[str, Any]:
-    return {"name": plan.name, "namespace": plan.cfg.launcher.k8s.namespace, "labels": _labels(plan)}
+    return {"name": job_name(plan), "namespace": plan.cfg.launcher.k8s.namespace, "labels": _labels(plan)}
 
 
 def jobset(plan: LaunchPlan) -> List[Dict[str, Any]]:
     """A headless Service (the pods' DNS domain, ready before the pods are) and the JobSet."""
     launcher = plan.cfg.launcher
-    head = f"{plan.name}-{NODE_JOB}-0-0.{plan.name}"
+    head = f"{job_name(plan)}-{NODE_JOB}-0-0.{job_name(plan)}"
     service = {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(plan),
                "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
-                        "selector": {"jobset.sigs.k8s.io/jobset-name": plan.name},
+                        "selector": {"jobset.sigs.k8s.io/jobset-name": job_name(plan)},
                         "ports": [{"name": "rendezvous", "port": launcher.rdzv_port},
                                   {"name": "ray", "port": launcher.ray_port}]}}
     pod = pod_template(plan, head, "JOB_COMPLETION_INDEX")
     pod["spec"]["restartPolicy"] = "Never"  # a failed pod fails the JobSet attempt: all pods restart together
     job = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": _metadata(plan),
-           "spec": {"network": {"enableDNSHostnames": True, "subdomain": plan.name, "publishNotReadyAddresses": True},
+           "spec": {"network": {"enableDNSHostnames": True, "subdomain": job_name(plan),
+                                "publishNotReadyAddresses": True},
                     "failurePolicy": {"maxRestarts": launcher.k8s.max_restarts},
                     "replicatedJobs": [{"name": NODE_JOB, "replicas": 1, "template": {
                         "metadata": {"labels": _labels(plan)},
@@ -101,9 +107,11 @@ def jobset(plan: LaunchPlan) -> List[Dict[str, Any]]:
 
 
 def pytorchjob(plan: LaunchPlan) -> List[Dict[str, Any]]:
-    """The operator makes a headless Service per pod (<name>-master-0 is the head) and sets RANK per pod."""
+    """The operator makes a headless Service per pod (<name>-master-0 is the head) and sets RANK per pod.
+    A failed pod restarts in place (OnFailure); the other pods' torchrun then fails on the lost peer and
+    their pods restart too, so all meet again at the rendezvous and resume from `latest`."""
     launcher = plan.cfg.launcher
-    head = f"{plan.name}-master-0"
+    head = f"{job_name(plan)}-master-0"
     port = "pytorchjob-port"  # the operator's name for the port it exposes on each pod's Service
     replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure",
                            "template": pod_template(plan, head, "RANK", port)}}
@@ -122,6 +130,10 @@ def render(plan: LaunchPlan) -> str:
     if not k8s.volume_claim:
         raise LaunchError("launcher.k8s.volume_claim is not set: name a ReadWriteMany PersistentVolumeClaim "
                           "holding the data and the run directory (every pod resumes from it)")
+    name = job_name(plan)
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,43}[a-z0-9])?", name):
+        raise LaunchError(f"launcher.k8s.name={name!r}: a DNS label of at most 45 characters (lower-case letters, "
+                          "digits, '-'; pod host names add a suffix to it)")
     documents = jobset(plan) if k8s.api == "jobset" else pytorchjob(plan)
     header = (f"# Rendered by `python -m launch k8s` ({k8s.api}): {plan.nodes} pod(s) x {plan.procs_per_node} "
               f"process(es). Apply: kubectl apply -f <this file>\n")
@@ -129,7 +141,7 @@ def render(plan: LaunchPlan) -> str:
 
 
 def manifest_path(plan: LaunchPlan) -> Path:
-    return Path(workdir(plan.cfg)) / plan.run_dir / "k8s" / f"{plan.name}.{plan.cfg.launcher.k8s.api}.yaml"
+    return Path(workdir(plan.cfg)) / plan.run_dir / "k8s" / f"{job_name(plan)}.{plan.cfg.launcher.k8s.api}.yaml"
 
 
 def run(plan: LaunchPlan, dry_run: bool, apply: bool) -> int:
@@ -149,5 +161,7 @@ def run(plan: LaunchPlan, dry_run: bool, apply: bool) -> int:
     done = subprocess.run(["kubectl", "apply", "-f", str(path)])
     if done.returncode == 0:
         print(f"follow: kubectl -n {plan.cfg.launcher.k8s.namespace} logs -f -l "
-              f"app.kubernetes.io/instance={plan.name} --prefix")
+              f"app.kubernetes.io/instance={job_name(plan)} --prefix --max-log-requests={plan.nodes + 1}")
+        print(f"to launch this name again after it ended: kubectl delete -f {path}, then run this again "
+              "(the run directory is kept; the new job resumes from `latest`)")
     return done.returncode

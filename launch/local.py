@@ -7,12 +7,16 @@ import subprocess
 import sys
 from typing import List
 
+from launch.node import _shutdown_timeout, exit_status
 from launch.plan import LaunchPlan, shell_join
+
+
+STOP_GRACE_S = 600  # after SIGTERM, torchrun waits this long for the ranks' checkpoint before killing them
 
 
 def command(plan: LaunchPlan) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={plan.procs_per_node}", *plan.train_command()]
+            f"--nproc-per-node={plan.procs_per_node}", *_shutdown_timeout(STOP_GRACE_S), *plan.train_command()]
 
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
@@ -31,4 +35,4 @@ def run(plan: LaunchPlan, dry_run: bool) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, pass_on)
-    return trainer.wait()
+    return exit_status(trainer.wait())

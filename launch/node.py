@@ -143,7 +143,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     rank = node_rank(args)
     say(f"node {rank} of {args.nodes}, {args.procs} process(es); head {args.head}")
-    ray = start_ray(args, is_head=rank == 0)
     trainer: Optional[subprocess.Popen] = None
     received: List[int] = []
 
@@ -154,16 +153,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             trainer.send_signal(received[-1])
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, pass_on)
+        signal.signal(signum, pass_on)  # first: a pod may be stopped while it waits for the Ray head
+    ray = start_ray(args, is_head=rank == 0)
     try:
+        if received:
+            say("stopped before training started")
+            return 128 + received[-1]
         trainer = subprocess.Popen(torchrun_command(args, rank))
-        if received:  # a signal that came while torchrun was starting
-            trainer.send_signal(received[-1])
-        status = trainer.wait()
+        status = exit_status(trainer.wait())
     finally:
         stop_process_group(ray)
     say(f"training exited with status {status}")
     return status
+
+
+def exit_status(returncode: int) -> int:
+    """A child killed by signal n reports -n; a shell would say 128 + n."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from train.config import ConfigError, KinoConfig, load_config
 
@@ -43,8 +43,7 @@ class LaunchPlan:
     def name(self) -> str:
         """A name schedulers accept (DNS-1035 label: Kubernetes is the strictest)."""
         raw = f"kino-{self.cfg.train.experiment}"
-        label = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:50].rstrip("-")
-        return label if label[:1].isalpha() else f"kino-{label}"
+        return re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:45].rstrip("-")
 
     @property
     def run_dir(self) -> str:

@@ -35,10 +35,11 @@ export KINO_STOP_FILE={run_dir}/.stop-$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}
 rm -f "$KINO_STOP_FILE"
 echo "kino: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on ${{nodes[*]}}; head $head_node ($head_addr)"
 
+train_pid=""
 on_preemption_warning() {{
     echo "kino: SIGUSR1 (time limit or preemption ahead): checkpointing, then requeueing job $SLURM_JOB_ID"
     touch "$KINO_STOP_FILE"
-    wait "$train_pid"
+    [ -n "$train_pid" ] && wait "$train_pid"
     echo "kino: training stopped with status $?; requeueing"
     rm -f "$KINO_STOP_FILE"
     {requeue}
@@ -48,7 +49,8 @@ trap on_preemption_warning USR1
 
 # One task per node: the node agent starts Ray (head on the first node) and then
 #   torchrun --nnodes={nodes} --nproc-per-node={procs} --rdzv-backend=c10d --rdzv-endpoint=$head_addr:{rdzv_port} -m train ...
-srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 {srun_extra}\\
+# srun does not inherit --cpus-per-task from the allocation (Slurm >= 22.05): ask again.
+srun --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={cpus} --kill-on-bad-exit=1 {srun_extra}\\
     {python} -m launch.node --nodes={nodes} --procs={procs} --head="$head_addr" --node-rank-from=SLURM_NODEID \\
     --rdzv-port={rdzv_port} --ray-port={ray_port} --ray-cpus={ray_cpus} --ray-object-store-mb={object_store} \\
     --run-id="kino-$SLURM_JOB_ID" --stop-grace={grace} \\
@@ -96,7 +98,7 @@ def render(plan: LaunchPlan, script_path: Path, log_dir: Path) -> str:
         sbatch="\n".join(f"#SBATCH {option}" for option in sbatch_options(plan, log_dir)),
         workdir=shlex.quote(workdir(plan.cfg)), setup="\n".join(slurm.setup), env=env,
         run_dir=shlex.quote(str(Path(workdir(plan.cfg)) / plan.run_dir)), requeue=requeue,
-        nodes=plan.nodes, procs=plan.procs_per_node, srun_extra=srun_extra, python=shlex.quote(python),
+        nodes=plan.nodes, procs=plan.procs_per_node, cpus=launcher.cpus_per_node, srun_extra=srun_extra, python=shlex.quote(python),
         rdzv_port=launcher.rdzv_port, ray_port=launcher.ray_port, ray_cpus=max(1, launcher.cpus_per_node // 8),
         object_store=launcher.ray_object_store_mb, grace=max(30, slurm.preempt_signal_s - 10),
         overrides=shell_join(plan.overrides))

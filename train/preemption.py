@@ -1,8 +1,10 @@
 """Stop requests from a scheduler: checkpoint after the current step, then exit for a requeue.
 
 Two ways a scheduler asks:
-  * a signal to the training processes: SIGTERM (Kubernetes eviction, `scancel`, torchrun passing on its
-    own SIGTERM) or SIGUSR1;
+  * a signal to the training processes: SIGTERM (Kubernetes eviction, passed on by the node agent and
+    torchrun) or SIGUSR1. (SLURM's `scancel` signals every process of the step, Ray's too, so that
+    checkpoint usually cannot reach the data coordinator and the run resumes from the last periodic
+    checkpoint; SLURM time limits and preemption go through the stop file below.)
   * a file appearing at the path in KINO_STOP_FILE: the SLURM batch script creates it when SLURM warns of
     the time limit (`--signal=B:USR1@N`), which reaches every rank on every node at once without
     signalling processes the batch shell does not own.
@@ -61,16 +63,17 @@ class StopRequest:
         return None
 
     def agreed(self) -> bool:
-        """True on every rank once any rank has a request (collective: call it on all ranks each step)."""
+        """True on every rank once any rank has a request (collective: call it on all ranks each step).
+        The kind is agreed too (signal beats file), so every rank exits with the same status even where
+        a shared file system shows the stop file late."""
         self.install()  # cheap when nothing changed; Ray may have connected lazily during the step
         local = self.local_reason()
+        kind = 2 if self._signalled else (1 if local else 0)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([1 if local else 0], device=self.device)
+            flag = torch.tensor([kind], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
-        else:
-            requested = local is not None
-        if requested and self.reason is None:
-            self.reason = local or "another rank was asked to stop"
-            self.by_signal = self._signalled is not None or (local is None and not self._stop_file_exists())
-        return requested
+            kind = int(flag.item())
+        if kind and self.reason is None:
+            self.reason = local or ("another rank was signalled" if kind == 2 else "another rank saw the stop file")
+            self.by_signal = kind == 2
+        return kind > 0

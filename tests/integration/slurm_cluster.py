@@ -168,24 +168,20 @@ class LocalSlurmCluster:
             fields.setdefault(key, value)
         return fields
 
-    def wait_for(self, job_id: str, states, timeout: float) -> Dict[str, str]:
+    def wait_for(self, job_id: str, states, timeout: float, after_restarts: int = 0) -> Dict[str, str]:
         deadline = time.monotonic() + timeout
         info: Dict[str, str] = {}
         while time.monotonic() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") in states:
+            if info.get("JobState") in states and int(info.get("Restarts", "0")) >= after_restarts:
                 return info
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}")
 
-    def release_requeued(self, job_id: str) -> None:
-        """A requeued job waits for its begin time (Slurm holds it ~2 minutes); start it now."""
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
+    def update(self, job_id: str, *settings: str) -> None:
+        """`scontrol update`, e.g. StartTime=now: a requeued job otherwise waits ~2 minutes to start again."""
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", *settings], env=self.env, check=True,
                        capture_output=True)
-
-    def signal_batch(self, job_id: str, name: str = "USR1") -> None:
-        """What `--signal=B:USR1@N` does at N seconds before the time limit: signal the batch shell."""
-        subprocess.run(["scancel", "--batch", f"--signal={name}", job_id], env=self.env, check=True)
 
 
 def _consecutive_ports(count: int, start: int = 17001) -> int:
@@ -204,11 +200,3 @@ def _consecutive_ports(count: int, start: int = 17001) -> int:
                 s.close()
     raise RuntimeError("no consecutive free ports for slurmd")
 
-
-def start_cluster(root: Path) -> Optional[LocalSlurmCluster]:
-    cluster = LocalSlurmCluster(root)
-    try:
-        return cluster.start()
-    except BaseException:
-        cluster.stop()
-        raise

@@ -74,7 +74,8 @@ def test_node_agent_runs_the_same_entry_with_c10d_rendezvous_and_owns_the_ray_ad
 
 def test_local_and_deepspeed_commands(tmp_path):
     words = local.command(make_plan("local", ["experiment=demo"]))
-    assert words[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
+    assert words[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                         "--shutdown-timeout=600", "-m", "train",
                          "experiment=demo"]
     hosts = tmp_path / "hostfile"
     hosts.write_text("# two machines\nworker-1 slots=8\nworker-2 slots=8\n")
@@ -89,6 +90,8 @@ def test_local_and_deepspeed_commands(tmp_path):
     hosts.write_text("worker-1 8\n")
     with pytest.raises(LaunchError, match="HOST slots=N"):
         hostfile.read_hostfile(str(hosts))
+    with pytest.raises(LaunchError, match="cannot read"):
+        make_plan("deepspeed", ["experiment=demo", f"launcher.hostfile={tmp_path / 'missing'}"])
 
 
 def test_k8s_jobset_rendezvous_resources_and_restart_policy():
@@ -119,6 +122,16 @@ def test_k8s_pytorchjob_master_and_workers():
     assert "--head=kino-default-master-0" in command and "--node-rank-from=RANK" in command
 
 
+def test_k8s_name_sets_every_dns_name_and_must_be_a_dns_label():
+    plan = make_plan("k8s", ["launcher.k8s.image=x", "launcher.k8s.volume_claim=y", "launcher.k8s.name=t2v-b-1"])
+    service, jobset = yaml.safe_load_all(k8s.render(plan))
+    assert service["metadata"]["name"] == jobset["metadata"]["name"] == "t2v-b-1"
+    command = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--head=t2v-b-1-node-0-0.t2v-b-1" in command
+    with pytest.raises(LaunchError, match="DNS label"):
+        k8s.render(make_plan("k8s", ["launcher.k8s.image=x", "launcher.k8s.volume_claim=y", "launcher.k8s.name=T2V_b"]))
+
+
 def test_k8s_needs_an_image_and_a_shared_volume():
     with pytest.raises(LaunchError, match="launcher.k8s.image"):
         k8s.render(make_plan("k8s", ["launcher.k8s.volume_claim=x"]))
@@ -132,6 +145,18 @@ def test_stop_request_from_the_batch_scripts_file_is_a_clean_stop(tmp_path):
     assert not request.agreed()
     flag.touch()
     assert request.agreed() and "stop file" in request.reason and request.exit_status() == 0
+
+
+def test_sbatch_trap_is_safe_before_training_starts(tmp_path):
+    """USR1 can arrive before srun has started: the trap must not die on an unset pid."""
+    script = slurm.render(make_plan("slurm", CPU2), tmp_path / "job.sbatch", tmp_path / "logs")
+    trap = script[script.index("train_pid=\"\""):script.index("trap on_preemption_warning USR1")]
+    probe = (f"KINO_STOP_FILE={tmp_path}/stop\nscontrol() {{ echo requeue \"$@\"; }}\nset -u\n{trap}"
+             "trap on_preemption_warning USR1\nkill -USR1 $$\necho not reached\n")
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env={"SLURM_JOB_ID": "7"})
+    assert done.returncode == 0, done.stderr
+    assert "requeue requeue 7" in done.stdout and "not reached" not in done.stdout
+    assert (tmp_path / "stop").exists() is False  # created, then cleaned up once the ranks stopped
 
 
 def test_stop_request_from_a_signal_exits_75_so_the_scheduler_restarts_it():
