@@ -15,7 +15,11 @@ import yaml
 
 from tests.conftest import REPO
 
-CRD_DIR = Path(os.environ.get("KINO_K8S_CRDS", REPO.parent / "shared" / "k8s-crds"))
+# The project's shared CRD schemas sit beside the checkout (../shared); a clone elsewhere finds them at
+# the workspace's fixed path, or wherever KINO_K8S_CRDS points.
+CRD_CANDIDATES = [REPO.parent / "shared" / "k8s-crds", Path("/work/shared/k8s-crds")]
+CRD_DIR = Path(os.environ["KINO_K8S_CRDS"]) if os.environ.get("KINO_K8S_CRDS") else next(
+    (d for d in CRD_CANDIDATES if d.is_dir()), CRD_CANDIDATES[0])
 CRD_FILES = {"JobSet": "jobset.x-k8s.io_jobsets.yaml", "PyTorchJob": "kubeflow.org_pytorchjobs.yaml"}
 MODEL = ["model=B", "curriculum=t2v_3stage", "zero.precision=bf16", "model.activation_checkpointing=true"]
 CLUSTER = ["launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.memory=500Gi",
