@@ -74,12 +74,20 @@ def make_plan(scheduler: str, overrides: List[str]) -> LaunchPlan:
     if scheduler in ("slurm", "k8s") and not cfg.train.resume:
         raise LaunchError("train.resume=false: a scheduler restarts preempted jobs, and every restart would start "
                           "the run over; pick a new train.run_dir instead (the old one is kept)")
+    if scheduler == "local" and launcher.procs_per_node is None:
+        launcher.gpus_per_node = _visible_gpus()  # this machine's GPUs, not a cluster profile's
     if scheduler == "deepspeed" and launcher.hostfile:
         from launch.hostfile import read_hostfile
 
         launcher.nodes = len(read_hostfile(launcher.hostfile))  # DeepSpeed starts on every host listed
     plan.memory_report = check_memory(cfg, plan.world_size)
     return plan
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_memory(cfg: KinoConfig, world_size: int) -> str:

@@ -72,6 +72,25 @@ def test_node_agent_runs_the_same_entry_with_c10d_rendezvous_and_owns_the_ray_ad
     assert "--rdzv-conf=is_host=true" in head and "--rdzv-conf=is_host=false" in worker
 
 
+def test_local_uses_this_machines_gpus_unless_told(monkeypatch):
+    import launch.plan
+
+    monkeypatch.setattr(launch.plan, "_visible_gpus", lambda: 0)  # this CPU machine
+    plan = make_plan("local", [])
+    assert plan.procs_per_node == 1 and "skipped" in plan.memory_report
+    monkeypatch.setattr(launch.plan, "_visible_gpus", lambda: 4)  # stands in for a 4-GPU box (no GPU here)
+    assert make_plan("local", []).procs_per_node == 4
+    assert make_plan("local", ["launcher.procs_per_node=2"]).procs_per_node == 2
+
+
+def test_apply_without_kubectl_says_where_the_manifest_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no kubectl on it
+    code = launch_main(["k8s", "--apply", "launcher.k8s.image=x", "launcher.k8s.volume_claim=y",
+                        f"train.run_dir={tmp_path / 'run'}"])
+    assert code == 2 and "kubectl not found" in capsys.readouterr().err
+    assert list((tmp_path / "run" / "k8s").glob("*.jobset.yaml"))
+
+
 def test_local_and_deepspeed_commands(tmp_path):
     words = local.command(make_plan("local", ["experiment=demo"]))
     assert words[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
