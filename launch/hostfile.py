@@ -8,13 +8,12 @@ starts no Ray: with several hosts, start a Ray cluster yourself (`ray start --he
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
-from launch.plan import LaunchError, LaunchPlan, shell_join
+from launch.local import run_in_foreground
+from launch.plan import LaunchError, LaunchPlan
 
 
 def read_hostfile(path: str) -> Dict[str, int]:
@@ -56,10 +55,4 @@ def command(plan: LaunchPlan) -> List[str]:
 
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
-    words = command(plan)
-    if dry_run:
-        print(shell_join(words))
-        return 0
-    print(f"$ {shell_join(words)}", flush=True)
-    env = dict(os.environ, **plan.cfg.launcher.env)
-    return subprocess.run(words, env=env).returncode
+    return run_in_foreground(command(plan), plan, dry_run)

@@ -20,7 +20,11 @@ def command(plan: LaunchPlan) -> List[str]:
 
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
-    words = command(plan)
+    return run_in_foreground(command(plan), plan, dry_run)
+
+
+def run_in_foreground(words: List[str], plan: LaunchPlan, dry_run: bool) -> int:
+    """Print the command; unless dry_run, run it, passing stop signals on, and return its status."""
     if dry_run:
         print(shell_join(words))
         return 0
