@@ -37,11 +37,20 @@ echo "kino: job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on ${{nodes[
 
 train_pid=""
 on_preemption_warning() {{
-    echo "kino: SIGUSR1 (time limit or preemption ahead): checkpointing, then requeueing job $SLURM_JOB_ID"
+    echo "kino: SIGUSR1 (time limit or preemption ahead): every rank checkpoints after its step"
     touch "$KINO_STOP_FILE"
-    [ -n "$train_pid" ] && wait "$train_pid"
-    echo "kino: training stopped with status $?; requeueing"
+    local status=0
+    if [ -n "$train_pid" ]; then wait "$train_pid"; status=$?; fi
     rm -f "$KINO_STOP_FILE"
+    if [ "$(cat {run_dir}/checkpoints/latest 2>/dev/null)" = "step_{total_steps}" ]; then
+        echo "kino: the run is finished; nothing to requeue"
+        exit 0
+    fi
+    if [ "$status" -ne 0 ]; then
+        echo "kino: training failed with status $status; not requeueing"
+        exit "$status"
+    fi
+    echo "kino: checkpoint written; requeueing job $SLURM_JOB_ID"
     {requeue}
     exit 0
 }}
@@ -98,7 +107,7 @@ def render(plan: LaunchPlan, script_path: Path, log_dir: Path) -> str:
         sbatch="\n".join(f"#SBATCH {option}" for option in sbatch_options(plan, log_dir)),
         workdir=shlex.quote(workdir(plan.cfg)), setup="\n".join(slurm.setup), env=env,
         run_dir=shlex.quote(str(Path(workdir(plan.cfg)) / plan.run_dir)), requeue=requeue,
-        nodes=plan.nodes, procs=plan.procs_per_node, cpus=launcher.cpus_per_node, srun_extra=srun_extra, python=shlex.quote(python),
+        total_steps=plan.cfg.total_steps, nodes=plan.nodes, procs=plan.procs_per_node, cpus=launcher.cpus_per_node, srun_extra=srun_extra, python=shlex.quote(python),
         rdzv_port=launcher.rdzv_port, ray_port=launcher.ray_port, ray_cpus=max(1, launcher.cpus_per_node // 8),
         object_store=launcher.ray_object_store_mb, grace=max(30, slurm.preempt_signal_s - 10),
         overrides=shell_join(plan.overrides))

@@ -166,16 +166,33 @@ def test_stop_request_from_the_batch_scripts_file_is_a_clean_stop(tmp_path):
     assert request.agreed() and "stop file" in request.reason and request.exit_status() == 0
 
 
-def test_sbatch_trap_is_safe_before_training_starts(tmp_path):
-    """USR1 can arrive before srun has started: the trap must not die on an unset pid."""
-    script = slurm.render(make_plan("slurm", CPU2), tmp_path / "job.sbatch", tmp_path / "logs")
+def run_trap(tmp_path, train: str = "") -> subprocess.CompletedProcess:
+    """The rendered USR1 trap on its own, with `scontrol` stubbed and `train` as the training step."""
+    plan = make_plan("slurm", [*CPU2, f"train.run_dir={tmp_path / 'run'}"])
+    script = slurm.render(plan, tmp_path / "job.sbatch", tmp_path / "logs")
     trap = script[script.index("train_pid=\"\""):script.index("trap on_preemption_warning USR1")]
-    probe = (f"KINO_STOP_FILE={tmp_path}/stop\nscontrol() {{ echo requeue \"$@\"; }}\nset -u\n{trap}"
-             "trap on_preemption_warning USR1\nkill -USR1 $$\necho not reached\n")
-    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env={"SLURM_JOB_ID": "7"})
-    assert done.returncode == 0, done.stderr
-    assert "requeue requeue 7" in done.stdout and "not reached" not in done.stdout
-    assert (tmp_path / "stop").exists() is False  # created, then cleaned up once the ranks stopped
+    probe = (f"KINO_STOP_FILE={tmp_path}/stop\nscontrol() {{ echo scontrol \"$@\"; }}\nset -u\n{trap}"
+             f"trap on_preemption_warning USR1\n{train}\nkill -USR1 $$\nwait\necho not reached\n")
+    return subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env={"SLURM_JOB_ID": "7"})
+
+
+def test_sbatch_trap_requeues_after_the_checkpoint_and_only_then(tmp_path):
+    # USR1 before training started (no pid yet): nothing to wait for, requeue.
+    done = run_trap(tmp_path)
+    assert done.returncode == 0 and "scontrol requeue 7" in done.stdout, done.stdout + done.stderr
+    assert "not reached" not in done.stdout and not (tmp_path / "stop").exists()
+    # Training that stops cleanly on the stop file: waited for, then requeued.
+    done = run_trap(tmp_path, f"(while [ ! -e {tmp_path}/stop ]; do sleep 0.1; done; exit 0) & train_pid=$!")
+    assert "scontrol requeue 7" in done.stdout, done.stdout + done.stderr
+    # Training that fails: its status, no requeue (a crash would otherwise loop).
+    done = run_trap(tmp_path, "(sleep 0.5; exit 3) & train_pid=$!")
+    assert done.returncode == 3 and "scontrol" not in done.stdout
+    # A run already at its last step: nothing to requeue.
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("step_560")
+    done = run_trap(tmp_path)
+    assert done.returncode == 0 and "scontrol" not in done.stdout and "finished" in done.stdout
 
 
 def test_stop_request_from_a_signal_exits_75_so_the_scheduler_restarts_it():
