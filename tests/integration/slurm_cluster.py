@@ -62,7 +62,7 @@ class LocalSlurmCluster:
         self._daemons.append(self._spawn(["slurmctld", "-D", "-f", str(self.conf)], "slurmctld"))
         for node in NODES:
             self._daemons.append(self._spawn(["slurmd", "-D", "-f", str(self.conf), "-N", node], f"slurmd-{node}"))
-        self._wait_idle(len(NODES))
+        self.wait_until_idle()
         return self
 
     def stop(self) -> None:
@@ -141,7 +141,9 @@ class LocalSlurmCluster:
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def _wait_idle(self, count: int, timeout: float = 60) -> None:
+    def wait_until_idle(self, timeout: float = 60) -> None:
+        """Every node idle: no job, and nothing left of one being cleaned up."""
+        count = len(NODES)
         deadline = time.monotonic() + timeout
         out = ""
         while time.monotonic() < deadline:
@@ -149,6 +151,7 @@ class LocalSlurmCluster:
             out = done.stdout + done.stderr
             idle = [line for line in done.stdout.splitlines() if line.split()[-1:] == ["idle"]]
             if len(idle) >= count:
+                time.sleep(1)  # slurmd finishes its own bookkeeping just after reporting idle
                 return
             time.sleep(0.5)
         logs = "\n".join(p.read_text()[-1500:] for p in sorted((self.root / "log").glob("*")) if p.is_file())

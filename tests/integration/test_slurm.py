@@ -90,7 +90,9 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(clu
     cluster.wait_for(job_id, {"PENDING"}, timeout=240, after_restarts=1)
     log = log_of(run_dir, job_id)
     assert "SIGUSR1 (time limit or preemption ahead)" in log, log[-3000:]
-    # The next attempt gets time to finish, and skips SLURM's ~2 minute hold on requeued jobs.
+    # The next attempt gets time to finish, and skips SLURM's ~2 minute hold on requeued jobs, once
+    # the nodes are idle (the hold exists so the old incarnation's clean-up ends first).
+    cluster.wait_until_idle()
     cluster.update(job_id, "TimeLimit=10", "StartTime=now")
     info = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
     log = log_of(run_dir, job_id)
