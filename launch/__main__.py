@@ -28,6 +28,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__, file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return 0 if args and args[0] in ("-h", "--help") else 2
     scheduler, rest = args[0], args[1:]
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
+        return 0
     flags = {a for a in rest if a.startswith("--")}
     unknown = flags - {"--dry-run", "--apply"}
     if unknown:

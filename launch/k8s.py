@@ -56,7 +56,7 @@ def _node_command(plan: LaunchPlan, head: str, rank_env: str) -> List[str]:
 def pod_template(plan: LaunchPlan, head: str, rank_env: str, rdzv_port_name: str = "rendezvous") -> Dict:
     launcher, k8s = plan.cfg.launcher, plan.cfg.launcher.k8s
     resources: Dict[str, Any] = {"requests": {"cpu": str(launcher.cpus_per_node)}}
-    if launcher.memory:
+    if launcher.memory and launcher.memory != "0":  # "0" is SLURM's "all of the node"; Kubernetes has no such request
         resources["requests"]["memory"] = launcher.memory
     if launcher.gpus_per_node:
         resources["limits"] = {k8s.gpu_resource: launcher.gpus_per_node}

@@ -107,7 +107,8 @@ def render(plan: LaunchPlan, script_path: Path, log_dir: Path) -> str:
         sbatch="\n".join(f"#SBATCH {option}" for option in sbatch_options(plan, log_dir)),
         workdir=shlex.quote(workdir(plan.cfg)), setup="\n".join(slurm.setup), env=env,
         run_dir=shlex.quote(str(Path(workdir(plan.cfg)) / plan.run_dir)), requeue=requeue,
-        total_steps=plan.cfg.total_steps, nodes=plan.nodes, procs=plan.procs_per_node, cpus=launcher.cpus_per_node, srun_extra=srun_extra, python=shlex.quote(python),
+        total_steps=plan.cfg.total_steps, nodes=plan.nodes, procs=plan.procs_per_node, cpus=launcher.cpus_per_node,
+        srun_extra=srun_extra, python=shlex.quote(python),
         rdzv_port=launcher.rdzv_port, ray_port=launcher.ray_port, ray_cpus=max(1, launcher.cpus_per_node // 8),
         object_store=launcher.ray_object_store_mb, grace=max(30, slurm.preempt_signal_s - 10),
         overrides=shell_join(plan.overrides))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -260,6 +261,11 @@ def _validate_launcher(cfg: KinoConfig) -> None:
                           f"launcher.gpus_per_node={launcher.gpus_per_node}: one process drives one GPU")
     if launcher.k8s.api not in ("jobset", "pytorchjob"):
         raise ConfigError(f"launcher.k8s.api={launcher.k8s.api!r}: must be jobset or pytorchjob")
+    secret_like = [k for k in launcher.env if re.search(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", k.upper())]
+    if secret_like:
+        raise ConfigError(f"launcher.env.{secret_like[0]}: launcher.env is written into job scripts and manifests; "
+                          "pass secrets through the submitting shell's environment (SLURM) or a Kubernetes "
+                          "Secret (launcher.k8s.wandb_secret)")
     if launcher.slurm.preempt_signal_s < 0:
         raise ConfigError("launcher.slurm.preempt_signal_s must be >= 0 (0 = no preemption signal)")
 

@@ -16,7 +16,8 @@ from tests.conftest import REPO
 from train.preemption import EXIT_PREEMPTED, StopRequest
 
 CPU2 = ["experiment=demo", "launcher.nodes=2", "launcher.procs_per_node=1"]
-GPU = ["zero.precision=bf16", "model.activation_checkpointing=true", "launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.k8s.image=registry.example/kino:1",
+GPU = ["zero.precision=bf16", "model.activation_checkpointing=true", "launcher.nodes=4", "launcher.gpus_per_node=8",
+       "launcher.k8s.image=registry.example/kino:1",
        "launcher.k8s.volume_claim=shared"]
 
 
@@ -28,6 +29,14 @@ def test_bad_config_is_refused_before_anything_starts(capsys):
     assert launch_main(["teleport"]) == 2
 
 
+def test_secrets_are_refused_in_launcher_env_which_is_written_into_scripts(capsys):
+    assert launch_main(["slurm", "--dry-run", *CPU2, "+launcher.env.WANDB_API_KEY=abc123"]) == 2
+    error = capsys.readouterr()
+    assert "launcher.env.WANDB_API_KEY" in error.err and "abc123" not in error.out
+    assert launch_main(["slurm", "--dry-run", *CPU2, "+launcher.env.NCCL_DEBUG=INFO"]) == 0
+    assert "export NCCL_DEBUG=INFO" in capsys.readouterr().out
+
+
 def test_schedulers_refuse_a_run_that_would_restart_from_scratch_after_each_requeue():
     with pytest.raises(LaunchError, match="train.resume=false"):
         make_plan("slurm", [*CPU2, "train.resume=false"])
@@ -37,7 +46,8 @@ def test_memory_check_refuses_what_cannot_fit_and_reports_what_fits():
     plan = make_plan("slurm", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.gpu_type=H100"])
     assert "fits" in plan.memory_report and "GiB per GPU of 80 GiB" in plan.memory_report
     with pytest.raises(LaunchError, match="does not fit"):
-        make_plan("slurm", ["model=7B", "curriculum=t2v_3stage", "zero=stage1", "launcher.nodes=1", "launcher.gpus_per_node=1",
+        make_plan("slurm", ["model=7B", "curriculum=t2v_3stage", "zero=stage1", "launcher.nodes=1",
+                            "launcher.gpus_per_node=1",
                             "launcher.gpu_type=A100-40"])
     assert "skipped" in make_plan("slurm", CPU2).memory_report  # CPU demo: no GPUs requested
 
@@ -114,7 +124,7 @@ def test_local_and_deepspeed_commands(tmp_path):
 
 
 def test_k8s_jobset_rendezvous_resources_and_restart_policy():
-    plan = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "tracking.mode=online"])
+    plan = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "tracking.mode=online", "launcher.memory=500Gi"])
     service, jobset = yaml.safe_load_all(k8s.render(plan))
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
     assert jobset["kind"] == "JobSet" and jobset["spec"]["network"]["subdomain"] == service["metadata"]["name"]
@@ -131,10 +141,16 @@ def test_k8s_jobset_rendezvous_resources_and_restart_policy():
     assert key == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
     offline = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU])  # no W&B key needed offline
     assert "WANDB_API_KEY" not in k8s.render(offline)
+    whole_node = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.memory=0"])
+    _, whole_node_jobset = yaml.safe_load_all(k8s.render(whole_node))
+    pod_spec = whole_node_jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert "memory" not in pod_spec["containers"][0]["resources"]["requests"]  # SLURM's "0" = whole node
+    assert container["resources"]["requests"]["memory"] == "500Gi"
 
 
 def test_k8s_pytorchjob_master_and_workers():
-    (job,) = yaml.safe_load_all(k8s.render(make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.k8s.api=pytorchjob"])))
+    plan = make_plan("k8s", ["model=B", "curriculum=t2v_3stage", *GPU, "launcher.k8s.api=pytorchjob"])
+    (job,) = yaml.safe_load_all(k8s.render(plan))
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
     command = replicas["Worker"]["template"]["spec"]["containers"][0]["command"]
@@ -207,8 +223,9 @@ def test_stop_request_from_a_signal_exits_75_so_the_scheduler_restarts_it():
 
 
 def test_cli_help_lists_the_schedulers():
-    done = subprocess.run([sys.executable, "-m", "launch", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and all(name in done.stdout for name in ("local", "slurm", "k8s", "deepspeed"))
+    for args in (["--help"], ["slurm", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0 and all(name in done.stdout for name in ("local", "slurm", "k8s", "deepspeed"))
 
 
 def torch_device():
