@@ -282,8 +282,8 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
             ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
         else:
             # address="local": a new private instance, never a cluster some earlier `ray start` left behind
-            ray.init(address="local", num_cpus=1, namespace=namespace, include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR", object_store_memory=object_store_bytes)
+            ray.init(address="local", num_cpus=1, namespace=namespace, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR", object_store_memory=object_store_bytes)
     actor_class = ray.remote(num_cpus=0)(CoordinatorCore)
     handle = actor_class.options(name=actor_name, namespace=namespace, get_if_exists=True).remote(
         list(shards), seed, chunk_samples)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import List
 
-from launch.node import _shutdown_timeout, exit_status
+from launch.node import shutdown_timeout_args, exit_status
 from launch.plan import LaunchPlan, shell_join
 
 
@@ -16,7 +16,7 @@ STOP_GRACE_S = 600  # after SIGTERM, torchrun waits this long for the ranks' che
 
 def command(plan: LaunchPlan) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={plan.procs_per_node}", *_shutdown_timeout(STOP_GRACE_S), *plan.train_command()]
+            f"--nproc-per-node={plan.procs_per_node}", *shutdown_timeout_args(STOP_GRACE_S), *plan.train_command()]
 
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:

@@ -128,11 +128,11 @@ def torchrun_command(args: argparse.Namespace, rank: int) -> List[str]:
             # Only node 0 hosts the rendezvous store: deciding by host name fails when nodes share a host
             # name or an address (containers, this project's single-machine SLURM test cluster).
             f"--rdzv-conf=is_host={'true' if rank == 0 else 'false'}", "--max-restarts=0",
-            *_shutdown_timeout(args.stop_grace), "-m", "train", *overrides,
+            *shutdown_timeout_args(args.stop_grace), "-m", "train", *overrides,
             "data.coordinator=ray", f"data.ray_address={args.head}:{args.ray_port}"]
 
 
-def _shutdown_timeout(seconds: int) -> List[str]:
+def shutdown_timeout_args(seconds: int) -> List[str]:
     """torchrun kills its ranks 30 s after a SIGTERM unless told otherwise (the option is newer than some torch)."""
     from torch.distributed.run import get_args_parser
 

@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,9 @@ def demo_like_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_like")
     build(root, procedural=48, real=False, samples_per_shard=8, seed=0)
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,9 @@
 """Hydra entry point: `python -m train [--dry-run] key=value ...` (under torchrun for several processes).
 
 The config is composed and validated before any process group starts; a bad
-config exits with status 2 and the offending key in the message.
+config exits with status 2 and the offending key in the message. Other statuses: 3 after
+too many non-finite losses; 75 when stopped by a signal (with a checkpoint: run again to
+resume); 0 when finished or stopped by the scheduler's stop file (train/preemption.py).
 """
 from __future__ import annotations
 

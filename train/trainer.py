@@ -415,9 +415,8 @@ class Trainer:
                                               f"the next run resumes from it")
         self._iterator = None
         samples = self.sample() if self.step >= total else []
-        stopped_early = preempted and self.step < total
-        summary = {"step": self.step, "total_steps": total, "preempted": stopped_early,
-                   "exit_status": self.stop_request.exit_status() if stopped_early else 0,
+        summary = {"step": self.step, "total_steps": total, "preempted": preempted,  # only ever before the end
+                   "exit_status": self.stop_request.exit_status() if preempted else 0,
                    "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                    "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}

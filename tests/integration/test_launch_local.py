@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.integration.test_training import TINY
 
 ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
@@ -21,8 +21,15 @@ def launch(scheduler: str, dataset: Path, run_dir: Path, *overrides: str):
 
 
 def steps(run_dir: Path):
+    """Logged steps; read while the run writes, so a last line still being written is not counted."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(l)["step"] for l in path.read_text().splitlines()] if path.exists() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def test_sigterm_checkpoints_every_rank_and_the_next_launch_resumes(tiny_dataset, tmp_path):
@@ -55,7 +62,8 @@ def test_sigterm_checkpoints_every_rank_and_the_next_launch_resumes(tiny_dataset
 
 def test_deepspeed_launcher_runs_the_same_entry(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run(launch("deepspeed", tiny_dataset, run_dir, "launcher.rdzv_port=29641"), cwd=REPO, env=ENV,
+    port = f"launcher.rdzv_port={free_port()}"
+    done = subprocess.run(launch("deepspeed", tiny_dataset, run_dir, port), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "--no_local_rank --module train experiment=demo" in done.stdout

@@ -2,14 +2,13 @@
 munged + slurmctld + two slurmd nodes from Debian's packages, installed by the set-up when missing."""
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.integration.slurm_cluster import LocalSlurmCluster, SlurmUnavailable
 from tests.integration.test_training import TINY
 
@@ -27,12 +26,6 @@ def cluster(tmp_path_factory):
         raise
     yield cluster
     cluster.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def submit(cluster, dataset: Path, run_dir: Path, *overrides: str) -> str:
