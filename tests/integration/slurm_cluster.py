@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 PACKAGES = ("slurm-wlm", "munge")
 NODES = ("n1", "n2")
