@@ -8,11 +8,11 @@ starts no Ray: with several hosts, start a Ray cluster yourself (`ray start --he
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 from launch.local import run_in_foreground
+from launch.node import tool_beside_python
 from launch.plan import LaunchError, LaunchPlan
 
 
@@ -38,8 +38,7 @@ def read_hostfile(path: str) -> Dict[str, int]:
 
 def command(plan: LaunchPlan) -> List[str]:
     launcher = plan.cfg.launcher
-    beside = Path(sys.executable).parent / "deepspeed"
-    words = [str(beside) if beside.exists() else "deepspeed", f"--master_port={launcher.rdzv_port}"]
+    words = [tool_beside_python("deepspeed"), f"--master_port={launcher.rdzv_port}"]
     if launcher.hostfile:
         hosts = read_hostfile(launcher.hostfile)
         if len(hosts) > 1 and not plan.cfg.data.ray_address:

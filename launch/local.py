@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import List
 
-from launch.node import shutdown_timeout_args, exit_status
+from launch.node import as_stop_signal, exit_status, shutdown_timeout_args
 from launch.plan import LaunchPlan, shell_join
 
 
@@ -33,9 +33,8 @@ def run_in_foreground(words: List[str], plan: LaunchPlan, dry_run: bool) -> int:
     trainer = subprocess.Popen(words, env=env)
 
     def pass_on(signum, frame) -> None:
-        # Ctrl-C stops at once; SIGTERM/SIGUSR1 (a scheduler around us) ask every rank to checkpoint first.
         if trainer.poll() is None:
-            trainer.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            trainer.send_signal(as_stop_signal(signum))
 
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, pass_on)

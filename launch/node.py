@@ -70,13 +70,20 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(1)
 
 
-def _ray_executable() -> str:
-    beside = Path(sys.executable).parent / "ray"
-    return str(beside) if beside.exists() else "ray"
+def tool_beside_python(name: str) -> str:
+    """A console script of this environment (ray, deepspeed), found even when the venv is not on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def as_stop_signal(signum: int) -> int:
+    """What a launcher passes on to torchrun: Ctrl-C stays SIGINT (stop at once); anything else becomes
+    SIGTERM, which torchrun hands to every rank (they checkpoint and exit). SIGUSR1 would kill torchrun."""
+    return signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
 
 
 def start_ray(args: argparse.Namespace, is_head: bool) -> subprocess.Popen:
-    command = [_ray_executable(), "start", "--block", f"--num-cpus={args.ray_cpus}",
+    command = [tool_beside_python("ray"), "start", "--block", f"--num-cpus={args.ray_cpus}",
                f"--object-store-memory={args.ray_object_store_mb * 2 ** 20}", "--disable-usage-stats"]
     if is_head:
         command += ["--head", f"--port={args.ray_port}", "--include-dashboard=false"]
@@ -148,8 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     received: List[int] = []
 
     def pass_on(signum, frame) -> None:
-        # torchrun passes SIGTERM on to every rank, which checkpoints and exits; SIGUSR1 would kill torchrun.
-        received.append(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        received.append(as_stop_signal(signum))
         if trainer is not None and trainer.poll() is None:
             trainer.send_signal(received[-1])
 
