@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import ModelConfig
 from models.attention import varlen_attention
 from models.layers import MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding
+from models.precision import cast_floating, module_dtype
 from models.text_encoder import (ByteTokenizer, PretrainedTextEncoder, TextBatch, TextEncoder,
                                  pretrained_text_dim)
 
@@ -247,6 +248,9 @@ class TextToVideoModel(nn.Module):
         self.dit = VideoDiT(cfg, context_dim=context_dim)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text_batch: TextBatch):
+        # fp32 latents and frozen-encoder embeddings enter a bf16 model in bf16; timesteps stay fp32 for
+        # their sinusoidal features (the DiT casts those after computing them).
+        latents, text_batch = cast_floating((list(latents), text_batch), module_dtype(self))
         context = text_batch.embeddings if text_batch.embeddings is not None else self.text_encoder(text_batch)
         return self.dit(latents, timesteps, context, text_batch)
 

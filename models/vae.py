@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.precision import cast_floating, module_dtype
+
 
 class CausalConv3d(nn.Module):
     """3x3x3 convolution padded on the past side in time (first frame replicated), symmetric in space."""
@@ -185,6 +187,7 @@ class CausalVideoVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, sample: bool = True, noise: torch.Tensor = None):
         """Reconstruction, mean, log-variance. `noise` (from the caller's generator) keeps training reproducible."""
+        x, noise = cast_floating((x, noise), module_dtype(self))
         mean, logvar = self.encode_distribution(x)
         if sample:
             noise = torch.randn_like(mean) if noise is None else noise
@@ -200,8 +203,9 @@ def vae_loss(x: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor, 
 
     MSE keeps small objects: under L1 alone a flat background is the cheapest answer for a clip
     that is mostly background, and the shapes vanish."""
-    error = reconstruction - x
+    error = reconstruction.float() - x.float()
     recon = error.pow(2).mean() + 0.1 * error.abs().mean()
+    mean, logvar = mean.float(), logvar.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     return recon + kl_weight * kl, recon, kl
 

@@ -79,8 +79,11 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_un
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                # DeepSpeed's fused/CPU Adam ops compile for minutes on CPU; torch's AdamW is equivalent.
-                "torch_adam": device_type != "cuda",
+                # torch's AdamW on every device: DeepSpeed's own Adam ops (FusedAdam, CPUAdam) are JIT-built
+                # at run time (about a minute, a CUDA toolkit on every node, and a crash on arch lists such
+                # as "9.0a"). On CUDA torch's fused kernel is as fast; the optimizer state format is one.
+                "torch_adam": True,
+                "fused": device_type == "cuda" and not zero.offload_optimizer,
             },
         },
         "zero_force_ds_cpu_optimizer": False,
@@ -89,6 +92,11 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_un
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def compute_dtype(cfg: KinoConfig) -> torch.dtype:
+    """The dtype the trained model computes in (DeepSpeed converts its parameters; the EMA stays fp32)."""
+    return torch.bfloat16 if cfg.zero.precision == "bf16" else torch.float32
 
 
 def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, load_universal: bool = False):

@@ -19,7 +19,8 @@ import threading
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from train.collectives import MAX, all_reduce_values
 
 STOP_FILE_ENV = "KINO_STOP_FILE"
 # A signal means the process is being taken away: exit 75 (EX_TEMPFAIL), not a success, so Kubernetes
@@ -69,10 +70,7 @@ class StopRequest:
         self.install()  # cheap when nothing changed; Ray may have connected lazily during the step
         local = self.local_reason()
         kind = 2 if self._signalled else (1 if local else 0)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([kind], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            kind = int(flag.item())
+        kind = int(all_reduce_values([kind], self.device, MAX, dtype=torch.int64)[0])
         if kind and self.reason is None:
             self.reason = local or ("another rank was signalled" if kind == 2 else "another rank saw the stop file")
             self.by_signal = kind == 2

@@ -26,7 +26,8 @@ from train.checkpoint import (CheckpointManager, ensure_universal, latest_checkp
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
-from train.engine import DistEnv, build_engine, full_parameters, set_learning_rate
+from train.collectives import all_ranks_finite, all_reduce_values
+from train.engine import DistEnv, build_engine, compute_dtype, full_parameters, set_learning_rate
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
@@ -240,11 +241,7 @@ class Trainer:
         target = self.model.dit.patchify([p[1] for p in pairs])
         squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
         loss = squared.mean()
-        # Every rank must agree to skip, or the gradient all-reduce would wait forever.
-        finite = torch.tensor([float(torch.isfinite(loss))], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not all_ranks_finite(loss, device):
             return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
         self.engine.backward(loss)
         per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
@@ -284,11 +281,9 @@ class Trainer:
     # -- metrics ---------------------------------------------------------------------------------
     def _metrics(self, outcome: Dict[str, Any], step_time: float) -> Dict:
         results = [r for r in outcome["results"] if r["finite"]]
-        local = torch.tensor([sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
-                              sum(r.get("flops", 0.0) for r in results), outcome["data_time"]], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(local)
-        loss_sum, tokens, flops, data_time = local.tolist()
+        loss_sum, tokens, flops, data_time = all_reduce_values(
+            [sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
+             sum(r.get("flops", 0.0) for r in results), outcome["data_time"]], self.env.device)
         stage = self.curriculum.stage(self.step - 1)
         metrics = {
             "step": self.step, "stage": stage.name, "loss": loss_sum / tokens if tokens else None,  # None: skipped
@@ -347,7 +342,8 @@ class Trainer:
         cfg = self.cfg
         stage = self.curriculum.stage(max(self.step - 1, 0))
         prompts, shapes = sample_plan(cfg.tracking.sample_prompts, stage_shapes(cfg, stage))
-        ema_model = TextToVideoModel(cfg.model).to(self.env.device)
+        # The EMA is kept in fp32; samples are drawn in the training precision, as the model trained.
+        ema_model = TextToVideoModel(cfg.model).to(self.env.device, compute_dtype(cfg))
         self.ema.copy_to(ema_model)
         videos = generate(ema_model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
                           cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,

@@ -13,7 +13,9 @@ from data.video_io import write_video
 from models.autoencoder import to_uint8, to_unit_range
 from models.dit import parameter_count
 from models.vae import CausalVideoVAE, psnr, vae_loss
+from train.collectives import all_ranks_finite
 from train.curriculum import stage_shapes
+from train.engine import compute_dtype
 from train.trainer import Trainer
 
 
@@ -45,10 +47,7 @@ class VAETrainer(Trainer):
             elements += x.numel()
             recon_sum += float(recon.detach()) * x.numel()
         loss = torch.stack(losses).sum() / elements
-        finite = torch.tensor([float(torch.isfinite(loss))], device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
+        if not all_ranks_finite(loss, device):
             return {"finite": False, "loss_sum": 0.0, "tokens": batch["tokens"]}
         self.engine.backward(loss)
         # "loss" in metrics is the reconstruction error (MSE + 0.1 L1) per element, without the KL term
@@ -62,7 +61,7 @@ class VAETrainer(Trainer):
         """Reconstruct held-out procedural clips with the EMA weights: original | reconstruction, side by side."""
         if not self.env.is_main:
             return []
-        vae = build_vae(self.cfg).to(self.env.device).eval()
+        vae = build_vae(self.cfg).to(self.env.device, compute_dtype(self.cfg)).eval()
         self.ema.copy_to(vae)
         stage = self.curriculum.stage(max(self.step - 1, 0))
         out_dir = self.run_dir / "samples" / f"step_{self.step}"

@@ -1,0 +1,40 @@
+"""Tensor collectives on the training device, in one place.
+
+NCCL accepts only tensors on the process's CUDA device, while gloo accepts CPU tensors: a tensor built
+on the host passes every CPU test and fails on the first GPU step (`No backend type associated with
+device type cpu`). Every tensor collective of the trainer goes through these helpers, which move their
+input to `device` (the run's `env.device`) first. Object collectives (`all_gather_object`,
+`broadcast_object_list`) choose their own device from the current CUDA device and are left as they are.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+SUM, MIN, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MIN, dist.ReduceOp.MAX
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM) -> torch.Tensor:
+    """The reduction over all ranks of `tensor`, as a tensor on `device` (a copy when it was elsewhere)."""
+    tensor = tensor.to(device)
+    if _distributed():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_reduce_values(values: Sequence[float], device: torch.device, op=SUM,
+                      dtype: torch.dtype = torch.float64) -> List[float]:
+    """Python numbers reduced elementwise over all ranks (one collective for the whole list)."""
+    return all_reduce(torch.tensor(list(values), dtype=dtype, device=device), device, op).tolist()
+
+
+def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """True when the loss is finite on every rank: every rank must agree to skip a step, or the gradient
+    all-reduce of the ranks that did not skip would wait forever."""
+    return bool(all_reduce(torch.isfinite(loss.detach()).reshape(1).float(), device, MIN).item())
