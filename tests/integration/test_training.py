@@ -219,6 +219,26 @@ def test_zero3_stop_and_resume_is_exact_including_the_ema(tiny_dataset, tmp_path
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
 
 
+def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp_path):
+    """zero.precision=bf16 on 2 CPU ranks under ZeRO-2: the path a GPU user takes first (issue 18: fp32 latents
+    reached the bf16 engine and failed at step 1). Stop, resume, the same losses as a straight run, samples."""
+    import torch
+
+    straight, interrupted = tmp_path / "bf16_straight", tmp_path / "bf16_interrupted"
+    common = ("zero.precision=bf16", "tracking.mode=disabled")
+    torchrun(straight, tiny_dataset, *common)
+    first = torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
+    assert "stopping at step 3" in first.stdout
+    second = torchrun(interrupted, tiny_dataset, *common)
+    assert "resuming from" in second.stdout and "step_3" in second.stdout
+    losses = [r["loss"] for r in metrics(interrupted)]
+    assert losses == [r["loss"] for r in metrics(straight)] and all(0 < loss < 10 for loss in losses)
+    ema = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
+    assert all(w.dtype == torch.float32 for w in ema["weights"].values())  # the EMA stays fp32
+    samples = sorted((interrupted / "samples" / "step_8").glob("*.mp4"))
+    assert samples and all(p.stat().st_size > 0 for p in samples)
+
+
 def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished_run, tmp_path):
     import torch
 
