@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install demo demo-data test unit integration clean
+.PHONY: install demo demo-data test unit integration clean gpu-check
 install: $(VENV)/.installed
 
 demo-data: install
@@ -35,3 +35,8 @@ integration: install
 
 clean:
 	rm -rf runs datasets outputs .pytest_cache
+
+# On a GPU machine (plain python3 with the wheel kit of ../shared/gpu; see docs/gpu.md): tests/gpu, the
+# trainer end to end in fp32 and bf16, the 1B x 16k model-step benchmark, and one markdown table.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out gpu-check

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s (default: known GPUs)")
     args = parser.parse_args()
 
+    from models.attention import resolve_backend
     from models.dit import TextToVideoModel, text_conditioner
     from models.flops import flops_per_sample, peak_flops
     from train.config import load_config
@@ -78,9 +79,7 @@ def main() -> None:
     tokens = math.prod(kino.dit.grid(shape))
     latent = torch.randn(shape, device=device, dtype=dtype)
     caption = "x" * (args.text_tokens - 1)
-    text = text_conditioner(cfg).batch([caption], device)
-    if text.embeddings is not None:
-        text.embeddings = text.embeddings.to(dtype)
+    text = text_conditioner(cfg).batch([caption], device)  # the model casts frozen embeddings to its dtype
     optimizer = torch.optim.AdamW(kino.parameters(), lr=1e-4, fused=device.type == "cuda")
     timestep = torch.rand(1, device=device)
 
@@ -93,8 +92,7 @@ def main() -> None:
     flops = flops_per_sample(kino, tokens, text.max_len)
     peak = args.peak_flops or (peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
     results = {"kino": timed_steps(kino_step, args.steps, args.warmup, device)}
-    backend = __import__("models.attention", fromlist=["resolve_backend"]).resolve_backend(
-        cfg.attention_backend, device.type)
+    backend = resolve_backend(cfg.attention_backend, device.type, dtype)
     if not args.no_baseline:
         del optimizer
         context_dim = kino.dit.text_pool.in_features

@@ -40,6 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config OK: {cfg.total_steps} steps in {len(cfg.curriculum.stages)} stage(s), run dir {cfg.run_dir}")
         return 0
 
+    from models.attention import BackendUnavailable
     from train.engine import init_distributed
     from train.trainer import NonFiniteLoss, Trainer
     from train.vae_trainer import VAETrainer
@@ -48,6 +49,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     trainer_class = VAETrainer if cfg.train.method == "vae" else Trainer
     try:
         summary = trainer_class(cfg, env).train()
+    except BackendUnavailable as error:  # this machine cannot run the forced kernel: a config error here
+        if env.is_main:
+            print(f"kino: model.attention_backend: {error}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as error:
         if env.is_main:
             print(f"kino: training stopped: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import CoordinatorClient, CoordinatorCore, start_ray_coordinator
 from data.loader import LoaderSpec, dataset_rows, make_loader
+from models.attention import resolve_backend
 from models.autoencoder import build_autoencoder
 from models.dit import TextToVideoModel, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
@@ -109,6 +110,8 @@ class Trainer:
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
     def build_model(self) -> torch.nn.Module:
         cfg, device = self.cfg, self.env.device
+        # A forced attention kernel that cannot run this device and precision fails now, not at step 1.
+        resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
         self.autoencoder = _on_device(build_autoencoder(cfg.model.autoencoder), device)
         self.text = _on_device(text_conditioner(cfg.model), device)
         model = TextToVideoModel(cfg.model)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATED, REPO
+from tests.conftest import GATED, REPO, free_port
 from train.provenance import read_trained_keys
 
 TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
@@ -116,6 +116,16 @@ def test_bad_config_is_rejected_before_any_process_starts():
     assert result.returncode == 2
     assert "zero.stage=7" in result.stderr
     assert "DeepSpeed" not in result.stdout + result.stderr
+
+
+def test_a_forced_attention_kernel_this_machine_cannot_run_is_refused_at_start_up(tiny_dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+                             f"train.run_dir={tmp_path / 'forced'}", *TINY, "model.attention_backend=torch_varlen",
+                             "tracking.mode=disabled"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    assert result.returncode == 2
+    assert "model.attention_backend" in result.stderr and "fp16/bf16 on CUDA only" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "forced" / "metrics.jsonl").exists()
 
 
 def test_a_fresh_start_keeps_the_previous_run_aside(tiny_dataset, tmp_path):
