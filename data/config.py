@@ -29,6 +29,8 @@ class DataConfig:
     ray_address: Optional[str] = None
     # Samples per unit of work handed out; null = a whole shard.
     chunk_samples: Optional[int] = None
+    # A held-out licensed split (shards + manifest.json) for the validation loss; null = none.
+    validation_root: Optional[str] = None
     # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.
     pack_window: int = 16
     pack_tolerance: float = 0.01

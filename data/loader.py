@@ -211,44 +211,50 @@ class ClipStream(IterableDataset):
         }
 
     def _prepare(self, raw: Dict[str, Any], tag: Tag):
-        spec = self.spec
-        key = raw.get("__key__", "?")
-        if "json" not in raw or "mp4" not in raw or "txt" not in raw:
-            return None, INCOMPLETE_SAMPLE
-        try:
-            meta = parse_metadata(raw["json"])
-        except (ValueError, UnicodeDecodeError):
-            return None, METADATA_INVALID
-        # The license gate comes first: a disallowed sample is never even decoded.
-        reason = spec.policy.rejection(meta)
-        if reason:
-            return None, reason
-        if metadata_problems(meta):
-            return None, METADATA_INVALID
-        try:
-            caption = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            return None, CAPTION_INVALID
-        rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same choices whoever reads it
-        available = frames_available(int(meta["num_frames"]), float(meta["fps"]), spec.fps)
-        if spec.image_fraction and rng.random() < spec.image_fraction:
-            available = 1  # this sample trains as an image: one frame of the clip
-        shapes = [s for s in spec.shapes if s.frames == 1] if available == 1 else spec.shapes
-        shape = assign_bucket(shapes or spec.shapes, int(meta["width"]), int(meta["height"]), available)
-        if shape is None:
-            return None, TOO_SHORT
-        try:
-            video = decode_clip(raw["mp4"], shape, spec.fps, rng)
-        except ClipTooShort:
-            return None, TOO_SHORT
-        except Exception as error:  # decord raises its own error types for broken streams
-            _warn_once(key, "undecodable video %s (skipped, counted): %s", key,
-                       (str(error) or repr(error)).splitlines()[0][:200])
-            return None, UNDECODABLE
-        shard = Path(raw.get("__url__", "?")).name
-        tokens = shape.tokens(spec.patch_size, spec.temporal_factor, spec.spatial_factor)
-        return {"video": video, "caption": caption, "key": key, "shard": shard, "shard_file": shard,
-                "meta": meta, "tokens": tokens, "tag": tag}, None
+        return prepare_sample(raw, tag, self.spec)
+
+
+def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec):
+    """One raw WebDataset sample -> (item, None) ready to pack, or (None, reason) for a sample that must not
+    reach the model. The license gate comes first; the random choices (crop, frames, image or clip) depend
+    only on the seed and the sample's tag, so whoever reads it makes the same ones."""
+    key = raw.get("__key__", "?")
+    if "json" not in raw or "mp4" not in raw or "txt" not in raw:
+        return None, INCOMPLETE_SAMPLE
+    try:
+        meta = parse_metadata(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None, METADATA_INVALID
+    # The license gate comes first: a disallowed sample is never even decoded.
+    reason = spec.policy.rejection(meta)
+    if reason:
+        return None, reason
+    if metadata_problems(meta):
+        return None, METADATA_INVALID
+    try:
+        caption = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        return None, CAPTION_INVALID
+    rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same choices whoever reads it
+    available = frames_available(int(meta["num_frames"]), float(meta["fps"]), spec.fps)
+    if spec.image_fraction and rng.random() < spec.image_fraction:
+        available = 1  # this sample trains as an image: one frame of the clip
+    shapes = [s for s in spec.shapes if s.frames == 1] if available == 1 else spec.shapes
+    shape = assign_bucket(shapes or spec.shapes, int(meta["width"]), int(meta["height"]), available)
+    if shape is None:
+        return None, TOO_SHORT
+    try:
+        video = decode_clip(raw["mp4"], shape, spec.fps, rng)
+    except ClipTooShort:
+        return None, TOO_SHORT
+    except Exception as error:  # decord raises its own error types for broken streams
+        _warn_once(key, "undecodable video %s (skipped, counted): %s", key,
+                   (str(error) or repr(error)).splitlines()[0][:200])
+        return None, UNDECODABLE
+    shard = Path(raw.get("__url__", "?")).name
+    tokens = shape.tokens(spec.patch_size, spec.temporal_factor, spec.spatial_factor)
+    return {"video": video, "caption": caption, "key": key, "shard": shard, "shard_file": shard,
+            "meta": meta, "tokens": tokens, "tag": tag}, None
 
 
 def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:

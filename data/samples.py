@@ -51,16 +51,25 @@ def _shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radiu
     return (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
 
 
+# Speed of the shape: this share of the free path (frame side minus the shape) per second, through the centre.
+SPEED = 0.3
+RADIUS = 0.25  # of the shorter side
+
+
 def render_clip(shape: str, colour: str, background: str, motion: str, width: int, height: int,
-                frames: int) -> np.ndarray:
-    """A shape crossing the frame in one direction: (T, H, W, 3) uint8."""
-    radius = 0.18 * min(width, height)
+                frames: int, speed: float = SPEED) -> np.ndarray:
+    """A shape moving at constant speed in one direction through the centre of the frame: (T, H, W, 3) uint8.
+
+    A training crop is a random window of the clip, so the caption alone cannot say where the shape is; a
+    path centred in the frame and a steady speed keep the caption's answer (colour, shape, direction)
+    sharp in any window (BENCHMARKS.md, demo experiments)."""
+    radius = RADIUS * min(width, height)
     dx, dy = MOTIONS[motion]
     clip = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
-        progress = t / max(frames - 1, 1)  # 0 -> 1 across the clip
-        cx = width / 2 + dx * (progress - 0.5) * (width - 2.5 * radius)
-        cy = height / 2 + dy * (progress - 0.5) * (height - 2.5 * radius)
+        seconds = (t - (frames - 1) / 2) / FPS  # from the clip's middle
+        cx = width / 2 + dx * seconds * speed * (width - 2.5 * radius)
+        cy = height / 2 + dy * seconds * speed * (height - 2.5 * radius)
         frame = np.empty((height, width, 3), np.uint8)
         frame[:] = BACKGROUNDS[background]
         frame[_shape_mask(shape, height, width, cy, cx, radius)] = COLOURS[colour]
@@ -76,7 +85,7 @@ def procedural_clip(seed: int, frames: int, width: int, height: int) -> np.ndarr
     return render_clip(rng.choice(SHAPES), colour, background, rng.choice(sorted(MOTIONS)), width, height, frames)
 
 
-def procedural_samples(count: int, seed: int) -> Iterator[Tuple[str, bytes, str, Dict]]:
+def procedural_samples(count: int, seed: int, prefix: str = "procedural") -> Iterator[Tuple[str, bytes, str, Dict]]:
     rng = random.Random(seed)
     for i in range(count):
         shape, colour = SHAPES[(i + i // 12) % len(SHAPES)], rng.choice(sorted(COLOURS))
@@ -86,7 +95,7 @@ def procedural_samples(count: int, seed: int) -> Iterator[Tuple[str, bytes, str,
         frames = DURATIONS[(i // len(SIZES)) % len(DURATIONS)]
         clip = render_clip(shape, colour, background, motion, width, height, frames)
         caption = f"a {colour} {shape} moving {motion} on a {background} background"
-        key = f"procedural-{i:04d}"
+        key = f"{prefix}-{i:04d}"
         meta = {"license": "CC0-1.0", "source_url": f"kino:procedural/{key}", "attribution": PROCEDURAL_ATTRIBUTION,
                 "rights_holder": KINO, "width": width, "height": height, "fps": FPS, "num_frames": frames,
                 "generator": {"shape": shape, "colour": colour, "background": background, "motion": motion}}
@@ -188,6 +197,14 @@ def corrupt_samples() -> Iterator[Tuple[str, bytes, str, Dict]]:
     yield "corrupt-00", bytes(random.Random(0).getrandbits(8) for _ in range(4096)), "garbage bytes", meta
 
 
+def build_validation(out: Path, count: int, seed: int = 0, samples_per_shard: int = 8) -> Path:
+    """A held-out split of procedural clips (other seeds than training): OUT/validation/ with its own manifest."""
+    writer = ShardSetWriter(Path(out) / "validation", samples_per_shard=samples_per_shard)
+    for key, video, caption, meta in procedural_samples(count, seed + 7919, prefix="validation"):
+        writer.write(key, video, caption, meta)
+    return writer.close({"name": f"{Path(out).name}-validation", "builder": "data.samples", "split": "validation"})
+
+
 def build(out: Path, procedural: int = 48, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
           cache: Optional[Path] = None) -> Path:
     out = Path(out)
@@ -211,6 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-real", action="store_true", help="skip fetching openly licensed real videos")
     parser.add_argument("--samples-per-shard", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validation", type=int, default=16,
+                        help="procedural clips in the held-out split OUT/validation (0: none)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a manifest exists")
     args = parser.parse_args(argv)
     manifest = args.out / "manifest.json"
@@ -218,6 +237,9 @@ def main(argv=None) -> None:
         print(f"dataset already built: {manifest} (--force rebuilds)")
         return
     path = build(args.out, args.procedural, not args.no_real, args.samples_per_shard, args.seed)
+    if args.validation:
+        build_validation(args.out, args.validation, args.seed, args.samples_per_shard)
+        print(f"wrote {args.validation} held-out procedural samples to {args.out / 'validation'}")
     import json
 
     rows = json.loads(path.read_text())["shards"]

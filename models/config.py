@@ -13,6 +13,9 @@ class TextEncoderConfig:
     depth: int = 2
     heads: int = 4
     max_tokens: int = 64
+    # builtin only: bytes (UTF-8 bytes, one token each) | words (each word hashed into vocab_size ids)
+    tokenizer: str = "bytes"
+    vocab_size: int = 4096
 
 
 @dataclass
@@ -50,6 +53,9 @@ class ModelConfig:
     # cross_attention: video tokens attend to text tokens in a separate layer.
     # joint: MM-DiT style, caption and video tokens of a clip attend together (separate weights per stream).
     conditioning: str = "cross_attention"
+    # fractional: each token also gets Fourier features of its fractional (t, y, x) position in its clip,
+    # added to the patch embedding (RoPE alone is relative); none: RoPE only.
+    position_embedding: str = "fractional"
     # auto | flash_attn | torch_varlen | sdpa | reference
     attention_backend: str = "auto"
     activation_checkpointing: bool = False

@@ -19,10 +19,11 @@ from models.config import ModelConfig
 from models.attention import varlen_attention
 from models.layers import MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding
 from models.precision import cast_floating, module_dtype
-from models.text_encoder import (ByteTokenizer, PretrainedTextEncoder, TextBatch, TextEncoder,
+from models.text_encoder import (PretrainedTextEncoder, TextBatch, TextEncoder, builtin_tokenizer,
                                  pretrained_text_dim)
 
 Grid = Tuple[int, int, int]
+POSITION_FREQUENCIES = 8
 
 
 @functools.lru_cache(maxsize=256)
@@ -37,6 +38,16 @@ def _rope_angles(grid: Grid, head_dim: int, theta: float) -> torch.Tensor:
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         angles.append(coords[:, axis:axis + 1] * freqs[None])
     return torch.cat(angles, dim=-1)
+
+
+@functools.lru_cache(maxsize=256)
+def _fractional_features(grid: Grid, frequencies: int) -> torch.Tensor:
+    """Per-token Fourier features (t*h*w, 6 * frequencies) of where the token sits in its clip, as fractions
+    of the clip's own length, height and width: the same features for any resolution or duration."""
+    coords = torch.stack(torch.meshgrid(*((torch.arange(n, dtype=torch.float32) + 0.5) / n for n in grid),
+                                        indexing="ij"), -1).reshape(-1, 3)
+    angles = coords[:, :, None] * (torch.pi * torch.arange(1, frequencies + 1, dtype=torch.float32))
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(coords.shape[0], -1)
 
 
 def rope_3d(grids: Sequence[Grid], head_dim: int, theta: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +159,11 @@ class VideoDiT(nn.Module):
         self.channels = cfg.autoencoder.latent_channels
         patch_dim = self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
         self.patch_embed = nn.Linear(patch_dim, d)
+        # RoPE is relative: from pure noise, a token cannot tell where in the frame it is, so at high noise
+        # the model can only predict a uniform field and objects never form (BENCHMARKS.md, demo experiments).
+        # Fractional position features tell each token where it sits in its own clip, at any size.
+        self.position_embed = nn.Linear(6 * POSITION_FREQUENCIES, d) \
+            if cfg.position_embedding == "fractional" else None
         self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
         self.text_pool = nn.Linear(context_dim, d)
         self.joint = cfg.conditioning == "joint"
@@ -170,7 +186,8 @@ class VideoDiT(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
         adas = [m for name, m in self.named_modules() if name.endswith(".ada")]
-        for zero in adas + [self.final_ada, self.final]:
+        starts_silent = [self.position_embed] if self.position_embed is not None else []
+        for zero in adas + starts_silent + [self.final_ada, self.final]:
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
 
@@ -209,6 +226,9 @@ class VideoDiT(nn.Module):
         lengths = [g[0] * g[1] * g[2] for g in grids]
         device = timesteps.device
         x = self.patch_embed(self.patchify(latents))
+        if self.position_embed is not None:
+            features = torch.cat([_fractional_features(tuple(g), POSITION_FREQUENCIES) for g in grids])
+            x = x + self.position_embed(features.to(device=x.device, dtype=x.dtype))
         cu = cu_seqlens_from_lengths(lengths, device)
         lengths_t = torch.tensor(lengths, device=device)
         pooled = torch.stack([t.mean(0) for t in torch.split(text, text_batch.lengths)])
@@ -259,7 +279,7 @@ def text_conditioner(cfg: ModelConfig):
     """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
     if cfg.text.name == "pretrained":
         return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens)
-    return ByteTokenizer(cfg.text.max_tokens)
+    return builtin_tokenizer(cfg.text)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
+import re
+import zlib
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -50,6 +52,38 @@ class ByteTokenizer:
         return TextBatch(ids, positions, cu_seqlens_from_lengths(lengths, device), max(lengths))
 
 
+class WordTokenizer:
+    """Lower-cased words (letters and digits), each hashed into one of `vocab_size` ids; BOS first, as for
+    bytes. A word is one token, so a small encoder trained from scratch reads "yellow" as one thing at one
+    position instead of composing it from six bytes first (docs: BENCHMARKS.md, the demo experiments).
+    crc32, unlike Python's salted hash(), gives every process and every run the same ids."""
+
+    BOS = 1
+    OFFSET = 2
+
+    def __init__(self, max_tokens: int, vocab_size: int):
+        self.max_tokens, self.vocab_size = max_tokens, vocab_size
+
+    def word_id(self, word: str) -> int:
+        return self.OFFSET + zlib.crc32(word.encode("utf-8")) % (self.vocab_size - self.OFFSET)
+
+    def encode(self, text: str) -> List[int]:
+        return [self.BOS] + [self.word_id(w) for w in _WORD.findall(text.lower())][: self.max_tokens - 1]
+
+    batch = ByteTokenizer.batch
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def builtin_tokenizer(cfg: TextEncoderConfig):
+    if cfg.tokenizer == "bytes":
+        return ByteTokenizer(cfg.max_tokens)
+    if cfg.tokenizer == "words":
+        return WordTokenizer(cfg.max_tokens, cfg.vocab_size)
+    raise ValueError(f"model.text.tokenizer={cfg.tokenizer!r}: supported: bytes, words")
+
+
 class TextBlock(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, backend: str):
         super().__init__()
@@ -66,8 +100,8 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = ByteTokenizer(cfg.max_tokens)
-        self.token_embed = nn.Embedding(ByteTokenizer.vocab_size, cfg.dim)
+        self.tokenizer = builtin_tokenizer(cfg)
+        self.token_embed = nn.Embedding(self.tokenizer.vocab_size, cfg.dim)
         self.position_embed = nn.Embedding(cfg.max_tokens, cfg.dim)
         self.blocks = nn.ModuleList(TextBlock(cfg, backend) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim)

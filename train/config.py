@@ -77,6 +77,12 @@ class TrackingConfig:
     # Sample videos from fixed prompts every N steps (0: only at the end of the run).
     sample_every: int = 0
     sample_prompts: List[str] = field(default_factory=lambda: ["a red circle moving right on a black background"])
+    # Evaluation (train/evaluate.py) every N steps with the EMA weights, and at the end; 0 = only at the end.
+    eval_every: int = 0
+    # Procedural prompts judged per split (seen in training / held out); 0 = no adherence evaluation.
+    eval_prompts: int = 0
+    # Clips of data.validation_root for the validation loss; 0 = none.
+    eval_clips: int = 0
     sample_steps: int = 20
     sampler: str = "euler"  # euler | heun
     cfg_scale: float = 3.0
@@ -182,7 +188,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
-    "data.coordinator", "data.ray_address",
+    "data.coordinator", "data.ray_address", "data.validation_root",
     "model.attention_backend", "model.activation_checkpointing", "launcher",
 )
 
@@ -218,6 +224,12 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError(f"model.conditioning={model.conditioning!r}: supported: cross_attention, joint")
     if model.text.name not in ("builtin", "pretrained"):
         raise ConfigError(f"model.text.name={model.text.name!r}: supported: builtin, pretrained")
+    if model.position_embedding not in ("fractional", "none"):
+        raise ConfigError(f"model.position_embedding={model.position_embedding!r}: supported: fractional, none")
+    if model.text.tokenizer not in ("bytes", "words"):
+        raise ConfigError(f"model.text.tokenizer={model.text.tokenizer!r}: supported: bytes, words")
+    if model.text.tokenizer == "words" and model.text.vocab_size < 16:
+        raise ConfigError(f"model.text.vocab_size={model.text.vocab_size}: too small for hashed words")
     if model.text.name == "pretrained" and not model.text.path:
         raise ConfigError("model.text.path must name a local T5/UMT5 directory when model.text.name=pretrained")
     if model.autoencoder.name not in ("pixel", "causal_vae", "diffusers"):
@@ -238,6 +250,11 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError("train.method=vae trains the built-in VAE: set model.autoencoder.name=causal_vae")
     if cfg.tracking.sampler not in ("euler", "heun"):
         raise ConfigError(f"tracking.sampler={cfg.tracking.sampler!r}: must be euler or heun")
+    for key in ("eval_every", "eval_prompts", "eval_clips"):
+        if getattr(cfg.tracking, key) < 0:
+            raise ConfigError(f"tracking.{key}={getattr(cfg.tracking, key)}: must be >= 0")
+    if cfg.tracking.eval_clips and not cfg.data.validation_root:
+        raise ConfigError("tracking.eval_clips needs data.validation_root (a held-out split)")
     if not cfg.curriculum.stages:
         raise ConfigError("curriculum.stages is empty")
     if cfg.data.coordinator not in ("auto", "local", "ray"):

@@ -82,6 +82,11 @@ def _print_summary(summary: dict) -> None:
     dropped = ", ".join(f"{reason}={count} (e.g. {', '.join(audit['dropped_examples'].get(reason, [])[:3])})"
                         for reason, count in sorted(audit["dropped"].items()))
     print(f"dropped       : {dropped or 'none'}")
+    if summary.get("evaluation"):
+        from train.evaluate import table
+
+        print("evaluation    : EMA weights at the last step (train/evaluate.py; adherence judged from pixels)")
+        print("\n".join("  " + line for line in table(summary["evaluation"]).splitlines()))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Generate clips from prompts with the rectified-flow sampler and write them as mp4 + gif."""
+"""Generate clips from prompts with the rectified-flow sampler and write them as mp4 + gif.
+
+`python -m train.sample RUN --prompt TEXT [--prompt TEXT ...] --out DIR` generates from any complete
+checkpoint of a run (EMA weights unless --raw), at the last curriculum stage's buckets (one per aspect ratio,
+longest clips) unless --width/--height/--frames say otherwise. Files: NN-<prompt slug>-WxHxT.mp4 and .gif.
+"""
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,6 +55,29 @@ def write_samples(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_di
     return paths
 
 
+def write_strip(videos: Sequence[torch.Tensor], path: Path, scale: int = 3, gap: int = 2) -> Path:
+    """One PNG to look at: each clip a row of its frames side by side (nearest-neighbour upscaled), clips of
+    different sizes stacked on a white sheet."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for video in videos:
+        frames = video.numpy().repeat(scale, axis=1).repeat(scale, axis=2)  # (T, H, W, 3)
+        spacer = np.full((frames.shape[1], gap * scale, 3), 255, np.uint8)
+        rows.append(np.concatenate([part for frame in frames for part in (frame, spacer)][:-1], axis=1))
+    width = max(r.shape[1] for r in rows)
+    sheet = np.full((sum(r.shape[0] for r in rows) + gap * scale * (len(rows) - 1), width, 3), 255, np.uint8)
+    top = 0
+    for row in rows:
+        sheet[top:top + row.shape[0], :row.shape[1]] = row
+        top += row.shape[0] + gap * scale
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path)
+    return path
+
+
 def sample_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: int = 4):
     """Prompts paired with the stage's longest buckets, one per aspect ratio, cycling."""
     longest = max(s.frames for s in shapes)
@@ -56,3 +85,79 @@ def sample_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: in
     pairs = [(prompts[i % len(prompts)], by_ratio[i % len(by_ratio)])
              for i in range(min(limit, max(len(prompts), len(by_ratio))))]
     return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def last_stage_shapes(cfg, longest: bool = True) -> List[BucketShape]:
+    """The last stage's longest (or shortest video) buckets, one per aspect ratio (widest first)."""
+    from train.curriculum import stage_shapes
+
+    shapes = [s for s in stage_shapes(cfg, cfg.curriculum.stages[-1]) if s.frames > 1]
+    frames = max(s.frames for s in shapes) if longest else min(s.frames for s in shapes)
+    return sorted({round(s.aspect_ratio, 3): s for s in shapes if s.frames == frames}.values(),
+                  key=lambda s: -s.aspect_ratio)
+
+
+def load_for_sampling(run_dir, step: Optional[int] = None, raw: bool = False, device="cpu") -> Tuple:
+    """(config, model, autoencoder, text conditioner, checkpoint) of a run's complete checkpoint, the model
+    holding its EMA (or, with raw, its trained) weights in the run's training precision."""
+    from models.autoencoder import build_autoencoder
+    from models.dit import TextToVideoModel, text_conditioner
+    from train.config import from_yaml
+    from train.engine import compute_dtype
+    from train.export import checkpoint_path, ema_weights, raw_weights
+
+    checkpoint = checkpoint_path(Path(run_dir), step)
+    cfg = from_yaml((checkpoint / "config.yaml").read_text())
+    if cfg.train.method != "dit":
+        raise SystemExit(f"{run_dir} trains {cfg.train.method!r}, not a text-to-video model")
+    model = TextToVideoModel(cfg.model)
+    model.load_state_dict(raw_weights(checkpoint) if raw else ema_weights(checkpoint))
+    model = model.to(device, compute_dtype(cfg)).eval()
+    autoencoder = build_autoencoder(cfg.model.autoencoder)
+    text = text_conditioner(cfg.model)
+    for component in (autoencoder, text):
+        if hasattr(component, "to"):
+            component.to(device)
+    return cfg, model, autoencoder, text, checkpoint
+
+
+def main(argv=None) -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: tracking.sample_steps)")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strip", type=Path, default=None, help="also write every clip's frames into this PNG")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, autoencoder, text, checkpoint = load_for_sampling(args.run_dir, args.step, args.raw, device)
+    shapes = last_stage_shapes(cfg)
+    if args.width or args.height or args.frames:
+        default = shapes[0]
+        shapes = [BucketShape(args.frames or default.frames, args.height or default.height,
+                              args.width or default.width)]
+    prompts = [p for p in args.prompt for _ in shapes]
+    plan = [s for _ in args.prompt for s in shapes]
+    videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sample_steps,
+                      cfg.tracking.cfg_scale if args.cfg is None else args.cfg, args.seed,
+                      cfg.train.shift_reference_tokens, device, args.sampler or cfg.tracking.sampler)
+    paths = write_samples(videos, prompts, args.out, cfg.data.fps)
+    print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
+    for path in paths:
+        print(f"  {path}")
+    if args.strip:
+        print(f"  {write_strip(videos, args.strip)} (frames of every clip, one row each)")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,11 +24,12 @@ from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.checkpoint import (CheckpointManager, ensure_universal, latest_checkpoint, save_tensor_file,
                               save_text_file, saved_world_size)
+from train.collectives import all_ranks_finite, all_reduce_values
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
-from train.collectives import all_ranks_finite, all_reduce_values
 from train.engine import DistEnv, build_engine, compute_dtype, full_parameters, set_learning_rate
+from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
@@ -78,6 +79,8 @@ class Trainer:
         self._recent_step_time: Optional[float] = None
         self._iterator = None
         self._iterator_stage: Optional[int] = None
+        self._evaluator: Optional[Evaluator] = None
+        self.last_evaluation: Dict[str, float] = {}
         peak = cfg.tracking.peak_flops or (peak_flops(torch.cuda.get_device_name(env.device))
                                            if env.device.type == "cuda" else None)
         self.peak_flops = peak
@@ -338,6 +341,23 @@ class Trainer:
         self.tracker.log_event(self.step, f"checkpoint saved: {path}")
         return path
 
+    def ema_model(self) -> torch.nn.Module:
+        """A copy of the model holding the EMA weights (main rank). The EMA is kept in fp32; the copy computes in
+        the training precision, as the model trained."""
+        model = TextToVideoModel(self.cfg.model).to(self.env.device, compute_dtype(self.cfg))
+        self.ema.copy_to(model)
+        return model
+
+    def evaluate(self) -> Dict[str, float]:
+        """Prompt adherence and validation loss of the EMA weights (main rank; train/evaluate.py)."""
+        if not self.env.is_main or not (self.cfg.tracking.eval_prompts or self.cfg.tracking.eval_clips):
+            return {}
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.cfg, self.autoencoder, self.text, self.env.device)
+        metrics = self._evaluator(self.ema_model())
+        self.tracker.log_event(self.step, f"evaluation at step {self.step} (EMA weights):\n{evaluation_table(metrics)}")
+        return metrics
+
     def sample(self) -> List[Path]:
         """Sample the fixed prompts with the EMA weights at the current stage's shapes (main rank)."""
         if not self.env.is_main:
@@ -345,10 +365,7 @@ class Trainer:
         cfg = self.cfg
         stage = self.curriculum.stage(max(self.step - 1, 0))
         prompts, shapes = sample_plan(cfg.tracking.sample_prompts, stage_shapes(cfg, stage))
-        # The EMA is kept in fp32; samples are drawn in the training precision, as the model trained.
-        ema_model = TextToVideoModel(cfg.model).to(self.env.device, compute_dtype(cfg))
-        self.ema.copy_to(ema_model)
-        videos = generate(ema_model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
+        videos = generate(self.ema_model(), self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
                           cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,
                           cfg.tracking.sampler)
         paths = write_samples(videos, prompts, self.run_dir / "samples" / f"step_{self.step}", cfg.data.fps)
@@ -396,8 +413,12 @@ class Trainer:
             # Recent steps predict the rest better than the run's average (later stages are slower).
             self._recent_step_time = step_time if self._recent_step_time is None else \
                 0.9 * self._recent_step_time + 0.1 * step_time
-            if self.step % cfg.tracking.log_every == 0 or self.step == stop_at:
-                self.tracker.log(self._metrics(outcome, step_time))
+            evaluation = self.evaluate() if (cfg.tracking.eval_every and self.step % cfg.tracking.eval_every == 0) \
+                or self.step == total else {}
+            if evaluation:
+                self.last_evaluation = evaluation
+            if self.step % cfg.tracking.log_every == 0 or self.step == stop_at or evaluation:
+                self.tracker.log({**self._metrics(outcome, step_time), **evaluation})
             if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
                 self.sample()
             if self.step % cfg.train.checkpoint_every == 0 or self.step == total:
@@ -418,7 +439,8 @@ class Trainer:
                    "exit_status": self.stop_request.exit_status() if preempted else 0,
                    "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
-                   "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir}
+                   "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
+                   "evaluation": self.last_evaluation}
         self.tracker.finish()
         return summary
 

@@ -29,6 +29,7 @@ def train(run_dir: Path, dataset: Path, *overrides: str) -> subprocess.Completed
     command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}",
                "tracking.mode=disabled", "tracking.log_every=1", "tracking.sample_steps=8",
                "curriculum.stages.0.steps=12", "curriculum.stages.1.steps=8", "train.checkpoint_every=100",
+               "tracking.eval_prompts=2", "tracking.eval_clips=0",  # the evaluation path, on the device
                *overrides]
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

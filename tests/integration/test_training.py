@@ -14,7 +14,8 @@ TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "
         "model.text.heads=2", "curriculum.stages.0.steps=5", "curriculum.stages.1.steps=3",
         "curriculum.stages.0.token_budget=1600", "curriculum.stages.1.resolutions=[32]",
         "curriculum.stages.1.frame_counts=[8]", "curriculum.stages.1.token_budget=2100",
-        "tracking.log_every=1", "tracking.sample_steps=3", "train.checkpoint_every=4"]
+        "tracking.log_every=1", "tracking.sample_steps=3", "train.checkpoint_every=4",
+        "tracking.eval_prompts=0", "tracking.eval_clips=0"]  # evaluation has its own tests
 
 
 def torchrun(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -47,7 +47,8 @@ def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp
               "curriculum.stages.0.resolutions=[32]", "curriculum.stages.0.token_budget=200",
               "curriculum.stages.1.steps=1", "curriculum.stages.1.frame_counts=[9]",
               "curriculum.stages.1.resolutions=[32]", "curriculum.stages.1.token_budget=200",
-              "tracking.log_every=1", "tracking.sample_steps=2", "tracking.mode=disabled", port=29542)
+              "tracking.log_every=1", "tracking.sample_steps=2", "tracking.mode=disabled",
+              "tracking.eval_prompts=0", "tracking.eval_clips=0", port=29542)
     rows = [json.loads(line) for line in (dit_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)
     samples = list((dit_run / "samples" / "step_3").glob("*.mp4"))

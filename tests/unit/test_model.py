@@ -94,3 +94,16 @@ def test_auto_backend_is_sdpa_on_cpu_and_a_forced_unavailable_backend_is_a_clear
     assert resolve_backend("auto", "cpu") == "sdpa"
     with pytest.raises(BackendUnavailable, match="flash_attn.*not available on cpu"):
         resolve_backend("flash_attn", "cpu")
+
+
+def test_word_tokens_are_stable_per_word_and_the_demo_vocabulary_has_no_collisions():
+    from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+    from models.text_encoder import WordTokenizer
+
+    tokenizer = WordTokenizer(max_tokens=16, vocab_size=4096)
+    ids = tokenizer.encode("A Yellow square, moving down on a NAVY background")
+    assert ids[0] == tokenizer.BOS and len(ids) == 10 and ids[1] == ids[7] == tokenizer.word_id("a")
+    assert ids[2] == tokenizer.word_id("yellow") == 2 + __import__("zlib").crc32(b"yellow") % 4094
+    words = {w for name in [*COLOURS, *SHAPES, *MOTIONS, *BACKGROUNDS, "a moving on background"] for w in name.split()}
+    assert len({tokenizer.word_id(w) for w in words}) == len(words)
+    assert tokenizer.encode("") == [tokenizer.BOS] and len(tokenizer.encode("w " * 40)) == 16

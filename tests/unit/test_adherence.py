@@ -1,0 +1,51 @@
+"""The pixel judge of prompt adherence (train/adherence.py) reads rendered procedural clips correctly, at the
+demo's bucket shapes, and refuses what it cannot judge."""
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from data.decode import resize_and_crop
+from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, render_clip
+from train.adherence import judge, parse_prompt, prompt_for, read_clip, summarize
+
+
+def rendered(colour, shape, motion, background, source=(96, 96), bucket=(48, 48), frames=8):
+    clip = render_clip(shape, colour, background, motion, source[0], source[1], 24)
+    picked = np.linspace(0, 23, frames).round().astype(int)
+    return resize_and_crop(clip[picked], bucket[1], bucket[0]).numpy()
+
+
+def test_every_attribute_of_rendered_clips_is_read_back_at_the_demo_buckets():
+    rng = random.Random(0)
+    combos = [c for c in itertools.product(sorted(COLOURS), SHAPES, sorted(MOTIONS), sorted(BACKGROUNDS))]
+    judgements = []
+    for colour, shape, motion, background in rng.sample(combos, 60):
+        for bucket in ((32, 32), (48, 48), (64, 36), (36, 64)):
+            source = {1.0: (96, 96)}.get(bucket[0] / bucket[1], (128, 72) if bucket[0] > bucket[1] else (72, 128))
+            video = rendered(colour, shape, motion, background, source, bucket)
+            judgements.append(judge(prompt_for(colour, shape, motion, background), video))
+    scores = summarize(judgements)
+    assert scores["background"] == scores["colour"] == scores["motion"] == 1.0
+    assert scores["shape"] >= 0.97  # a few small shapes at 32 px are ambiguous
+
+
+def test_noise_and_an_empty_frame_are_not_read_as_the_prompt():
+    prompt = prompt_for("yellow", "square", "down", "navy")
+    empty = np.zeros((8, 32, 32, 3), np.uint8) + np.array(BACKGROUNDS["navy"], np.uint8)
+    assert judge(prompt, empty) == {"background": True, "colour": False, "shape": False, "motion": False}
+    assert read_clip(empty).colour is None
+    still = rendered("yellow", "square", "down", "navy")[:1].repeat(8, axis=0)
+    assert judge(prompt, still)["motion"] is False  # an object that does not move has no direction
+    wrong_way = rendered("yellow", "square", "up", "navy")
+    assert judge(prompt, wrong_way) == {"background": True, "colour": True, "shape": True, "motion": False}
+
+
+def test_only_procedural_prompts_are_parsed():
+    assert parse_prompt("a magenta triangle moving left on a dark green background") == {
+        "colour": "magenta", "shape": "triangle", "motion": "left", "background": "dark green"}
+    assert parse_prompt("a big grey rabbit stretching its arms") is None
+    assert parse_prompt("a purple square moving left on a black background") is None  # not in the palette
+    with pytest.raises(ValueError, match="not a procedural prompt"):
+        judge("a rabbit", np.zeros((2, 8, 8, 3), np.uint8))

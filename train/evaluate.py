@@ -1,0 +1,204 @@
+"""Does the model follow its prompts, and how well does it denoise clips it never trained on?
+
+`python -m train.evaluate RUN [--step N] [--raw]` and, inside training, every `tracking.eval_every` steps
+(EMA weights, main rank):
+
+* **prompt adherence**, judged from the generated pixels alone (train/adherence.py): procedural prompts
+  whose attribute combinations occur in the training set (`seen`) and combinations that do not
+  (`held_out`), each generated at one of the last stage's buckets (its shortest clips, one aspect
+  ratio per prompt, cycling);
+  the share right per attribute and overall;
+* **validation loss** on the held-out licensed split `data.validation_root`: every clip at fixed
+  timesteps with fixed noise, so the number is deterministic and comparable across runs and resumes;
+  overall and per bucket.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from data.buckets import BucketShape
+from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from models.flow import noisy_pair
+from train.adherence import ATTRIBUTES, judge, parse_prompt, prompt_for, summarize
+from train.sample import generate, last_stage_shapes
+
+VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def training_combinations(root) -> List[Tuple[str, str, str, str]]:
+    """(colour, shape, motion, background) of every procedural caption in a dataset, in shard order."""
+    import webdataset as wds
+
+    from data.schema import read_manifest
+
+    found = []
+    for row in read_manifest(root)["shards"]:
+        for raw in wds.tarfile_samples([{"url": str(Path(root) / row["path"])}], handler=lambda error: False):
+            try:
+                parsed = parse_prompt(raw.get("txt", b"").decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            if parsed:
+                found.append((parsed["colour"], parsed["shape"], parsed["motion"], parsed["background"]))
+    return found
+
+
+def adherence_prompts(root, count: int, seed: int = 0) -> Dict[str, List[str]]:
+    """`count` prompts whose combination the dataset holds (seen) and `count` it does not (held_out)."""
+    trained = sorted(set(training_combinations(root)))
+    everything = [c for c in itertools.product(sorted(COLOURS), SHAPES, sorted(MOTIONS), sorted(BACKGROUNDS))
+                  if c[0] != c[3]]
+    unseen = sorted(set(everything) - set(trained))
+    rng = random.Random(seed)
+    pick = lambda pool: [prompt_for(*c) for c in rng.sample(pool, min(count, len(pool)))]  # noqa: E731
+    return {"seen": pick(trained), "held_out": pick(unseen)}
+
+
+@torch.no_grad()
+def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, List[str]],
+                     shapes: Sequence[BucketShape]) -> Dict[str, Dict[str, float]]:
+    """Split -> {attribute: share right, overall}; each prompt at one of `shapes`, cycling."""
+    results = {}
+    for split, texts in prompts.items():
+        if not texts:
+            continue
+        plan = [shapes[i % len(shapes)] for i in range(len(texts))]
+        videos = generate(model, autoencoder, text, texts, plan, cfg.tracking.sample_steps, cfg.tracking.cfg_scale,
+                          cfg.train.seed, cfg.train.shift_reference_tokens, device, cfg.tracking.sampler)
+        results[split] = summarize(judge(p, v.numpy()) for p, v in zip(texts, videos))
+    return results
+
+
+def validation_clips(cfg, shapes: Sequence[BucketShape], limit: int) -> List[Dict]:
+    """Up to `limit` clips of the validation split, through the same license gate and decoding as training."""
+    import webdataset as wds
+
+    from data.licenses import LicensePolicy
+    from data.loader import LoaderSpec, prepare_sample
+    from data.schema import read_manifest
+
+    root, ae = cfg.data.validation_root, cfg.model.autoencoder
+    spec = LoaderSpec(root=root, policy=LicensePolicy.from_ids(cfg.data.licenses.allow), shapes=list(shapes),
+                      token_budget=10 ** 9, patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
+                      spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed, coordinator=None)
+    clips = []
+    for shard_index, row in enumerate(read_manifest(root)["shards"]):
+        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / row["path"])}],
+                                                         handler=lambda error: False)):
+            item, _ = prepare_sample(raw, (0, shard_index, offset), spec)
+            if item is not None:
+                clips.append(item)
+            if len(clips) >= limit:
+                return clips
+    return clips
+
+
+@torch.no_grad()
+def validation_loss(model, autoencoder, text, clips: Sequence[Dict], shift_reference_tokens: int,
+                    device) -> Dict[str, float]:
+    """Mean velocity MSE over clips x VALIDATION_TIMESTEPS with noise fixed per clip: `overall` and per bucket
+    (`FxHxW`). The timesteps are used as they are (no resolution shift), the same for every checkpoint."""
+    del shift_reference_tokens  # fixed timesteps: comparable across buckets and runs
+    was_training = model.training
+    model.eval()
+    per_bucket: Dict[str, List[float]] = {}
+    for index, clip in enumerate(clips):
+        x0 = autoencoder.encode(clip["video"]).to(device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index)).to(device)
+        for t in VALIDATION_TIMESTEPS:
+            x_t, target = noisy_pair(x0, noise, t)
+            prediction = model([x_t], torch.tensor([t], device=device), text.batch([clip["caption"]], device))
+            loss = (prediction.float() - model.dit.patchify([target]).float()).pow(2).mean()
+            video = clip["video"]
+            bucket = f"{video.shape[0]}x{video.shape[1]}x{video.shape[2]}"
+            per_bucket.setdefault(bucket, []).append(float(loss))
+    model.train(was_training)
+    if not per_bucket:
+        return {}
+    every = [v for values in per_bucket.values() for v in values]
+    result = {"overall": sum(every) / len(every)}
+    result.update({bucket: sum(v) / len(v) for bucket, v in sorted(per_bucket.items())})
+    return result
+
+
+class Evaluator:
+    """The run's evaluation, set up once: prompts chosen, validation clips decoded."""
+
+    def __init__(self, cfg, autoencoder, text, device):
+        self.cfg, self.autoencoder, self.text, self.device = cfg, autoencoder, text, device
+        self.shapes = last_stage_shapes(cfg, longest=False)  # the shortest clips: motion shows, sampling is cheap
+        count = cfg.tracking.eval_prompts
+        self.prompts = adherence_prompts(cfg.data.root, count, cfg.train.seed) if count else {}
+        self.clips = validation_clips(cfg, self.shapes, cfg.tracking.eval_clips) \
+            if cfg.data.validation_root and cfg.tracking.eval_clips else []
+
+    def __call__(self, model) -> Dict[str, float]:
+        """Flat metrics: eval/adherence/<split>/<attribute>, eval/val_loss, eval/val_loss/<bucket>."""
+        metrics: Dict[str, float] = {}
+        for split, scores in prompt_adherence(model, self.autoencoder, self.text, self.cfg, self.device,
+                                              self.prompts, self.shapes).items():
+            metrics.update({f"eval/adherence/{split}/{k}": v for k, v in scores.items()})
+        if self.clips:
+            losses = validation_loss(model, self.autoencoder, self.text, self.clips,
+                                     self.cfg.train.shift_reference_tokens, self.device)
+            metrics.update({("eval/val_loss" if k == "overall" else f"eval/val_loss/{k}"): v
+                            for k, v in losses.items()})
+        return metrics
+
+
+def table(metrics: Dict[str, float]) -> str:
+    """The adherence scores as a small text table, plus the validation loss."""
+    splits = sorted({k.split("/")[2] for k in metrics if k.startswith("eval/adherence/")})
+    lines = []
+    if splits:
+        columns = list(ATTRIBUTES) + ["overall"]
+        lines.append(f"{'prompts':<10}" + "".join(f"{c:>12}" for c in columns))
+        for split in splits:
+            lines.append(f"{split:<10}" + "".join(f"{metrics.get(f'eval/adherence/{split}/{c}', math.nan):>12.2f}"
+                                                 for c in columns))
+    if "eval/val_loss" in metrics:
+        lines.append(f"validation loss {metrics['eval/val_loss']:.4f} (fixed timesteps "
+                     f"{', '.join(map(str, VALIDATION_TIMESTEPS))}, fixed noise)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="prompts per split (default: tracking.eval_prompts, else 8)")
+    parser.add_argument("--clips", type=int, default=None,
+                        help="validation clips (default: tracking.eval_clips, else 16)")
+    parser.add_argument("--validation-root", default=None,
+                        help="held-out split (default: data.validation_root, else DATA_ROOT/validation if present)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    args = parser.parse_args(argv)
+    from train.sample import load_for_sampling
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, autoencoder, text, checkpoint = load_for_sampling(args.run_dir, args.step, args.raw, device)
+    cfg.tracking.eval_prompts = args.prompts if args.prompts is not None else (cfg.tracking.eval_prompts or 8)
+    default_split = Path(cfg.data.root) / "validation"
+    cfg.data.validation_root = args.validation_root or cfg.data.validation_root or \
+        (str(default_split) if (default_split / "manifest.json").exists() else None)
+    clips = args.clips if args.clips is not None else (cfg.tracking.eval_clips or 16)
+    cfg.tracking.eval_clips = clips if cfg.data.validation_root else 0
+    metrics = Evaluator(cfg, autoencoder, text, device)(model)
+    print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights)")
+    print(table(metrics))
+    if args.json:
+        args.json.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
