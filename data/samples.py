@@ -205,7 +205,7 @@ def build_validation(out: Path, count: int, seed: int = 0, samples_per_shard: in
     return writer.close({"name": f"{Path(out).name}-validation", "builder": "data.samples", "split": "validation"})
 
 
-def build(out: Path, procedural: int = 48, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
+def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
           cache: Optional[Path] = None) -> Path:
     out = Path(out)
     cache = Path(cache or out / ".cache")
@@ -224,7 +224,7 @@ def build(out: Path, procedural: int = 48, real: bool = True, samples_per_shard:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data.samples", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory for the shards and manifest.json")
-    parser.add_argument("--procedural", type=int, default=48, help="number of procedural clips")
+    parser.add_argument("--procedural", type=int, default=480, help="number of procedural clips")
     parser.add_argument("--no-real", action="store_true", help="skip fetching openly licensed real videos")
     parser.add_argument("--samples-per-shard", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

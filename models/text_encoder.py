@@ -105,8 +105,16 @@ class TextEncoder(nn.Module):
         self.position_embed = nn.Embedding(cfg.max_tokens, cfg.dim)
         self.blocks = nn.ModuleList(TextBlock(cfg, backend) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.position_embed.weight, std=0.02)
+        # Unit-scale embeddings and residual branches that start at zero: the encoder starts as the identity
+        # on word + position, so every word reaches the DiT's cross-attention distinct from the first step.
+        # With 0.02-scale embeddings under full-size branches, a word's identity was drowned in the caption's
+        # average, and a tiny model never learned the object's colour word (BENCHMARKS.md, demo experiments).
+        nn.init.normal_(self.token_embed.weight, std=1.0)
+        nn.init.normal_(self.position_embed.weight, std=1.0)
+        for block in self.blocks:
+            for branch_out in (block.attn.out, block.mlp.fc2):
+                nn.init.zeros_(branch_out.weight)
+                nn.init.zeros_(branch_out.bias)
 
     @property
     def dim(self) -> int:
