@@ -13,6 +13,7 @@ from launch.__main__ import main as launch_main
 from launch.node import parse_args, torchrun_command
 from launch.plan import LaunchError, make_plan
 from tests.conftest import REPO
+from train.config import load_config
 from train.preemption import EXIT_PREEMPTED, StopRequest
 
 CPU2 = ["experiment=demo", "launcher.nodes=2", "launcher.procs_per_node=1"]
@@ -206,7 +207,7 @@ def test_sbatch_trap_requeues_after_the_checkpoint_and_only_then(tmp_path):
     # A run already at its last step: nothing to requeue.
     latest = tmp_path / "run" / "checkpoints" / "latest"
     latest.parent.mkdir(parents=True)
-    latest.write_text("step_560")
+    latest.write_text(f"step_{load_config(CPU2).total_steps}")  # the demo's last step
     done = run_trap(tmp_path)
     assert done.returncode == 0 and "scontrol" not in done.stdout and "finished" in done.stdout
 
