@@ -350,7 +350,7 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         """Prompt adherence and validation loss of the EMA weights (main rank; train/evaluate.py)."""
-        if not self.env.is_main or not (self.cfg.tracking.eval_prompts or self.cfg.tracking.eval_clips):
+        if not self.env.is_main:
             return {}
         if self._evaluator is None:
             self._evaluator = Evaluator(self.cfg, self.autoencoder, self.text, self.env.device)
@@ -413,11 +413,13 @@ class Trainer:
             # Recent steps predict the rest better than the run's average (later stages are slower).
             self._recent_step_time = step_time if self._recent_step_time is None else \
                 0.9 * self._recent_step_time + 0.1 * step_time
-            evaluation = self.evaluate() if (cfg.tracking.eval_every and self.step % cfg.tracking.eval_every == 0) \
-                or self.step == total else {}
+            # Decided alike on every rank: the metrics row below is a collective, evaluation is rank 0's alone.
+            evaluation_due = bool(cfg.tracking.eval_prompts or cfg.tracking.eval_clips) and (
+                self.step == total or bool(cfg.tracking.eval_every) and self.step % cfg.tracking.eval_every == 0)
+            evaluation = self.evaluate() if evaluation_due else {}
             if evaluation:
                 self.last_evaluation = evaluation
-            if self.step % cfg.tracking.log_every == 0 or self.step == stop_at or evaluation:
+            if self.step % cfg.tracking.log_every == 0 or self.step == stop_at or evaluation_due:
                 self.tracker.log({**self._metrics(outcome, step_time), **evaluation})
             if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
                 self.sample()
