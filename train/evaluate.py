@@ -20,7 +20,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -33,21 +33,28 @@ from train.sample import generate, last_stage_shapes
 VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def training_combinations(root) -> List[Tuple[str, str, str, str]]:
-    """(colour, shape, motion, background) of every procedural caption in a dataset, in shard order."""
+def _raw_samples(root) -> Iterator[Tuple[int, int, Dict]]:
+    """(shard index, offset, raw WebDataset sample) of every sample a dataset's manifest lists, in order."""
     import webdataset as wds
 
     from data.schema import read_manifest
 
+    for shard_index, row in enumerate(read_manifest(root)["shards"]):
+        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / row["path"])}],
+                                                         handler=lambda error: False)):
+            yield shard_index, offset, raw
+
+
+def training_combinations(root) -> List[Tuple[str, str, str, str]]:
+    """(colour, shape, motion, background) of every procedural caption in a dataset, in shard order."""
     found = []
-    for row in read_manifest(root)["shards"]:
-        for raw in wds.tarfile_samples([{"url": str(Path(root) / row["path"])}], handler=lambda error: False):
-            try:
-                parsed = parse_prompt(raw.get("txt", b"").decode("utf-8"))
-            except UnicodeDecodeError:
-                continue
-            if parsed:
-                found.append((parsed["colour"], parsed["shape"], parsed["motion"], parsed["background"]))
+    for _, _, raw in _raw_samples(root):
+        try:
+            parsed = parse_prompt(raw.get("txt", b"").decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        if parsed:
+            found.append((parsed["colour"], parsed["shape"], parsed["motion"], parsed["background"]))
     return found
 
 
@@ -79,34 +86,27 @@ def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, L
 
 def validation_clips(cfg, shapes: Sequence[BucketShape], limit: int) -> List[Dict]:
     """Up to `limit` clips of the validation split, through the same license gate and decoding as training."""
-    import webdataset as wds
-
     from data.licenses import LicensePolicy
     from data.loader import LoaderSpec, prepare_sample
-    from data.schema import read_manifest
 
     root, ae = cfg.data.validation_root, cfg.model.autoencoder
     spec = LoaderSpec(root=root, policy=LicensePolicy.from_ids(cfg.data.licenses.allow), shapes=list(shapes),
                       token_budget=10 ** 9, patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
                       spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed, coordinator=None)
     clips = []
-    for shard_index, row in enumerate(read_manifest(root)["shards"]):
-        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / row["path"])}],
-                                                         handler=lambda error: False)):
-            item, _ = prepare_sample(raw, (0, shard_index, offset), spec)
-            if item is not None:
-                clips.append(item)
-            if len(clips) >= limit:
-                return clips
+    for shard_index, offset, raw in _raw_samples(root):
+        item, _ = prepare_sample(raw, (0, shard_index, offset), spec)
+        if item is not None:
+            clips.append(item)
+        if len(clips) >= limit:
+            break
     return clips
 
 
 @torch.no_grad()
-def validation_loss(model, autoencoder, text, clips: Sequence[Dict], shift_reference_tokens: int,
-                    device) -> Dict[str, float]:
+def validation_loss(model, autoencoder, text, clips: Sequence[Dict], device) -> Dict[str, float]:
     """Mean velocity MSE over clips x VALIDATION_TIMESTEPS with noise fixed per clip: `overall` and per bucket
     (`FxHxW`). The timesteps are used as they are (no resolution shift), the same for every checkpoint."""
-    del shift_reference_tokens  # fixed timesteps: comparable across buckets and runs
     was_training = model.training
     model.eval()
     per_bucket: Dict[str, List[float]] = {}
@@ -147,8 +147,7 @@ class Evaluator:
                                               self.prompts, self.shapes).items():
             metrics.update({f"eval/adherence/{split}/{k}": v for k, v in scores.items()})
         if self.clips:
-            losses = validation_loss(model, self.autoencoder, self.text, self.clips,
-                                     self.cfg.train.shift_reference_tokens, self.device)
+            losses = validation_loss(model, self.autoencoder, self.text, self.clips, self.device)
             metrics.update({("eval/val_loss" if k == "overall" else f"eval/val_loss/{k}"): v
                             for k, v in losses.items()})
         return metrics

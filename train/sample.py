@@ -78,10 +78,15 @@ def write_strip(videos: Sequence[torch.Tensor], path: Path, scale: int = 3, gap:
     return path
 
 
+def one_per_aspect_ratio(shapes: Sequence[BucketShape], longest: bool = True) -> List[BucketShape]:
+    """The buckets with the most (or fewest) frames, one per aspect ratio."""
+    frames = max(s.frames for s in shapes) if longest else min(s.frames for s in shapes)
+    return list({round(s.aspect_ratio, 3): s for s in shapes if s.frames == frames}.values())
+
+
 def sample_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: int = 4):
     """Prompts paired with the stage's longest buckets, one per aspect ratio, cycling."""
-    longest = max(s.frames for s in shapes)
-    by_ratio = sorted({round(s.aspect_ratio, 3): s for s in shapes if s.frames == longest}.values())
+    by_ratio = sorted(one_per_aspect_ratio(shapes))
     pairs = [(prompts[i % len(prompts)], by_ratio[i % len(by_ratio)])
              for i in range(min(limit, max(len(prompts), len(by_ratio))))]
     return [p for p, _ in pairs], [s for _, s in pairs]
@@ -92,9 +97,7 @@ def last_stage_shapes(cfg, longest: bool = True) -> List[BucketShape]:
     from train.curriculum import stage_shapes
 
     shapes = [s for s in stage_shapes(cfg, cfg.curriculum.stages[-1]) if s.frames > 1]
-    frames = max(s.frames for s in shapes) if longest else min(s.frames for s in shapes)
-    return sorted({round(s.aspect_ratio, 3): s for s in shapes if s.frames == frames}.values(),
-                  key=lambda s: -s.aspect_ratio)
+    return sorted(one_per_aspect_ratio(shapes, longest), key=lambda s: -s.aspect_ratio)
 
 
 def load_for_sampling(run_dir, step: Optional[int] = None, raw: bool = False, device="cpu") -> Tuple:
@@ -113,12 +116,14 @@ def load_for_sampling(run_dir, step: Optional[int] = None, raw: bool = False, de
     model = TextToVideoModel(cfg.model)
     model.load_state_dict(raw_weights(checkpoint) if raw else ema_weights(checkpoint))
     model = model.to(device, compute_dtype(cfg)).eval()
-    autoencoder = build_autoencoder(cfg.model.autoencoder)
-    text = text_conditioner(cfg.model)
-    for component in (autoencoder, text):
-        if hasattr(component, "to"):
-            component.to(device)
+    autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
+    text = on_device(text_conditioner(cfg.model), device)
     return cfg, model, autoencoder, text, checkpoint
+
+
+def on_device(component, device):
+    """Frozen helpers (autoencoder, pretrained text encoder) live on the model's device when they can move."""
+    return component.to(device) if hasattr(component, "to") else component
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,7 @@ from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
-from train.sample import generate, sample_plan, write_samples
+from train.sample import generate, on_device, sample_plan, write_samples
 from train.tracking import Tracker
 
 log = logging.getLogger("kino")
@@ -115,8 +115,8 @@ class Trainer:
         cfg, device = self.cfg, self.env.device
         # A forced attention kernel that cannot run this device and precision fails now, not at step 1.
         resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
-        self.autoencoder = _on_device(build_autoencoder(cfg.model.autoencoder), device)
-        self.text = _on_device(text_conditioner(cfg.model), device)
+        self.autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
+        self.text = on_device(text_conditioner(cfg.model), device)
         model = TextToVideoModel(cfg.model)
         self.flop_groups = parameter_groups(model)
         return model
@@ -445,11 +445,6 @@ class Trainer:
                    "evaluation": self.last_evaluation}
         self.tracker.finish()
         return summary
-
-
-def _on_device(component, device):
-    """Frozen helpers (autoencoder, pretrained text encoder) live on the training device when they can move."""
-    return component.to(device) if hasattr(component, "to") else component
 
 
 def archive_previous_run(run_dir: Path) -> Optional[Path]:
