@@ -23,3 +23,17 @@ def test_the_gpu_check_runs_end_to_end_without_ray_or_wandb(tmp_path):
     for precision in ("fp32", "bf16"):
         assert f"experiment=demo, {precision}, 1 process | 20 steps (resumed at 10)" in table
     assert "| model_step tiny" in table and "Kino / Wan" in table
+
+
+def test_the_step_profile_groups_device_time_and_lists_the_top_operators():
+    """benchmarks/profile_step.py is the other command the GPU machine runs; on the CPU it profiles CPU time."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--model", "tiny", "--tokens", "512",
+                             "--dtype", "fp32", "--steps", "1", "--top", "5"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    shares = [float(line.split("|")[2].strip().rstrip("%")) for line in result.stdout.splitlines()
+              if line.startswith("| ") and line.rstrip().endswith("% |") and line.count("|") == 3]
+    assert shares and abs(sum(shares) - 100) < 1  # every operator lands in exactly one group
+    assert "| matmul |" in result.stdout and "| attention |" in result.stdout
+    assert result.stdout.count("| `") == 5  # --top rows
