@@ -37,7 +37,11 @@ MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # (width, height): square, landscape 16:9, portrait 9:16, 4:3.
 SIZES = ((96, 96), (128, 72), (72, 128), (96, 72))
 FPS = 12
-DURATIONS = (12, 18, 24, 36)  # frames at FPS: 1 to 3 seconds
+# Procedural clips last 1 s: at the demo's 8 fps an 8-frame window is the whole clip, so the caption fixes the
+# shape's path (where it starts and where it ends), and a 4-frame window starts at most 0.5 s in. With longer
+# clips a random window could start anywhere along the path, and a small model learned a static blob instead
+# of the captioned motion (BENCHMARKS.md, demo experiments E13-E17). Real clips keep their own durations.
+DURATIONS = (12,)  # frames at FPS
 
 
 def _shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radius: float) -> np.ndarray:
@@ -52,7 +56,9 @@ def _shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radiu
 
 
 # Speed of the shape: this share of the free path (frame side minus the shape) per second, through the centre.
-SPEED = 0.3
+# 1.0 crosses the free path in the clip's second: about 1 px per frame at the demo's 24 px, a motion the model
+# and the pixel judge both see (at 0.3 the shape moved under 1 px per 4-frame window).
+SPEED = 1.0
 RADIUS = 0.25  # of the shorter side
 
 
@@ -60,9 +66,8 @@ def render_clip(shape: str, colour: str, background: str, motion: str, width: in
                 frames: int, speed: float = SPEED) -> np.ndarray:
     """A shape moving at constant speed in one direction through the centre of the frame: (T, H, W, 3) uint8.
 
-    A training crop is a random window of the clip, so the caption alone cannot say where the shape is; a
-    path centred in the frame and a steady speed keep the caption's answer (colour, shape, direction)
-    sharp in any window (BENCHMARKS.md, demo experiments)."""
+    The path is centred in the frame and the speed steady, so the caption's answer (colour, shape, direction)
+    holds in any training window (BENCHMARKS.md, demo experiments)."""
     radius = RADIUS * min(width, height)
     dx, dy = MOTIONS[motion]
     clip = np.empty((frames, height, width, 3), np.uint8)

@@ -52,7 +52,7 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
     assert [r["step"] for r in rows] == list(range(1, 9))
     for key in ("step", "stage", "loss", "lr", "tokens_per_s", "mfu", "data_wait_frac"):
         assert all(key in r for r in rows), key
-    assert [r["stage"] for r in rows] == ["short"] * 5 + ["long"] * 3
+    assert [r["stage"] for r in rows] == ["main"] * 5 + ["anneal"] * 3
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     samples = list((run_dir / "samples" / "step_8").glob("*"))
     assert {p.suffix for p in samples} == {".mp4", ".gif"} and all(p.stat().st_size > 0 for p in samples)

@@ -7,7 +7,7 @@ def test_demo_experiment_composes_and_validates():
     cfg = load_config(["experiment=demo"])
     assert cfg.train.experiment == "demo"
     assert cfg.zero.stage == 2
-    assert [s.name for s in cfg.curriculum.stages] == ["short", "long"]
+    assert [s.name for s in cfg.curriculum.stages] == ["main", "anneal"]
     assert "CC0-1.0" in cfg.data.licenses.allow and "CC-BY-NC-4.0" not in cfg.data.licenses.allow
     assert cfg.run_dir == "runs/demo"
 
