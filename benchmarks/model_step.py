@@ -38,6 +38,26 @@ def build_wan(cfg, context_dim: int):
                                  ffn_dim=int(cfg.dim * cfg.mlp_ratio), num_layers=cfg.depth)
 
 
+def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpointing=None):
+    """(model config, Kino model, one latent clip of ~`tokens` tokens, its caption batch, exact token count),
+    on the GPU when there is one. checkpointing None keeps the model config's setting."""
+    from models.dit import TextToVideoModel, text_conditioner
+    from train.config import load_config
+
+    cfg = load_config([f"model={model}"], check=False).model
+    if checkpointing is not None:
+        cfg.activation_checkpointing = checkpointing
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch.manual_seed(0)
+    kino = TextToVideoModel(cfg).to(device=device, dtype=torch_dtype)
+    shape = (cfg.autoencoder.latent_channels, *latent_grid(tokens, cfg.patch_size))
+    latent = torch.randn(shape, device=device, dtype=torch_dtype)
+    caption = "x" * (text_tokens - 1)
+    text = text_conditioner(cfg).batch([caption], device)  # the model casts frozen embeddings to its dtype
+    return cfg, kino, latent, text, math.prod(kino.dit.grid(shape))
+
+
 def compile_blocks(blocks) -> None:
     """Regional compile, as torchtitan and diffusers users do it: each block is compiled in place, so one
     compiled graph serves every block of the same shape."""
@@ -74,22 +94,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.attention import resolve_backend
-    from models.dit import TextToVideoModel, text_conditioner
     from models.flops import flops_per_sample, peak_flops
-    from train.config import load_config
 
-    cfg = load_config([f"model={args.model}"], check=False).model
-    if args.checkpointing != "config":
-        cfg.activation_checkpointing = args.checkpointing == "on"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    kino = TextToVideoModel(cfg).to(device=device, dtype=dtype)
-    shape = (cfg.autoencoder.latent_channels, *latent_grid(args.tokens, cfg.patch_size))
-    tokens = math.prod(kino.dit.grid(shape))
-    latent = torch.randn(shape, device=device, dtype=dtype)
-    caption = "x" * (args.text_tokens - 1)
-    text = text_conditioner(cfg).batch([caption], device)  # the model casts frozen embeddings to its dtype
+    checkpointing = None if args.checkpointing == "config" else args.checkpointing == "on"
+    cfg, kino, latent, text, tokens = one_clip_step(args.model, args.tokens, args.dtype, args.text_tokens,
+                                                    checkpointing)
+    device, dtype = latent.device, latent.dtype
     optimizer = torch.optim.AdamW(kino.parameters(), lr=1e-4, fused=device.type == "cuda")
     timestep = torch.rand(1, device=device)
     if args.compile:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections import defaultdict
 
 import torch
 
-from benchmarks.model_step import latent_grid
+from benchmarks.model_step import one_clip_step
 
 
 def group_of(name: str) -> str:
@@ -86,19 +85,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
-    from models.dit import TextToVideoModel, text_conditioner
-    from train.config import load_config
-
-    cfg = load_config([f"model={args.model}"], check=False).model
-    cfg.activation_checkpointing = False
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.manual_seed(0)
-    kino = TextToVideoModel(cfg).to(device=device, dtype=dtype)
-    shape = (cfg.autoencoder.latent_channels, *latent_grid(args.tokens, cfg.patch_size))
-    tokens = math.prod(kino.dit.grid(shape))
-    latent = torch.randn(shape, device=device, dtype=dtype)
-    text = text_conditioner(cfg).batch(["x" * 127], device)
+    cfg, kino, latent, text, tokens = one_clip_step(args.model, args.tokens, args.dtype, 128, checkpointing=False)
+    device, dtype = latent.device, latent.dtype
     optimizer = torch.optim.AdamW(kino.parameters(), lr=1e-4, fused=device.type == "cuda")
     timestep = torch.rand(1, device=device)
 
