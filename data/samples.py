@@ -41,7 +41,7 @@ FPS = 12
 # shape's path (where it starts and where it ends), and a 4-frame window starts at most 0.5 s in. With longer
 # clips a random window could start anywhere along the path, and a small model learned a static blob instead
 # of the captioned motion (BENCHMARKS.md, demo experiments E13-E17). Real clips keep their own durations.
-DURATIONS = (12,)  # frames at FPS
+CLIP_FRAMES = 12  # at FPS: 1 s
 
 
 def _shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radius: float) -> np.ndarray:
@@ -97,12 +97,11 @@ def procedural_samples(count: int, seed: int, prefix: str = "procedural") -> Ite
         background = rng.choice(sorted(b for b in BACKGROUNDS if b != colour))
         motion = rng.choice(sorted(MOTIONS))
         width, height = SIZES[i % len(SIZES)]
-        frames = DURATIONS[(i // len(SIZES)) % len(DURATIONS)]
-        clip = render_clip(shape, colour, background, motion, width, height, frames)
+        clip = render_clip(shape, colour, background, motion, width, height, CLIP_FRAMES)
         caption = f"a {colour} {shape} moving {motion} on a {background} background"
         key = f"{prefix}-{i:04d}"
         meta = {"license": "CC0-1.0", "source_url": f"kino:procedural/{key}", "attribution": PROCEDURAL_ATTRIBUTION,
-                "rights_holder": KINO, "width": width, "height": height, "fps": FPS, "num_frames": frames,
+                "rights_holder": KINO, "width": width, "height": height, "fps": FPS, "num_frames": CLIP_FRAMES,
                 "generator": {"shape": shape, "colour": colour, "background": background, "motion": motion}}
         yield key, encode_mp4(clip, FPS), caption, meta
 
