@@ -56,8 +56,8 @@ def _shape_mask(shape: str, height: int, width: int, cy: float, cx: float, radiu
 
 
 # Speed of the shape: this share of the free path (frame side minus the shape) per second, through the centre.
-# 1.0 crosses the free path in the clip's second: about 1 px per frame at the demo's 24 px, a motion the model
-# and the pixel judge both see (at 0.3 the shape moved under 1 px per 4-frame window).
+# 1.0 crosses the free path in the clip's second: about 1 px per frame at the demo's 24 px and 8 fps, a motion
+# the model and the pixel judge both see (at 0.3 the shape moved about 1 px per 4-frame window).
 SPEED = 1.0
 RADIUS = 0.25  # of the shorter side
 
