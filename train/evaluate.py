@@ -111,15 +111,15 @@ def validation_loss(model, autoencoder, text, clips: Sequence[Dict], device) -> 
     model.eval()
     per_bucket: Dict[str, List[float]] = {}
     for index, clip in enumerate(clips):
-        x0 = autoencoder.encode(clip["video"]).to(device)
+        video = clip["video"]
+        losses = per_bucket.setdefault(f"{video.shape[0]}x{video.shape[1]}x{video.shape[2]}", [])
+        x0 = autoencoder.encode(video).to(device)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index)).to(device)
+        caption = text.batch([clip["caption"]], device)
         for t in VALIDATION_TIMESTEPS:
             x_t, target = noisy_pair(x0, noise, t)
-            prediction = model([x_t], torch.tensor([t], device=device), text.batch([clip["caption"]], device))
-            loss = (prediction.float() - model.dit.patchify([target]).float()).pow(2).mean()
-            video = clip["video"]
-            bucket = f"{video.shape[0]}x{video.shape[1]}x{video.shape[2]}"
-            per_bucket.setdefault(bucket, []).append(float(loss))
+            prediction = model([x_t], torch.tensor([t], device=device), caption)
+            losses.append(float((prediction.float() - model.dit.patchify([target]).float()).pow(2).mean()))
     model.train(was_training)
     if not per_bucket:
         return {}
