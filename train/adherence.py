@@ -2,20 +2,22 @@
 
 A procedural prompt names four attributes: "a <colour> <shape> moving <direction> on a <background>
 background". A generated clip is read back without any model: the background is the colour of the
-frame's border, the object is whatever differs from it, its colour is the object's median colour, its shape
-comes from how much of its bounding box it fills (square ~1, circle ~0.8, triangle ~0.5), and its motion
-from where its centroid goes between the first and last third of the clip. Each attribute is right or
-wrong; a clip whose object cannot be found is wrong on all three object attributes.
+frame's border, the object is the largest connected region that differs from it (stray specks are not the
+object), its colour is the object's median colour, its shape is the one of data/samples.py's shapes that,
+drawn with the object's area at its centroid, overlaps it best (most frames decide), and its motion is where
+its centroid goes between the first and last third of the clip. Each attribute is right or wrong; a clip
+whose object cannot be found is wrong on all three object attributes.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, shape_mask
 
 ATTRIBUTES = ("background", "colour", "shape", "motion")
 _PROMPT = re.compile(r"^a (?P<colour>[a-z]+) (?P<shape>[a-z]+) moving (?P<motion>[a-z]+) on a "
@@ -67,16 +69,60 @@ def read_clip(video: np.ndarray) -> Reading:
     present = [t for t in range(len(masks)) if masks[t].sum() >= _MIN_OBJECT_FRACTION * pixels]
     if not present:
         return Reading(background, None, None, None)
+    for t in present:
+        masks[t] = _largest_region(masks[t])
     colour = _nearest(np.median(frames[masks], axis=0), COLOURS)
-    fills, inside = [], []  # a frame whose object touches the edge is cut: its fill says little
+    shapes, inside = [], []  # a frame whose object touches the edge is cut: its outline says little
     for t in present:
         ys, xs = np.nonzero(masks[t])
-        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        fills.append(masks[t].sum() / box)
+        shapes.append(_best_fitting_shape(masks[t]))
         inside.append(ys.min() > 0 and xs.min() > 0 and ys.max() < masks.shape[1] - 1 and xs.max() < masks.shape[2] - 1)
-    fill = float(np.median([f for f, whole in zip(fills, inside) if whole] or fills))
-    shape = "square" if fill > 0.86 else ("circle" if fill > 0.62 else "triangle")
+    votes = Counter(s for s, whole in zip(shapes, inside) if whole) or Counter(shapes)
+    shape = max(SHAPES, key=lambda name: (votes[name], -SHAPES.index(name)))  # ties: the earlier shape
     return Reading(background, colour, shape, _motion(masks, present))
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean frame mask."""
+    labels = np.zeros(mask.shape, np.int32)
+    best, best_size, label = 0, 0, 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start], stack, size = label, [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best
+
+
+# Area of each shape of data/samples.py's shape_mask per radius squared, and how far its centroid sits below
+# its centre (the triangle's base is wider than its apex), in radii.
+_AREA_PER_RADIUS2 = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 1.2 * 1.8 ** 2 / 2}
+_CENTROID_BELOW_CENTRE = {"circle": 0.0, "square": 0.0, "triangle": 0.2}
+
+
+def _best_fitting_shape(mask: np.ndarray) -> str:
+    """The shape whose outline, drawn with the mask's area at the mask's centroid, overlaps it best (IoU).
+    Unlike the share of its bounding box an object fills, this does not flip a square to a circle for one
+    soft corner, nor a circle to a triangle for one stray pixel on its edge."""
+    ys, xs = np.nonzero(mask)
+    area, cy, cx = float(len(ys)), ys.mean(), xs.mean()
+    scores = []
+    for name in SHAPES:
+        radius = np.sqrt(area / _AREA_PER_RADIUS2[name])
+        drawn = shape_mask(name, mask.shape[0], mask.shape[1], cy - _CENTROID_BELOW_CENTRE[name] * radius,
+                            cx, radius)
+        union = np.logical_or(drawn, mask).sum()
+        scores.append(np.logical_and(drawn, mask).sum() / union if union else 0.0)
+    return SHAPES[int(np.argmax(scores))]
 
 
 def _motion(masks: np.ndarray, present: List[int]) -> Optional[str]:
