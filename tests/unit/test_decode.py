@@ -12,7 +12,7 @@ from data.video_io import encode_mp4
 
 @pytest.mark.parametrize("width, height", [(96, 96), (128, 72), (72, 128)])  # 72 px wide trips decord's bug
 def test_decode_fits_a_clip_to_its_bucket_and_keeps_the_content(width, height):
-    clip = render_clip("square", "red", "black", "right", width, height, 24, speed=0.3)  # stays in the 32 px crop
+    clip = render_clip("square", "red", "black", "right", width, height, 24, reach=0.5)  # stays in the 32 px crop
     shape = BucketShape(frames=8, height=32, width=32)
     out = decode_clip(encode_mp4(clip, 12), shape, target_fps=8, rng=random.Random(0))
     assert out.shape == (8, 32, 32, 3) and str(out.dtype) == "torch.uint8"
