@@ -71,7 +71,8 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_un
         "train_batch_size": zero.gradient_accumulation_steps * world_size,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero_section,
-        "bf16": {"enabled": zero.precision == "bf16"},
+        # The overflow check is what skips a step with a non-finite micro-batch (train/trainer.py): keep it on.
+        "bf16": {"enabled": zero.precision == "bf16", "check_grad_overflow": True},
         "optimizer": {
             "type": "AdamW",
             "params": {

@@ -247,9 +247,14 @@ class Trainer:
         target = self.model.dit.patchify([p[1] for p in pairs])
         squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
         loss = squared.mean()
-        if not all_ranks_finite(loss, device):
-            return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
+        finite = all_ranks_finite(loss, device)
+        # A non-finite loss is still backpropagated: DeepSpeed counts micro-batches to place the accumulation
+        # boundary, and at that boundary its overflow check skips the optimizer step and clears every
+        # micro-batch's gradient. Skipping backward and step() instead shifted the boundary, so a step's finite
+        # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss)
+        if not finite:
+            return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
         per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
         flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups)
         return {"finite": True, "loss_sum": float(squared.detach().sum()), "tokens": sum(tokens),
@@ -266,9 +271,11 @@ class Trainer:
             result = self.forward_backward_step(batch)
             results.append(result)
             batches.append(batch)
-            if result["finite"]:
-                self.engine.step()
+            self.engine.step()  # every micro-batch, finite or not (see forward_backward_step)
         finite = all(r["finite"] for r in results)
+        if not finite and self.engine.was_step_applied():
+            raise RuntimeError(f"step {self.step}: a micro-batch's loss was not finite, yet DeepSpeed applied the "
+                               f"optimizer step (its overflow check did not see a non-finite gradient)")
         self._settle(batches, trained=finite)
         if finite:
             self.nonfinite_in_row = 0
@@ -286,7 +293,8 @@ class Trainer:
 
     # -- metrics ---------------------------------------------------------------------------------
     def _metrics(self, outcome: Dict[str, Any], step_time: float) -> Dict:
-        results = [r for r in outcome["results"] if r["finite"]]
+        # A step with any non-finite micro-batch was skipped whole: it has no loss (nothing was trained).
+        results = outcome["results"] if all(r["finite"] for r in outcome["results"]) else []
         loss_sum, tokens, flops, data_time = all_reduce_values(
             [sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
              sum(r.get("flops", 0.0) for r in results), outcome["data_time"]], self.env.device)
@@ -306,8 +314,8 @@ class Trainer:
             "dropped": dict(self.audit.dropped),
         }
         bins, buckets = defaultdict(list), defaultdict(list)
-        for r, batch in zip(outcome["results"], outcome["batches"]):
-            if not r["finite"] or "t" not in r:
+        for r, batch in zip(results, outcome["batches"]):
+            if "t" not in r:
                 continue
             for loss, t, video in zip(r["per_sample"].tolist(), r["t"].tolist(), batch["videos"]):
                 bins[min(3, int(t * 4))].append(loss)

@@ -47,9 +47,10 @@ class VAETrainer(Trainer):
             elements += x.numel()
             recon_sum += float(recon.detach()) * x.numel()
         loss = torch.stack(losses).sum() / elements
-        if not all_ranks_finite(loss, device):
+        finite = all_ranks_finite(loss, device)
+        self.engine.backward(loss)  # even when not finite: Trainer.forward_backward_step says why
+        if not finite:
             return {"finite": False, "loss_sum": 0.0, "tokens": batch["tokens"]}
-        self.engine.backward(loss)
         # "loss" in metrics is the reconstruction error (MSE + 0.1 L1) per element, without the KL term
         return {"finite": True, "loss_sum": recon_sum / elements * batch["tokens"], "tokens": batch["tokens"]}
 

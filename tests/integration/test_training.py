@@ -288,3 +288,35 @@ def test_non_finite_losses_are_skipped_counted_and_abort_the_run_with_a_clear_me
     skipped = [r for r in rows if r["loss"] is None]  # the third aborts the run before it is logged
     assert len(skipped) == 2 and skipped[-1]["nonfinite_steps"] == 2
     assert "step skipped" in result.stdout
+
+
+def _weights_after_poison(tmp_path, dataset, poisoned: str, stage: int):
+    """Two steps at gradient accumulation 2 with the chosen forward passes made non-finite; the final weights."""
+    label = poisoned.replace(",", "-") or "clean"
+    out, run_dir = tmp_path / f"weights-{label}.pt", tmp_path / f"run-{label}"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "tests.integration.nonfinite_run", str(out), poisoned, "experiment=demo", f"data.root={dataset}",
+               f"train.run_dir={run_dir}", *TINY, f"zero.stage={stage}", "zero.gradient_accumulation_steps=2",
+               "train.stop_after_steps=2",
+               "tracking.mode=disabled", "tracking.sample_every=0"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port())))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import torch
+
+    return torch.load(out), metrics(run_dir)
+
+
+@pytest.mark.parametrize("stage", [2, 3])  # DeepSpeed's ZeRO-1/2 and ZeRO-3 optimizers each skip on their own
+def test_a_non_finite_micro_batch_skips_its_whole_step_and_nothing_leaks_into_the_next(tiny_dataset, tmp_path, stage):
+    # Step 1 holds forward passes 0 and 1, step 2 passes 2 and 3. Poisoning pass 1 alone must leave exactly
+    # what poisoning both leaves: step 1 skipped whole (micro-batch 0's gradient discarded, not carried into
+    # step 2 by a shifted accumulation boundary), step 2 trained on its own two micro-batches.
+    import torch
+
+    one, one_rows = _weights_after_poison(tmp_path, tiny_dataset, "1", stage)
+    both, _ = _weights_after_poison(tmp_path, tiny_dataset, "0,1", stage)
+    clean, _ = _weights_after_poison(tmp_path, tiny_dataset, "", stage)
+    assert all(torch.equal(one[name], both[name]) for name in both)
+    assert [r["loss"] is None for r in one_rows] == [True, False] and one_rows[-1]["nonfinite_steps"] == 1
+    assert not all(torch.equal(clean[name], both[name]) for name in both)  # step 1 would have changed them
