@@ -29,6 +29,10 @@ class DataConfig:
     ray_address: Optional[str] = None
     # Samples per unit of work handed out; null = a whole shard.
     chunk_samples: Optional[int] = None
+    # A consumer (rank x loader worker) whose batches have not trained for this long is taken for dead and its
+    # unfinished chunks are dealt to others. Longer than the slowest step (plus a checkpoint) times the
+    # batches a worker prefetches.
+    lease_timeout_s: float = 600.0
     # A held-out licensed split (shards + manifest.json) for the validation loss; null = none.
     validation_root: Optional[str] = None
     # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.

@@ -18,7 +18,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 Tag = Tuple[int, int, int]  # (epoch, chunk id, sample offset within the shard)
 
@@ -71,13 +71,14 @@ class _Epoch:
 
 class CoordinatorCore:
     def __init__(self, shards: Sequence[Tuple[str, int]], seed: int = 0, chunk_samples: Optional[int] = None,
-                 lease_timeout_s: float = 600.0):
+                 lease_timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.chunks = make_chunks(shards, chunk_samples)
         if not self.chunks:
             raise ValueError("the dataset has no samples")
         self.seed = seed
         self.chunk_samples = chunk_samples
         self.lease_timeout_s = lease_timeout_s
+        self.clock = clock  # tests pass their own, to expire leases without waiting
         self.epochs: Dict[int, _Epoch] = {0: _Epoch(0, self.chunks, seed)}
         self.completed_epochs = 0
         # (epoch, chunk) -> (consumer, slot, last seen)
@@ -105,14 +106,14 @@ class CoordinatorCore:
 
     def _lease(self, epoch: _Epoch, chunk_id: int, consumer: str, slot: int) -> Dict[str, Any]:
         chunk = self.chunks[chunk_id]
-        self.leases[(epoch.epoch, chunk_id)] = (consumer, slot, time.monotonic())
+        self.leases[(epoch.epoch, chunk_id)] = (consumer, slot, self.clock())
         return {"epoch": epoch.epoch, "chunk": chunk_id, "shard": chunk.shard, "start": chunk.start,
                 "stop": chunk.stop, "skip": sorted(epoch.done.get(chunk_id, ()))}
 
     # -- acknowledgements -------------------------------------------------------------------------
     def ack(self, tags: Iterable[Sequence[int]], consumer: Optional[str] = None) -> None:
         """Samples trained on (or dropped for good) by a completed optimizer step."""
-        now = time.monotonic()
+        now = self.clock()
         for epoch_id, chunk_id, offset in tags:
             epoch = self.epochs.get(epoch_id)
             if epoch is None:  # an epoch already closed: nothing left to record
@@ -164,7 +165,7 @@ class CoordinatorCore:
         return released
 
     def _expire_stale_leases(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         stale = {holder for holder, _, seen in self.leases.values() if now - seen > self.lease_timeout_s}
         for holder in stale:
             self.release(holder, dead=True)
@@ -269,7 +270,7 @@ class CoordinatorClient:
 
 def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_samples: Optional[int],
                           actor_name: str, namespace: str, address: Optional[str] = None,
-                          object_store_bytes: int = 80 * 2 ** 20) -> CoordinatorClient:
+                          object_store_bytes: int = 80 * 2 ** 20, lease_timeout_s: float = 600.0) -> CoordinatorClient:
     """On the main rank: attach to a cluster at `address` (or start a local one) and create the actor."""
     import os
 
@@ -286,7 +287,7 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
                      log_to_driver=False, logging_level="ERROR", object_store_memory=object_store_bytes)
     actor_class = ray.remote(num_cpus=0)(CoordinatorCore)
     handle = actor_class.options(name=actor_name, namespace=namespace, get_if_exists=True).remote(
-        list(shards), seed, chunk_samples)
+        list(shards), seed, chunk_samples, lease_timeout_s)
     gcs_address = ray.get_runtime_context().gcs_address
     client = CoordinatorClient(None, gcs_address, actor_name, namespace)
     # This handle keeps the actor alive exactly as long as the main rank: a named actor that is not

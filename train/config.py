@@ -188,7 +188,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
-    "data.coordinator", "data.ray_address", "data.validation_root",
+    "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
     "model.attention_backend", "model.activation_checkpointing", "launcher",
 )
 
@@ -261,6 +261,8 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError(f"data.coordinator={cfg.data.coordinator!r}: must be auto, local or ray")
     if cfg.data.coordinator == "local" and cfg.data.num_workers > 0:
         raise ConfigError("data.num_workers > 0 needs data.coordinator=ray (workers are separate processes)")
+    if cfg.data.lease_timeout_s <= 0:
+        raise ConfigError(f"data.lease_timeout_s={cfg.data.lease_timeout_s}: must be > 0 seconds")
     if not 0 <= cfg.data.pack_tolerance < 1 or cfg.data.pack_window < 1:
         raise ConfigError("data.pack_window must be >= 1 and data.pack_tolerance in [0, 1)")
     if not cfg.data.licenses.allow:

@@ -97,13 +97,13 @@ class Trainer:
         if mode == "auto":
             mode = "ray" if env.world_size > 1 or cfg.num_workers > 0 or cfg.ray_address else "local"
         if mode == "local":
-            return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples))
+            return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples, cfg.lease_timeout_s))
         import hashlib
 
         namespace = "kino-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
         name = "data-coordinator"
-        client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address)
-                  if env.is_main else None]
+        client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address,
+                                        lease_timeout_s=cfg.lease_timeout_s) if env.is_main else None]
         if dist.is_initialized():
             dist.broadcast_object_list(client, src=0)  # carries the cluster address, not the actor
         if env.is_main:
@@ -215,13 +215,14 @@ class Trainer:
                 return batch
 
     def _settle(self, batches: List[Dict[str, Any]], trained: bool) -> None:
-        """After an optimizer step: audit, provenance, and acknowledgement to the coordinator."""
-        tags = []
+        """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in
+        the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases alive."""
+        tags = defaultdict(list)
         for batch in batches:
             self.loader_snapshots[batch["consumer"]] = batch["snapshot"]
             for reason, key in batch["dropped"]:
                 self.audit.record_dropped(reason, key)
-            tags += batch["dropped_tags"] + batch["tags"]
+            tags[batch["consumer"]] += batch["dropped_tags"] + batch["tags"]
             if trained:
                 self.provenance.record(self.step + 1, batch)
                 for shard, meta in zip(batch["shards"], batch["meta"]):
@@ -229,7 +230,8 @@ class Trainer:
             else:
                 for key in batch["keys"]:
                     self.audit.record_dropped("nonfinite_step", key)
-        self.coordinator.ack(tags, f"rank{self.env.rank}-worker0")
+        for consumer, acknowledged in tags.items():
+            self.coordinator.ack(acknowledged, consumer)
 
     # -- one step --------------------------------------------------------------------------------
     def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:

@@ -28,6 +28,7 @@ def test_demo_experiment_composes_and_validates():
     (["curriculum.stages.0.image_fraction=1.5"], "curriculum.stages[0].image_fraction"),  # 4 and 8 frames do not fit a 4x causal VAE
     (["model.conditioning=concat"], "model.conditioning"),
     (["model.text.name=pretrained"], "model.text.path"),
+    (["data.lease_timeout_s=0"], "data.lease_timeout_s"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
