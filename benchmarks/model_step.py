@@ -2,7 +2,7 @@
 
 One training step = forward + backward + AdamW step on one clip of `--tokens` video tokens with a
 `--text-tokens` caption. Both models are built from the same width/depth/heads/MLP/patch/channels and
-measured in the same process, alternating, after warm-up. MFU uses DESIGN.md's formula
+measured in the same process, alternating, after warm-up. MFU uses docs/architecture.md's formula
 (models/flops.py) with Kino's FLOP count for both (same-size models doing the same work).
 
   python benchmarks/model_step.py --model 1B --tokens 16384 --dtype bf16        # GPU

@@ -1,6 +1,6 @@
 """Build the demo dataset: `python -m data.samples OUT`.
 
-Writes WebDataset shards + manifest.json following DESIGN.md's sample contract:
+Writes WebDataset shards + manifest.json following the sample contract of docs/data.md:
   * procedural clips (CC0-1.0, rights holder the Kino project) whose captions say
     what is visible, at several aspect ratios and durations;
   * real clips cut from openly licensed videos shipped in registry packages, when

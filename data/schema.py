@@ -1,4 +1,4 @@
-"""The video shard sample contract (DESIGN.md) and the manifest format.
+"""The video shard sample contract (docs/data.md) and the manifest format.
 
 A sample is `KEY.mp4` + `KEY.txt` (caption) + `KEY.json` (metadata). Compatible
 with video2dataset output; extra json fields are kept.

@@ -1,4 +1,4 @@
-"""Model FLOPs per training step (forward + backward), per DESIGN.md's performance model.
+"""Model FLOPs per training step (forward + backward), per docs/architecture.md's performance model.
 
 Per sample with N video tokens and M text tokens:
   6·P_tok·N + 12·L·d·N² + 12·L·d·N·M + 6·P_ctx·M + 6·P_cond + 12·L_text·d_text·M²

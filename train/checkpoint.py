@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints: RUN/checkpoints/step_N/ (DESIGN.md).
+"""Atomic, resumable checkpoints: RUN/checkpoints/step_N/ (docs/architecture.md, "Contracts").
 
 A checkpoint is written under a temporary name, completed with a COMPLETE marker,
 renamed into place, and only then named by `latest`; a crash at any point leaves
@@ -9,6 +9,7 @@ renamed into place, and only then named by `latest`; a crash at any point leaves
   step_N/ema.pt           EMA weights (fp32)
   step_N/config.yaml      the resolved config of the run
   step_N/COMPLETE
+  step_N/latest, zero_to_fp32.py   DeepSpeed's: `python zero_to_fp32.py . out` consolidates the raw weights
 """
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(partial), tag=ENGINE_TAG, save_latest=False)
+        # save_latest writes step_N/latest naming the engine tag: the zero_to_fp32.py DeepSpeed copies into
+        # step_N/ then works as DeepSpeed users run it (`python zero_to_fp32.py . out`), without --tag.
+        engine.save_checkpoint(str(partial), tag=ENGINE_TAG, save_latest=True)
         ranks = _gather(per_rank_state)
         if self.rank == 0:
             state = dict(train_state, step=step, ranks=ranks, saved_at=time.time())

@@ -320,3 +320,21 @@ def test_a_non_finite_micro_batch_skips_its_whole_step_and_nothing_leaks_into_th
     assert all(torch.equal(one[name], both[name]) for name in both)
     assert [r["loss"] is None for r in one_rows] == [True, False] and one_rows[-1]["nonfinite_steps"] == 1
     assert not all(torch.equal(clean[name], both[name]) for name in both)  # step 1 would have changed them
+
+
+def test_deepspeeds_own_zero_to_fp32_script_works_as_its_users_run_it(finished_run, tmp_path):
+    # DeepSpeed copies zero_to_fp32.py into every checkpoint; run plainly (no --tag) it must find the engine.
+    import torch
+    from safetensors.torch import load_file
+
+    from train.export import raw_weights
+
+    run_dir, _ = finished_run
+    checkpoint = (run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()).resolve()
+    done = subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(tmp_path / "out"), "--safe_serialization"],
+                          cwd=checkpoint, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    converted = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = raw_weights(checkpoint)
+    assert converted.keys() == expected.keys()
+    assert all(torch.equal(converted[k].float(), expected[k].float()) for k in expected)
