@@ -45,7 +45,7 @@ def test_sigterm_checkpoints_every_rank_and_the_next_launch_resumes(tiny_dataset
     output, _ = process.communicate(timeout=240)
     # Not a success, so a scheduler restarts it: the ranks exit 75, torchrun (signalled itself) reports 1.
     assert process.returncode == 1, output[-3000:]
-    assert "exit status 75" in output
+    assert "exit status 75" in output, output[-6000:]
     stopped = re.search(r"stopping at step (\d+) of 43 \(asked to stop \(SIGTERM\)\)", output)
     assert stopped, output[-3000:]
     step = int(stopped.group(1))
