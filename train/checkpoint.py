@@ -95,10 +95,6 @@ class CheckpointManager:
             for name, write in files.items():
                 write(partial / name)
         _barrier()
-        # Fault injection for tests: hold the half-written checkpoint open so it can be killed mid-save.
-        delay = float(os.environ.get("KINO_FAULT_CHECKPOINT_DELAY_S", "0") or 0)
-        if delay and step >= int(os.environ.get("KINO_FAULT_CHECKPOINT_AFTER_STEP", "0")):
-            time.sleep(delay)
         if self.rank == 0:
             _atomic_write(partial / COMPLETE, f"{step}\n")
             _fsync_dir(partial)

@@ -178,11 +178,11 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     import time
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "tests.integration.slow_checkpoint_run", "8", "60",  # checkpoints from step 8 on hang before COMPLETE
                "experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={run_dir}", *TINY,
                "tracking.mode=disabled"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", KINO_FAULT_CHECKPOINT_DELAY_S="60",
-               KINO_FAULT_CHECKPOINT_AFTER_STEP="8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     partial = run_dir / "checkpoints" / ".partial_step_8"
