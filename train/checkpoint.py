@@ -19,7 +19,9 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from train.state import Resumable
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ ENGINE_TAG = "engine"
 UNIVERSAL_TAG = "engine_universal"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -70,14 +73,49 @@ def latest_checkpoint(root) -> Optional[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, root, rank: int, keep_last: int):
+    """Saves and restores a run's resumable pieces (train/state.py) and owns the cadence: every
+    `every` steps, at the last step, and once more when a run stops between them; keep-last-N."""
+
+    def __init__(self, root, rank: int, keep_last: int, every: int = 0):
         self.root = Path(root)
         self.rank = rank
         self.keep_last = keep_last
+        self.every = every
+        self.last_saved: Optional[int] = None
+        self.universal = False  # set by resume_point: the checkpoint was written by another world size
 
-    def save(self, step: int, engine, train_state: Dict[str, Any], per_rank_state: Dict[str, Any],
-             files: Dict[str, Callable[[Path], None]]) -> Path:
-        """Collective: every rank calls it. `files` maps a file name to a writer run on rank 0."""
+    # -- where to resume -------------------------------------------------------------------------
+    def resume_point(self, world_size: int) -> Optional[Path]:
+        """The last complete checkpoint, converted (once) to DeepSpeed's universal format when another
+        number of ranks wrote it. Collective: every rank calls it; rank 0 converts."""
+        path = latest_checkpoint(self.root)
+        if path is None:
+            return None
+        saved_world = saved_world_size(path)
+        self.universal = saved_world != world_size
+        if self.universal:
+            if self.rank == 0:
+                import logging
+
+                logging.getLogger("kino").info("%s was written by %d rank(s); converting it to DeepSpeed's universal "
+                                               "format to load on %d", path, saved_world, world_size)
+                ensure_universal(path)
+            _barrier()
+        return path
+
+    # -- saving -------------------------------------------------------------------------------------
+    def due(self, step: int, last_step: bool) -> bool:
+        return last_step or bool(self.every) and step % self.every == 0
+
+    def save_if_due(self, step: int, pieces: Dict[str, Resumable], last_step: bool = False) -> Optional[Path]:
+        return self.save(step, pieces) if self.due(step, last_step) else None
+
+    def save_unless_saved(self, step: int, pieces: Dict[str, Resumable]) -> Optional[Path]:
+        """When a run stops: a checkpoint of this step, unless the cadence already wrote it."""
+        return self.save(step, pieces) if step > 0 and self.last_saved != step else None
+
+    def save(self, step: int, pieces: Dict[str, Resumable]) -> Path:
+        """Collective: every rank calls it with its pieces; rank 0 writes the shared ones and the files."""
         final = self.root / f"step_{step}"
         partial = self.root / f".partial_step_{step}"
         if self.rank == 0:
@@ -85,15 +123,24 @@ class CheckpointManager:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        # save_latest writes step_N/latest naming the engine tag: the zero_to_fp32.py DeepSpeed copies into
-        # step_N/ then works as DeepSpeed users run it (`python zero_to_fp32.py . out`), without --tag.
-        engine.save_checkpoint(str(partial), tag=ENGINE_TAG, save_latest=True)
-        ranks = _gather(per_rank_state)
+        shared, own, files = {}, {}, {}
+        for name, piece in pieces.items():  # every rank, in order: a state_dict may be a collective
+            if piece.scope == "engine":
+                # save_latest writes step_N/latest naming the engine tag: the zero_to_fp32.py DeepSpeed copies
+                # into step_N/ then works as DeepSpeed users run it (`python zero_to_fp32.py . out`), without --tag.
+                piece.state.save_checkpoint(str(partial), tag=ENGINE_TAG, save_latest=True)
+            elif piece.scope == "shared":
+                shared[name] = piece.state.state_dict()
+            elif piece.scope == "rank":
+                own[name] = piece.state.state_dict()
+            else:
+                files[piece.file] = piece.state.state_dict()
+        ranks = _gather(own)
         if self.rank == 0:
-            state = dict(train_state, step=step, ranks=ranks, saved_at=time.time())
-            _atomic_write(partial / "train_state.json", json.dumps(state, indent=1, sort_keys=True))
-            for name, write in files.items():
-                write(partial / name)
+            state = dict(shared, step=step, ranks=ranks, saved_at=time.time())
+            _atomic_write(partial / TRAIN_STATE, json.dumps(state, indent=1, sort_keys=True))
+            for name, value in files.items():
+                _write_file(partial / name, value)
         _barrier()
         if self.rank == 0:
             _atomic_write(partial / COMPLETE, f"{step}\n")
@@ -105,6 +152,7 @@ class CheckpointManager:
             _atomic_write(self.root / LATEST, final.name + "\n")
             self._prune()
         _barrier()
+        self.last_saved = step
         return final
 
     def _prune(self) -> None:
@@ -114,17 +162,49 @@ class CheckpointManager:
         for stale in self.root.glob(".partial_step_*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, path: Path, engine, universal: bool = False) -> Dict[str, Any]:
-        tag = UNIVERSAL_TAG if universal else ENGINE_TAG
-        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the engine state from {path / tag}")
-        return json.loads((path / "train_state.json").read_text())
+    # -- restoring ----------------------------------------------------------------------------------
+    def load(self, path: Path, pieces: Dict[str, Resumable]) -> int:
+        """Restore each piece this rank passes, in order; returns the checkpoint's step."""
+        state = json.loads((path / TRAIN_STATE).read_text())
+        ranks = state["ranks"]
+        for name, piece in pieces.items():
+            if piece.scope == "engine":
+                tag = UNIVERSAL_TAG if self.universal else ENGINE_TAG
+                load_path, _ = piece.state.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=False)
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load the engine state from {path / tag}")
+            elif piece.scope == "shared":
+                piece.state.load_state_dict(state.get(name))
+            elif piece.scope == "rank":
+                # a rank new to this world size has no saved state of its own: it keeps what it has
+                if self.rank < len(ranks) and name in ranks[self.rank]:
+                    piece.state.load_state_dict(ranks[self.rank][name])
+            else:
+                piece.state.load_state_dict(_read_file(path / piece.file))
+        self.last_saved = int(state["step"])
+        return int(state["step"])
+
+
+def _write_file(path: Path, value: Any) -> None:
+    if path.suffix == ".pt":
+        torch.save(value, path)
+    elif path.suffix == ".json":
+        _atomic_write(path, json.dumps(value, indent=1, sort_keys=True))
+    else:
+        _atomic_write(path, value)  # text: the piece's state_dict is the file's text
+
+
+def _read_file(path: Path) -> Any:
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu")
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return path.read_text()
 
 
 def saved_world_size(path: Path) -> int:
-    return len(json.loads((path / "train_state.json").read_text())["ranks"])
+    return len(json.loads((path / TRAIN_STATE).read_text())["ranks"])
 
 
 def ensure_universal(path: Path) -> Path:
@@ -159,11 +239,3 @@ def _gather(obj: Any) -> List[Any]:
     gathered: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def save_tensor_file(obj: Any) -> Callable[[Path], None]:
-    return lambda path: torch.save(obj, path)
-
-
-def save_text_file(text: str) -> Callable[[Path], None]:
-    return lambda path: path.write_text(text)

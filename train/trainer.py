@@ -1,9 +1,9 @@
 """One Trainer with named steps: build, resume, data_step, forward_backward_step, train_step,
-checkpoint, sample. Every resumable piece (engine, data positions, curriculum, RNG, tracker,
-audit, EMA) is saved and restored through `state_dict` / `load_state_dict`."""
+checkpoint, sample. Every resumable piece (config check, engine, data plan and loader positions,
+curriculum, RNG, tracker, audit, EMA) is listed in `resumable_state`, one dict of Stateful objects that
+train/checkpoint.py's CheckpointManager saves and restores (train/state.py says where each lives)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,8 +22,7 @@ from models.autoencoder import build_autoencoder
 from models.dit import TextToVideoModel, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
-from train.checkpoint import (CheckpointManager, ensure_universal, latest_checkpoint, save_tensor_file,
-                              save_text_file, saved_world_size)
+from train.checkpoint import CheckpointManager, latest_checkpoint
 from train.collectives import all_ranks_finite, all_reduce_values
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
@@ -34,6 +33,7 @@ from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
 from train.sample import generate, on_device, sample_plan, write_samples
+from train.state import Resumable, Value
 from train.tracking import Tracker
 
 log = logging.getLogger("kino")
@@ -51,17 +51,11 @@ class Trainer:
         self.step = 0
         self.rng = RNGState(cfg.train.seed, env.rank)
         self.model = self.build_model().to(env.device)
-        self._resume_path = latest_checkpoint(self.run_dir / "checkpoints") if cfg.train.resume else None
-        saved_world = saved_world_size(self._resume_path) if self._resume_path is not None else env.world_size
-        self._universal = saved_world != env.world_size
-        if self._universal:  # written by another number of ranks: reshard through the universal format
-            if env.is_main:
-                log.info("%s was written by %d rank(s); converting it to DeepSpeed's universal format to load "
-                         "on %d", self._resume_path, saved_world, env.world_size)
-                ensure_universal(self._resume_path)
-            if dist.is_initialized():
-                dist.barrier()
-        self.engine = build_engine(self.model, cfg, env, load_universal=self._universal)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
+                                             cfg.train.checkpoint_every)
+        # Found before the engine is built: a checkpoint from another world size loads through the universal format.
+        self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
+        self.engine = build_engine(self.model, cfg, env, load_universal=self.checkpoints.universal)
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
             self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
@@ -70,10 +64,10 @@ class Trainer:
         self.coordinator = self.start_coordinator()
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, Any] = {}  # consumer -> snapshot after its last trained batch
+        self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last)
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._recent_step_time: Optional[float] = None
@@ -127,59 +121,85 @@ class Trainer:
                 f"{parameter_count(self.model.dit) / 1e6:.2f}M, text encoder "
                 f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M)")
 
-    # -- resumable state -------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        """Shared state (written once, by rank 0): the data plan's acknowledged samples are global."""
-        return {
-            "data": self.coordinator.state() if self.env.is_main else None,
-            "num_workers": self.cfg.data.num_workers,
-            "curriculum": self.curriculum.state_dict(self.step),
-            "tracker": self.tracker.state_dict(),
-            "config_hash": trajectory_hash(self.cfg),
-            "nonfinite_total": self.nonfinite_total,
+    # -- resumable state ---------------------------------------------------------------------------
+    def resumable_state(self) -> Dict[str, Resumable]:
+        """Every piece of state a checkpoint holds, in the order a resume restores it (collectives in
+        state_dict, such as the audit's merge, run in this order on every rank)."""
+        pieces = {
+            "config": Resumable(Value(lambda: to_yaml(self.cfg), self._check_resumable_config), "file", "config.yaml"),
+            "engine": Resumable(self.engine, "engine"),
+            "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
+            "step": Resumable(Value(lambda: self.step, self._set_step), "shared"),
+            "nonfinite_total": Resumable(Value(lambda: self.nonfinite_total, self._set_nonfinite_total), "shared"),
+            "curriculum": Resumable(Value(lambda: self.curriculum.state_dict(self.step), self._check_stage), "shared"),
+            "tracker": Resumable(self.tracker, "shared"),
+            "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
+            "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
+            "rng": Resumable(self.rng, "rank"),
+            "loaders": Resumable(Value(lambda: self.loader_snapshots, self._restore_loaders), "rank"),
+            "audit": Resumable(Value(self._audit_so_far, self._restore_audit), "file", "audit.json"),
         }
+        if self.ema is not None:  # rank 0's alone
+            pieces["ema"] = Resumable(self.ema, "file", "ema.pt")
+        return pieces
 
-    def rank_state_dict(self) -> Dict[str, Any]:
-        """State each rank owns; gathered into train_state.json's `ranks` list."""
-        return {"rng": self.rng.state_dict(), "loaders": self.loader_snapshots}
+    def _check_resumable_config(self, saved_yaml: str) -> None:
+        changed = changed_trajectory_keys(from_yaml(saved_yaml), self.cfg)
+        if changed:
+            raise RuntimeError(f"cannot resume {self._resume_path}: the config changed keys that shape training: "
+                               f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        self.tracker.load_state_dict(state["tracker"])
-        same_world = len(state["ranks"]) == self.env.world_size and \
-            state.get("num_workers", self.cfg.data.num_workers) == self.cfg.data.num_workers
-        if self.env.rank < len(state["ranks"]):  # a rank new to this world size keeps its fresh seed
-            self.rng.load_state_dict(state["ranks"][self.env.rank]["rng"])
-        if same_world:  # each loader continues exactly where it stood: bit-exact
-            self.loader_snapshots = dict(state["ranks"][self.env.rank].get("loaders", {}))
-        if self.env.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
-            slots = self.env.world_size * max(1, self.cfg.data.num_workers)
-            self.coordinator.restore(state["data"], slots if same_world else None)
-            if not same_world:
-                log.info("resuming on %d rank(s) x %d worker(s) where the checkpoint had another layout: "
-                         "the rest of the epoch is dealt out anew (each sample still trained once)",
-                         self.env.world_size, max(1, self.cfg.data.num_workers))
-            self.audit = Audit.from_state(json.loads((self._resume_path / "audit.json").read_text()))
+    def _note_saved_workers(self, num_workers) -> None:
+        self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)
+
+    def _same_data_layout(self) -> bool:
+        """Same ranks and loader workers as the checkpoint: each loader continues exactly where it stood."""
+        return not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
+
+    def _set_step(self, step) -> None:
+        self.step = int(step)
+
+    def _set_nonfinite_total(self, total) -> None:
+        self.nonfinite_total = int(total or 0)
+
+    def _check_stage(self, saved) -> None:
         expected = self.curriculum.state_dict(self.step)
-        if state["curriculum"]["stage"] != expected["stage"]:
-            raise RuntimeError(f"checkpoint is in stage {state['curriculum']['stage']!r} at step {self.step}, "
+        if saved["stage"] != expected["stage"]:
+            raise RuntimeError(f"checkpoint is in stage {saved['stage']!r} at step {self.step}, "
                                f"the curriculum puts that step in {expected['stage']!r}")
+
+    def _data_plan(self):
+        """The coordinator's acknowledged samples are global: rank 0 reads them."""
+        return self.coordinator.state() if self.env.is_main else None
+
+    def _restore_data_plan(self, state) -> None:
+        if not self.env.is_main:
+            return
+        same = self._same_data_layout()
+        self.coordinator.restore(state, self.env.world_size * max(1, self.cfg.data.num_workers) if same else None)
+        if not same:
+            log.info("resuming on %d rank(s) x %d worker(s) where the checkpoint had another layout: "
+                     "the rest of the epoch is dealt out anew (each sample still trained once)",
+                     self.env.world_size, max(1, self.cfg.data.num_workers))
+
+    def _restore_loaders(self, snapshots) -> None:
+        if self._same_data_layout():  # each loader continues exactly where it stood: bit-exact
+            self.loader_snapshots = dict(snapshots or {})
+
+    def _audit_so_far(self):
+        """Collective: the audit of all ranks, merged (rank 0 writes it)."""
+        return dict(self.merged_audit().state_dict(), step=self.step, dataset=str(self.cfg.data.root))
+
+    def _restore_audit(self, state) -> None:
+        if self.env.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
+            self.audit = Audit.from_state(state)
 
     # -- resume ----------------------------------------------------------------------------------
     def resume(self) -> Optional[Path]:
         path = self._resume_path
         if path is None:
             return None
-        saved_cfg = from_yaml((path / "config.yaml").read_text())
-        changed = changed_trajectory_keys(saved_cfg, self.cfg)
-        if changed:
-            raise RuntimeError(f"cannot resume {path}: the config changed keys that shape training: "
-                               f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
-        state = self.checkpoints.load(path, self.engine, universal=self._universal)
-        self.load_state_dict(state)
-        if self.ema is not None:
-            self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu"))
+        self.checkpoints.load(path, self.resumable_state())
         self.provenance.resume(self.step)
         return path
 
@@ -340,15 +360,13 @@ class Trainer:
             merged = merged.merge(Audit.from_state(state))
         return merged
 
-    def checkpoint(self) -> Path:
-        merged = self.merged_audit()  # gathers every rank: all acknowledgements are in
-        files = {"config.yaml": save_text_file(to_yaml(self.cfg))}
-        if self.env.is_main:
-            audit = dict(merged.state_dict(), step=self.step, dataset=str(self.cfg.data.root))
-            files["audit.json"] = save_text_file(json.dumps(audit, indent=1, sort_keys=True))
-            files["ema.pt"] = save_tensor_file(self.ema.state_dict())
-        path = self.checkpoints.save(self.step, self.engine, self.state_dict(), self.rank_state_dict(), files)
-        self.tracker.log_event(self.step, f"checkpoint saved: {path}")
+    def checkpoint(self, last_step: bool = False, stopping: bool = False) -> Optional[Path]:
+        """Collective. A checkpoint when the cadence asks for one (or, when stopping, unless this step has one)."""
+        pieces = self.resumable_state()
+        path = self.checkpoints.save_unless_saved(self.step, pieces) if stopping else \
+            self.checkpoints.save_if_due(self.step, pieces, last_step)
+        if path is not None:
+            self.tracker.log_event(self.step, f"checkpoint saved: {path}")
         return path
 
     def ema_model(self) -> torch.nn.Module:
@@ -405,7 +423,6 @@ class Trainer:
         if self.step >= total and env.is_main:
             log.info("the run already reached its last step (%d): nothing to train "
                      "(FRESH=1 / train.resume=false starts over)", total)
-        last_saved = self.step if resumed else -1
         stop_at = total if cfg.train.stop_after_steps is None else min(total, self.step + cfg.train.stop_after_steps)
         while self.step < stop_at:
             stage_before = self.curriculum.stage_index(self.step)
@@ -433,13 +450,10 @@ class Trainer:
                 self.tracker.log({**self._metrics(outcome, step_time), **evaluation})
             if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
                 self.sample()
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == total:
-                self.checkpoint()
-                last_saved = self.step
+            self.checkpoint(last_step=self.step == total)
             if self.step < total and self.stop_request.agreed():
                 break
-        if last_saved != self.step and self.step > 0:
-            self.checkpoint()
+        self.checkpoint(stopping=True)
         preempted = self.stop_request.reason is not None
         if self.step < total:
             why = f"asked to stop ({self.stop_request.reason})" if preempted else "train.stop_after_steps"

@@ -1,0 +1,50 @@
+"""What a checkpoint holds: every resumable piece of a run is a Stateful (`state_dict` / `load_state_dict`)
+named in one dict (Trainer.resumable_state) and saved and restored by train/checkpoint.py's
+CheckpointManager, in that dict's order. Where a piece lives in step_N/ is its `Resumable.scope`:
+
+  engine   the DeepSpeed engine (model, optimizer; sharded under ZeRO)  -> step_N/engine/
+  shared   one value for the whole run, written by rank 0               -> step_N/train_state.json[name]
+  rank     one value per rank                                           -> step_N/train_state.json["ranks"][r][name]
+  file     a file of its own, written by rank 0 (.pt, .json or .yaml)   -> step_N/<file>
+
+A rank restores only the pieces it passes: rank 0 alone keeps the EMA, so only rank 0 passes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+SCOPES = ("engine", "shared", "rank", "file")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclass
+class Resumable:
+    state: Stateful
+    scope: str
+    file: Optional[str] = None  # scope "file" only
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope {self.scope!r}: one of {SCOPES}")
+        if (self.scope == "file") != (self.file is not None):
+            raise ValueError("a file name goes with scope 'file', and only with it")
+
+
+class Value:
+    """A Stateful over a getter and a setter: for plain values such as the step."""
+
+    def __init__(self, get: Callable[[], Any], set: Optional[Callable[[Any], None]] = None):
+        self._get, self._set = get, set
+
+    def state_dict(self) -> Any:
+        return self._get()
+
+    def load_state_dict(self, state: Any) -> None:
+        if self._set is not None:
+            self._set(state)
