@@ -279,12 +279,14 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
-        else:
-            # address="local": a new private instance, never a cluster some earlier `ray start` left behind
-            ray.init(address="local", num_cpus=1, namespace=namespace, include_dashboard=False,
-                     log_to_driver=False, logging_level="ERROR", object_store_memory=object_store_bytes)
+        if not address:
+            # A private head in a session of its own, never a cluster some earlier `ray start` left behind, and
+            # not in this rank's process group: a stop signal to the group must not take the data plan down
+            # before the final checkpoint (data/ray_head.py).
+            from data.ray_head import start_private_head
+
+            _, address = start_private_head(object_store_bytes)
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     actor_class = ray.remote(num_cpus=0)(CoordinatorCore)
     handle = actor_class.options(name=actor_name, namespace=namespace, get_if_exists=True).remote(
         list(shards), seed, chunk_samples, lease_timeout_s)
@@ -295,3 +297,31 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
     client._actor = handle
     client.summary()  # wait until the actor answers
     return client
+
+
+def connect_coordinator(cfg, rows: Sequence[Tuple[str, int]], run_dir, rank: int, world_size: int) -> CoordinatorClient:
+    """Collective. In-process for a single process without workers; otherwise a Ray actor started (or attached
+    to a cluster at data.ray_address) by rank 0 and found by name from every rank and worker. `cfg`: the
+    `data` config section."""
+    import hashlib
+    import logging
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    mode = cfg.coordinator
+    if mode == "auto":
+        mode = "ray" if world_size > 1 or cfg.num_workers > 0 or cfg.ray_address else "local"
+    if mode == "local":
+        return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples, cfg.lease_timeout_s))
+    # One actor per run directory, so two runs on one Ray cluster never share a data plan.
+    namespace = "kino-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    name = "data-coordinator"
+    client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address,
+                                    lease_timeout_s=cfg.lease_timeout_s) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(client, src=0)  # carries the cluster address, not the actor
+    if rank == 0:
+        logging.getLogger("kino").info("data coordinator: Ray actor %r in namespace %s at %s", name, namespace,
+                                       client[0].ray_address)
+    return client[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from launch.local import run_in_foreground
-from launch.node import tool_beside_python
+from data.ray_head import tool_beside_python
 from launch.plan import LaunchError, LaunchPlan
 
 

@@ -16,12 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import List, Optional
 
-RAY_READY = "This command will now block forever"
+from data.ray_head import start_ray_process, stop_process_group, tool_beside_python
+
 LAUNCHER_OWNED = ("data.coordinator=", "data.ray_address=")
 
 
@@ -70,12 +69,6 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(1)
 
 
-def tool_beside_python(name: str) -> str:
-    """A console script of this environment (ray, deepspeed), found even when the venv is not on PATH."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name
-
-
 def as_stop_signal(signum: int) -> int:
     """What a launcher passes on to torchrun: Ctrl-C stays SIGINT (stop at once); anything else becomes
     SIGTERM, which torchrun hands to every rank (they checkpoint and exit). SIGUSR1 would kill torchrun."""
@@ -90,42 +83,12 @@ def start_ray(args: argparse.Namespace, is_head: bool) -> subprocess.Popen:
     else:
         wait_for_port(args.head, args.ray_port, args.connect_timeout)
         command += [f"--address={args.head}:{args.ray_port}"]
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)  # its own process group: stopped as one at the end
-    ready = threading.Event()
-    tail: List[str] = []
-
-    def pump() -> None:
-        for line in process.stdout:
-            tail.append(line)
-            del tail[:-40]
-            if RAY_READY in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + args.connect_timeout
-    while not ready.wait(timeout=1):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process_group(process)
-            raise SystemExit("launch.node: ray start failed:\n" + "".join(tail))
+    try:
+        process = start_ray_process(command, args.connect_timeout)
+    except RuntimeError as error:
+        raise SystemExit(f"launch.node: {error}")
     say(f"Ray {'head' if is_head else 'worker'} up ({args.head}:{args.ray_port})")
     return process
-
-
-def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            if signum == signal.SIGTERM:
-                os.killpg(process.pid, signal.SIGKILL)  # Ray's helpers that outlive their parent
-            return
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            continue
 
 
 def torchrun_command(args: argparse.Namespace, rank: int) -> List[str]:

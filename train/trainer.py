@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data.licenses import Audit, LicensePolicy
-from data.coordinator import CoordinatorClient, CoordinatorCore, start_ray_coordinator
+from data.coordinator import connect_coordinator
 from data.loader import LoaderSpec, dataset_rows, make_loader
 from models.attention import resolve_backend
 from models.autoencoder import build_autoencoder
@@ -61,7 +61,8 @@ class Trainer:
         self.curriculum = Curriculum(cfg.curriculum)
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
-        self.coordinator = self.start_coordinator()
+        self.coordinator = connect_coordinator(cfg.data, dataset_rows(cfg.data.root), self.run_dir, env.rank,
+                                               env.world_size)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, Any] = {}  # consumer -> snapshot after its last trained batch
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
@@ -81,28 +82,6 @@ class Trainer:
         if env.is_main:
             log.info("model: %s; ZeRO-%d over %d %s process(es)", self.describe_model(), cfg.zero.stage,
                      env.world_size, env.device.type)
-
-    def start_coordinator(self) -> CoordinatorClient:
-        """In-process for a single process without workers; otherwise a Ray actor started (or attached
-        to a cluster at data.ray_address) by rank 0, found by name from every rank and worker."""
-        cfg, env = self.cfg.data, self.env
-        rows = dataset_rows(cfg.root)
-        mode = cfg.coordinator
-        if mode == "auto":
-            mode = "ray" if env.world_size > 1 or cfg.num_workers > 0 or cfg.ray_address else "local"
-        if mode == "local":
-            return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples, cfg.lease_timeout_s))
-        import hashlib
-
-        namespace = "kino-" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
-        name = "data-coordinator"
-        client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address,
-                                        lease_timeout_s=cfg.lease_timeout_s) if env.is_main else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(client, src=0)  # carries the cluster address, not the actor
-        if env.is_main:
-            log.info("data coordinator: Ray actor %r in namespace %s at %s", name, namespace, client[0].ray_address)
-        return client[0]
 
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
     def build_model(self) -> torch.nn.Module:

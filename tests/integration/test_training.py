@@ -173,6 +173,13 @@ def test_decoding_in_spawned_loader_workers_reaches_the_ray_coordinator(tiny_dat
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
+def _parent_pid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tiny_dataset, tmp_path):
     import signal
     import time
@@ -190,7 +197,14 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     while not (partial / "engine").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)  # the engine shards are on disk; COMPLETE is not
-    os.killpg(process.pid, signal.SIGKILL)
+    # As a node failure would: torchrun and its ranks, which torchrun starts in sessions of their own (a rank
+    # left alive would go on writing into the run directory the resumed run below uses).
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_pid(p) == process.pid]
+    for pid in [process.pid, *ranks]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
     assert partial.exists() and not (partial / "COMPLETE").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"

@@ -1,0 +1,91 @@
+"""Ray processes a run starts for itself, each `ray start --block` in a session of its own.
+
+Its own session matters for stopping: torchrun passes a stop signal to each rank's whole process group, and
+a Ray that rank 0 started inside its own group (ray.init(address="local")) died with that signal before the
+ranks had written their final checkpoint, which needs the data plan Ray holds. The cluster launchers
+(launch/node.py) start their Ray the same way; `python -m launch local` and a bare torchrun get a private one
+from rank 0 (data/coordinator.py).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+RAY_READY = "This command will now block forever"
+
+
+def tool_beside_python(name: str) -> str:
+    """A console script of this environment (ray, deepspeed), found even when the venv is not on PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def start_ray_process(command: List[str], timeout: float, stop_with_parent: bool = False) -> subprocess.Popen:
+    """Run `ray start --block ...` in its own session and wait until it says it is up."""
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), RAY_USAGE_STATS_ENABLED="0")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True,  # its own process group: stopped as one at the end
+                               preexec_fn=_stop_when_parent_dies if stop_with_parent else None)
+    ready = threading.Event()
+    tail: List[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:
+            tail.append(line)
+            del tail[:-40]
+            if RAY_READY in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(timeout=1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process)
+            raise RuntimeError("ray start failed:\n" + "".join(tail))
+    return process
+
+
+def start_private_head(object_store_bytes: int, timeout: float = 120.0) -> Tuple[subprocess.Popen, str]:
+    """A one-CPU Ray head on a free local port, stopped when this process exits (or dies)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [tool_beside_python("ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+               "--include-dashboard=false", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
+               "--node-ip-address=127.0.0.1"]
+    process = start_ray_process(command, timeout, stop_with_parent=True)
+    atexit.register(stop_process_group, process)
+    return process, f"127.0.0.1:{port}"
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            if signum == signal.SIGTERM:
+                os.killpg(process.pid, signal.SIGKILL)  # Ray's helpers that outlive their parent
+            return
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+
+
+def _stop_when_parent_dies() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
