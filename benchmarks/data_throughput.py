@@ -38,11 +38,11 @@ def kino(root: str, clips: int, cfg) -> dict:
     start, done, frames, tokens, capacity = time.perf_counter(), 0, 0, 0, 0
     while done < clips:
         batch = next(stream)
-        if not batch["videos"]:
+        if not batch.videos:
             continue
-        done += len(batch["videos"])
-        frames += sum(v.shape[0] for v in batch["videos"])
-        tokens += batch["tokens"]
+        done += len(batch.videos)
+        frames += sum(v.shape[0] for v in batch.videos)
+        tokens += batch.tokens
         capacity += stage.token_budget
     seconds = time.perf_counter() - start
     return {"clips_per_s": done / seconds, "frames_per_s": frames / seconds, "useful_token_frac": tokens / capacity}

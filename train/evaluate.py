@@ -111,11 +111,11 @@ def validation_loss(model, autoencoder, text, clips: Sequence[Dict], device) -> 
     model.eval()
     per_bucket: Dict[str, List[float]] = {}
     for index, clip in enumerate(clips):
-        video = clip["video"]
+        video = clip.video
         losses = per_bucket.setdefault(f"{video.shape[0]}x{video.shape[1]}x{video.shape[2]}", [])
         x0 = autoencoder.encode(video).to(device)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index)).to(device)
-        caption = text.batch([clip["caption"]], device)
+        caption = text.batch([clip.caption], device)
         for t in VALIDATION_TIMESTEPS:
             x_t, target = noisy_pair(x0, noise, t)
             prediction = model([x_t], torch.tensor([t], device=device), caption)

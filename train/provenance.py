@@ -29,8 +29,8 @@ class ProvenanceLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, "keys": batch["keys"], "shards": batch["shards"],
-                  "licenses": [m.get("license") for m in batch["meta"]]}
+        record = {"step": step, "keys": batch.keys, "shards": batch.shards,
+                  "licenses": [m.get("license") for m in batch.meta]}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

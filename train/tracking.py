@@ -6,12 +6,89 @@ import logging
 import math
 import os
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+import torch
+
+from data.batch import PackedBatch
 
 from train.config import TrackingConfig
 
 log = logging.getLogger("kino")
+
+
+@dataclass
+class StepResult:
+    """What a method's `forward_backward_step` reports for one micro-batch."""
+
+    finite: bool  # on every rank; a step with any non-finite micro-batch is skipped whole
+    tokens: int
+    loss_sum: float = 0.0  # the loss summed over `tokens` (metrics divide by the tokens of all ranks)
+    flops: float = 0.0  # model FLOPs of forward and backward, for MFU (0: not counted)
+    per_sample_loss: Optional[torch.Tensor] = None  # per clip: loss by timestep and by bucket
+    timesteps: Optional[torch.Tensor] = None  # per clip, in [0, 1]
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step: each micro-batch's result and batch, and the time spent waiting for data."""
+
+    results: List[StepResult]
+    batches: List[PackedBatch]
+    data_time: float
+
+    @property
+    def trained(self) -> bool:
+        return all(r.finite for r in self.results)
+
+
+@dataclass
+class StepTotals:
+    """An outcome's sums over every rank (the trainer reduces them; a collective)."""
+
+    loss_sum: float
+    tokens: float
+    flops: float
+    data_time: float
+
+    @classmethod
+    def local(cls, outcome: StepOutcome) -> "StepTotals":
+        # A skipped step trained nothing: it reports no loss, tokens or FLOPs.
+        results = outcome.results if outcome.trained else []
+        return cls(sum(r.loss_sum for r in results), sum(r.tokens for r in results),
+                   sum(r.flops for r in results), outcome.data_time)
+
+
+def step_metrics(outcome: StepOutcome, totals: StepTotals, *, step: int, stage: str, token_budget: int, lr: float,
+                 step_time: float, world_size: int, accumulation: int, peak_flops: Optional[float],
+                 grad_norm: Optional[float], nonfinite_total: int, eta_s: float,
+                 dropped: Dict[str, int]) -> Dict[str, Any]:
+    """The metrics row of one step (pure: every cross-rank sum is in `totals`)."""
+    tokens = totals.tokens
+    metrics = {
+        "step": step, "stage": stage, "loss": totals.loss_sum / tokens if tokens else None,  # None: skipped
+        "lr": lr, "tokens_per_s": tokens / step_time,
+        "samples_per_s": sum(len(b.clips) for b in outcome.batches) * world_size / step_time,
+        "step_time_s": step_time,
+        # packed batches carry no padding; this is the share of the token budget left empty
+        "budget_unused_frac": 1 - tokens / (token_budget * world_size * accumulation),
+        "data_wait_frac": min(1.0, totals.data_time / world_size / step_time),
+        "mfu": totals.flops / (step_time * peak_flops * world_size) if peak_flops and totals.flops else None,
+        "grad_norm": grad_norm, "nonfinite_steps": nonfinite_total, "eta_s": eta_s, "dropped": dict(dropped),
+    }
+    by_time, by_bucket = defaultdict(list), defaultdict(list)
+    for result, batch in zip(outcome.results if outcome.trained else [], outcome.batches):
+        if result.per_sample_loss is None or result.timesteps is None:
+            continue
+        for loss, t, video in zip(result.per_sample_loss.tolist(), result.timesteps.tolist(), batch.videos):
+            by_time[min(3, int(t * 4))].append(loss)
+            by_bucket["x".join(map(str, video.shape[:3]))].append(loss)
+    metrics.update({f"loss_t{b}": sum(v) / len(v) for b, v in sorted(by_time.items())})
+    metrics.update({f"loss_bucket/{k}": sum(v) / len(v) for k, v in sorted(by_bucket.items())})
+    return metrics
 
 
 def _format_duration(seconds: float) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import connect_coordinator
 from data.loader import LoaderSpec, dataset_rows, make_loader
@@ -27,14 +28,15 @@ from train.collectives import all_ranks_finite, all_reduce_values
 from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
-from train.engine import DistEnv, build_engine, compute_dtype, full_parameters, set_learning_rate
+from train.engine import DistEnv, compute_dtype, full_parameters, set_learning_rate
+from train.parallelize import parallelize
 from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
 from train.sample import generate, on_device, sample_plan, write_samples
 from train.state import Resumable, Value
-from train.tracking import Tracker
+from train.tracking import StepOutcome, StepResult, StepTotals, Tracker, step_metrics
 
 log = logging.getLogger("kino")
 
@@ -55,7 +57,7 @@ class Trainer:
                                              cfg.train.checkpoint_every)
         # Found before the engine is built: a checkpoint from another world size loads through the universal format.
         self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
-        self.engine = build_engine(self.model, cfg, env, load_universal=self.checkpoints.universal)
+        self.engine = parallelize(self.model, cfg, env, load_universal=self.checkpoints.universal)
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
             self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
@@ -64,7 +66,7 @@ class Trainer:
         self.coordinator = connect_coordinator(cfg.data, dataset_rows(cfg.data.root), self.run_dir, env.rank,
                                                env.world_size)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
-        self.loader_snapshots: Dict[str, Any] = {}  # consumer -> snapshot after its last trained batch
+        self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
@@ -115,7 +117,8 @@ class Trainer:
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
             "rng": Resumable(self.rng, "rank"),
-            "loaders": Resumable(Value(lambda: self.loader_snapshots, self._restore_loaders), "rank"),
+            "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
+                                       self._restore_loaders), "rank"),
             "audit": Resumable(Value(self._audit_so_far, self._restore_audit), "file", "audit.json"),
         }
         if self.ema is not None:  # rank 0's alone
@@ -163,7 +166,7 @@ class Trainer:
 
     def _restore_loaders(self, snapshots) -> None:
         if self._same_data_layout():  # each loader continues exactly where it stood: bit-exact
-            self.loader_snapshots = dict(snapshots or {})
+            self.loader_snapshots = {k: ConsumerSnapshot.from_dict(v) for k, v in (snapshots or {}).items()}
 
     def _audit_so_far(self):
         """Collective: the audit of all ranks, merged (rank 0 writes it)."""
@@ -195,7 +198,7 @@ class Trainer:
                           image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots))
         return iter(make_loader(spec))
 
-    def data_step(self) -> Dict[str, Any]:
+    def data_step(self) -> PackedBatch:
         """The next non-empty micro-batch of the current stage. Drops reported on the way are settled
         (audited and acknowledged) together with the step that trains the batch."""
         stage_index = self.curriculum.stage_index(self.step)
@@ -204,40 +207,40 @@ class Trainer:
             # was buffered (now fitted to the new buckets) and continuing the same chunks.
             self._iterator = None
             self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
-        dropped, dropped_tags = [], []
+        dropped = []
         while True:
             batch = next(self._iterator)
-            dropped += batch["dropped"]
-            dropped_tags += batch["dropped_tags"]
-            if batch["videos"]:
-                batch["dropped"], batch["dropped_tags"] = dropped, dropped_tags
+            dropped += batch.dropped
+            if batch.clips:
+                batch.dropped = dropped
                 return batch
 
-    def _settle(self, batches: List[Dict[str, Any]], trained: bool) -> None:
+    def _settle(self, batches: List[PackedBatch], trained: bool) -> None:
         """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in
         the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases alive."""
         tags = defaultdict(list)
         for batch in batches:
-            self.loader_snapshots[batch["consumer"]] = batch["snapshot"]
-            for reason, key in batch["dropped"]:
-                self.audit.record_dropped(reason, key)
-            tags[batch["consumer"]] += batch["dropped_tags"] + batch["tags"]
+            self.loader_snapshots[batch.consumer] = batch.snapshot
+            for drop in batch.dropped:
+                self.audit.record_dropped(drop.reason, drop.key)
+            tags[batch.consumer] += batch.dropped_tags + batch.tags
             if trained:
                 self.provenance.record(self.step + 1, batch)
-                for shard, meta in zip(batch["shards"], batch["meta"]):
-                    self.audit.record_trained(shard, meta["license"], meta["rights_holder"], meta["source_url"])
+                for clip in batch.clips:
+                    meta = clip.meta
+                    self.audit.record_trained(clip.shard, meta["license"], meta["rights_holder"], meta["source_url"])
             else:
-                for key in batch["keys"]:
+                for key in batch.keys:
                     self.audit.record_dropped("nonfinite_step", key)
         for consumer, acknowledged in tags.items():
             self.coordinator.ack(acknowledged, consumer)
 
     # -- one step --------------------------------------------------------------------------------
-    def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
-        x0 = [self.autoencoder.encode(v).to(device) for v in batch["videos"]]
+        x0 = [self.autoencoder.encode(v).to(device) for v in batch.videos]
         drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
-        captions = ["" if d else c for d, c in zip(drop.tolist(), batch["captions"])]
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         text = self.text.batch(captions, device)
         tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
         t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
@@ -255,13 +258,13 @@ class Trainer:
         # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss)
         if not finite:
-            return {"finite": False, "loss_sum": 0.0, "tokens": sum(tokens)}
+            return StepResult(finite=False, tokens=sum(tokens))
         per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
         flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups)
-        return {"finite": True, "loss_sum": float(squared.detach().sum()), "tokens": sum(tokens),
-                "per_sample": per_sample.cpu(), "t": t, "flops": flops}
+        return StepResult(finite=True, tokens=sum(tokens), loss_sum=float(squared.detach().sum()), flops=flops,
+                          per_sample_loss=per_sample.cpu(), timesteps=t)
 
-    def train_step(self) -> Dict[str, Any]:
+    def train_step(self) -> StepOutcome:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         set_learning_rate(self.engine, self.curriculum.lr(self.step))
         data_time, results, batches = 0.0, [], []
@@ -273,7 +276,7 @@ class Trainer:
             results.append(result)
             batches.append(batch)
             self.engine.step()  # every micro-batch, finite or not (see forward_backward_step)
-        finite = all(r["finite"] for r in results)
+        finite = all(r.finite for r in results)
         if not finite and self.engine.was_step_applied():
             raise RuntimeError(f"step {self.step}: a micro-batch's loss was not finite, yet DeepSpeed applied the "
                                f"optimizer step (its overflow check did not see a non-finite gradient)")
@@ -290,39 +293,21 @@ class Trainer:
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
                 raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
                                     f"lower the learning rate or check the data (train.max_nonfinite_in_row)")
-        return {"results": results, "batches": batches, "data_time": data_time}
+        return StepOutcome(results, batches, data_time)
 
     # -- metrics ---------------------------------------------------------------------------------
-    def _metrics(self, outcome: Dict[str, Any], step_time: float) -> Dict:
-        # A step with any non-finite micro-batch was skipped whole: it has no loss (nothing was trained).
-        results = outcome["results"] if all(r["finite"] for r in outcome["results"]) else []
-        loss_sum, tokens, flops, data_time = all_reduce_values(
-            [sum(r["loss_sum"] for r in results), sum(r["tokens"] for r in results),
-             sum(r.get("flops", 0.0) for r in results), outcome["data_time"]], self.env.device)
+    def _metrics(self, outcome: StepOutcome, step_time: float) -> Dict:
+        """Collective: the step's sums are reduced over ranks, then train/tracking.py builds the row."""
+        local = StepTotals.local(outcome)
+        totals = StepTotals(*all_reduce_values([local.loss_sum, local.tokens, local.flops, local.data_time],
+                                               self.env.device))
         stage = self.curriculum.stage(self.step - 1)
-        metrics = {
-            "step": self.step, "stage": stage.name, "loss": loss_sum / tokens if tokens else None,  # None: skipped
-            "lr": self.curriculum.lr(self.step - 1), "tokens_per_s": tokens / step_time,
-            "samples_per_s": sum(len(b["videos"]) for b in outcome["batches"]) * self.env.world_size / step_time,
-            "step_time_s": step_time,
-            # packed batches carry no padding; this is the share of the token budget left empty
-            "budget_unused_frac": 1 - tokens / (stage.token_budget * self.env.world_size
-                                                * self.cfg.zero.gradient_accumulation_steps),
-            "data_wait_frac": min(1.0, data_time / self.env.world_size / step_time),
-            "mfu": flops / (step_time * self.peak_flops * self.env.world_size) if self.peak_flops and flops else None,
-            "grad_norm": _grad_norm(self.engine), "nonfinite_steps": self.nonfinite_total,
-            "eta_s": self._recent_step_time * (self.curriculum.total_steps - self.step),
-            "dropped": dict(self.audit.dropped),
-        }
-        bins, buckets = defaultdict(list), defaultdict(list)
-        for r, batch in zip(results, outcome["batches"]):
-            if "t" not in r:
-                continue
-            for loss, t, video in zip(r["per_sample"].tolist(), r["t"].tolist(), batch["videos"]):
-                bins[min(3, int(t * 4))].append(loss)
-                buckets["x".join(map(str, (video.shape[0], video.shape[1], video.shape[2])))].append(loss)
-        metrics.update({f"loss_t{b}": sum(v) / len(v) for b, v in sorted(bins.items())})
-        metrics.update({f"loss_bucket/{k}": sum(v) / len(v) for k, v in sorted(buckets.items())})
+        metrics = step_metrics(
+            outcome, totals, step=self.step, stage=stage.name, token_budget=stage.token_budget,
+            lr=self.curriculum.lr(self.step - 1), step_time=step_time, world_size=self.env.world_size,
+            accumulation=self.cfg.zero.gradient_accumulation_steps, peak_flops=self.peak_flops,
+            grad_norm=_grad_norm(self.engine), nonfinite_total=self.nonfinite_total,
+            eta_s=self._recent_step_time * (self.curriculum.total_steps - self.step), dropped=self.audit.dropped)
         if self.env.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
         return metrics

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from data.batch import PackedBatch
 from data.samples import procedural_clip
 from data.video_io import write_video
 from models.autoencoder import to_uint8, to_unit_range
@@ -16,6 +17,7 @@ from models.vae import CausalVideoVAE, psnr, vae_loss
 from train.collectives import all_ranks_finite
 from train.curriculum import stage_shapes
 from train.engine import compute_dtype
+from train.tracking import StepResult
 from train.trainer import Trainer
 
 
@@ -31,10 +33,10 @@ class VAETrainer(Trainer):
     def describe_model(self) -> str:
         return f"causal video VAE, {parameter_count(self.model) / 1e6:.2f}M parameters"
 
-    def forward_backward_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device = self.env.device
         by_shape: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
-        for video in batch["videos"]:  # clips of one shape share a forward pass
+        for video in batch.videos:  # clips of one shape share a forward pass
             by_shape[tuple(video.shape)].append(to_unit_range(video))
         elements, recon_sum = 0, 0.0
         losses = []
@@ -50,9 +52,9 @@ class VAETrainer(Trainer):
         finite = all_ranks_finite(loss, device)
         self.engine.backward(loss)  # even when not finite: Trainer.forward_backward_step says why
         if not finite:
-            return {"finite": False, "loss_sum": 0.0, "tokens": batch["tokens"]}
+            return StepResult(finite=False, tokens=batch.tokens)
         # "loss" in metrics is the reconstruction error (MSE + 0.1 L1) per element, without the KL term
-        return {"finite": True, "loss_sum": recon_sum / elements * batch["tokens"], "tokens": batch["tokens"]}
+        return StepResult(finite=True, tokens=batch.tokens, loss_sum=recon_sum / elements * batch.tokens)
 
     def _latent_dims(self, x: torch.Tensor) -> tuple:
         t, h, w = x.shape[2:]

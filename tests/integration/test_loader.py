@@ -8,6 +8,7 @@ import pytest
 from data.buckets import bucket_shapes
 from data.coordinator import CoordinatorClient, CoordinatorCore, start_ray_coordinator
 from data.licenses import LicensePolicy
+from data.batch import ConsumerSnapshot
 from data.loader import ClipStream, LoaderSpec, dataset_rows
 from data.samples import render_clip
 from data.shards import ShardSetWriter, verify_shards
@@ -36,17 +37,18 @@ class Rank:
     def __init__(self, root, coordinator, rank, world_size=1, **kwargs):
         self.coordinator, self.rank = coordinator, rank
         self.batches = stream(root, coordinator, rank, world_size=world_size, **kwargs)
-        self.trained, self.dropped = [], []
+        self.trained, self.dropped, self.licenses = [], [], []
 
     def step(self):
         batch = next(self.batches)
-        while not batch["videos"]:  # drops alone: settle them with the next real batch
-            self.dropped += [(t, r, k) for t, (r, k) in zip(batch["dropped_tags"], batch["dropped"])]
-            self.coordinator.ack(batch["dropped_tags"])
+        while not batch.clips:  # drops alone: settle them with the next real batch
+            self.dropped += [(d.tag, d.reason, d.key) for d in batch.dropped]
+            self.coordinator.ack(batch.dropped_tags)
             batch = next(self.batches)
-        self.trained += list(zip(batch["tags"], batch["keys"]))
-        self.dropped += [(t, r, k) for t, (r, k) in zip(batch["dropped_tags"], batch["dropped"])]
-        self.coordinator.ack(batch["tags"] + batch["dropped_tags"], f"rank{self.rank}-worker0")
+        self.trained += list(zip(batch.tags, batch.keys))
+        self.licenses += [meta["license"] for meta in batch.meta]
+        self.dropped += [(d.tag, d.reason, d.key) for d in batch.dropped]
+        self.coordinator.ack(batch.tags + batch.dropped_tags, f"rank{self.rank}-worker0")
         return batch
 
 
@@ -59,7 +61,7 @@ def test_no_unlicensed_sample_reaches_a_batch_and_every_drop_is_counted(tiny_dat
     while rank.coordinator.summary()["completed_epochs"] < 1:
         rank.step()
     assert epoch_zero([rank]) == GOOD_KEYS
-    assert all(m["license"] in POLICY.allow for _, key in rank.trained for m in [{"license": "CC0-1.0"}])
+    assert rank.licenses and set(rank.licenses) <= POLICY.allow
     first_epoch_drops = [(reason, key) for tag, reason, key in rank.dropped if tag[0] == 0]
     assert Counter(r for r, _ in first_epoch_drops) == {"license_missing": 2, "license_not_allowed": 2,
                                                          "undecodable": 1}
@@ -82,15 +84,15 @@ def test_demo_curriculum_batches_stay_within_budget_with_no_padding_and_little_u
     it, batches = iter(ClipStream(spec)), []
     while len(batches) < 40:
         batch = next(it)
-        if batch["videos"]:
+        if batch.clips:
             batches.append(batch)
     for b in batches:
         # padding-free: the tokens a batch costs are exactly its clips' tokens
-        assert b["tokens"] == sum(v.shape[0] * (v.shape[1] // 4) * (v.shape[2] // 4) for v in b["videos"])
-        assert 0 < b["tokens"] <= stage.token_budget
-    unused = 1 - sum(b["tokens"] for b in batches) / (stage.token_budget * len(batches))
+        assert b.tokens == sum(v.shape[0] * (v.shape[1] // 4) * (v.shape[2] // 4) for v in b.videos)
+        assert 0 < b.tokens <= stage.token_budget
+    unused = 1 - sum(b.tokens for b in batches) / (stage.token_budget * len(batches))
     assert unused <= 0.02, f"{100 * unused:.1f}% of the token budget unused"
-    assert len({tuple(v.shape) for b in batches for v in b["videos"]}) > 1  # shapes really mix
+    assert len({tuple(v.shape) for b in batches for v in b.videos}) > 1  # shapes really mix
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def run_ranks(root, steps, world_size=2, restore=None, chunk_samples=None, budge
     snapshots = {}
     if restore:
         coordinator.restore(restore["data"], world_size)
-        snapshots = restore["loaders"]
+        snapshots = {name: ConsumerSnapshot.from_dict(state) for name, state in restore["loaders"].items()}
     streams = []
     for rank in range(world_size):
         spec = LoaderSpec(root=str(root), policy=POLICY,
@@ -213,15 +215,16 @@ def run_ranks(root, steps, world_size=2, restore=None, chunk_samples=None, budge
         step = []
         for it in streams:
             batch = next(it)
-            tags = list(batch["dropped_tags"])
-            while not batch["videos"]:
+            tags = list(batch.dropped_tags)
+            while not batch.clips:
                 batch = next(it)
-                tags += batch["dropped_tags"]
-            coordinator.ack(tags + batch["tags"])
-            snapshots[batch["consumer"]] = batch["snapshot"]
-            step.append(batch["keys"])
+                tags += batch.dropped_tags
+            coordinator.ack(tags + batch.tags)
+            snapshots[batch.consumer] = batch.snapshot
+            step.append(batch.keys)
         trained.append(step)
-    checkpoint = json.loads(json.dumps({"data": coordinator.state(), "loaders": snapshots}))
+    checkpoint = json.loads(json.dumps({"data": coordinator.state(),
+                                        "loaders": {name: s.to_dict() for name, s in snapshots.items()}}))
     return trained, checkpoint
 
 
@@ -241,7 +244,7 @@ def test_a_stages_image_fraction_trains_that_share_of_samples_as_single_frames(d
                           coordinator=local_coordinator(demo_like_dataset), image_fraction=fraction)
         it, frames = iter(ClipStream(spec)), []
         while len(frames) < 60:
-            frames += [v.shape[0] for v in next(it)["videos"]]
+            frames += [v.shape[0] for v in next(it).videos]
         return frames
 
     mixed = first_batches(0.5)

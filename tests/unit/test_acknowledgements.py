@@ -5,6 +5,9 @@ The real coordinator and the trainer's real settle step; only the clock is the t
 waiting."""
 from types import SimpleNamespace
 
+import torch
+
+from data.batch import ConsumerSnapshot, PackedBatch, PreparedClip
 from data.coordinator import CoordinatorClient, CoordinatorCore
 from data.licenses import Audit
 from train.trainer import Trainer
@@ -12,8 +15,10 @@ from train.trainer import Trainer
 
 def batch_read_by(consumer, lease, offset):
     """A one-clip batch: sample `offset` of the chunk `lease` handed to `consumer`."""
-    return {"consumer": consumer, "snapshot": {}, "dropped": [], "dropped_tags": [],
-            "tags": [[lease["epoch"], lease["chunk"], lease["start"] + offset]], "keys": [f"{consumer}-{offset}"]}
+    clip = PreparedClip(video=torch.zeros(1, 4, 4, 3, dtype=torch.uint8), caption="", key=f"{consumer}-{offset}",
+                        shard=lease["shard"], meta={}, tokens=1,
+                        tag=(lease["epoch"], lease["chunk"], lease["start"] + offset))
+    return PackedBatch([clip], [], consumer, ConsumerSnapshot(stage=[]))
 
 
 def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():

@@ -145,8 +145,9 @@ def test_step_metrics_are_reduced_on_the_run_device(collective_devices):
     from train.trainer import Trainer
 
     trainer = SimpleNamespace(env=SimpleNamespace(device=META, world_size=2))
-    outcome = {"results": [{"finite": True, "loss_sum": 2.0, "tokens": 10, "flops": 1e9}], "batches": [],
-               "data_time": 0.1}
+    from train.tracking import StepOutcome, StepResult
+
+    outcome = StepOutcome([StepResult(finite=True, tokens=10, loss_sum=2.0, flops=1e9)], batches=[], data_time=0.1)
     with pytest.raises(_Intercepted):
         Trainer._metrics(trainer, outcome, 1.0)
     assert collective_devices == [META]

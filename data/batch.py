@@ -1,0 +1,129 @@
+"""The typed data the loader hands the trainer: prepared clips, drops, packed batches, and the snapshot
+that lets a consumer resume exactly where its last trained batch left it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from data.coordinator import Tag
+
+# A sample's place, as snapshots store it (JSON): [epoch, chunk, offset, shard file].
+Entry = List[Any]
+
+
+@dataclass
+class PreparedClip:
+    """One licensed sample, decoded and fitted to its bucket, ready to pack."""
+
+    video: torch.Tensor  # uint8 (frames, height, width, 3)
+    caption: str
+    key: str
+    shard: str  # the shard's file name
+    meta: Dict[str, Any]
+    tokens: int
+    tag: Tag
+
+    def entry(self) -> Entry:
+        return [*self.tag, self.shard]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A sample that must not reach the model, and why (a reason of data/loader.py or the license gate)."""
+
+    tag: Tag
+    reason: str
+    key: str
+
+
+@dataclass
+class ChunkPosition:
+    """The chunk a consumer is reading (the coordinator's work item) and the next offset in it."""
+
+    work: Dict[str, Any]
+    next: int
+
+    @property
+    def finished(self) -> bool:
+        return self.next >= self.work["stop"]
+
+
+@dataclass
+class ConsumerSnapshot:
+    """A consumer's state after a batch: enough to re-create, on resume, every sample it had read but the
+    trainer had not yet trained, in the same order.
+
+    stage   -- the stage's token budget and buckets; a new stage re-buckets what was buffered
+    pending -- batches the packer closed together with this one, not yet handed out
+    buffer  -- samples read and waiting in the packer (or still to be re-read), in order
+    current -- the chunk being read and the next offset in it (None between chunks)
+    """
+
+    stage: List[Any]
+    pending: List[List[Entry]] = field(default_factory=list)
+    buffer: List[Entry] = field(default_factory=list)
+    current: Optional[ChunkPosition] = None
+
+    def to_dict(self) -> Dict[str, Any]:  # the JSON form a checkpoint stores
+        current = None if self.current is None else {"work": self.current.work, "next": self.current.next}
+        return {"stage": self.stage, "pending": self.pending, "buffer": self.buffer, "current": current}
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any]) -> "ConsumerSnapshot":
+        current = state.get("current")
+        return cls(stage=state["stage"], pending=[[list(e) for e in batch] for batch in state["pending"]],
+                   buffer=[list(e) for e in state["buffer"]],
+                   current=None if current is None else ChunkPosition(dict(current["work"]), int(current["next"])))
+
+    def rebucketed(self) -> "ConsumerSnapshot":
+        """For a new stage: the closed batches go back into packing, in order, ahead of the buffer."""
+        return ConsumerSnapshot(self.stage, [], [e for batch in self.pending for e in batch] + self.buffer,
+                                self.current)
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of clips of mixed shapes, at most the stage's token budget, from one consumer.
+
+    `dropped` lists every sample the consumer dropped since its previous batch: the trainer audits and
+    acknowledges them together with the step that trains this batch. A batch may hold drops alone.
+    """
+
+    clips: List[PreparedClip]
+    dropped: List[Drop]
+    consumer: str  # "rank{r}-worker{w}": acknowledgements in its name renew its leases
+    snapshot: ConsumerSnapshot
+
+    @property
+    def videos(self) -> List[torch.Tensor]:
+        return [c.video for c in self.clips]
+
+    @property
+    def captions(self) -> List[str]:
+        return [c.caption for c in self.clips]
+
+    @property
+    def keys(self) -> List[str]:
+        return [c.key for c in self.clips]
+
+    @property
+    def shards(self) -> List[str]:
+        return [c.shard for c in self.clips]
+
+    @property
+    def meta(self) -> List[Dict[str, Any]]:
+        return [c.meta for c in self.clips]
+
+    @property
+    def tags(self) -> List[Tag]:
+        return [c.tag for c in self.clips]
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.clips)
+
+    @property
+    def dropped_tags(self) -> List[Tag]:
+        return [d.tag for d in self.dropped]

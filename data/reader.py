@@ -1,0 +1,101 @@
+"""Reading raw samples for one consumer: re-reading what a snapshot names, then the chunk it stood in,
+then chunks the coordinator deals. Yields (raw sample or None, tag, error); a None sample is one the
+shard could not give (a truncated or corrupt tar), with the shard's name as the error."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import webdataset as wds
+
+from data.batch import ChunkPosition, ConsumerSnapshot, Entry
+from data.coordinator import CoordinatorClient, Tag
+
+log = logging.getLogger(__name__)
+_warned: set = set()
+
+RawRead = Tuple[Optional[Dict[str, Any]], Tag, Optional[str]]
+
+
+def warn_once(key: str, message: str, *args) -> None:
+    """Each bad sample or shard is named once per process, not once per epoch."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def read_entries(root, entries: List[Entry]) -> Iterator[RawRead]:
+    """Re-read specific samples by [epoch, chunk, offset, shard], in the order given."""
+    wanted: Dict[str, Dict[int, List[Tag]]] = {}  # one offset can be wanted in several epochs
+    for epoch, chunk, offset, shard in entries:
+        wanted.setdefault(shard, {}).setdefault(offset, []).append((epoch, chunk, offset))
+    found: Dict[Tag, Dict[str, Any]] = {}
+    for shard, offsets in wanted.items():
+        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / shard)}],
+                                                         handler=lambda error: False)):
+            for tag in offsets.get(offset, ()):
+                found[tag] = raw
+            if offset >= max(offsets):
+                break
+    for epoch, chunk, offset, shard in entries:
+        tag = (epoch, chunk, offset)
+        yield (found[tag], tag, None) if tag in found else (None, tag, shard)
+
+
+class ConsumerReader:
+    """The raw samples of one consumer, in order, and where it stands: `position` (the chunk being read)
+    and `unread_replay` (snapshot entries not yet re-read) are what a new snapshot records."""
+
+    def __init__(self, root, coordinator: CoordinatorClient, name: str, slot: int, slots: int):
+        self.root, self.coordinator = root, coordinator
+        self.name, self.slot, self.slots = name, slot, slots
+        self.position: Optional[ChunkPosition] = None
+        self.unread_replay: List[Entry] = []
+
+    def read(self, snapshot: Optional[ConsumerSnapshot]) -> Iterator[RawRead]:
+        if snapshot is not None:
+            self.position = snapshot.current and ChunkPosition(dict(snapshot.current.work), snapshot.current.next)
+            self.unread_replay = [list(e) for e in snapshot.buffer]
+            for read in read_entries(self.root, snapshot.buffer):  # what sat in the packer, in order
+                self.unread_replay.pop(0)
+                yield read
+            if snapshot.current is not None:
+                yield from self.read_chunk(snapshot.current.work, snapshot.current.next)
+        while True:
+            yield from self.read_chunk(self.coordinator.request(self.name, self.slot, self.slots))
+
+    def read_chunk(self, work: Dict[str, Any], first: int = 0) -> Iterator[RawRead]:
+        epoch, chunk, start, stop = work["epoch"], work["chunk"], work["start"], work["stop"]
+        skip = set(work["skip"])
+        errors: List[str] = []
+
+        def note(error: Exception) -> bool:
+            errors.append(f"{type(error).__name__}: {error}")
+            return False  # stop reading this shard
+
+        begin = max(start, first)
+        self.position = ChunkPosition(work, begin)
+        offset = 0
+        for raw in wds.tarfile_samples([{"url": str(Path(self.root) / work["shard"])}], handler=note):
+            if offset >= stop:
+                break
+            if offset >= begin and offset not in skip:
+                self.position.next = offset + 1
+                yield raw, (epoch, chunk, offset), None
+            offset += 1
+        if offset < stop:  # the tar ended or broke before the manifest's count: those samples are lost
+            detail = errors[0] if errors else "fewer samples than the manifest lists"
+            warn_once(work["shard"], "corrupt shard %s (samples from %d on skipped, counted): %s",
+                      work["shard"], max(offset, begin), detail)
+            for missing in range(max(offset, begin), stop):
+                if missing not in skip:
+                    self.position.next = missing + 1
+                    yield None, (epoch, chunk, missing), work["shard"]
+        self.position = None
+
+    def open_position(self) -> Optional[ChunkPosition]:
+        """The current chunk's position, unless every sample of it has been read."""
+        if self.position is None or self.position.finished:
+            return None
+        return ChunkPosition(self.position.work, self.position.next)
