@@ -43,6 +43,7 @@ def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpo
     on the GPU when there is one. checkpointing None keeps the model config's setting."""
     from models.dit import TextToVideoModel, text_conditioner
     from train.config import load_config
+    from train.parallelize import apply_activation_checkpointing
 
     cfg = load_config([f"model={model}"], check=False).model
     if checkpointing is not None:
@@ -51,6 +52,8 @@ def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpo
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     kino = TextToVideoModel(cfg).to(device=device, dtype=torch_dtype)
+    if cfg.activation_checkpointing:  # as training applies it (train/parallelize.py)
+        apply_activation_checkpointing(kino)
     shape = (cfg.autoencoder.latent_channels, *latent_grid(tokens, cfg.patch_size))
     latent = torch.randn(shape, device=device, dtype=torch_dtype)
     caption = "x" * (text_tokens - 1)

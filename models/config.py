@@ -58,6 +58,7 @@ class ModelConfig:
     position_embedding: str = "fractional"
     # auto | flash_attn | torch_varlen | sdpa | reference
     attention_backend: str = "auto"
+    # Recompute each block in backward (applied from outside the model, by train/parallelize.py).
     activation_checkpointing: bool = False
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)

@@ -13,7 +13,6 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from models.config import ModelConfig
 from models.attention import varlen_attention
@@ -239,10 +238,7 @@ class VideoDiT(nn.Module):
             text = self.text_in(text)
         for block in self.blocks:
             args = (x, cond, lengths_t, cu, max(lengths), rope, text, text_batch.cu_seqlens, text_batch.max_len)
-            if self.cfg.activation_checkpointing and self.training:
-                out = checkpoint(block, *args, use_reentrant=False)
-            else:
-                out = block(*args)
+            out = block(*args)
             x, text = out if self.joint else (out, text)
         shift, scale = torch.repeat_interleave(self.final_ada(nn.functional.silu(cond)), lengths_t, dim=0,
                                                output_size=x.shape[0]).chunk(2, dim=-1)

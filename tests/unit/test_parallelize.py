@@ -1,0 +1,45 @@
+"""train/parallelize.py applies activation checkpointing from outside the model: same outputs and gradients, the
+same parameter names (checkpoints load either way), and less kept for backward."""
+import pytest
+import torch
+
+from models.dit import text_conditioner
+from tests.unit.test_model import CAPTIONS, clips, tiny_model
+from train.parallelize import apply_activation_checkpointing, repeated_blocks
+
+
+def loss_grads_and_saved_bytes(model):
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    latents, t = clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(latents, t, text_conditioner(model.cfg).batch(CAPTIONS)).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "joint"])
+def test_checkpointed_blocks_give_the_same_loss_and_gradients_and_keep_less(conditioning):
+    plain = tiny_model(conditioning=conditioning)
+    checkpointed = tiny_model(conditioning=conditioning)
+    assert apply_activation_checkpointing(checkpointed) == 2 == len(repeated_blocks(checkpointed))
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+
+    loss, grads, saved = loss_grads_and_saved_bytes(plain)
+    loss_c, grads_c, saved_c = loss_grads_and_saved_bytes(checkpointed)
+    assert torch.equal(loss, loss_c)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_c[name], rtol=0, atol=1e-12), name
+    assert saved_c < 0.5 * saved, (saved_c, saved)
+
+
+def test_checkpointing_applies_only_in_training():
+    checkpointed, plain = tiny_model(), tiny_model()
+    apply_activation_checkpointing(checkpointed)
+    checkpointed.eval(), plain.eval()  # evaluation with gradients on (e.g. a probe) keeps everything, as without
+    assert loss_grads_and_saved_bytes(checkpointed)[2] == loss_grads_and_saved_bytes(plain)[2]

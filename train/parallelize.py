@@ -1,0 +1,52 @@
+"""Everything applied to a built model that is not its math, in one place and one fixed order:
+
+1. activation checkpointing of the repeated blocks (`model.activation_checkpointing`);
+2. compile of the repeated blocks (issue 12 adds it here);
+3. sequence parallelism (issue 13 adds it here);
+4. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
+
+Model code has no switch for any of them. Each step keeps parameter names as they are, so checkpoints
+load whichever of them a run turns on or off.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.dit import DiTBlock, JointBlock
+from train.config import KinoConfig
+from train.engine import DistEnv, build_engine
+
+# The units activation checkpointing (and later compile) apply to: a transformer's repeated blocks.
+REPEATED_BLOCKS = (DiTBlock, JointBlock)
+
+
+def repeated_blocks(model: nn.Module) -> List[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, REPEATED_BLOCKS)]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Each repeated block keeps only its inputs for backward and recomputes the rest. The block's forward is
+    replaced on the instance, not wrapped in another module, so no parameter name changes. Returns the number of
+    blocks. Submodules are still called as modules during recompute, so ZeRO-3 gathers their parameters."""
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+    return len(blocks)
+
+
+def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
+    if block.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, load_universal: bool = False):
+    """Apply the steps above to `model` (on its device already) and return the DeepSpeed engine."""
+    if cfg.model.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return build_engine(model, cfg, env, load_universal=load_universal)
