@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("--clips", type=int, default=200)
     args = parser.parse_args()
-    from train.config import load_config
+    from conf.schema import load_config
 
     cfg = load_config(["experiment=demo"])
     kino(args.root, 10, cfg)  # warm caches (files, decord) for both

@@ -42,7 +42,7 @@ def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpo
     """(model config, Kino model, one latent clip of ~`tokens` tokens, its caption batch, exact token count),
     on the GPU when there is one. checkpointing None keeps the model config's setting."""
     from models.dit import TextToVideoModel, text_conditioner
-    from train.config import load_config
+    from conf.schema import load_config
     from train.parallelize import apply_activation_checkpointing
 
     cfg = load_config([f"model={model}"], check=False).model

@@ -1,1 +1,2 @@
-"""Hydra configuration tree (YAML); the typed schema lives in train/config.py."""
+"""The configuration: the YAML tree Hydra composes, and its typed schema (conf/schema.py), whose sections are
+defined and checked beside their code. Every package may import conf; conf imports only config sections."""

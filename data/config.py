@@ -1,6 +1,8 @@
-"""Typed data configuration (Hydra structured config, group `data`)."""
+"""Typed data configuration (Hydra structured config, group `data`) and its checks."""
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from conf.errors import ConfigError
 
 
 @dataclass
@@ -38,3 +40,15 @@ class DataConfig:
     # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.
     pack_window: int = 16
     pack_tolerance: float = 0.01
+
+    def check(self) -> None:
+        if self.coordinator not in ("auto", "local", "ray"):
+            raise ConfigError(f"data.coordinator={self.coordinator!r}: must be auto, local or ray")
+        if self.coordinator == "local" and self.num_workers > 0:
+            raise ConfigError("data.num_workers > 0 needs data.coordinator=ray (workers are separate processes)")
+        if self.lease_timeout_s <= 0:
+            raise ConfigError(f"data.lease_timeout_s={self.lease_timeout_s}: must be > 0 seconds")
+        if not 0 <= self.pack_tolerance < 1 or self.pack_window < 1:
+            raise ConfigError("data.pack_window must be >= 1 and data.pack_tolerance in [0, 1)")
+        if not self.licenses.allow:
+            raise ConfigError("data.licenses.allow is empty: no sample could ever be trained on")

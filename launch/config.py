@@ -6,8 +6,14 @@ Cluster profiles go in conf/launcher/<name>.yaml and are picked with `launcher=<
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from conf.errors import ConfigError
+
+# launcher.env is written into job scripts and manifests: names like these must come another way.
+SECRET_LIKE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL")
 
 
 @dataclass
@@ -79,3 +85,19 @@ class LauncherConfig:
         if self.procs_per_node is not None:
             return self.procs_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    def check(self) -> None:
+        if self.nodes < 1 or self.processes_per_node() < 1 or self.gpus_per_node < 0:
+            raise ConfigError("launcher.nodes and launcher.procs_per_node must be >= 1, launcher.gpus_per_node >= 0")
+        if self.gpus_per_node and self.processes_per_node() > self.gpus_per_node:
+            raise ConfigError(f"launcher.procs_per_node={self.procs_per_node} is more than "
+                              f"launcher.gpus_per_node={self.gpus_per_node}: one process drives one GPU")
+        if self.k8s.api not in ("jobset", "pytorchjob"):
+            raise ConfigError(f"launcher.k8s.api={self.k8s.api!r}: must be jobset or pytorchjob")
+        secret_like = [k for k in self.env if SECRET_LIKE.search(k.upper())]
+        if secret_like:
+            raise ConfigError(f"launcher.env.{secret_like[0]}: launcher.env is written into job scripts and "
+                              "manifests; pass secrets through the submitting shell's environment (SLURM) or a "
+                              "Kubernetes Secret (launcher.k8s.wandb_secret)")
+        if self.slurm.preempt_signal_s < 0:
+            raise ConfigError("launcher.slurm.preempt_signal_s must be >= 0 (0 = no preemption signal)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from train.config import ConfigError, KinoConfig, load_config
+from conf.schema import ConfigError, KinoConfig, load_config
 
 
 class LaunchError(ValueError):

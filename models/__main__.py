@@ -13,7 +13,7 @@ from models.flops import flops_per_sample
 
 
 def describe(overrides):
-    from train.config import load_config
+    from conf.schema import load_config
 
     cfg = load_config(overrides, check=False).model
     with torch.device("meta"):

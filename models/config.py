@@ -1,6 +1,10 @@
-"""Typed model configuration (Hydra structured config, group `model`)."""
+"""Typed model configuration (Hydra structured config, group `model`) and its checks."""
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from conf.errors import ConfigError
+
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "reference")
 
 
 @dataclass
@@ -16,6 +20,18 @@ class TextEncoderConfig:
     # builtin only: bytes (UTF-8 bytes, one token each) | words (each word hashed into vocab_size ids)
     tokenizer: str = "bytes"
     vocab_size: int = 4096
+
+    def check(self) -> None:
+        if self.dim % self.heads:
+            raise ConfigError(f"model.text.dim={self.dim} is not divisible by model.text.heads={self.heads}")
+        if self.name not in ("builtin", "pretrained"):
+            raise ConfigError(f"model.text.name={self.name!r}: supported: builtin, pretrained")
+        if self.tokenizer not in ("bytes", "words"):
+            raise ConfigError(f"model.text.tokenizer={self.tokenizer!r}: supported: bytes, words")
+        if self.tokenizer == "words" and self.vocab_size < 16:
+            raise ConfigError(f"model.text.vocab_size={self.vocab_size}: too small for hashed words")
+        if self.name == "pretrained" and not self.path:
+            raise ConfigError("model.text.path must name a local T5/UMT5 directory when model.text.name=pretrained")
 
 
 @dataclass
@@ -38,6 +54,10 @@ class AutoencoderConfig:
     latent_std: Optional[List[float]] = None
     # KL weight when the VAE itself is trained (experiment=vae_demo).
     kl_weight: float = 1.0e-6
+
+    def check(self) -> None:
+        if self.name not in ("pixel", "causal_vae", "diffusers"):
+            raise ConfigError(f"model.autoencoder.name={self.name!r}: supported: pixel, causal_vae, diffusers")
 
 
 @dataclass
@@ -62,3 +82,19 @@ class ModelConfig:
     activation_checkpointing: bool = False
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+    def check(self) -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(f"model.patch_size must be three positive ints (p_t, p_h, p_w), got {self.patch_size}")
+        if self.dim % self.heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.heads={self.heads}")
+        if (self.dim // self.heads) % 2:
+            raise ConfigError("model.dim / model.heads must be even for rotary embeddings")
+        if self.conditioning not in ("cross_attention", "joint"):
+            raise ConfigError(f"model.conditioning={self.conditioning!r}: supported: cross_attention, joint")
+        if self.position_embedding not in ("fractional", "none"):
+            raise ConfigError(f"model.position_embedding={self.position_embedding!r}: supported: fractional, none")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention_backend={self.attention_backend!r} is not a known backend")
+        self.text.check()
+        self.autoencoder.check()

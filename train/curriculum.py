@@ -5,7 +5,8 @@ import math
 from typing import Any, Dict, List
 
 from data.buckets import BucketShape, bucket_shapes
-from train.config import CurriculumConfig, KinoConfig, StageConfig
+from conf.schema import KinoConfig
+from train.config import CurriculumConfig, StageConfig
 
 
 class Curriculum:

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 import torch
 
-from train.config import KinoConfig
+from conf.schema import KinoConfig
 
 log = logging.getLogger(__name__)
 

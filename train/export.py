@@ -51,18 +51,12 @@ def load_exported(directory) -> tuple:
     """(config, model with the exported weights) for the run's method."""
     from safetensors.torch import load_file
 
-    from train.config import from_yaml
+    from conf.schema import from_yaml
+    from train.methods import build_model
 
     directory = Path(directory)
     cfg = from_yaml((directory / "config.yaml").read_text())
-    if cfg.train.method == "vae":
-        from train.vae_trainer import build_vae
-
-        model = build_vae(cfg)
-    else:
-        from models.dit import TextToVideoModel
-
-        model = TextToVideoModel(cfg.model)
+    model = build_model(cfg)
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return cfg, model.eval()
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from train.config import ConfigError, load_config, to_yaml
+from conf.schema import ConfigError, load_config, to_yaml
 
 
 def _setup_logging(rank: int) -> None:
@@ -42,11 +42,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from models.attention import BackendUnavailable
     from train.engine import init_distributed
-    from train.trainer import NonFiniteLoss, Trainer
-    from train.vae_trainer import VAETrainer
+    from train.methods import method
+    from train.trainer import NonFiniteLoss
 
     env = init_distributed()
-    trainer_class = VAETrainer if cfg.train.method == "vae" else Trainer
+    trainer_class = method(cfg.train.method).trainer()
     try:
         summary = trainer_class(cfg, env).train()
     except BackendUnavailable as error:  # this machine cannot run the forced kernel: a config error here

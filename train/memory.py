@@ -86,7 +86,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)} or GiB as a number")
     parser.add_argument("--tokens", type=int, default=None, help="micro-batch tokens (default: largest stage budget)")
     args = parser.parse_args(argv)
-    from train.config import load_config
+    from conf.schema import load_config
 
     cfg = load_config(args.overrides)
     gib = float(GPU_MEMORY_GIB.get(args.gpu, args.gpu))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import DiTBlock, JointBlock
-from train.config import KinoConfig
+from conf.schema import KinoConfig
 from train.engine import DistEnv, build_engine
 
 # The units activation checkpointing (and later compile) apply to: a transformer's repeated blocks.

@@ -105,7 +105,7 @@ def load_for_sampling(run_dir, step: Optional[int] = None, raw: bool = False, de
     holding its EMA (or, with raw, its trained) weights in the run's training precision."""
     from models.autoencoder import build_autoencoder
     from models.dit import TextToVideoModel, text_conditioner
-    from train.config import from_yaml
+    from conf.schema import from_yaml
     from train.engine import compute_dtype
     from train.export import checkpoint_path, ema_weights, raw_weights
 

@@ -20,14 +20,15 @@ from data.coordinator import connect_coordinator
 from data.loader import LoaderSpec, dataset_rows, make_loader
 from models.attention import resolve_backend
 from models.autoencoder import build_autoencoder
-from models.dit import TextToVideoModel, parameter_count, text_conditioner
+from models.dit import parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.checkpoint import CheckpointManager, latest_checkpoint
 from train.collectives import all_ranks_finite, all_reduce_values
-from train.config import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
+from conf.schema import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
+from train.methods import build_model
 from train.engine import DistEnv, compute_dtype, full_parameters, set_learning_rate
 from train.parallelize import parallelize
 from train.evaluate import Evaluator, table as evaluation_table
@@ -92,7 +93,7 @@ class Trainer:
         resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
         self.autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
         self.text = on_device(text_conditioner(cfg.model), device)
-        model = TextToVideoModel(cfg.model)
+        model = build_model(cfg)
         self.flop_groups = parameter_groups(model)
         return model
 
@@ -336,7 +337,7 @@ class Trainer:
     def ema_model(self) -> torch.nn.Module:
         """A copy of the model holding the EMA weights (main rank). The EMA is kept in fp32; the copy computes in
         the training precision, as the model trained."""
-        model = TextToVideoModel(self.cfg.model).to(self.env.device, compute_dtype(self.cfg))
+        model = build_model(self.cfg).to(self.env.device, compute_dtype(self.cfg))
         self.ema.copy_to(model)
         return model
 

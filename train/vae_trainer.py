@@ -1,5 +1,6 @@
 """Train the built-in causal video VAE (experiment=vae_demo) with the same loop, data, engine,
-checkpoints and tracking as the DiT: only the model, the step and the samples differ."""
+checkpoints and tracking as the DiT: only the model, the step and the samples (reconstructions of the
+held-out split) differ."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -9,26 +10,25 @@ from typing import Any, Dict, List
 import torch
 
 from data.batch import PackedBatch
-from data.samples import procedural_clip
 from data.video_io import write_video
 from models.autoencoder import to_uint8, to_unit_range
 from models.dit import parameter_count
-from models.vae import CausalVideoVAE, psnr, vae_loss
+from models.vae import psnr, vae_loss
 from train.collectives import all_ranks_finite
 from train.curriculum import stage_shapes
 from train.engine import compute_dtype
+from train.evaluate import validation_clips
+from train.methods import build_model
 from train.tracking import StepResult
 from train.trainer import Trainer
 
 
-def build_vae(cfg) -> CausalVideoVAE:
-    ae = cfg.model.autoencoder
-    return CausalVideoVAE(ae.latent_channels, ae.base_channels, tuple(ae.channel_mult), tuple(ae.temporal_downsample))
+HELD_OUT_CLIPS = 3  # reconstructed at each sampling point
 
 
 class VAETrainer(Trainer):
     def build_model(self) -> torch.nn.Module:
-        return build_vae(self.cfg)
+        return build_model(self.cfg)
 
     def describe_model(self) -> str:
         return f"causal video VAE, {parameter_count(self.model) / 1e6:.2f}M parameters"
@@ -61,32 +61,26 @@ class VAETrainer(Trainer):
         return 1 + (t - 1) // self.model.temporal_factor, h // self.model.spatial_factor, w // self.model.spatial_factor
 
     def sample(self) -> List[Path]:
-        """Reconstruct held-out procedural clips with the EMA weights: original | reconstruction, side by side."""
+        """Reconstruct held-out clips (data.validation_root) with the EMA weights: original | reconstruction."""
         if not self.env.is_main:
             return []
-        vae = build_vae(self.cfg).to(self.env.device, compute_dtype(self.cfg)).eval()
+        vae = build_model(self.cfg).to(self.env.device, compute_dtype(self.cfg)).eval()
         self.ema.copy_to(vae)
         stage = self.curriculum.stage(max(self.step - 1, 0))
         out_dir = self.run_dir / "samples" / f"step_{self.step}"
         paths, scores = [], []
-        for i, shape in enumerate(sorted(stage_shapes(self.cfg, stage), key=lambda s: -s.frames)[:3]):
-            clip = held_out_clip(i, shape)
-            x = to_unit_range(clip).unsqueeze(0).to(self.env.device)
+        for i, clip in enumerate(validation_clips(self.cfg, stage_shapes(self.cfg, stage), HELD_OUT_CLIPS)):
+            x = to_unit_range(clip.video).unsqueeze(0).to(self.env.device)
             with torch.no_grad():
                 reconstruction = vae(x, sample=False)[0].clamp(-1, 1)
             scores.append(psnr(reconstruction, x))
-            side_by_side = torch.cat([clip, to_uint8(reconstruction[0].cpu())], dim=2)
-            paths.append(write_video(out_dir / f"{i:02d}-reconstruction-{shape.width}x{shape.height}x{shape.frames}.mp4",
+            side_by_side = torch.cat([clip.video, to_uint8(reconstruction[0].cpu())], dim=2)
+            frames, height, width = clip.video.shape[:3]
+            paths.append(write_video(out_dir / f"{i:02d}-reconstruction-{width}x{height}x{frames}.mp4",
                                      side_by_side.numpy(), self.cfg.data.fps))
+        if not scores:
+            raise RuntimeError(f"data.validation_root={self.cfg.data.validation_root}: no licensed clip fits the "
+                               f"stage's buckets, so there is nothing to reconstruct")
         self.tracker.log_event(self.step, f"held-out reconstruction PSNR: {sum(scores) / len(scores):.2f} dB")
         self.tracker.log_videos(self.step, paths, [p.stem for p in paths])
         return paths
-
-
-def held_out_clip(index: int, shape) -> torch.Tensor:
-    """A procedural clip the VAE never trained on (a seed outside the training sets), drawn like the
-    training clips: 1-3 s at 12 fps, the first `shape.frames` frames, fitted to the bucket."""
-    from data.decode import resize_and_crop
-
-    clip = procedural_clip(seed=10_000 + index, frames=max(shape.frames, 12 * (1 + index % 3)), width=96, height=96)
-    return resize_and_crop(clip[: shape.frames], shape.height, shape.width)

@@ -13,7 +13,7 @@ import torch
 
 def main() -> None:
     out, poisoned, overrides = sys.argv[1], {int(i) for i in sys.argv[2].split(",") if i}, sys.argv[3:]
-    from train.config import load_config
+    from conf.schema import load_config
     from train.engine import full_parameters, init_distributed
     from train.trainer import Trainer
 

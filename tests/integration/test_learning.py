@@ -57,7 +57,7 @@ def untrained_adherence(run_dir, golden_dataset):
     """The same evaluation of the model as training starts it (same seed, same config)."""
     from models.autoencoder import build_autoencoder
     from models.dit import TextToVideoModel, text_conditioner
-    from train.config import from_yaml
+    from conf.schema import from_yaml
     from train.evaluate import Evaluator
 
     cfg = from_yaml((run_dir / "config.yaml").read_text())

@@ -73,7 +73,7 @@ def test_no_unlicensed_sample_reaches_a_batch_and_every_drop_is_counted(tiny_dat
 @pytest.mark.parametrize("stage_index", [0, 1])
 def test_demo_curriculum_batches_stay_within_budget_with_no_padding_and_little_unused(demo_like_dataset,
                                                                                      stage_index):
-    from train.config import load_config
+    from conf.schema import load_config
     from train.curriculum import stage_shapes
 
     cfg = load_config(["experiment=demo"])

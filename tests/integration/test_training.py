@@ -270,7 +270,7 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
     from data.buckets import BucketShape
     from models.autoencoder import build_autoencoder
     from models.dit import TextToVideoModel, text_conditioner
-    from train.config import from_yaml
+    from conf.schema import from_yaml
     from train.export import export, load_exported
     from train.sample import generate
 

@@ -18,9 +18,13 @@ def run_train(*overrides, port):
 
 
 def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp_path):
+    from data.samples import build_validation
+
     vae_run = tmp_path / "vae"
+    held_out = build_validation(tmp_path / "held_out", count=3).parent
     small_vae = ["model.autoencoder.base_channels=8", "model.autoencoder.latent_channels=4"]
-    result = run_train("experiment=vae_demo", f"data.root={tiny_dataset}", f"train.run_dir={vae_run}",
+    result = run_train("experiment=vae_demo", f"data.root={tiny_dataset}", f"data.validation_root={held_out}",
+                       f"train.run_dir={vae_run}",
                        "curriculum.stages.0.steps=3", "tracking.log_every=1", "tracking.mode=disabled",
                        *small_vae, port=29541)
     assert "held-out reconstruction PSNR" in result.stdout

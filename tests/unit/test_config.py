@@ -1,6 +1,6 @@
 import pytest
 
-from train.config import ConfigError, changed_trajectory_keys, from_yaml, load_config, to_yaml, trajectory_hash
+from conf.schema import ConfigError, changed_trajectory_keys, from_yaml, load_config, to_yaml, trajectory_hash
 
 
 def test_demo_experiment_composes_and_validates():
@@ -66,3 +66,23 @@ def test_every_shipped_model_size_validates_with_the_realistic_curriculum():
     for size in set(sizes) - {"tiny"}:  # tiny trains in pixel space: the demo curriculum
         cfg = load_config([f"model={size}", "curriculum=t2v_3stage"])
         assert [s.name for s in cfg.curriculum.stages] == ["256p", "480p", "720p"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.conditioning=concat", "model.conditioning"),
+    ("model.autoencoder.name=jpeg", "model.autoencoder.name"),
+    ("model.text.tokenizer=chars", "model.text.tokenizer"),
+    ("data.coordinator=zookeeper", "data.coordinator"),
+    ("curriculum.stages.0.schedule=linear", "curriculum.stages[0].schedule"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("zero.gradient_accumulation_steps=0", "zero.gradient_accumulation_steps"),
+    ("tracking.sampler=ddim", "tracking.sampler"),
+    ("train.method=gan", "train.method"),
+    ("+launcher.env.HF_TOKEN=abc", "launcher.env.HF_TOKEN: launcher.env is written into job scripts"),
+])
+def test_dry_run_rejects_each_sections_invalid_value_naming_the_key(override, key, capsys):
+    """Every section checks itself (beside its code); `python -m train --dry-run` reports the key, status 2."""
+    from train.main import main
+
+    assert main(["--dry-run", "experiment=demo", override]) == 2
+    assert key in capsys.readouterr().err

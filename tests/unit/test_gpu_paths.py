@@ -212,7 +212,7 @@ def test_deepspeed_builds_torch_adamw_and_no_jit_op(device_type, offload, monkey
     from deepspeed.ops.op_builder.builder import OpBuilder
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from train.config import load_config
+    from conf.schema import load_config
     from train.engine import deepspeed_config
 
     def no_build(*args, **kwargs):

@@ -13,7 +13,7 @@ from launch.__main__ import main as launch_main
 from launch.node import parse_args, torchrun_command
 from launch.plan import LaunchError, make_plan
 from tests.conftest import REPO
-from train.config import load_config
+from conf.schema import load_config
 from train.preemption import EXIT_PREEMPTED, StopRequest
 
 CPU2 = ["experiment=demo", "launcher.nodes=2", "launcher.procs_per_node=1"]

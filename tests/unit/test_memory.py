@@ -2,14 +2,17 @@
 import torch
 
 from models.dit import TextToVideoModel, text_conditioner
-from train.config import load_config
+from conf.schema import load_config
 from train.memory import estimate
+from train.parallelize import apply_activation_checkpointing
 
 
 def measured_step_bytes(cfg, clips, tokens_per_clip):
     """Weights + gradients + AdamW state + every activation autograd saves, for one step."""
     torch.manual_seed(0)
     model = TextToVideoModel(cfg.model).train()
+    if cfg.model.activation_checkpointing:  # applied from outside the model, as training applies it
+        apply_activation_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters())
     saved = {}
 

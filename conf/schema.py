@@ -1,0 +1,142 @@
+"""The typed configuration tree: one section per part, each defined (and checked) beside its code.
+
+    model      models/config.py      ModelConfig.check()
+    data       data/config.py        DataConfig.check()
+    curriculum, optim, zero, tracking, train
+               train/config.py       each section's check()
+    launcher   launch/config.py      LauncherConfig.check()
+
+YAML files under conf/ only choose values; every knob is a field of a section. `validate` runs every section's
+check, then the checks that span sections, before any process group starts, so a bad config costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conf.errors import ConfigError
+from data.config import DataConfig
+from launch.config import LauncherConfig
+from models.config import ModelConfig
+from train.config import CurriculumConfig, OptimConfig, TrackingConfig, TrainConfig, ZeroConfig
+
+__all__ = ["ConfigError", "KinoConfig", "load_config", "validate", "to_yaml", "from_yaml", "flatten",
+           "trajectory_hash", "changed_trajectory_keys", "is_resumable_key"]
+
+
+@dataclass
+class KinoConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.curriculum.stages)
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.run_dir or f"runs/{self.train.experiment}"
+
+
+def validate(cfg: KinoConfig) -> None:
+    """Reject configurations that cannot run, naming the key at fault."""
+    cfg.model.check()
+    cfg.data.check()
+    cfg.optim.check()
+    cfg.zero.check()
+    cfg.tracking.check()
+    cfg.train.check()
+    cfg.curriculum.check(cfg.model)  # bucket shapes must fit the model's patches and autoencoder
+    cfg.launcher.check()
+    # Checks across sections.
+    if cfg.train.method == "vae" and cfg.model.autoencoder.name != "causal_vae":
+        raise ConfigError("train.method=vae trains the built-in VAE: set model.autoencoder.name=causal_vae")
+    if cfg.train.method == "vae" and not cfg.data.validation_root:
+        raise ConfigError("train.method=vae needs data.validation_root: its samples reconstruct held-out clips")
+    if cfg.tracking.eval_clips and not cfg.data.validation_root:
+        raise ConfigError("tracking.eval_clips needs data.validation_root (a held-out split)")
+
+
+def _register() -> None:
+    ConfigStore.instance().store(name="kino_schema", node=KinoConfig)
+
+
+def load_config(overrides: List[str], check: bool = True) -> KinoConfig:
+    """Compose conf/config.yaml with command-line overrides into a KinoConfig, validated unless check=False
+    (for tools that read one section only, e.g. `python -m models`)."""
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+    except Exception as error:  # Hydra/OmegaConf name the offending key in their message.
+        raise ConfigError(f"invalid configuration: {error}") from error
+    cfg: KinoConfig = OmegaConf.to_object(composed)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: KinoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> KinoConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(KinoConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)
+
+
+def flatten(cfg: KinoConfig) -> Dict[str, Any]:
+    """Dotted key -> value, the form used for config hashes and resume checks."""
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        elif isinstance(node, list) and any(isinstance(item, dict) for item in node):
+            for index, item in enumerate(node):
+                walk(f"{prefix}.{index}", item)
+        else:
+            flat[prefix] = node
+
+    walk("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return flat
+
+
+# Keys a resumed run may change: they affect bookkeeping, not the training trajectory.
+RESUMABLE_KEYS = (
+    "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
+    "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
+    "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
+    "model.attention_backend", "model.activation_checkpointing", "launcher",
+)
+
+
+def is_resumable_key(key: str) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUMABLE_KEYS)
+
+
+def trajectory_hash(cfg: KinoConfig) -> str:
+    """Hash of every key that shapes training; equal hashes mean a resume is exact."""
+    relevant = {k: v for k, v in flatten(cfg).items() if not is_resumable_key(k)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_trajectory_keys(saved: KinoConfig, current: KinoConfig) -> List[str]:
+    old, new = flatten(saved), flatten(current)
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if not is_resumable_key(k) and old.get(k) != new.get(k)]
