@@ -16,9 +16,9 @@ $(VENV)/.installed: setup.py constraints.txt
 install: $(VENV)/.installed
 
 demo-data: install
-	$(PY) -m data.samples $(DEMO_DATA)
+	$(PY) -m data.demo_set $(DEMO_DATA)
 
-# A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then sample videos. The launcher
+# A real tiny training run: 2 processes, DeepSpeed ZeRO-2 on gloo, then generated videos. The launcher
 # validates the config before any process starts, then runs torchrun -m train (as on a cluster).
 # A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
 demo: demo-data

@@ -94,8 +94,19 @@ def to_yaml(cfg: KinoConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# Keys renamed since a checkpoint may have been written: (section, old name, new name).
+RENAMED_KEYS = [("tracking", "sample_every", "video_every"), ("tracking", "sample_prompts", "video_prompts"),
+                ("tracking", "sample_steps", "sampling_steps")]
+
+
 def from_yaml(text: str) -> KinoConfig:
-    merged = OmegaConf.merge(OmegaConf.structured(KinoConfig), OmegaConf.create(text))
+    """A saved config (config.yaml of a run or checkpoint), written by this or an earlier version."""
+    saved = OmegaConf.create(text)
+    for section, old, new in RENAMED_KEYS:
+        node = saved.get(section)
+        if node is not None and old in node:
+            node[new] = node.pop(old)
+    merged = OmegaConf.merge(OmegaConf.structured(KinoConfig), saved)
     return OmegaConf.to_object(merged)
 
 

@@ -1,4 +1,4 @@
-"""`python -m data pack | verify | inspect | audit` — build, check and question licensed video datasets."""
+"""`python -m data ingest | verify | inspect | audit` — build, check and question licensed video datasets."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,8 @@ def _table(title: str, counts, total: int) -> None:
         print(f"  {name:<32} {count:>7}  {'#' * max(1, round(40 * count / max(total, 1)))}")
 
 
-def cmd_pack(args) -> int:
-    from data.pack import pack_rows, rows_from_table, rows_from_video2dataset
+def cmd_ingest(args) -> int:
+    from data.ingest import ingest_rows, rows_from_table, rows_from_video2dataset
 
     mapping = dict(item.split("=", 1) for item in args.map)
     if args.video2dataset:
@@ -22,12 +22,12 @@ def cmd_pack(args) -> int:
     elif args.videos and args.metadata:
         rows = rows_from_table(args.videos, args.metadata, mapping)
     else:
-        print("pack needs --videos DIR --metadata TABLE, or --video2dataset DIR", file=sys.stderr)
+        print("ingest needs --videos DIR --metadata TABLE, or --video2dataset DIR", file=sys.stderr)
         return 2
-    report = pack_rows(rows, args.out, args.samples_per_shard, args.shard_bytes)
-    print(f"packed {report['accepted']} samples into {args.out} ({report['manifest']})")
+    report = ingest_rows(rows, args.out, args.samples_per_shard, args.shard_bytes)
+    print(f"ingested {report['accepted']} samples into {args.out} ({report['manifest']})")
     if report["rejected"]:
-        print(f"REJECTED {report['rejected']} rows (details in {args.out / 'pack_report.json'}):")
+        print(f"REJECTED {report['rejected']} rows (details in {args.out / 'ingest_report.json'}):")
         for rejection in report["rejections"][:20]:
             print(f"  {rejection['key']}: {'; '.join(rejection['reasons'])}")
     return 1 if report["rejected"] and args.strict else 0
@@ -96,18 +96,18 @@ def cmd_audit(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
-    pack = verbs.add_parser("pack", help="videos + metadata (or video2dataset output) -> shards + manifest")
-    pack.add_argument("--videos", type=Path, help="folder of video files named in the table's `video` column")
-    pack.add_argument("--metadata", type=Path, help="CSV, JSONL or Parquet table: video, caption, license, "
+    ingest = verbs.add_parser("ingest", help="videos + metadata (or video2dataset output) -> shards + manifest")
+    ingest.add_argument("--videos", type=Path, help="folder of video files named in the table's `video` column")
+    ingest.add_argument("--metadata", type=Path, help="CSV, JSONL or Parquet table: video, caption, license, "
                                                      "source_url, attribution, rights_holder, [clip_span, ...]")
-    pack.add_argument("--video2dataset", type=Path, help="video2dataset output (tars or KEY.mp4/txt/json)")
-    pack.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
+    ingest.add_argument("--video2dataset", type=Path, help="video2dataset output (tars or KEY.mp4/txt/json)")
+    ingest.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
                       help="take contract FIELD from SOURCE (a column, or a dotted path in the json)")
-    pack.add_argument("--out", type=Path, required=True)
-    pack.add_argument("--samples-per-shard", type=int, default=64)
-    pack.add_argument("--shard-bytes", type=int, default=None, help="also close a shard at this size")
-    pack.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
-    pack.set_defaults(handler=cmd_pack)
+    ingest.add_argument("--out", type=Path, required=True)
+    ingest.add_argument("--samples-per-shard", type=int, default=64)
+    ingest.add_argument("--shard-bytes", type=int, default=None, help="also close a shard at this size")
+    ingest.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
+    ingest.set_defaults(handler=cmd_ingest)
     verify = verbs.add_parser("verify", help="re-read shards, check the manifest, probe every video")
     verify.add_argument("root", type=Path)
     verify.set_defaults(handler=cmd_verify)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from typing import List
 
-from launch.node import as_stop_signal, exit_status, shutdown_timeout_args
+from launch.processes import as_stop_signal, exit_status, shutdown_timeout_args
 from launch.plan import LaunchPlan, shell_join
 
 

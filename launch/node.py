@@ -20,6 +20,7 @@ import time
 from typing import List, Optional
 
 from data.ray_head import start_ray_process, stop_process_group, tool_beside_python
+from launch.processes import as_stop_signal, exit_status, shutdown_timeout_args
 
 LAUNCHER_OWNED = ("data.coordinator=", "data.ray_address=")
 
@@ -69,12 +70,6 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(1)
 
 
-def as_stop_signal(signum: int) -> int:
-    """What a launcher passes on to torchrun: Ctrl-C stays SIGINT (stop at once); anything else becomes
-    SIGTERM, which torchrun hands to every rank (they checkpoint and exit). SIGUSR1 would kill torchrun."""
-    return signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
-
-
 def start_ray(args: argparse.Namespace, is_head: bool) -> subprocess.Popen:
     command = [tool_beside_python("ray"), "start", "--block", f"--num-cpus={args.ray_cpus}",
                f"--object-store-memory={args.ray_object_store_mb * 2 ** 20}", "--disable-usage-stats"]
@@ -102,14 +97,6 @@ def torchrun_command(args: argparse.Namespace, rank: int) -> List[str]:
             "data.coordinator=ray", f"data.ray_address={args.head}:{args.ray_port}"]
 
 
-def shutdown_timeout_args(seconds: int) -> List[str]:
-    """torchrun kills its ranks 30 s after a SIGTERM unless told otherwise (the option is newer than some torch)."""
-    from torch.distributed.run import get_args_parser
-
-    known = {option for action in get_args_parser()._actions for option in action.option_strings}
-    return [f"--shutdown-timeout={seconds}"] if "--shutdown-timeout" in known else []
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     rank = node_rank(args)
@@ -135,11 +122,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         stop_process_group(ray)
     say(f"training exited with status {status}")
     return status
-
-
-def exit_status(returncode: int) -> int:
-    """A child killed by signal n reports -n; a shell would say 128 + n."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ GATED = {"nolicense-00": "license_missing", "nolicense-01": "license_missing",
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
-    from data.samples import build
+    from data.demo_set import build
 
     root = tmp_path_factory.mktemp("tiny_dataset")
     build(root, procedural=GOOD_SAMPLES, real=False, samples_per_shard=4, seed=0)
@@ -26,7 +26,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_like_dataset(tmp_path_factory) -> Path:
     """The demo's procedural clips (all durations and aspect ratios), without the network fetch."""
-    from data.samples import build
+    from data.demo_set import build
 
     root = tmp_path_factory.mktemp("demo_like")
     build(root, procedural=48, real=False, samples_per_shard=8, seed=0)

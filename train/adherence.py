@@ -1,9 +1,9 @@
-"""Prompt adherence judged from pixels alone, for the procedural prompts of data/samples.py.
+"""Prompt adherence judged from pixels alone, for the procedural prompts of data/demo_set.py.
 
 A procedural prompt names four attributes: "a <colour> <shape> moving <direction> on a <background>
 background". A generated clip is read back without any model: the background is the colour of the
 frame's border, the object is the largest connected region that differs from it (stray specks are not the
-object), its colour is the object's median colour, its shape is the one of data/samples.py's shapes that,
+object), its colour is the object's median colour, its shape is the one of data/demo_set.py's shapes that,
 drawn with the object's area at its centroid, overlaps it best (most frames decide), and its motion is where
 its centroid goes between the first and last third of the clip. Each attribute is right or wrong; a clip
 whose object cannot be found is wrong on all three object attributes.
@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, shape_mask
+from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, shape_mask
 
 ATTRIBUTES = ("background", "colour", "shape", "motion")
 _PROMPT = re.compile(r"^a (?P<colour>[a-z]+) (?P<shape>[a-z]+) moving (?P<motion>[a-z]+) on a "
@@ -103,7 +103,7 @@ def _largest_region(mask: np.ndarray) -> np.ndarray:
     return labels == best
 
 
-# Area of each shape of data/samples.py's shape_mask per radius squared, and how far its centroid sits below
+# Area of each shape of data/demo_set.py's shape_mask per radius squared, and how far its centroid sits below
 # its centre (the triangle's base is wider than its apex), in radii.
 _AREA_PER_RADIUS2 = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 1.2 * 1.8 ** 2 / 2}
 _CENTROID_BELOW_CENTRE = {"circle": 0.0, "square": 0.0, "triangle": 0.2}

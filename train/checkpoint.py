@@ -163,6 +163,10 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- restoring ----------------------------------------------------------------------------------
+    @staticmethod
+    def saved_step(path: Path) -> int:
+        return int(json.loads((Path(path) / TRAIN_STATE).read_text())["step"])
+
     def load(self, path: Path, pieces: Dict[str, Resumable]) -> int:
         """Restore each piece this rank passes, in order; returns the checkpoint's step."""
         state = json.loads((path / TRAIN_STATE).read_text())

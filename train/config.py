@@ -129,16 +129,16 @@ class TrackingConfig:
     project: str = "kino"
     entity: Optional[str] = None
     log_every: int = 10
-    # Sample videos from fixed prompts every N steps (0: only at the end of the run).
-    sample_every: int = 0
-    sample_prompts: List[str] = field(default_factory=lambda: ["a red circle moving right on a black background"])
+    # Generate videos from fixed prompts every N steps (0: only at the end of the run) into RUN/videos/step_N.
+    video_every: int = 0
+    video_prompts: List[str] = field(default_factory=lambda: ["a red circle moving right on a black background"])
     # Evaluation (train/evaluate.py) every N steps with the EMA weights, and at the end; 0 = only at the end.
     eval_every: int = 0
     # Procedural prompts judged per split (seen in training / held out); 0 = no adherence evaluation.
     eval_prompts: int = 0
     # Clips of data.validation_root for the validation loss; 0 = none.
     eval_clips: int = 0
-    sample_steps: int = 20
+    sampling_steps: int = 20
     sampler: str = "euler"  # euler | heun
     cfg_scale: float = 3.0
     # Peak FLOP/s of one device for MFU; null = look it up from the device name (unknown on CPU).
@@ -151,7 +151,7 @@ class TrackingConfig:
             raise ConfigError(f"tracking.sampler={self.sampler!r}: must be euler or heun")
         if self.log_every < 1:
             raise ConfigError(f"tracking.log_every={self.log_every}: must be >= 1")
-        for key in ("eval_every", "eval_prompts", "eval_clips", "sample_every"):
+        for key in ("eval_every", "eval_prompts", "eval_clips", "video_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"tracking.{key}={getattr(self, key)}: must be >= 0")
 

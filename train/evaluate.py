@@ -25,10 +25,10 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from data.buckets import BucketShape
-from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
 from models.flow import noisy_pair
 from train.adherence import ATTRIBUTES, judge, parse_prompt, prompt_for, summarize
-from train.sample import generate, last_stage_shapes
+from train.generate import generate, last_stage_shapes
 
 VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -78,7 +78,7 @@ def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, L
         if not texts:
             continue
         plan = [shapes[i % len(shapes)] for i in range(len(texts))]
-        videos = generate(model, autoencoder, text, texts, plan, cfg.tracking.sample_steps, cfg.tracking.cfg_scale,
+        videos = generate(model, autoencoder, text, texts, plan, cfg.tracking.sampling_steps, cfg.tracking.cfg_scale,
                           cfg.train.seed, cfg.train.shift_reference_tokens, device, cfg.tracking.sampler)
         results[split] = summarize(judge(p, v.numpy()) for p, v in zip(texts, videos))
     return results
@@ -182,10 +182,10 @@ def main(argv=None) -> None:
                         help="held-out split (default: data.validation_root, else DATA_ROOT/validation if present)")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     args = parser.parse_args(argv)
-    from train.sample import load_for_sampling
+    from train.generate import load_for_generation
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model, autoencoder, text, checkpoint = load_for_sampling(args.run_dir, args.step, args.raw, device)
+    cfg, model, autoencoder, text, checkpoint = load_for_generation(args.run_dir, args.step, args.raw, device)
     cfg.tracking.eval_prompts = args.prompts if args.prompts is not None else (cfg.tracking.eval_prompts or 8)
     default_split = Path(cfg.data.root) / "validation"
     cfg.data.validation_root = args.validation_root or cfg.data.validation_root or \

@@ -164,7 +164,7 @@ class Tracker:
             return
         import wandb
 
-        self._wandb.log({"samples": [wandb.Video(str(p), caption=c) for p, c in zip(videos, captions)]}, step=step)
+        self._wandb.log({"videos": [wandb.Video(str(p), caption=c) for p, c in zip(videos, captions)]}, step=step)
 
     def log_event(self, step: int, text: str) -> None:
         if self.enabled:

@@ -1,5 +1,5 @@
 """One Trainer with named steps: build, resume, data_step, forward_backward_step, train_step,
-checkpoint, sample. Every resumable piece (config check, engine, data plan and loader positions,
+checkpoint, generate_videos. Every resumable piece (config check, engine, data plan and loader positions,
 curriculum, RNG, tracker, audit, EMA) is listed in `resumable_state`, one dict of Stateful objects that
 train/checkpoint.py's CheckpointManager saves and restores (train/state.py says where each lives)."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
 from train.rng import RNGState
-from train.sample import generate, on_device, sample_plan, write_samples
+from train.generate import generate, on_device, generation_plan, write_videos
 from train.state import Resumable, Value
 from train.tracking import StepOutcome, StepResult, StepTotals, Tracker, step_metrics
 
@@ -111,7 +111,6 @@ class Trainer:
             "config": Resumable(Value(lambda: to_yaml(self.cfg), self._check_resumable_config), "file", "config.yaml"),
             "engine": Resumable(self.engine, "engine"),
             "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
-            "step": Resumable(Value(lambda: self.step, self._set_step), "shared"),
             "nonfinite_total": Resumable(Value(lambda: self.nonfinite_total, self._set_nonfinite_total), "shared"),
             "curriculum": Resumable(Value(lambda: self.curriculum.state_dict(self.step), self._check_stage), "shared"),
             "tracker": Resumable(self.tracker, "shared"),
@@ -138,9 +137,6 @@ class Trainer:
     def _same_data_layout(self) -> bool:
         """Same ranks and loader workers as the checkpoint: each loader continues exactly where it stood."""
         return not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
-
-    def _set_step(self, step) -> None:
-        self.step = int(step)
 
     def _set_nonfinite_total(self, total) -> None:
         self.nonfinite_total = int(total or 0)
@@ -182,6 +178,9 @@ class Trainer:
         path = self._resume_path
         if path is None:
             return None
+        # The step comes first: the pieces after it check themselves against it (curriculum stage). The
+        # manager writes it with every checkpoint; no piece carries it.
+        self.step = self.checkpoints.saved_step(path)
         self.checkpoints.load(path, self.resumable_state())
         self.provenance.resume(self.step)
         return path
@@ -313,7 +312,7 @@ class Trainer:
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
         return metrics
 
-    # -- checkpoint and samples ------------------------------------------------------------------
+    # -- checkpoint and videos -------------------------------------------------------------------
     def merged_audit(self) -> Audit:
         """Collective: the audit of all ranks together."""
         audits = [self.audit.state_dict()]
@@ -351,17 +350,17 @@ class Trainer:
         self.tracker.log_event(self.step, f"evaluation at step {self.step} (EMA weights):\n{evaluation_table(metrics)}")
         return metrics
 
-    def sample(self) -> List[Path]:
-        """Sample the fixed prompts with the EMA weights at the current stage's shapes (main rank)."""
+    def generate_videos(self) -> List[Path]:
+        """Videos of the fixed prompts (tracking.video_prompts), EMA weights, the current stage's shapes (main rank)."""
         if not self.env.is_main:
             return []
         cfg = self.cfg
         stage = self.curriculum.stage(max(self.step - 1, 0))
-        prompts, shapes = sample_plan(cfg.tracking.sample_prompts, stage_shapes(cfg, stage))
-        videos = generate(self.ema_model(), self.autoencoder, self.text, prompts, shapes, cfg.tracking.sample_steps,
+        prompts, shapes = generation_plan(cfg.tracking.video_prompts, stage_shapes(cfg, stage))
+        videos = generate(self.ema_model(), self.autoencoder, self.text, prompts, shapes, cfg.tracking.sampling_steps,
                           cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,
                           cfg.tracking.sampler)
-        paths = write_samples(videos, prompts, self.run_dir / "samples" / f"step_{self.step}", cfg.data.fps)
+        paths = write_videos(videos, prompts, self.run_dir / "videos" / f"step_{self.step}", cfg.data.fps)
         self.tracker.log_videos(self.step, paths, prompts)
         return paths
 
@@ -413,8 +412,8 @@ class Trainer:
                 self.last_evaluation = evaluation
             if self.step % cfg.tracking.log_every == 0 or self.step == stop_at or evaluation_due:
                 self.tracker.log({**self._metrics(outcome, step_time), **evaluation})
-            if cfg.tracking.sample_every and self.step % cfg.tracking.sample_every == 0:
-                self.sample()
+            if cfg.tracking.video_every and self.step % cfg.tracking.video_every == 0:
+                self.generate_videos()
             self.checkpoint(last_step=self.step == total)
             if self.step < total and self.stop_request.agreed():
                 break
@@ -425,10 +424,10 @@ class Trainer:
             self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} ({why}) with a checkpoint; "
                                               f"the next run resumes from it")
         self._iterator = None
-        samples = self.sample() if self.step >= total else []
+        videos = self.generate_videos() if self.step >= total else []
         summary = {"step": self.step, "total_steps": total, "preempted": preempted,  # only ever before the end
                    "exit_status": self.stop_request.exit_status() if preempted else 0,
-                   "run_dir": str(self.run_dir), "samples": [str(p) for p in samples],
+                   "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
                    "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                    "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
                    "evaluation": self.last_evaluation}
@@ -438,7 +437,7 @@ class Trainer:
 
 def archive_previous_run(run_dir: Path) -> Optional[Path]:
     """Move an earlier run's outputs aside so a fresh start can neither mix with nor lose them."""
-    outputs = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "provenance", "samples")]
+    outputs = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "provenance", "videos")]
     present = [p for p in outputs if p.exists()]
     if not present:
         return None

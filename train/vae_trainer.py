@@ -1,5 +1,5 @@
 """Train the built-in causal video VAE (experiment=vae_demo) with the same loop, data, engine,
-checkpoints and tracking as the DiT: only the model, the step and the samples (reconstructions of the
+checkpoints and tracking as the DiT: only the model, the step and the generated videos (reconstructions of the
 held-out split) differ."""
 from __future__ import annotations
 
@@ -60,14 +60,14 @@ class VAETrainer(Trainer):
         t, h, w = x.shape[2:]
         return 1 + (t - 1) // self.model.temporal_factor, h // self.model.spatial_factor, w // self.model.spatial_factor
 
-    def sample(self) -> List[Path]:
+    def generate_videos(self) -> List[Path]:
         """Reconstruct held-out clips (data.validation_root) with the EMA weights: original | reconstruction."""
         if not self.env.is_main:
             return []
         vae = build_model(self.cfg).to(self.env.device, compute_dtype(self.cfg)).eval()
         self.ema.copy_to(vae)
         stage = self.curriculum.stage(max(self.step - 1, 0))
-        out_dir = self.run_dir / "samples" / f"step_{self.step}"
+        out_dir = self.run_dir / "videos" / f"step_{self.step}"
         paths, scores = [], []
         for i, clip in enumerate(validation_clips(self.cfg, stage_shapes(self.cfg, stage), HELD_OUT_CLIPS)):
             x = to_unit_range(clip.video).unsqueeze(0).to(self.env.device)

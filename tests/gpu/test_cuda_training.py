@@ -27,7 +27,7 @@ STEPS, STOP_AT = 20, 10
 
 def train(run_dir: Path, dataset: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}",
-               "tracking.mode=disabled", "tracking.log_every=1", "tracking.sample_steps=8",
+               "tracking.mode=disabled", "tracking.log_every=1", "tracking.sampling_steps=8",
                "curriculum.stages.0.steps=12", "curriculum.stages.1.steps=8", "train.checkpoint_every=100",
                "tracking.eval_prompts=2", "tracking.eval_clips=0",  # the evaluation path, on the device
                *overrides]
@@ -48,7 +48,7 @@ def test_the_demo_trains_stops_resumes_and_samples_on_one_gpu(precision, tiny_da
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step trained and logged once
     assert all(r["loss"] is not None and 0 < r["loss"] < 10 for r in rows)
     assert (run_dir / "checkpoints" / f"step_{STEPS}" / "COMPLETE").exists()
-    samples = sorted((run_dir / "samples" / f"step_{STEPS}").glob("*.mp4"))
+    samples = sorted((run_dir / "videos" / f"step_{STEPS}").glob("*.mp4"))
     assert samples and all(p.stat().st_size > 0 for p in samples)
     if os.environ.get("KINO_GPU_REPORT_DIR"):
         steady = [r for r in rows if r["step"] not in (1, STOP_AT + 1)]  # first steps of a process warm up

@@ -1,10 +1,10 @@
-"""python -m data pack / verify / inspect / audit on real files."""
+"""python -m data ingest / verify / inspect / audit on real files."""
 import csv
 import json
 import subprocess
 import sys
 
-from data.samples import render_clip
+from data.demo_set import render_clip
 from data.video_io import encode_mp4
 from tests.conftest import REPO
 
@@ -17,7 +17,7 @@ def run(*args):
                           timeout=300)
 
 
-def test_pack_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_report(tmp_path):
+def test_ingest_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_report(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("a", "b", "c"):
@@ -31,10 +31,10 @@ def test_pack_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_report(
         writer.writerow({"video": "c.mp4", "caption": "a red circle", **dict(CONTRACT, rights_holder="")})
         writer.writerow({"video": "missing.mp4", "caption": "x", **CONTRACT})
     out = tmp_path / "shards"
-    result = run("pack", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out", str(out))
+    result = run("ingest", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "REJECTED 3 rows" in result.stdout
-    report = json.loads((out / "pack_report.json").read_text())
+    report = json.loads((out / "ingest_report.json").read_text())
     reasons = {r["key"]: r["reasons"] for r in report["rejections"]}
     assert reasons["b"] == ["missing license"] and reasons["c"] == ["missing rights_holder"]
     assert "video file missing" in reasons["missing"]
@@ -46,11 +46,11 @@ def test_pack_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_report(
     meta = json.loads(sample["json"])
     assert meta["clip_span"] == [0.5, 2.0] and meta["num_frames"] == 18 and meta["fps"] == 12
     assert meta["aesthetic"] == 5.5 and meta["width"] == 64  # extra fields kept, probed fields filled
-    assert run("pack", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out",
+    assert run("ingest", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out",
                str(tmp_path / "strict"), "--strict").returncode == 1
 
 
-def test_pack_ingests_video2dataset_output_with_a_field_mapping(tmp_path):
+def test_ingest_reads_video2dataset_output_with_a_field_mapping(tmp_path):
     source = tmp_path / "v2d" / "00000"
     source.mkdir(parents=True)
     for i in range(3):
@@ -59,10 +59,10 @@ def test_pack_ingests_video2dataset_output_with_a_field_mapping(tmp_path):
         (source / f"{i:05d}.json").write_text(json.dumps(
             {"url": f"https://example.org/{i}", "meta": {"license_id": "CC-BY-4.0", "owner": "B. Owner"}}))
     out = tmp_path / "out"
-    result = run("pack", "--video2dataset", str(tmp_path / "v2d"), "--out", str(out),
+    result = run("ingest", "--video2dataset", str(tmp_path / "v2d"), "--out", str(out),
                  "--map", "license=meta.license_id", "--map", "rights_holder=meta.owner",
                  "--map", "attribution=meta.owner", "--map", "source_url=url")
-    assert result.returncode == 0 and "packed 3 samples" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "ingested 3 samples" in result.stdout, result.stdout + result.stderr
     verify = run("verify", str(out))
     assert verify.returncode == 0 and "OK" in verify.stdout and "CC-BY-4.0" in verify.stdout
 

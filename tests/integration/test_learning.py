@@ -24,7 +24,7 @@ GOLDEN = ["model.dim=96", "model.depth=3", "model.heads=4", "model.text.dim=96",
           "curriculum.stages.1.steps=20", "curriculum.stages.1.resolutions=[32]",
           "curriculum.stages.1.frame_counts=[4]", "curriculum.stages.1.token_budget=1024",
           "curriculum.stages.1.lr=1e-3", "curriculum.stages.1.warmup_steps=0",
-          "tracking.eval_prompts=8", "tracking.eval_clips=8", "tracking.sample_steps=10",
+          "tracking.eval_prompts=8", "tracking.eval_clips=8", "tracking.sampling_steps=10",
           # evaluation every 110 steps, metrics every 25: the ranks must still agree on the rows (a collective)
           "tracking.eval_every=110", "tracking.log_every=25", "tracking.mode=disabled",
           "train.checkpoint_every=1000"]
@@ -32,7 +32,7 @@ GOLDEN = ["model.dim=96", "model.depth=3", "model.heads=4", "model.text.dim=96",
 
 @pytest.fixture(scope="module")
 def golden_dataset(tmp_path_factory):
-    from data.samples import build, build_validation
+    from data.demo_set import build, build_validation
 
     root = tmp_path_factory.mktemp("golden")
     build(root, procedural=96, real=False, samples_per_shard=16, seed=1)
@@ -89,7 +89,7 @@ def test_the_model_draws_the_prompted_background_and_object_colour_and_an_untrai
 def test_sample_and_evaluate_from_the_command_line(golden_run, tmp_path):
     run_dir, _, _ = golden_run
     prompt = "a white square moving up on a navy background"
-    done = subprocess.run([sys.executable, "-m", "train.sample", str(run_dir), "--prompt", prompt, "--out",
+    done = subprocess.run([sys.executable, "-m", "train.generate", str(run_dir), "--prompt", prompt, "--out",
                            str(tmp_path / "s"), "--steps", "4", "--strip", str(tmp_path / "strip.png")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

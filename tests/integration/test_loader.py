@@ -10,7 +10,7 @@ from data.coordinator import CoordinatorClient, CoordinatorCore, start_ray_coord
 from data.licenses import LicensePolicy
 from data.batch import ConsumerSnapshot
 from data.loader import ClipStream, LoaderSpec, dataset_rows
-from data.samples import render_clip
+from data.demo_set import render_clip
 from data.shards import ShardSetWriter, verify_shards
 from data.video_io import encode_mp4
 from tests.conftest import GATED, GOOD_SAMPLES

@@ -14,7 +14,7 @@ TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "
         "model.text.heads=2", "curriculum.stages.0.steps=5", "curriculum.stages.1.steps=3",
         "curriculum.stages.0.token_budget=1600", "curriculum.stages.1.resolutions=[32]",
         "curriculum.stages.1.frame_counts=[8]", "curriculum.stages.1.token_budget=2100",
-        "tracking.log_every=1", "tracking.sample_steps=3", "train.checkpoint_every=4",
+        "tracking.log_every=1", "tracking.sampling_steps=3", "train.checkpoint_every=4",
         "tracking.eval_prompts=0", "tracking.eval_clips=0"]  # evaluation has its own tests
 
 
@@ -54,7 +54,7 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
         assert all(key in r for r in rows), key
     assert [r["stage"] for r in rows] == ["main"] * 5 + ["anneal"] * 3
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
-    samples = list((run_dir / "samples" / "step_8").glob("*"))
+    samples = list((run_dir / "videos" / "step_8").glob("*"))
     assert {p.suffix for p in samples} == {".mp4", ".gif"} and all(p.stat().st_size > 0 for p in samples)
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert "kino run finished" in result.stdout
@@ -223,7 +223,7 @@ def test_each_zero_stage_trains_the_tiny_model_with_decreasing_loss(tiny_dataset
     run_dir = tmp_path / f"zero{stage}"
     torchrun(run_dir, tiny_dataset, f"zero.stage={stage}", "curriculum.stages.0.steps=14",
              "curriculum.stages.0.lr=2e-3", "curriculum.stages.1.steps=1", "tracking.mode=disabled",
-             "train.checkpoint_every=100", "tracking.sample_steps=1")
+             "train.checkpoint_every=100", "tracking.sampling_steps=1")
     losses = [r["loss"] for r in metrics(run_dir)][:14]
     assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
     assert (run_dir / "checkpoints" / "step_15" / "COMPLETE").exists()
@@ -260,7 +260,7 @@ def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp
     assert losses == [r["loss"] for r in metrics(straight)] and all(0 < loss < 10 for loss in losses)
     ema = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
     assert all(w.dtype == torch.float32 for w in ema["weights"].values())  # the EMA stays fp32
-    samples = sorted((interrupted / "samples" / "step_8").glob("*.mp4"))
+    samples = sorted((interrupted / "videos" / "step_8").glob("*.mp4"))
     assert samples and all(p.stat().st_size > 0 for p in samples)
 
 
@@ -272,7 +272,7 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
     from models.dit import TextToVideoModel, text_conditioner
     from conf.schema import from_yaml
     from train.export import export, load_exported
-    from train.sample import generate
+    from train.generate import generate
 
     run_dir, _ = finished_run
     out = export(run_dir, out=tmp_path / "export")
@@ -312,7 +312,7 @@ def _weights_after_poison(tmp_path, dataset, poisoned: str, stage: int):
                "tests.integration.nonfinite_run", str(out), poisoned, "experiment=demo", f"data.root={dataset}",
                f"train.run_dir={run_dir}", *TINY, f"zero.stage={stage}", "zero.gradient_accumulation_steps=2",
                "train.stop_after_steps=2",
-               "tracking.mode=disabled", "tracking.sample_every=0"]
+               "tracking.mode=disabled", "tracking.video_every=0"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port())))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

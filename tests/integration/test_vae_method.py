@@ -18,7 +18,7 @@ def run_train(*overrides, port):
 
 
 def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp_path):
-    from data.samples import build_validation
+    from data.demo_set import build_validation
 
     vae_run = tmp_path / "vae"
     held_out = build_validation(tmp_path / "held_out", count=3).parent
@@ -30,7 +30,7 @@ def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp
     assert "held-out reconstruction PSNR" in result.stdout
     rows = [json.loads(line) for line in (vae_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
-    assert list((vae_run / "samples" / "step_3").glob("*-reconstruction-*.mp4"))
+    assert list((vae_run / "videos" / "step_3").glob("*-reconstruction-*.mp4"))
 
     exported = subprocess.run([sys.executable, "-m", "train.export", str(vae_run)], cwd=REPO, capture_output=True,
                               text=True, timeout=300)
@@ -51,9 +51,9 @@ def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp
               "curriculum.stages.0.resolutions=[32]", "curriculum.stages.0.token_budget=200",
               "curriculum.stages.1.steps=1", "curriculum.stages.1.frame_counts=[9]",
               "curriculum.stages.1.resolutions=[32]", "curriculum.stages.1.token_budget=200",
-              "tracking.log_every=1", "tracking.sample_steps=2", "tracking.mode=disabled",
+              "tracking.log_every=1", "tracking.sampling_steps=2", "tracking.mode=disabled",
               "tracking.eval_prompts=0", "tracking.eval_clips=0", port=29542)
     rows = [json.loads(line) for line in (dit_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)
-    samples = list((dit_run / "samples" / "step_3").glob("*.mp4"))
+    samples = list((dit_run / "videos" / "step_3").glob("*.mp4"))
     assert samples  # decoded through the VAE back to pixels

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.decode import resize_and_crop
-from data.samples import BACKGROUNDS, CLIP_FRAMES, COLOURS, MOTIONS, SHAPES, render_clip
+from data.demo_set import BACKGROUNDS, CLIP_FRAMES, COLOURS, MOTIONS, SHAPES, render_clip
 from train.adherence import judge, parse_prompt, prompt_for, read_clip, summarize
 
 

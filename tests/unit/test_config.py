@@ -86,3 +86,10 @@ def test_dry_run_rejects_each_sections_invalid_value_naming_the_key(override, ke
 
     assert main(["--dry-run", "experiment=demo", override]) == 2
     assert key in capsys.readouterr().err
+
+
+def test_a_config_saved_before_the_video_keys_were_renamed_still_loads():
+    cfg = load_config(["experiment=demo", "tracking.video_every=7"])
+    old = to_yaml(cfg).replace("video_every:", "sample_every:").replace("video_prompts:", "sample_prompts:")
+    old = old.replace("sampling_steps:", "sample_steps:")
+    assert "sample_every: 7" in old and from_yaml(old) == cfg

@@ -6,7 +6,7 @@ import pytest
 
 from data.buckets import BucketShape
 from data.decode import ClipTooShort, decode_clip, frames_available, resize_and_crop, temporal_indices
-from data.samples import render_clip
+from data.demo_set import render_clip
 from data.video_io import encode_mp4
 
 

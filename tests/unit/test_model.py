@@ -97,7 +97,7 @@ def test_auto_backend_is_sdpa_on_cpu_and_a_forced_unavailable_backend_is_a_clear
 
 
 def test_word_tokens_are_stable_per_word_and_the_demo_vocabulary_has_no_collisions():
-    from data.samples import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+    from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
     from models.text_encoder import WordTokenizer
 
     tokenizer = WordTokenizer(max_tokens=16, vocab_size=4096)

@@ -7,7 +7,7 @@ import pytest
 from data.buckets import bucket_shapes
 from data.licenses import LicensePolicy
 from data.loader import LoaderSpec, prepare_sample
-from data.samples import procedural_samples
+from data.demo_set import procedural_samples
 
 POLICY = LicensePolicy.from_ids(["CC0-1.0"])
 SPEC = LoaderSpec(root="unused", policy=POLICY, shapes=bucket_shapes([32], [1.0, 1.78, 0.56], [8], multiple=4),

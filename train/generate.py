@@ -1,6 +1,6 @@
 """Generate clips from prompts with the rectified-flow sampler and write them as mp4 + gif.
 
-`python -m train.sample RUN --prompt TEXT [--prompt TEXT ...] --out DIR` generates from any complete
+`python -m train.generate RUN --prompt TEXT [--prompt TEXT ...] --out DIR` generates from any complete
 checkpoint of a run (EMA weights unless --raw), at the last curriculum stage's buckets (one per aspect ratio,
 longest clips) unless --width/--height/--frames say otherwise. Files: NN-<prompt slug>-WxHxT.mp4 and .gif.
 """
@@ -46,7 +46,7 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     return [autoencoder.decode(latent.cpu()) for latent in latents]
 
 
-def write_samples(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_dir: Path, fps: float) -> List[Path]:
+def write_videos(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_dir: Path, fps: float) -> List[Path]:
     paths = []
     for i, (video, prompt) in enumerate(zip(videos, prompts)):
         stem = out_dir / f"{i:02d}-{_slug(prompt)}-{video.shape[2]}x{video.shape[1]}x{video.shape[0]}"
@@ -84,7 +84,7 @@ def one_per_aspect_ratio(shapes: Sequence[BucketShape], longest: bool = True) ->
     return list({round(s.aspect_ratio, 3): s for s in shapes if s.frames == frames}.values())
 
 
-def sample_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: int = 4):
+def generation_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: int = 4):
     """Prompts paired with the stage's longest buckets, one per aspect ratio, cycling."""
     by_ratio = sorted(one_per_aspect_ratio(shapes))
     pairs = [(prompts[i % len(prompts)], by_ratio[i % len(by_ratio)])
@@ -100,7 +100,7 @@ def last_stage_shapes(cfg, longest: bool = True) -> List[BucketShape]:
     return sorted(one_per_aspect_ratio(shapes, longest), key=lambda s: -s.aspect_ratio)
 
 
-def load_for_sampling(run_dir, step: Optional[int] = None, raw: bool = False, device="cpu") -> Tuple:
+def load_for_generation(run_dir, step: Optional[int] = None, raw: bool = False, device="cpu") -> Tuple:
     """(config, model, autoencoder, text conditioner, checkpoint) of a run's complete checkpoint, the model
     holding its EMA (or, with raw, its trained) weights in the run's training precision."""
     from models.autoencoder import build_autoencoder
@@ -129,7 +129,7 @@ def on_device(component, device):
 def main(argv=None) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--out", type=Path, required=True)
@@ -138,14 +138,14 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: tracking.sample_steps)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: tracking.sampling_steps)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strip", type=Path, default=None, help="also write every clip's frames into this PNG")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model, autoencoder, text, checkpoint = load_for_sampling(args.run_dir, args.step, args.raw, device)
+    cfg, model, autoencoder, text, checkpoint = load_for_generation(args.run_dir, args.step, args.raw, device)
     shapes = last_stage_shapes(cfg)
     if args.width or args.height or args.frames:
         default = shapes[0]
@@ -153,10 +153,10 @@ def main(argv=None) -> None:
                               args.width or default.width)]
     prompts = [p for p in args.prompt for _ in shapes]
     plan = [s for _ in args.prompt for s in shapes]
-    videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sample_steps,
+    videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sampling_steps,
                       cfg.tracking.cfg_scale if args.cfg is None else args.cfg, args.seed,
                       cfg.train.shift_reference_tokens, device, args.sampler or cfg.tracking.sampler)
-    paths = write_samples(videos, prompts, args.out, cfg.data.fps)
+    paths = write_videos(videos, prompts, args.out, cfg.data.fps)
     print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
     for path in paths:
         print(f"  {path}")

@@ -1,4 +1,4 @@
-"""Pack licensed videos into shards: from a folder + metadata table, or from video2dataset output."""
+"""Ingest licensed videos into shards: from a folder + metadata table, or from video2dataset output."""
 from __future__ import annotations
 
 import csv
@@ -84,7 +84,7 @@ def cut(video: bytes, start: float, end: float) -> Tuple[bytes, Dict[str, Any]]:
     return data, {"width": clip.shape[2], "height": clip.shape[1], "fps": fps, "num_frames": len(clip)}
 
 
-def pack_rows(rows: Iterator[Tuple[str, Optional[bytes], str, Dict[str, Any]]], out: Path,
+def ingest_rows(rows: Iterator[Tuple[str, Optional[bytes], str, Dict[str, Any]]], out: Path,
               samples_per_shard: int, shard_bytes: Optional[int]) -> Dict[str, Any]:
     """Validate each (key, video bytes, caption, metadata) row and write the accepted ones."""
     writer = ShardSetWriter(out, samples_per_shard=samples_per_shard, max_bytes=shard_bytes)
@@ -108,7 +108,7 @@ def pack_rows(rows: Iterator[Tuple[str, Optional[bytes], str, Dict[str, Any]]], 
                     probed = probe(video)
                     for name, value in probed.items():
                         meta.setdefault(name, value)
-            except Exception as error:  # undecodable input is reported, never packed
+            except Exception as error:  # undecodable input is reported, never written
                 problems.append(f"video unreadable: {type(error).__name__}: {str(error)[:120]}")
         problems += metadata_problems(meta)
         if not isinstance(caption, str) or not caption.strip():
@@ -118,9 +118,9 @@ def pack_rows(rows: Iterator[Tuple[str, Optional[bytes], str, Dict[str, Any]]], 
             continue
         writer.write(key, video, caption, meta)
         accepted += 1
-    manifest = writer.close({"name": out.name, "builder": "data.pack"})
+    manifest = writer.close({"name": out.name, "builder": "data.ingest"})
     report = {"accepted": accepted, "rejected": len(rejected), "rejections": rejected, "manifest": str(manifest)}
-    (out / "pack_report.json").write_text(json.dumps(report, indent=1))
+    (out / "ingest_report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
