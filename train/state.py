@@ -37,7 +37,7 @@ class Resumable:
 
 
 class Value:
-    """A Stateful over a getter and a setter: for plain values such as the step."""
+    """A Stateful over a getter and a setter: for plain values such as the count of skipped steps."""
 
     def __init__(self, get: Callable[[], Any], set: Optional[Callable[[Any], None]] = None):
         self._get, self._set = get, set

@@ -366,37 +366,21 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         resumed = self.resume()
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-            if resumed:
-                log.info("resuming from %s (step %d, stage %s)", resumed, self.step,
-                         self.curriculum.stage(self.step).name)
-            else:
-                archived = archive_previous_run(self.run_dir)
-                if archived:
-                    log.info("starting fresh: earlier outputs of this run directory moved to %s", archived)
-        if dist.is_initialized():
-            dist.barrier()  # nobody writes into the run directory before it is set up
+        self.prepare_run_dir(resumed)
         from omegaconf import OmegaConf
 
         self.tracker.start(OmegaConf.to_container(OmegaConf.structured(cfg)), self.step if resumed else None)
         total, start_step = self.curriculum.total_steps, self.step
-        if self.step >= total and env.is_main:
+        if self.step >= total and self.env.is_main:
             log.info("the run already reached its last step (%d): nothing to train "
                      "(FRESH=1 / train.resume=false starts over)", total)
         stop_at = total if cfg.train.stop_after_steps is None else min(total, self.step + cfg.train.stop_after_steps)
         while self.step < stop_at:
-            stage_before = self.curriculum.stage_index(self.step)
-            if self.step == start_step or self.curriculum.boundaries[stage_before] == self.step:
-                stage = self.curriculum.stages[stage_before]
-                self.tracker.log_event(self.step, f"stage {stage.name!r} ({stage_before + 1}/"
-                                                  f"{len(self.curriculum.stages)}) from step {self.step}: "
-                                                  f"buckets (frames x height x width) "
-                                                  f"{', '.join(f'{b.frames}x{b.height}x{b.width}' for b in stage_shapes(cfg, stage))}; "
-                                                  f"token budget {stage.token_budget}")
+            stage_index = self.curriculum.stage_index(self.step)
+            if self.step == start_step or self.curriculum.boundaries[stage_index] == self.step:
+                self.log_stage_start(stage_index)
             start = time.perf_counter()
             outcome = self.train_step()
             self.step += 1
@@ -405,8 +389,7 @@ class Trainer:
             self._recent_step_time = step_time if self._recent_step_time is None else \
                 0.9 * self._recent_step_time + 0.1 * step_time
             # Decided alike on every rank: the metrics row below is a collective, evaluation is rank 0's alone.
-            evaluation_due = bool(cfg.tracking.eval_prompts or cfg.tracking.eval_clips) and (
-                self.step == total or bool(cfg.tracking.eval_every) and self.step % cfg.tracking.eval_every == 0)
+            evaluation_due = self.evaluation_due(total)
             evaluation = self.evaluate() if evaluation_due else {}
             if evaluation:
                 self.last_evaluation = evaluation
@@ -418,21 +401,54 @@ class Trainer:
             if self.step < total and self.stop_request.agreed():
                 break
         self.checkpoint(stopping=True)
-        preempted = self.stop_request.reason is not None
         if self.step < total:
-            why = f"asked to stop ({self.stop_request.reason})" if preempted else "train.stop_after_steps"
+            why = f"asked to stop ({self.stop_request.reason})" if self.stop_request.reason else \
+                "train.stop_after_steps"
             self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} ({why}) with a checkpoint; "
                                               f"the next run resumes from it")
         self._iterator = None
         videos = self.generate_videos() if self.step >= total else []
-        summary = {"step": self.step, "total_steps": total, "preempted": preempted,  # only ever before the end
-                   "exit_status": self.stop_request.exit_status() if preempted else 0,
-                   "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
-                   "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
-                   "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
-                   "evaluation": self.last_evaluation}
+        summary = self.summary(videos)
         self.tracker.finish()
         return summary
+
+    def prepare_run_dir(self, resumed: Optional[Path]) -> None:
+        """Collective. Rank 0 writes config.yaml and, on a fresh start, moves an earlier run's outputs aside."""
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            if resumed:
+                log.info("resuming from %s (step %d, stage %s)", resumed, self.step,
+                         self.curriculum.stage(self.step).name)
+            else:
+                archived = archive_previous_run(self.run_dir)
+                if archived:
+                    log.info("starting fresh: earlier outputs of this run directory moved to %s", archived)
+        if dist.is_initialized():
+            dist.barrier()  # nobody writes into the run directory before it is set up
+
+    def log_stage_start(self, stage_index: int) -> None:
+        stage = self.curriculum.stages[stage_index]
+        buckets = ", ".join(f"{b.frames}x{b.height}x{b.width}" for b in stage_shapes(self.cfg, stage))
+        self.tracker.log_event(self.step, f"stage {stage.name!r} ({stage_index + 1}/{len(self.curriculum.stages)}) "
+                                          f"from step {self.step}: buckets (frames x height x width) {buckets}; "
+                                          f"token budget {stage.token_budget}")
+
+    def evaluation_due(self, total: int) -> bool:
+        tracking = self.cfg.tracking
+        return bool(tracking.eval_prompts or tracking.eval_clips) and (
+            self.step == total or bool(tracking.eval_every) and self.step % tracking.eval_every == 0)
+
+    def summary(self, videos: List[Path]) -> Dict[str, Any]:
+        """Collective (the merged audit). What `python -m train` prints at the end."""
+        preempted = self.stop_request.reason is not None
+        return {"step": self.step, "total_steps": self.curriculum.total_steps,
+                "preempted": preempted,  # only ever before the end
+                "exit_status": self.stop_request.exit_status() if preempted else 0,
+                "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
+                "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
+                "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
+                "evaluation": self.last_evaluation}
 
 
 def archive_previous_run(run_dir: Path) -> Optional[Path]:
