@@ -61,13 +61,6 @@ def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpo
     return cfg, kino, latent, text, math.prod(kino.dit.grid(shape))
 
 
-def compile_blocks(blocks) -> None:
-    """Regional compile, as torchtitan and diffusers users do it: each block is compiled in place, so one
-    compiled graph serves every block of the same shape."""
-    for block in blocks:
-        block.compile()
-
-
 def timed_steps(step, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
         step()
@@ -98,6 +91,7 @@ def main() -> None:
 
     from models.attention import resolve_backend
     from models.flops import flops_per_sample, peak_flops
+    from train.parallelize import apply_compile
 
     checkpointing = None if args.checkpointing == "config" else args.checkpointing == "on"
     cfg, kino, latent, text, tokens = one_clip_step(args.model, args.tokens, args.dtype, args.text_tokens,
@@ -106,7 +100,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(kino.parameters(), lr=1e-4, fused=device.type == "cuda")
     timestep = torch.rand(1, device=device)
     if args.compile:
-        compile_blocks(kino.dit.blocks)
+        apply_compile(kino)  # regional, as training applies it (train/parallelize.py)
 
     def kino_step():
         optimizer.zero_grad(set_to_none=True)
@@ -125,7 +119,8 @@ def main() -> None:
         if cfg.activation_checkpointing:
             wan.enable_gradient_checkpointing()
         if args.compile:
-            compile_blocks(wan.blocks)
+            for block in wan.blocks:  # the same regional compile for the baseline
+                block.compile()
         wan_optimizer = torch.optim.AdamW(wan.parameters(), lr=1e-4, fused=device.type == "cuda")
         hidden = latent[None]
         context = torch.randn(1, args.text_tokens, context_dim, device=device, dtype=dtype)

@@ -133,7 +133,7 @@ RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
     "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
-    "model.attention_backend", "model.activation_checkpointing", "launcher",
+    "model.attention_backend", "model.activation_checkpointing", "model.compile", "launcher",
 )
 
 

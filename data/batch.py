@@ -96,6 +96,13 @@ class PackedBatch:
     consumer: str  # "rank{r}-worker{w}": acknowledgements in its name renew its leases
     snapshot: ConsumerSnapshot
 
+    def pin_memory(self) -> "PackedBatch":
+        """Called by the DataLoader (pin_memory=True): the clips in page-locked memory, so the trainer's copy to the
+        GPU is asynchronous."""
+        for clip in self.clips:
+            clip.video = clip.video.pin_memory()
+        return self
+
     @property
     def videos(self) -> List[torch.Tensor]:
         return [c.video for c in self.clips]

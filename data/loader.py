@@ -54,6 +54,7 @@ class LoaderSpec:
     pack_window: int = 16
     pack_tolerance: float = 0.01
     image_fraction: float = 0.0  # share of samples trained as one frame (the stage's image/video mix)
+    pin_memory: bool = False  # batches in page-locked memory (for a CUDA trainer's non-blocking copies)
     # consumer name -> the snapshot its last trained batch carried (resume exactly where it stood)
     resume: Optional[Dict[str, ConsumerSnapshot]] = None
 
@@ -170,7 +171,7 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
 def make_loader(spec: LoaderSpec) -> torch.utils.data.DataLoader:
     # Workers are spawned, not forked: a fork would inherit the parent's Ray connection, which breaks.
     return torch.utils.data.DataLoader(
-        ClipStream(spec), batch_size=None, num_workers=spec.num_workers,
+        ClipStream(spec), batch_size=None, num_workers=spec.num_workers, pin_memory=spec.pin_memory,
         persistent_workers=False, prefetch_factor=2 if spec.num_workers else None,
         multiprocessing_context="spawn" if spec.num_workers else None,
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,11 @@ from models.config import AutoencoderConfig
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1]."""
     return video.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_unit_range_batch(videos: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
+    return videos.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -44,11 +49,27 @@ class LatentNormalizer:
         return z * self.std.to(z) + self.mean.to(z)
 
 
+def encode_by_shape(encode, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """`encode` (a batch of clips of one shape -> their latents) over clips of mixed shapes: one call per shape,
+    the latents back in the clips' order."""
+    groups: Dict[tuple, List[int]] = {}
+    for index, video in enumerate(videos):
+        groups.setdefault(tuple(video.shape), []).append(index)
+    latents: List[Optional[torch.Tensor]] = [None] * len(videos)
+    for indices in groups.values():
+        for index, latent in zip(indices, encode(torch.stack([videos[i] for i in indices]))):
+            latents[index] = latent
+    return latents
+
+
 class PixelSpace:
     latent_channels, temporal_factor, spatial_factor = 3, 1, 1
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         return to_unit_range(video)
+
+    def encode_batch(self, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return [to_unit_range(video) for video in videos]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return to_uint8(latent)
@@ -70,8 +91,17 @@ class FrozenVideoAutoencoder:
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        x = to_unit_range(video).unsqueeze(0).to(self.device)
-        return self.normalizer.normalize(self._encode(x)[0].float())
+        return self.encode_batch([video])[0]
+
+    @torch.no_grad()
+    def encode_batch(self, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """uint8 clips (T, H, W, 3) of mixed shapes -> their normalised latents: one network call per shape. The
+        clips move to the device as uint8 (a quarter of the bytes of floats)."""
+        def encode(same_shape: torch.Tensor) -> torch.Tensor:
+            x = to_unit_range_batch(same_shape.to(self.device, non_blocking=True))
+            return self.normalizer.normalize(self._encode(x).float())
+
+        return encode_by_shape(encode, videos)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

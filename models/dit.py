@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from models.config import ModelConfig
 from models.attention import varlen_attention
-from models.layers import MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding
+from models.layers import (MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding,
+                           to_device)
 from models.precision import cast_floating, module_dtype
 from models.text_encoder import (PretrainedTextEncoder, TextBatch, TextEncoder, builtin_tokenizer,
                                  pretrained_text_dim)
@@ -50,12 +51,39 @@ def _fractional_features(grid: Grid, frequencies: int) -> torch.Tensor:
 
 
 def rope_3d(grids: Sequence[Grid], head_dim: int, theta: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.cat([_rope_angles(tuple(g), head_dim, theta) for g in grids]).to(device)
+    angles = to_device(torch.cat([_rope_angles(tuple(g), head_dim, theta) for g in grids]), device)
     return angles.cos(), angles.sin()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+def per_token(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """(clips, d) -> (tokens, d): each token reads its clip's row. Compiled, the gather fuses into the elementwise
+    op that uses it, so no (tokens, d) copy is made; the old path copied all six modulation vectors to every token
+    of every block (repeat_interleave of a (clips, 6d) tensor)."""
+    return values.index_select(0, segments)
+
+
+def add_modulation(block: nn.Module, d: int, chunks: int, shared: bool) -> None:
+    """A block's adaLN modulation, `chunks` vectors of width d per clip (see `block_modulation`).
+
+    per_block: `block.ada`, the block's own projection of the conditioning vector (adaLN-Zero: 6d^2 parameters a
+               block, zero-initialised so each block starts as the identity).
+    shared:    `block.modulation`, learned (chunks, d) offsets added to one table the model projects once for every
+               block (VideoDiT.shared_modulation), as Wan does."""
+    block.ada = None if shared else nn.Linear(d, chunks * d)
+    block.modulation = nn.Parameter(torch.zeros(chunks, d)) if shared else None
+    block.modulation_chunks = chunks
+
+
+def block_modulation(block: nn.Module, cond: torch.Tensor) -> List[torch.Tensor]:
+    """`cond` is (clips, d) for per_block and the shared (clips, 6, d) table for shared; returns `chunks`
+    (clips, d) tensors."""
+    if block.ada is None:
+        return (cond[:, :block.modulation_chunks] + block.modulation).unbind(1)
+    return block.ada(nn.functional.silu(cond)).chunk(block.modulation_chunks, dim=-1)
 
 
 class DiTBlock(nn.Module):
@@ -69,11 +97,10 @@ class DiTBlock(nn.Module):
                                backend=cfg.attention_backend)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(d, int(d * cfg.mlp_ratio))
-        self.ada = nn.Linear(d, 6 * d)  # adaLN-Zero: zero-initialised, so each block starts as identity
+        add_modulation(self, d, 6, shared=cfg.modulation == "shared")
 
-    def forward(self, x, cond, lengths, cu, max_len, rope, text, text_cu, text_max):
-        mod = torch.repeat_interleave(self.ada(nn.functional.silu(cond)), lengths, dim=0, output_size=x.shape[0])
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+    def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order):
+        shift1, scale1, gate1, shift2, scale2, gate2 = (per_token(m, segments) for m in block_modulation(self, cond))
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cu, max_len, rope=rope)
         x = x + self.cross(self.norm_cross(x), cu, max_len, context=text, cu_seqlens_k=text_cu, max_len_k=text_max)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -90,18 +117,18 @@ class JointBlock(nn.Module):
         # The last block's caption tokens are never read again: that stream only supplies keys and values.
         self.streams = nn.ModuleDict({"video": _Stream(d, cfg), "text": _Stream(d, cfg, attend_only=last)})
 
-    def forward(self, x, cond, lengths, cu, max_len, rope, text, text_cu, text_max):
+    def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order):
         video, txt = self.streams["video"], self.streams["text"]
-        text_lengths = torch.diff(text_cu)
-        mv, mt = video.modulation(cond, lengths, x.shape[0]), txt.modulation(cond, text_lengths, text.shape[0])
+        mv, mt = video.per_token_modulation(cond, segments), txt.per_token_modulation(cond, text_segments)
         qv, kv, vv = video.qkv(x, mv)
         qt, kt, vt = txt.qkv(text, mt)
         qv, kv = apply_rotary(qv, *rope), apply_rotary(kv, *rope)  # positions only for video tokens
-        order = _joint_order(cu, text_cu)
+        order = joint_order
         q, k, v = (torch.cat([t_, v_])[order] for t_, v_ in ((qt, qv), (kt, kv), (vt, vv)))
         joint_cu = cu + text_cu
-        out = varlen_attention(q, k, v, joint_cu, joint_cu, int(torch.diff(joint_cu).max()),
-                               int(torch.diff(joint_cu).max()), self.backend)
+        # An upper bound of the longest joint sequence, known on the host (the kernels size their grid by it).
+        joint_max = max_len + text_max
+        out = varlen_attention(q, k, v, joint_cu, joint_cu, joint_max, joint_max, self.backend)
         unjoined = torch.empty_like(out)
         unjoined[order] = out  # back to [all text tokens; all video tokens]
         n_text = text.shape[0]
@@ -109,13 +136,14 @@ class JointBlock(nn.Module):
         return video.finish(x, unjoined[n_text:], mv), text
 
 
-def _joint_order(cu_video: torch.Tensor, cu_text: torch.Tensor) -> torch.Tensor:
-    """Indices into cat([text, video]) that lay out each clip as [its text tokens, its video tokens]."""
-    n_text = int(cu_text[-1])
-    pieces = []
-    for i in range(len(cu_video) - 1):
-        pieces.append(torch.arange(int(cu_text[i]), int(cu_text[i + 1]), device=cu_video.device))
-        pieces.append(torch.arange(int(cu_video[i]), int(cu_video[i + 1]), device=cu_video.device) + n_text)
+def joint_order(video_lengths: Sequence[int], text_lengths: Sequence[int]) -> torch.Tensor:
+    """Indices into cat([text, video]) that lay out each clip as [its text tokens, its video tokens]. Built on the
+    host from the host lengths, once per forward (the same for every block)."""
+    n_text, pieces, video_start, text_start = sum(text_lengths), [], 0, 0
+    for video_length, text_length in zip(video_lengths, text_lengths):
+        pieces.append(torch.arange(text_start, text_start + text_length))
+        pieces.append(torch.arange(video_start, video_start + video_length) + n_text)
+        video_start, text_start = video_start + video_length, text_start + text_length
     return torch.cat(pieces)
 
 
@@ -131,11 +159,10 @@ class _Stream(nn.Module):
             self.out = nn.Linear(d, d)
             self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
             self.mlp = MLP(d, int(d * cfg.mlp_ratio))
-        self.ada = nn.Linear(d, (2 if attend_only else 6) * d)
+        add_modulation(self, d, 2 if attend_only else 6, shared=cfg.modulation == "shared")
 
-    def modulation(self, cond, lengths, total):
-        return torch.repeat_interleave(self.ada(nn.functional.silu(cond)), lengths, dim=0,
-                                       output_size=total).chunk(2 if self.attend_only else 6, dim=-1)
+    def per_token_modulation(self, cond, segments):
+        return [per_token(m, segments) for m in block_modulation(self, cond)]
 
     def qkv(self, x, mod):
         shift1, scale1 = mod[0], mod[1]
@@ -164,6 +191,8 @@ class VideoDiT(nn.Module):
         self.position_embed = nn.Linear(6 * POSITION_FREQUENCIES, d) \
             if cfg.position_embedding == "fractional" else None
         self.time_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        # model.modulation=shared: one (clips, 6, d) table for every block, each block adding its own offsets.
+        self.shared_modulation = nn.Linear(d, 6 * d) if cfg.modulation == "shared" else None
         self.text_pool = nn.Linear(context_dim, d)
         self.joint = cfg.conditioning == "joint"
         if self.joint:
@@ -185,6 +214,7 @@ class VideoDiT(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
         adas = [m for name, m in self.named_modules() if name.endswith(".ada")]
+        adas += [self.shared_modulation] if self.shared_modulation is not None else []
         starts_silent = [self.position_embed] if self.position_embed is not None else []
         for zero in adas + starts_silent + [self.final_ada, self.final]:
             nn.init.zeros_(zero.weight)
@@ -227,21 +257,27 @@ class VideoDiT(nn.Module):
         x = self.patch_embed(self.patchify(latents))
         if self.position_embed is not None:
             features = torch.cat([_fractional_features(tuple(g), POSITION_FREQUENCIES) for g in grids])
-            x = x + self.position_embed(features.to(device=x.device, dtype=x.dtype))
+            x = x + self.position_embed(to_device(features, x.device).to(x.dtype))
         cu = cu_seqlens_from_lengths(lengths, device)
-        lengths_t = torch.tensor(lengths, device=device)
+        lengths_t = to_device(torch.tensor(lengths), device)
+        clips = torch.arange(len(lengths), device=device)
+        segments = torch.repeat_interleave(clips, lengths_t, output_size=x.shape[0])  # each token's clip
+        text_segments = torch.repeat_interleave(clips, torch.diff(text_batch.cu_seqlens), output_size=text.shape[0])
         pooled = torch.stack([t.mean(0) for t in torch.split(text, text_batch.lengths)])
         cond = self.time_embed(timestep_embedding(timesteps, 256).to(x.dtype)) + self.text_pool(pooled)
+        block_cond = cond if self.shared_modulation is None else \
+            self.shared_modulation(nn.functional.silu(cond)).unflatten(-1, (6, -1))
         rope = rope_3d(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
         rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        order = to_device(joint_order(lengths, text_batch.lengths), device) if self.joint else None
         if self.joint:
             text = self.text_in(text)
         for block in self.blocks:
-            args = (x, cond, lengths_t, cu, max(lengths), rope, text, text_batch.cu_seqlens, text_batch.max_len)
+            args = (x, block_cond, segments, cu, max(lengths), rope, text, text_segments, text_batch.cu_seqlens,
+                    text_batch.max_len, order)
             out = block(*args)
             x, text = out if self.joint else (out, text)
-        shift, scale = torch.repeat_interleave(self.final_ada(nn.functional.silu(cond)), lengths_t, dim=0,
-                                               output_size=x.shape[0]).chunk(2, dim=-1)
+        shift, scale = (per_token(m, segments) for m in self.final_ada(nn.functional.silu(cond)).chunk(2, dim=-1))
         return self.final(modulate(self.final_norm(x), shift, scale))
 
 

@@ -26,7 +26,7 @@ def _role(name: str) -> str:
         return "text"
     if ".cross.kv" in name:
         return "text"
-    if any(part in name for part in ("time_embed", "text_pool", ".ada", "final_ada")):
+    if any(part in name for part in ("time_embed", "text_pool", ".ada", "final_ada", "shared_modulation")):
         return "sample"
     return "video"
 

@@ -77,7 +77,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A tensor built on the host, sent to `device` without waiting for the copy: a blocking copy would make the
+    host wait for the device's queue to drain, which the step never does (no host synchronisation)."""
+    return host.to(device, non_blocking=True) if device is not None else host
+
+
 def cu_seqlens_from_lengths(lengths, device) -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(torch.as_tensor(lengths, dtype=torch.int32, device=device), 0)
-    return cu
+    cu = [0]
+    for length in lengths:
+        cu.append(cu[-1] + int(length))
+    return to_device(torch.tensor(cu, dtype=torch.int32), device)

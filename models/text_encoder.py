@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from models.config import TextEncoderConfig
-from models.layers import MLP, Attention, RMSNorm, cu_seqlens_from_lengths
+from models.layers import MLP, Attention, RMSNorm, cu_seqlens_from_lengths, to_device
 
 
 @dataclass
@@ -24,11 +24,8 @@ class TextBatch:
     positions: Optional[torch.Tensor]  # (M,) long
     cu_seqlens: torch.Tensor  # (B + 1,) int32
     max_len: int
+    lengths: List[int]  # tokens per caption, on the host (reading them from cu_seqlens would sync the device)
     embeddings: Optional[torch.Tensor] = None  # (M, dim)
-
-    @property
-    def lengths(self) -> List[int]:
-        return torch.diff(self.cu_seqlens).tolist()
 
 
 class ByteTokenizer:
@@ -47,9 +44,9 @@ class ByteTokenizer:
     def batch(self, captions: Sequence[str], device=None) -> TextBatch:
         encoded = [self.encode(c) for c in captions]
         lengths = [len(e) for e in encoded]
-        ids = torch.tensor([i for e in encoded for i in e], dtype=torch.long, device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-        return TextBatch(ids, positions, cu_seqlens_from_lengths(lengths, device), max(lengths))
+        ids = to_device(torch.tensor([i for e in encoded for i in e], dtype=torch.long), device)
+        positions = to_device(torch.cat([torch.arange(n) for n in lengths]), device)
+        return TextBatch(ids, positions, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths)
 
 
 class WordTokenizer:
@@ -156,12 +153,14 @@ class PretrainedTextEncoder:
     def batch(self, captions: Sequence[str], device=None) -> TextBatch:
         tokens = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_tokens,
                                 return_tensors="pt")
-        mask = tokens["attention_mask"].to(self.device)
-        hidden = self.network(input_ids=tokens["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
-        lengths = mask.sum(dim=1).tolist()
-        packed = hidden[mask.bool()]  # (M, dim), each caption's real tokens only
+        host_mask = tokens["attention_mask"]  # lengths and the packing index are read on the host: no device sync
+        mask = to_device(host_mask, self.device)
+        hidden = self.network(input_ids=to_device(tokens["input_ids"], self.device), attention_mask=mask).last_hidden_state
+        lengths = host_mask.sum(dim=1).tolist()
+        real = to_device(host_mask.flatten().nonzero().flatten(), self.device)
+        packed = hidden.flatten(0, 1).index_select(0, real)  # (M, dim), each caption's real tokens only
         device = device or self.device
-        return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths),
+        return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
                          embeddings=packed.float().to(device))
 
 

@@ -34,7 +34,8 @@ def all_reduce_values(values: Sequence[float], device: torch.device, op=SUM,
     return all_reduce(torch.tensor(list(values), dtype=dtype, device=device), device, op).tolist()
 
 
-def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """True when the loss is finite on every rank: every rank must agree to skip a step, or the gradient
-    all-reduce of the ranks that did not skip would wait forever."""
-    return bool(all_reduce(torch.isfinite(loss.detach()).reshape(1).float(), device, MIN).item())
+def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Whether the loss is finite on every rank, as a one-element tensor on `device`: every rank must agree to skip
+    a step, or the gradient all-reduce of the ranks that did not skip would wait forever. It stays on the device
+    (no host read inside a micro-batch); the trainer reads it once, at the optimizer step's boundary."""
+    return all_reduce(torch.isfinite(loss.detach()).reshape(1).float(), device, MIN) > 0

@@ -1,7 +1,8 @@
 """Everything applied to a built model that is not its math, in one place and one fixed order:
 
 1. activation checkpointing of the repeated blocks (`model.activation_checkpointing`);
-2. compile of the repeated blocks (issue 12 adds it here);
+2. regional compile: each repeated block compiled in place (`model.compile`; by default on with CUDA). Blocks
+   of one shape share the compiled code, so compiling costs one block's time, not the model's;
 3. sequence parallelism (issue 13 adds it here);
 4. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
 
@@ -45,8 +46,23 @@ def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def compile_wanted(cfg: KinoConfig, device_type: str) -> bool:
+    return cfg.model.compile if cfg.model.compile is not None else device_type == "cuda"
+
+
+def apply_compile(model: nn.Module) -> int:
+    """Compile each repeated block in place (`nn.Module.compile`: parameter names do not change). Returns the
+    number of blocks."""
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, load_universal: bool = False):
     """Apply the steps above to `model` (on its device already) and return the DeepSpeed engine."""
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile_wanted(cfg, env.device.type):
+        apply_compile(model)
     return build_engine(model, cfg, env, load_universal=load_universal)

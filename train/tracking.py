@@ -9,7 +9,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -22,11 +22,12 @@ log = logging.getLogger("kino")
 
 @dataclass
 class StepResult:
-    """What a method's `forward_backward_step` reports for one micro-batch."""
+    """What a method's `forward_backward_step` reports for one micro-batch. The tensors stay where they were
+    computed (the device): nothing is read back to the host until a log step asks for metrics."""
 
-    finite: bool  # on every rank; a step with any non-finite micro-batch is skipped whole
+    finite: torch.Tensor  # (1,) bool: finite on every rank; a step with any non-finite micro-batch is skipped whole
     tokens: int
-    loss_sum: float = 0.0  # the loss summed over `tokens` (metrics divide by the tokens of all ranks)
+    loss_sum: Union[torch.Tensor, float] = 0.0  # the loss summed over `tokens` (metrics divide by all ranks' tokens)
     flops: float = 0.0  # model FLOPs of forward and backward, for MFU (0: not counted)
     per_sample_loss: Optional[torch.Tensor] = None  # per clip: loss by timestep and by bucket
     timesteps: Optional[torch.Tensor] = None  # per clip, in [0, 1]
@@ -39,10 +40,7 @@ class StepOutcome:
     results: List[StepResult]
     batches: List[PackedBatch]
     data_time: float
-
-    @property
-    def trained(self) -> bool:
-        return all(r.finite for r in self.results)
+    trained: bool  # every micro-batch was finite: the optimizer step was taken
 
 
 @dataclass
@@ -58,7 +56,7 @@ class StepTotals:
     def local(cls, outcome: StepOutcome) -> "StepTotals":
         # A skipped step trained nothing: it reports no loss, tokens or FLOPs.
         results = outcome.results if outcome.trained else []
-        return cls(sum(r.loss_sum for r in results), sum(r.tokens for r in results),
+        return cls(float(sum(r.loss_sum for r in results)), sum(r.tokens for r in results),
                    sum(r.flops for r in results), outcome.data_time)
 
 

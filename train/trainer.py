@@ -34,7 +34,7 @@ from train.parallelize import parallelize
 from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
-from train.rng import RNGState
+from train.rng import RNGState, host_values
 from train.generate import generate, on_device, generation_plan, write_videos
 from train.state import Resumable, Value
 from train.tracking import StepOutcome, StepResult, StepTotals, Tracker, step_metrics
@@ -52,7 +52,7 @@ class Trainer:
         self.stop_request = StopRequest(env.device)  # first: a scheduler may ask to stop during start-up
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
-        self.rng = RNGState(cfg.train.seed, env.rank)
+        self.rng = RNGState(cfg.train.seed, env.rank, env.device)
         self.model = self.build_model().to(env.device)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
                                              cfg.train.checkpoint_every)
@@ -195,7 +195,8 @@ class Trainer:
                           seed=cfg.data.seed, coordinator=self.coordinator, rank=self.env.rank,
                           world_size=self.env.world_size, num_workers=cfg.data.num_workers,
                           pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
-                          image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots))
+                          image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots),
+                          pin_memory=self.env.device.type == "cuda")
         return iter(make_loader(spec))
 
     def data_step(self) -> PackedBatch:
@@ -238,16 +239,18 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------
     def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
-        x0 = [self.autoencoder.encode(v).to(device) for v in batch.videos]
+        # Each clip crosses to the device once, as uint8, from pinned memory (the loader pins on CUDA); the frozen
+        # autoencoder encodes the micro-batch's clips one call per shape.
+        x0 = self.autoencoder.encode_batch([v.to(device, non_blocking=True) for v in batch.videos])
         drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
-        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+        captions = ["" if d else c for d, c in zip(host_values(drop), batch.captions)]
         text = self.text.batch(captions, device)
         tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
         t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
                             tokens, cfg.train.shift_reference_tokens)
-        noise = [torch.randn(x.shape, generator=gen).to(device) for x in x0]
-        pairs = [noisy_pair(x, n, float(ti)) for x, n, ti in zip(x0, noise, t)]
-        prediction = self.engine([p[0] for p in pairs], t.to(device), text)
+        noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
+        pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
+        prediction = self.engine([p[0] for p in pairs], t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])
         squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
         loss = squared.mean()
@@ -257,12 +260,11 @@ class Trainer:
         # micro-batch's gradient. Skipping backward and step() instead shifted the boundary, so a step's finite
         # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss)
-        if not finite:
-            return StepResult(finite=False, tokens=sum(tokens))
+        # Everything below stays on the device: metrics read it at log steps only.
         per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
         flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups)
-        return StepResult(finite=True, tokens=sum(tokens), loss_sum=float(squared.detach().sum()), flops=flops,
-                          per_sample_loss=per_sample.cpu(), timesteps=t)
+        return StepResult(finite=finite, tokens=sum(tokens), loss_sum=squared.detach().sum(), flops=flops,
+                          per_sample_loss=per_sample, timesteps=t)
 
     def train_step(self) -> StepOutcome:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
@@ -276,7 +278,10 @@ class Trainer:
             results.append(result)
             batches.append(batch)
             self.engine.step()  # every micro-batch, finite or not (see forward_backward_step)
-        finite = all(r.finite for r in results)
+        # The one host read of the step, at its boundary (DeepSpeed's own gradient-norm and overflow checks
+        # synchronise here too): whether every micro-batch was finite on every rank.
+        finite = bool(torch.cat([r.finite for r in results]).all())
+        outcome = StepOutcome(results, batches, data_time, trained=finite)
         if not finite and self.engine.was_step_applied():
             raise RuntimeError(f"step {self.step}: a micro-batch's loss was not finite, yet DeepSpeed applied the "
                                f"optimizer step (its overflow check did not see a non-finite gradient)")
@@ -293,7 +298,7 @@ class Trainer:
             if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
                 raise NonFiniteLoss(f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
                                     f"lower the learning rate or check the data (train.max_nonfinite_in_row)")
-        return StepOutcome(results, batches, data_time)
+        return outcome
 
     # -- metrics ---------------------------------------------------------------------------------
     def _metrics(self, outcome: StepOutcome, step_time: float) -> Dict:

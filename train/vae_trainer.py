@@ -38,23 +38,22 @@ class VAETrainer(Trainer):
         by_shape: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
         for video in batch.videos:  # clips of one shape share a forward pass
             by_shape[tuple(video.shape)].append(to_unit_range(video))
-        elements, recon_sum = 0, 0.0
+        elements, recon_sum = 0, 0
         losses = []
         for clips in by_shape.values():
             x = torch.stack(clips).to(device)
             reconstruction, mean, logvar = self.engine(x, noise=torch.randn(
-                (x.shape[0], self.model.latent_channels, *self._latent_dims(x)), generator=self.rng.generator).to(device))
+                (x.shape[0], self.model.latent_channels, *self._latent_dims(x)), generator=self.rng.noise_generator,
+                device=device))
             loss, recon, _ = vae_loss(x, reconstruction, mean, logvar, self.cfg.model.autoencoder.kl_weight)
             losses.append(loss * x.numel())
             elements += x.numel()
-            recon_sum += float(recon.detach()) * x.numel()
+            recon_sum = recon_sum + recon.detach() * x.numel()
         loss = torch.stack(losses).sum() / elements
         finite = all_ranks_finite(loss, device)
         self.engine.backward(loss)  # even when not finite: Trainer.forward_backward_step says why
-        if not finite:
-            return StepResult(finite=False, tokens=batch.tokens)
         # "loss" in metrics is the reconstruction error (MSE + 0.1 L1) per element, without the KL term
-        return StepResult(finite=True, tokens=batch.tokens, loss_sum=recon_sum / elements * batch.tokens)
+        return StepResult(finite=finite, tokens=batch.tokens, loss_sum=recon_sum / elements * batch.tokens)
 
     def _latent_dims(self, x: torch.Tensor) -> tuple:
         t, h, w = x.shape[2:]

@@ -97,7 +97,7 @@ def test_frozen_text_embeddings_in_fp32_enter_a_bf16_model(monkeypatch):
     monkeypatch.setattr(dit, "pretrained_text_dim", lambda path: 24)
     model = _model(text=TextEncoderConfig(name="pretrained", path="unused")).to(torch.bfloat16)
     lengths = [5, 3]
-    text = TextBatch(None, None, cu_seqlens_from_lengths(lengths, "cpu"), 5, embeddings=torch.randn(8, 24))
+    text = TextBatch(None, None, cu_seqlens_from_lengths(lengths, "cpu"), 5, list(lengths), embeddings=torch.randn(8, 24))
     out = model([torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)], torch.tensor([0.5, 0.5]), text)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
@@ -147,7 +147,8 @@ def test_step_metrics_are_reduced_on_the_run_device(collective_devices):
     trainer = SimpleNamespace(env=SimpleNamespace(device=META, world_size=2))
     from train.tracking import StepOutcome, StepResult
 
-    outcome = StepOutcome([StepResult(finite=True, tokens=10, loss_sum=2.0, flops=1e9)], batches=[], data_time=0.1)
+    outcome = StepOutcome([StepResult(finite=torch.tensor([True]), tokens=10, loss_sum=2.0, flops=1e9)], batches=[],
+                          data_time=0.1, trained=True)
     with pytest.raises(_Intercepted):
         Trainer._metrics(trainer, outcome, 1.0)
     assert collective_devices == [META]

@@ -17,7 +17,7 @@ def tiny_model(seed=0, dtype=torch.float64, **overrides) -> TextToVideoModel:
     # adaLN-Zero makes a fresh model output zeros; randomise those layers so the test can fail.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "ada" in name or name.startswith("dit.final.") or name.endswith(("attn.out.weight", "fc2.weight")):
+            if "ada" in name or "modulation" in name or name.startswith("dit.final.") or name.endswith(("attn.out.weight", "fc2.weight")):
                 p.normal_(0, 0.2)
     return model
 
@@ -31,8 +31,9 @@ def clips(dtype=torch.float64):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("conditioning", ["cross_attention", "joint"])
-def test_packed_batch_matches_each_sample_alone_in_outputs_and_gradients(conditioning, dtype, tolerance):
-    model = tiny_model(conditioning=conditioning, dtype=dtype)
+@pytest.mark.parametrize("modulation", ["per_block", "shared"])
+def test_packed_batch_matches_each_sample_alone_in_outputs_and_gradients(conditioning, modulation, dtype, tolerance):
+    model = tiny_model(conditioning=conditioning, modulation=modulation, dtype=dtype)
     latents, t = clips(dtype), torch.tensor([0.2, 0.5, 0.9], dtype=dtype)
     packed = model(latents, t, text_conditioner(model.cfg).batch(CAPTIONS))
     packed.pow(2).sum().backward()
@@ -107,3 +108,29 @@ def test_word_tokens_are_stable_per_word_and_the_demo_vocabulary_has_no_collisio
     words = {w for name in [*COLOURS, *SHAPES, *MOTIONS, *BACKGROUNDS, "a moving on background"] for w in name.split()}
     assert len({tokenizer.word_id(w) for w in words}) == len(words)
     assert tokenizer.encode("") == [tokenizer.BOS] and len(tokenizer.encode("w " * 40)) == 16
+
+
+@pytest.mark.parametrize("conditioning", ["cross_attention", "joint"])
+def test_shared_modulation_replaces_each_blocks_projection_by_offsets_and_starts_with_zero_gates(conditioning):
+    """model.modulation=shared (Wan-style): one projection for the whole model, 6 d offsets a block; a fresh model
+    still starts with every block's gates at zero, like adaLN-Zero."""
+    from models.dit import parameter_count
+
+    cfg = dict(dim=32, depth=3, heads=2, text=TextEncoderConfig(dim=32, depth=1, heads=2, max_tokens=32),
+               attention_backend="sdpa", conditioning=conditioning)
+    per_block, shared = TextToVideoModel(ModelConfig(**cfg)), TextToVideoModel(ModelConfig(modulation="shared", **cfg))
+    d, streams = 32, 2 if conditioning == "joint" else 1
+    saved = parameter_count(per_block) - parameter_count(shared)
+    per_block_ada = sum(m.weight.numel() + m.bias.numel() for n, m in per_block.named_modules() if n.endswith(".ada"))
+    assert saved == per_block_ada - (6 * d * d + 6 * d) - sum(
+        p.numel() for n, p in shared.named_parameters() if n.endswith(".modulation"))
+    assert not [n for n, _ in shared.named_parameters() if n.endswith(".ada.weight")]
+    from models.dit import block_modulation
+
+    cond = torch.randn(3, d)  # any conditioning: at init every gate is zero, so each block adds nothing through them
+    table = shared.dit.shared_modulation(torch.nn.functional.silu(cond)).unflatten(-1, (6, -1))
+    modulated = [m for m in shared.modules() if getattr(m, "modulation_chunks", 0) == 6]
+    assert len(modulated) == 3 * streams - (streams - 1)  # the last caption stream only supplies keys and values
+    for module in modulated:
+        gates = block_modulation(module, table)
+        assert torch.equal(gates[2], torch.zeros(3, d)) and torch.equal(gates[5], torch.zeros(3, d))

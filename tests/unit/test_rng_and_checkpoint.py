@@ -61,3 +61,17 @@ def test_curriculum_stages_and_schedules_are_functions_of_the_step():
     assert cur.lr(0) == 0.2 and cur.lr(4) == 1.0 and cur.lr(9) == 1.0
     assert cur.lr(10) == 0.5 and abs(cur.lr(19) - (0.05 + 0.45 * 0.5 * (1 + np.cos(np.pi * 0.9)))) < 1e-12
     assert cur.state_dict(12) == {"stage_index": 1, "stage": "b", "step_in_stage": 2}
+
+
+def test_noise_is_drawn_where_the_latents_are_and_resumes_exactly():
+    """On the CPU the noise generator is the rank's generator itself (the stream CPU runs always drew). The CUDA
+    generator's own round trip is in tests/gpu/test_cuda_hot_path.py (it needs a GPU)."""
+    cpu = RNGState(seed=3, rank=1)
+    assert cpu.noise_generator is cpu.generator
+    state = RNGState(seed=3, rank=1)
+    torch.randn(7, generator=state.noise_generator)
+    saved = state.state_dict()
+    first = torch.randn(5, generator=state.noise_generator, device="cpu")
+    other = RNGState(seed=0, rank=0)
+    other.load_state_dict(saved)
+    assert torch.equal(first, torch.randn(5, generator=other.noise_generator, device="cpu"))

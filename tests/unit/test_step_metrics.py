@@ -17,9 +17,9 @@ def batch(*shapes):
 
 
 def test_a_trained_step_reports_loss_per_token_throughput_and_losses_by_timestep_and_bucket():
-    outcome = StepOutcome([StepResult(True, 20, loss_sum=3.0, flops=5e11, per_sample_loss=torch.tensor([0.1, 0.3]),
+    outcome = StepOutcome([StepResult(torch.tensor([True]), 20, loss_sum=torch.tensor(3.0), flops=5e11, per_sample_loss=torch.tensor([0.1, 0.3]),
                                       timesteps=torch.tensor([0.1, 0.9]))],
-                          [batch((4, 8, 8), (1, 8, 16))], data_time=0.4)
+                          [batch((4, 8, 8), (1, 8, 16))], data_time=0.4, trained=True)
     row = step_metrics(outcome, StepTotals(loss_sum=6.0, tokens=40, flops=1e12, data_time=0.8), **CONTEXT)
     assert row["loss"] == pytest.approx(6.0 / 40) and row["tokens_per_s"] == pytest.approx(20.0)
     assert row["samples_per_s"] == pytest.approx(2 * 2 / 2.0)
@@ -32,9 +32,10 @@ def test_a_trained_step_reports_loss_per_token_throughput_and_losses_by_timestep
 
 
 def test_a_skipped_step_has_no_loss_and_counts_nothing_it_did_not_train():
-    outcome = StepOutcome([StepResult(True, 20, loss_sum=3.0, per_sample_loss=torch.tensor([0.1]),
-                                      timesteps=torch.tensor([0.5])), StepResult(False, 20)],
-                          [batch((4, 8, 8)), batch((4, 8, 8))], data_time=0.1)
+    outcome = StepOutcome([StepResult(torch.tensor([True]), 20, loss_sum=torch.tensor(3.0),
+                                      per_sample_loss=torch.tensor([0.1]), timesteps=torch.tensor([0.5])),
+                           StepResult(torch.tensor([False]), 20, loss_sum=torch.tensor(float("nan")))],
+                          [batch((4, 8, 8)), batch((4, 8, 8))], data_time=0.1, trained=False)
     local = StepTotals.local(outcome)
     assert (local.loss_sum, local.tokens, local.flops) == (0, 0, 0)
     row = step_metrics(outcome, local, **CONTEXT)
