@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install demo demo-data test unit integration clean gpu-check
+.PHONY: install demo demo-data test unit integration clean gpu-check gpu-suite
 install: $(VENV)/.installed
 
 demo-data: install
@@ -40,3 +40,7 @@ clean:
 # trainer end to end in fp32 and bf16, the 1B x 16k model-step benchmark, and one markdown table.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out gpu-check
+
+# Every GPU figure of BENCHMARKS.md that needs a GPU (issue 12), about 8 minutes on one H100/H200.
+gpu-suite:
+	$(PYTHON) benchmarks/gpu_suite.py --out gpu-suite
