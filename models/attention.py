@@ -2,24 +2,28 @@
 
 Packed tensors are (total_tokens, heads, head_dim); `cu_seqlens` marks where each
 sample starts, and attention never crosses samples. The backend is chosen per
-(request, device type, dtype), once: the fused varlen kernels (flash-attn's, then
-PyTorch's `varlen_attn`) run on CUDA in fp16/bf16 only, so `auto` takes them there
-and falls back to PyTorch SDPA per sample (flash / memory-efficient / math kernels,
-fp32 included) everywhere else. See docs/gpu.md.
+(request, device type, dtype), once. The fused varlen kernels (FlashAttention-3's
+`flash_attn_interface` on Hopper, flash-attn 2, PyTorch's `varlen_attn`) run on CUDA in
+fp16/bf16 only; where several are installed, `auto` times each once on a representative
+packed batch and takes the fastest. Elsewhere it falls back to PyTorch SDPA per sample
+(flash / memory-efficient / math kernels, fp32 included); `cudnn` is SDPA per sample held
+to cuDNN's kernel, for comparison. See docs/gpu.md.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Dict, List, Tuple
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "sdpa", "reference")
-FUSED_VARLEN = ("flash_attn", "torch_varlen")  # CUDA-only, fp16/bf16-only kernels
+BACKENDS = ("flash_attn3", "flash_attn", "torch_varlen", "cudnn", "sdpa", "reference")
+FUSED_VARLEN = ("flash_attn3", "flash_attn", "torch_varlen")  # CUDA-only, fp16/bf16-only varlen kernels
+HOPPER_ONLY = ("flash_attn3",)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -35,18 +39,63 @@ def _probe_installed() -> Dict[str, bool]:
         torch_varlen = True
     except ImportError:
         torch_varlen = False
-    return {"flash_attn": importlib.util.find_spec("flash_attn") is not None, "torch_varlen": torch_varlen}
+    try:
+        from torch.nn.attention import SDPBackend
+
+        cudnn = hasattr(SDPBackend, "CUDNN_ATTENTION")
+    except ImportError:
+        cudnn = False
+    return {"flash_attn3": importlib.util.find_spec("flash_attn_interface") is not None,
+            "flash_attn": importlib.util.find_spec("flash_attn") is not None, "torch_varlen": torch_varlen,
+            "cudnn": cudnn}
 
 
 _INSTALLED = _probe_installed()
 _RESOLVED: Dict[Tuple[str, str, torch.dtype], str] = {}
 
 
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> List[str]:
-    """Backends that can run q/k/v of `dtype` on `device`, fastest first."""
-    fused = [name for name in FUSED_VARLEN
-             if device.type == "cuda" and dtype in HALF_DTYPES and _INSTALLED[name]]
-    return fused + ["sdpa", "reference"]
+    """Backends that can run q/k/v of `dtype` on `device`: the fused varlen kernels first (in their usual order
+    of speed), then the per-clip ones."""
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
+        return ["sdpa", "reference"]
+    fused = [name for name in FUSED_VARLEN if _INSTALLED[name] and (name not in HOPPER_ONLY or _is_hopper(device))]
+    return fused + (["cudnn"] if _INSTALLED["cudnn"] else []) + ["sdpa", "reference"]
+
+
+def fastest(candidates: Sequence[str], seconds: Callable[[str], float]) -> Tuple[str, Dict[str, float]]:
+    """The candidate with the least measured time, and every measurement (a candidate that fails is left out)."""
+    times = {}
+    for name in candidates:
+        try:
+            times[name] = seconds(name)
+        except Exception as error:  # a kernel built for another GPU, an unsupported head size
+            log.warning("attention: %s failed its timing run and is not used: %s", name, error)
+    if not times:
+        return candidates[-1], times
+    return min(times, key=times.get), times
+
+
+def _time_backend(name: str, device: torch.device, dtype: torch.dtype) -> float:
+    """Forward and backward of one packed batch shaped like a video DiT's (two clips, 12 heads of 128)."""
+    lengths = [6144, 2048]
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(sum(lengths), 12, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def once():
+        varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), name).sum().backward()
+
+    once()
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(5):
+        once()
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / 5
 
 
 def resolve_backend(requested: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -66,7 +115,13 @@ def _resolve(requested: str, device_type: str, dtype: torch.dtype) -> str:
         raise BackendUnavailable(f"unknown attention backend {requested!r}; known: {', '.join(BACKENDS)}")
     found = available_backends(torch.device(device_type), dtype)
     if requested == "auto":
+        fused = [name for name in found if name in FUSED_VARLEN]
         chosen = found[0]
+        if len(fused) > 1:
+            device = torch.device(device_type)
+            chosen, times = fastest(fused, lambda name: _time_backend(name, device, dtype))
+            log.info("attention: measured %s; auto takes %s",
+                     ", ".join(f"{name} {1000 * t:.2f} ms" for name, t in times.items()), chosen)
         if device_type == "cuda" and chosen not in FUSED_VARLEN:
             installed = [name for name in FUSED_VARLEN if _INSTALLED[name]]
             why = (f"the fused varlen kernels ({', '.join(installed)}) take fp16/bf16 only" if installed
@@ -75,7 +130,8 @@ def _resolve(requested: str, device_type: str, dtype: torch.dtype) -> str:
                         str(dtype).replace("torch.", ""), why)
         return chosen
     if requested not in found:
-        needs = " (it takes fp16/bf16 on CUDA only)" if requested in FUSED_VARLEN else ""
+        needs = (" (it runs on Hopper GPUs only, in fp16/bf16)" if requested in HOPPER_ONLY else
+                 " (it takes fp16/bf16 on CUDA only)" if requested in FUSED_VARLEN + ("cudnn",) else "")
         raise BackendUnavailable(f"attention backend {requested!r} is not available on {device_type} for "
                                  f"{str(dtype).replace('torch.', '')}{needs}; available: {', '.join(found)}")
     return requested
@@ -108,6 +164,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, backend: str = "auto") -> torch.Tensor:
     """Attention of each sample's queries over that sample's keys; (Nq, H, D) -> (Nq, H, D)."""
     backend = resolve_backend(backend, q.device.type, q.dtype)
+    if backend == "flash_attn3":
+        from flash_attn_interface import flash_attn_varlen_func as flash_attn3_varlen
+
+        out = flash_attn3_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k)
+        return out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -118,6 +179,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return varlen_attn(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_q, max_k)
     q_lengths = torch.diff(cu_seqlens_q).tolist()
     k_lengths = torch.diff(cu_seqlens_k).tolist()
+    if backend == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return _sdpa(q, k, v, q_lengths, k_lengths)
     if backend == "sdpa":
         return _sdpa(q, k, v, q_lengths, k_lengths)
     return _reference(q, k, v, q_lengths, k_lengths)

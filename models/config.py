@@ -4,7 +4,7 @@ from typing import List, Optional
 
 from conf.errors import ConfigError
 
-ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa", "reference")
+ATTENTION_BACKENDS = ("auto", "flash_attn3", "flash_attn", "torch_varlen", "cudnn", "sdpa", "reference")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class ModelConfig:
     # fractional: each token also gets Fourier features of its fractional (t, y, x) position in its clip,
     # added to the patch embedding (RoPE alone is relative); none: RoPE only.
     position_embedding: str = "fractional"
-    # auto | flash_attn | torch_varlen | sdpa | reference
+    # auto | flash_attn3 | flash_attn | torch_varlen | cudnn | sdpa | reference (models/attention.py)
     attention_backend: str = "auto"
     # Recompute each block in backward (applied from outside the model, by train/parallelize.py).
     activation_checkpointing: bool = False

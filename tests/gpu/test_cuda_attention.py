@@ -17,7 +17,7 @@ def packed(dtype, lengths=(130, 7, 512, 1), heads=8, dim=64):
     return q, k, v, cu, max(lengths)
 
 
-@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "sdpa"])
+@pytest.mark.parametrize("backend", ["flash_attn3", "flash_attn", "torch_varlen", "cudnn", "sdpa"])
 def test_cuda_backends_agree_with_reference_in_bf16(backend):
     if backend not in available_backends(torch.device("cuda")):
         pytest.skip(f"{backend} is not installed/available here")

@@ -29,6 +29,8 @@ def fused_kernels_installed(monkeypatch):
     """As on the H200 image: torch's varlen_attn present, flash-attn not; fresh dispatch decisions."""
     monkeypatch.setitem(attention._INSTALLED, "torch_varlen", True)
     monkeypatch.setitem(attention._INSTALLED, "flash_attn", False)
+    monkeypatch.setitem(attention._INSTALLED, "flash_attn3", False)
+    monkeypatch.setitem(attention._INSTALLED, "cudnn", False)
     monkeypatch.setattr(attention, "_RESOLVED", {})
 
 
@@ -43,11 +45,42 @@ def test_auto_attention_on_cuda_takes_the_fused_kernel_in_bf16_and_sdpa_in_fp32(
     assert len(said) == 1 and "fp16/bf16" in said[0]  # logged once, with the reason
 
 
-def test_flash_attn_comes_first_when_installed_and_never_on_cpu(fused_kernels_installed, monkeypatch):
+@pytest.mark.parametrize("faster", ["flash_attn", "torch_varlen"])
+def test_with_several_fused_kernels_auto_takes_the_fastest_measured_and_never_on_cpu(fused_kernels_installed,
+                                                                                    monkeypatch, faster):
     monkeypatch.setitem(attention._INSTALLED, "flash_attn", True)
-    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == "flash_attn"
+    timed = []
+
+    def seconds(name, device, dtype):  # the timing run is the GPU's; its outcome is what this test sets
+        timed.append(name)
+        return 1.0 if name == faster else 2.0
+
+    monkeypatch.setattr(attention, "_time_backend", seconds)
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == faster
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == faster
+    assert sorted(timed) == ["flash_attn", "torch_varlen"]  # each measured once, then the choice is kept
     assert attention.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
     assert attention.resolve_backend("torch_varlen", "cuda", torch.bfloat16) == "torch_varlen"
+
+
+def test_a_kernel_that_fails_its_timing_run_is_left_out():
+    def seconds(name):
+        if name == "flash_attn3":
+            raise RuntimeError("no kernel image for this GPU")
+        return {"flash_attn": 3.0, "torch_varlen": 2.0}[name]
+
+    chosen, times = attention.fastest(["flash_attn3", "flash_attn", "torch_varlen"], seconds)
+    assert chosen == "torch_varlen" and set(times) == {"flash_attn", "torch_varlen"}
+
+
+def test_flash_attention_3_is_offered_on_hopper_only(fused_kernels_installed, monkeypatch):
+    monkeypatch.setitem(attention._INSTALLED, "flash_attn3", True)
+    monkeypatch.setattr(attention, "_is_hopper", lambda device: False)
+    assert "flash_attn3" not in attention.available_backends(torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(attention.BackendUnavailable, match="Hopper"):
+        attention.resolve_backend("flash_attn3", "cuda", torch.bfloat16)
+    monkeypatch.setattr(attention, "_is_hopper", lambda device: True)
+    assert attention.available_backends(torch.device("cuda"), torch.bfloat16)[0] == "flash_attn3"
 
 
 def test_a_forced_fused_kernel_in_fp32_is_a_clear_error(fused_kernels_installed):
