@@ -84,7 +84,8 @@ class ModelConfig:
     # per clip a block: more expressive). shared: one projection for the whole model, each block adding learned
     # offsets (6 d parameters a block), as Wan does: at 1B dims (1536 x 24) it saves 340M parameters.
     modulation: str = "per_block"
-    # Regional torch.compile of each repeated block (train/parallelize.py); null = on with CUDA, off on CPU.
+    # Regional torch.compile of each repeated block (train/parallelize.py); null = on with CUDA when attention
+    # runs a fused varlen kernel (bf16), off otherwise (per-clip SDPA breaks the graph at every attention).
     compile: Optional[bool] = None
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.dit import DiTBlock, JointBlock
 from conf.schema import KinoConfig
-from train.engine import DistEnv, build_engine
+from train.engine import DistEnv, build_engine, compute_dtype
 
 # The units activation checkpointing (and later compile) apply to: a transformer's repeated blocks.
 REPEATED_BLOCKS = (DiTBlock, JointBlock)
@@ -47,7 +47,15 @@ def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
 
 
 def compile_wanted(cfg: KinoConfig, device_type: str) -> bool:
-    return cfg.model.compile if cfg.model.compile is not None else device_type == "cuda"
+    """`model.compile`, or by default: on with CUDA when attention runs a fused varlen kernel (bf16 runs). The
+    per-clip SDPA fallback (fp32 on CUDA, the CPU) reads clip lengths on the host, which breaks the compiled graph
+    at every attention and recompiles for every new mix of clip lengths: there eager is faster."""
+    if cfg.model.compile is not None:
+        return cfg.model.compile
+    from models.attention import FUSED_VARLEN, resolve_backend
+
+    return device_type == "cuda" and resolve_backend(cfg.model.attention_backend, device_type,
+                                                     compute_dtype(cfg)) in FUSED_VARLEN
 
 
 def apply_compile(model: nn.Module) -> int:

@@ -68,10 +68,18 @@ def test_regionally_compiled_blocks_match_eager_in_loss_and_gradients():
     assert all(block._compiled_call_impl is not None for block in repeated_blocks(compiled))
 
 
-@pytest.mark.parametrize("setting, device_type, wanted", [(None, "cuda", True), (None, "cpu", False),
-                                                           (False, "cuda", False), (True, "cpu", True)])
-def test_compile_is_on_by_default_with_cuda_only(setting, device_type, wanted):
+@pytest.mark.parametrize("setting, device_type, precision, wanted", [
+    (None, "cuda", "bf16", True), (None, "cuda", "fp32", False), (None, "cpu", "bf16", False),
+    (False, "cuda", "bf16", False), (True, "cpu", "fp32", True)])
+def test_compile_is_on_by_default_with_cuda_and_a_fused_attention_kernel(setting, device_type, precision, wanted,
+                                                                         monkeypatch):
     from conf.schema import load_config
+    from models import attention
 
-    cfg = load_config(["experiment=demo", f"model.compile={'null' if setting is None else str(setting).lower()}"])
+    monkeypatch.setitem(attention._INSTALLED, "torch_varlen", True)  # as on the H200 image
+    monkeypatch.setitem(attention._INSTALLED, "flash_attn", False)
+    monkeypatch.setitem(attention._INSTALLED, "flash_attn3", False)
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    cfg = load_config(["experiment=demo", f"zero.precision={precision}",
+                       f"model.compile={'null' if setting is None else str(setting).lower()}"])
     assert compile_wanted(cfg, device_type) is wanted
