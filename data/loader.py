@@ -89,10 +89,19 @@ class ClipStream(IterableDataset):
                                                                        spec.pack_tolerance), reader)
         snapshot = (spec.resume or {}).get(name)
         if snapshot is not None and snapshot.stage == self.stage_key():
-            # Same stage: batches that were already closed come out again exactly as they were.
+            # Same stage: batches that were already closed come out again exactly as they were. Until the reader
+            # starts, the consumer still stands where the snapshot says: its buffer and chunk go into each
+            # replayed batch's snapshot, so a checkpoint taken right after one loses nothing.
+            reader.unread_replay, reader.position = [list(e) for e in snapshot.buffer], snapshot.current
             for n, entries in enumerate(snapshot.pending):
-                clips = [prepare_sample(raw, tag, spec)[0] for raw, tag, _ in read_entries(spec.root, entries)]
-                yield batches.assemble([c for c in clips if c is not None], snapshot.pending[n + 1:])
+                clips = []
+                for raw, tag, error in read_entries(spec.root, entries):
+                    clip, reason = (None, CORRUPT_SHARD) if error is not None else prepare_sample(raw, tag, spec)
+                    if clip is None:  # readable and licensed when it was packed; no longer (a changed shard)
+                        batches.dropped.append(Drop(tag, reason, error or raw.get("__key__", "?")))
+                    else:
+                        clips.append(clip)
+                yield batches.assemble(clips, snapshot.pending[n + 1:])
             snapshot = ConsumerSnapshot(snapshot.stage, [], snapshot.buffer, snapshot.current)
         elif snapshot is not None:
             snapshot = snapshot.rebucketed()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,9 @@ def available_backends(device: torch.device, dtype: torch.dtype = torch.bfloat16
     return fused + (["cudnn"] if _INSTALLED["cudnn"] else []) + ["sdpa", "reference"]
 
 
-def fastest(candidates: Sequence[str], seconds: Callable[[str], float]) -> Tuple[str, Dict[str, float]]:
-    """The candidate with the least measured time, and every measurement (a candidate that fails is left out)."""
+def fastest(candidates: Sequence[str], seconds: Callable[[str], float]) -> Tuple[Optional[str], Dict[str, float]]:
+    """The candidate with the least measured time (None when every one failed), and every measurement (a
+    candidate that fails is left out)."""
     times = {}
     for name in candidates:
         try:
@@ -76,26 +77,29 @@ def fastest(candidates: Sequence[str], seconds: Callable[[str], float]) -> Tuple
         except Exception as error:  # a kernel built for another GPU, an unsupported head size
             log.warning("attention: %s failed its timing run and is not used: %s", name, error)
     if not times:
-        return candidates[-1], times
+        return None, times
     return min(times, key=times.get), times
 
 
 def _time_backend(name: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Forward and backward of one packed batch shaped like a video DiT's (two clips, 12 heads of 128)."""
-    lengths = [6144, 2048]
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(sum(lengths), 12, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    """Forward and backward of one packed batch shaped like a video DiT's (two clips, 12 heads of 128). Resolution
+    may first happen under no_grad or inference mode (generation, evaluation): the timing needs its backward."""
+    with torch.inference_mode(False), torch.enable_grad():
+        lengths = [6144, 2048]
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(sum(lengths), 12, 128, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
 
-    def once():
-        varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), name).sum().backward()
+        def once():
+            varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), name).sum().backward()
 
-    once()
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(5):
         once()
-    torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / 5
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            once()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / 5
 
 
 def resolve_backend(requested: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -110,18 +114,24 @@ def resolve_backend(requested: str, device_type: str, dtype: torch.dtype = torch
     return backend
 
 
+def pin_backend(requested: str, device_type: str, dtype: torch.dtype, backend: str) -> None:
+    """Fix what `requested` resolves to (e.g. every rank takes rank 0's measured choice)."""
+    _RESOLVED[(requested, device_type, dtype)] = backend
+
+
 def _resolve(requested: str, device_type: str, dtype: torch.dtype) -> str:
     if requested != "auto" and requested not in BACKENDS:
         raise BackendUnavailable(f"unknown attention backend {requested!r}; known: {', '.join(BACKENDS)}")
     found = available_backends(torch.device(device_type), dtype)
     if requested == "auto":
         fused = [name for name in found if name in FUSED_VARLEN]
-        chosen = found[0]
+        chosen = fused[0] if fused else "sdpa"  # cudnn (per clip, one kernel only) is never auto's pick
         if len(fused) > 1:
             device = torch.device(device_type)
             chosen, times = fastest(fused, lambda name: _time_backend(name, device, dtype))
+            chosen = chosen or "sdpa"
             log.info("attention: measured %s; auto takes %s",
-                     ", ".join(f"{name} {1000 * t:.2f} ms" for name, t in times.items()), chosen)
+                     ", ".join(f"{name} {1000 * t:.2f} ms" for name, t in times.items()) or "nothing", chosen)
         if device_type == "cuda" and chosen not in FUSED_VARLEN:
             installed = [name for name in FUSED_VARLEN if _INSTALLED[name]]
             why = (f"the fused varlen kernels ({', '.join(installed)}) take fp16/bf16 only" if installed

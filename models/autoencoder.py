@@ -49,16 +49,19 @@ class LatentNormalizer:
         return z * self.std.to(z) + self.mean.to(z)
 
 
-def encode_by_shape(encode, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """`encode` (a batch of clips of one shape -> their latents) over clips of mixed shapes: one call per shape,
-    the latents back in the clips' order."""
+def encode_by_shape(encode, videos: Sequence[torch.Tensor], most: int = 0) -> List[torch.Tensor]:
+    """`encode` (a batch of clips of one shape -> their latents) over clips of mixed shapes: one call per shape (at
+    most `most` clips a call; 0 = all of them), the latents back in the clips' order."""
     groups: Dict[tuple, List[int]] = {}
     for index, video in enumerate(videos):
         groups.setdefault(tuple(video.shape), []).append(index)
     latents: List[Optional[torch.Tensor]] = [None] * len(videos)
-    for indices in groups.values():
-        for index, latent in zip(indices, encode(torch.stack([videos[i] for i in indices]))):
-            latents[index] = latent
+    for same_shape in groups.values():
+        step = most or len(same_shape)
+        for start in range(0, len(same_shape), step):
+            indices = same_shape[start:start + step]
+            for index, latent in zip(indices, encode(torch.stack([videos[i] for i in indices]))):
+                latents[index] = latent
     return latents
 
 
@@ -83,6 +86,7 @@ class FrozenVideoAutoencoder:
     spatial_factor: int
     normalizer: LatentNormalizer
     device = torch.device("cpu")
+    clips_per_call = 0  # model.autoencoder.encode_batch
 
     def to(self, device) -> "FrozenVideoAutoencoder":
         self.device = torch.device(device)
@@ -101,7 +105,7 @@ class FrozenVideoAutoencoder:
             x = to_unit_range_batch(same_shape.to(self.device, non_blocking=True))
             return self.normalizer.normalize(self._encode(x).float())
 
-        return encode_by_shape(encode, videos)
+        return encode_by_shape(encode, videos, self.clips_per_call)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -167,12 +171,14 @@ def build_autoencoder(cfg: AutoencoderConfig):
     if cfg.name == "causal_vae":
         vae = BuiltinVAE(cfg)
         _check_declared(cfg, vae)
+        vae.clips_per_call = cfg.encode_batch
         return vae
     if cfg.name == "diffusers":
         if not cfg.path:
             raise ValueError("model.autoencoder.path must name a local diffusers autoencoder directory")
         vae = DiffusersVideoAutoencoder(cfg.path, cfg.latent_mean, cfg.latent_std)
         _check_declared(cfg, vae)
+        vae.clips_per_call = cfg.encode_batch
         return vae
     raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel, causal_vae, diffusers")
 

@@ -54,10 +54,15 @@ class AutoencoderConfig:
     latent_std: Optional[List[float]] = None
     # KL weight when the VAE itself is trained (experiment=vae_demo).
     kl_weight: float = 1.0e-6
+    # Clips of one shape the frozen autoencoder encodes per call (0 = all of them in the micro-batch). Lower it
+    # when a large VAE at high resolution runs out of memory.
+    encode_batch: int = 4
 
     def check(self) -> None:
         if self.name not in ("pixel", "causal_vae", "diffusers"):
             raise ConfigError(f"model.autoencoder.name={self.name!r}: supported: pixel, causal_vae, diffusers")
+        if self.encode_batch < 0:
+            raise ConfigError(f"model.autoencoder.encode_batch={self.encode_batch}: must be >= 0 (0 = all)")
 
 
 @dataclass

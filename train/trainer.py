@@ -18,7 +18,7 @@ from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import connect_coordinator
 from data.loader import LoaderSpec, dataset_rows, make_loader
-from models.attention import resolve_backend
+from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
 from models.dit import parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
@@ -90,7 +90,12 @@ class Trainer:
     def build_model(self) -> torch.nn.Module:
         cfg, device = self.cfg, self.env.device
         # A forced attention kernel that cannot run this device and precision fails now, not at step 1.
-        resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
+        backend = resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
+        if cfg.model.attention_backend == "auto" and dist.is_initialized() and self.env.world_size > 1:
+            # A measured choice can differ between ranks (timing noise): every rank takes rank 0's.
+            choice = [backend]
+            dist.broadcast_object_list(choice, src=0)
+            pin_backend("auto", device.type, compute_dtype(cfg), choice[0])
         self.autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
         self.text = on_device(text_conditioner(cfg.model), device)
         model = build_model(cfg)

@@ -235,6 +235,27 @@ def test_resuming_from_a_checkpoint_replays_exactly_what_the_straight_run_reads(
     assert first + second == straight
 
 
+def test_a_replayed_pending_batch_carries_the_consumers_buffer_and_chunk_in_its_snapshot(tiny_dataset):
+    """Batches the packer closed together are kept as `pending` by a checkpoint taken after the first. Resumed,
+    they come out first; the snapshot of each must still hold the consumer's buffer and open chunk, or a
+    checkpoint right after one loses those samples (it once held neither)."""
+    _, checkpoint = run_ranks(tiny_dataset, 2, world_size=1)
+    saved = checkpoint["loaders"]["rank0-worker0"]
+    assert len(saved["buffer"]) >= 2 and saved["current"] is not None
+    # The first buffered sample as a closed batch not yet handed out; the rest still buffered.
+    state = dict(saved, pending=[saved["buffer"][:1]], buffer=saved["buffer"][1:])
+    coordinator = CoordinatorClient(CoordinatorCore(dataset_rows(tiny_dataset), seed=0))
+    coordinator.restore(checkpoint["data"], 1)
+    spec = LoaderSpec(root=str(tiny_dataset), policy=POLICY,
+                      shapes=bucket_shapes([32], [1.0, 1.78, 0.56], [4, 8], multiple=4), token_budget=1600,
+                      patch_size=(1, 4, 4), temporal_factor=1, spatial_factor=1, fps=8.0, seed=0,
+                      coordinator=coordinator, resume={"rank0-worker0": ConsumerSnapshot.from_dict(state)})
+    replayed = next(iter(ClipStream(spec)))
+    assert [list(t) + [s] for t, s in zip(replayed.tags, replayed.shards)] == state["pending"][0]
+    after = replayed.snapshot.to_dict()
+    assert after["pending"] == [] and after["buffer"] == state["buffer"] and after["current"] == state["current"]
+
+
 def test_a_stages_image_fraction_trains_that_share_of_samples_as_single_frames(demo_like_dataset):
     shapes = bucket_shapes([32], [1.0, 1.78, 0.56], [1, 8], multiple=4)
 

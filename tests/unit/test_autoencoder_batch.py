@@ -23,6 +23,9 @@ def test_the_builtin_vae_encodes_by_shape_as_it_encodes_each_clip_alone():
     videos = clips()
     batched = vae.encode_batch(videos)
     assert calls == [2, 2, 1]  # three shapes: one call each, the repeated shapes together
+    calls.clear()
+    vae.clips_per_call = 1  # model.autoencoder.encode_batch=1: one clip a call, the same latents
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(vae.encode_batch(videos), batched)) and calls == [1] * 5
     for video, latent in zip(videos, batched):
         alone = vae.encode(video)
         assert latent.shape == alone.shape and torch.allclose(latent, alone, atol=1e-5)

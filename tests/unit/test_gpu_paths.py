@@ -71,6 +71,15 @@ def test_a_kernel_that_fails_its_timing_run_is_left_out():
 
     chosen, times = attention.fastest(["flash_attn3", "flash_attn", "torch_varlen"], seconds)
     assert chosen == "torch_varlen" and set(times) == {"flash_attn", "torch_varlen"}
+    assert attention.fastest(["flash_attn3"], seconds) == (None, {})  # nothing ran: the caller falls back
+
+
+def test_without_a_fused_kernel_auto_takes_sdpa_never_the_cudnn_comparison_backend(fused_kernels_installed,
+                                                                                 monkeypatch):
+    monkeypatch.setitem(attention._INSTALLED, "torch_varlen", False)
+    monkeypatch.setitem(attention._INSTALLED, "cudnn", True)
+    assert attention.available_backends(torch.device("cuda"), torch.bfloat16)[0] == "cudnn"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16) == "sdpa"
 
 
 def test_flash_attention_3_is_offered_on_hopper_only(fused_kernels_installed, monkeypatch):
