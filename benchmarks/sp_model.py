@@ -102,6 +102,30 @@ def table_weak_scaling(model: str = "7B", tokens_per_gpu: int = 40_000, sequence
     return "\n".join(lines)
 
 
+def table_fits(tokens_list=(864_000, 1_300_000), degrees=(8, 16, 32), gib: float = 80.0) -> str:
+    """train.memory's estimate per GPU for one minute-long clip per sequence-parallel group: ZeRO-3 over the group,
+    bf16, activation checkpointing on (one group: the world size is N)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conf.schema import load_config
+    from train.memory import estimate
+
+    lines = ["| model | tokens per clip | " + " | ".join(f"N={n}" for n in degrees) + " |",
+             "|---|---|" + "---|" * len(degrees)]
+    for name in MODELS:
+        cfg = load_config([f"model={name}", "curriculum=t2v_3stage", "zero.stage=3", "zero.precision=bf16",
+                           "model.activation_checkpointing=true"])
+        for tokens in tokens_list:
+            cells = []
+            for n in degrees:
+                total = estimate(cfg, world_size=n, token_budget=tokens, sequence=n).total / 2 ** 30
+                cells.append(f"{total:.0f} GiB {'fits' if total <= 0.9 * gib else 'does not fit'}")
+            lines.append(f"| {name} | {tokens:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     print("### All-to-all volume against attention FLOPs\n")
     print(table_volume())
@@ -109,6 +133,8 @@ def main() -> None:
     print(table_efficiency())
     print("\n### Which degrees Ulysses can take\n")
     print(table_heads())
+    print("\n### What fits on 80 GB GPUs (train.memory)\n")
+    print(table_fits())
     print("\n### Weak scaling on paper: 7B, 40k tokens per GPU, SP = 8 within a node, ZeRO-2 across nodes\n")
     print(table_weak_scaling())
 

@@ -52,7 +52,11 @@ def trainable_parameters(model_cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None) -> MemoryEstimate:
+def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None,
+             sequence: int = 1) -> MemoryEstimate:
+    """`sequence`: the sequence-parallel degree N (docs/scaling.md). The N ranks of a group share one micro-batch
+    of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model states over all ranks.
+    Ulysses adds one block's transient all-to-all buffers (q, k, v and the output: 4 x tokens/N x d values)."""
     stage = cfg.zero.stage
     n = max(1, world_size)
     psi = trainable_parameters(cfg.model)
@@ -68,7 +72,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     value_bytes = 2 if bf16 else 4
     buffers = (cfg.zero.reduce_bucket_size + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
     buffers = min(buffers, 2 * psi * value_bytes)  # buckets never exceed the model
-    tokens = token_budget or max(s.token_budget for s in cfg.curriculum.stages)
+    if sequence < 1 or world_size % sequence:
+        raise ValueError(f"a sequence-parallel degree of {sequence} must divide the world size {world_size}")
+    tokens = (token_budget or max(s.token_budget for s in cfg.curriculum.stages)) / sequence  # per rank
     m = cfg.model
     text = text_tokens if text_tokens is not None else m.text.max_tokens
     per_block = ACTIVATION_VALUES_PER_TOKEN * m.dim * tokens
@@ -76,7 +82,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     recompute = per_block if m.activation_checkpointing else 0  # one block rebuilt during backward
     outside = OUTSIDE_BLOCKS_VALUES_PER_TOKEN * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
     saved = (saved_blocks + outside) * value_bytes
-    return MemoryEstimate(parameters, gradients, optimizer, buffers, saved + recompute * value_bytes, saved)
+    all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
+    return MemoryEstimate(parameters, gradients, optimizer, buffers,
+                          saved + (recompute + all_to_all) * value_bytes, saved)
 
 
 def main(argv: List[str] = None) -> int:
@@ -85,14 +93,17 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)} or GiB as a number")
     parser.add_argument("--tokens", type=int, default=None, help="micro-batch tokens (default: largest stage budget)")
+    parser.add_argument("--sequence", type=int, default=1,
+                        help="sequence-parallel degree: N ranks share each micro-batch (docs/scaling.md)")
     args = parser.parse_args(argv)
     from conf.schema import load_config
 
     cfg = load_config(args.overrides)
     gib = float(GPU_MEMORY_GIB.get(args.gpu, args.gpu))
-    result = estimate(cfg, args.world_size, args.tokens)
+    result = estimate(cfg, args.world_size, args.tokens, sequence=args.sequence)
     print(f"model {cfg.model.name}: {trainable_parameters(cfg.model) / 1e9:.2f}B trainable parameters; "
-          f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs, "
+          f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs"
+          f"{f' in sequence-parallel groups of {args.sequence}' if args.sequence > 1 else ''}, "
           f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}")
     for name in ("parameters", "gradients", "optimizer", "buffers", "activations"):
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB")

@@ -64,3 +64,21 @@ def test_the_command_says_when_a_run_does_not_fit(capsys):
     assert main(["model=7B", "curriculum=t2v_3stage", "zero.stage=0", "--world-size", "1", "--gpu", "H100"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
     assert main(["model=1B", "curriculum=t2v_3stage", "zero.precision=bf16", "zero.stage=2", "--world-size", "8"]) == 0
+
+
+def test_sequence_parallelism_divides_the_activations_not_the_states():
+    """N ranks sharing a micro-batch each hold 1/N of its tokens (plus one block's all-to-all buffers); ZeRO's
+    shards of the model states depend on the world size alone."""
+    import pytest
+
+    cfg = load_config(["model=7B", "curriculum=t2v_3stage", "zero.precision=bf16", "zero.stage=3"])
+    alone = estimate(cfg, world_size=8, token_budget=400_000)
+    shared = estimate(cfg, world_size=8, token_budget=400_000, sequence=8)
+    assert (shared.parameters, shared.gradients, shared.optimizer) == (alone.parameters, alone.gradients,
+                                                                       alone.optimizer)
+    assert shared.saved_activations == pytest.approx(alone.saved_activations / 8, rel=0.01)
+    buffers = 4 * cfg.model.dim * 400_000 / 8 * 2
+    assert shared.activations - shared.saved_activations == pytest.approx(
+        (alone.activations - alone.saved_activations) / 8 + buffers)
+    with pytest.raises(ValueError, match="divide the world size"):
+        estimate(cfg, world_size=12, sequence=8)
