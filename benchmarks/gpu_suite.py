@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -100,7 +100,7 @@ def model_step(size: Dict, tokens: int, text_path: Path, device, *, modulation: 
         def forward():
             return network(hidden_states=hidden, timestep=timestep * 1000, encoder_hidden_states=context,
                            return_dict=False)[0]
-        del kino
+        kino = None  # only its FLOP count was needed
     else:
         network, blocks = kino, None
 
@@ -126,10 +126,7 @@ def model_step(size: Dict, tokens: int, text_path: Path, device, *, modulation: 
     row.update(params=sum(p.numel() for p in network.parameters()), step_s=seconds, tokens_per_s=exact_tokens / seconds,
                mfu=flops / (seconds * peak) if peak else None,
                peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
-    del network, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+    return row  # its model and optimizer are freed on return; `guarded` then empties the CUDA cache
 
 
 # -- (c) and (d): the trainer's real step --------------------------------------------------------------------------
@@ -203,15 +200,17 @@ def markdown(report: Dict) -> str:
 
 
 def guarded(function, *args, **kwargs) -> Dict:
-    """One failed measurement is reported in its row; the others still run."""
+    """One failed measurement is reported in its row; the others still run. The GPU's cache is emptied after each,
+    so one measurement's memory does not count against the next."""
     try:
         return function(*args, **kwargs)
     except Exception as error:  # an OOM or a missing kernel on one configuration
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
                 "model": kwargs.get("modulation", "?"), "tokens": args[1] if len(args) > 1 else 0,
                 "attention": kwargs.get("backend", "?"), "compiled": kwargs.get("compiled", "?")}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def plan(rehearse: bool) -> Dict:

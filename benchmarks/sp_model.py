@@ -87,8 +87,8 @@ def table_weak_scaling(model: str = "7B", tokens_per_gpu: int = 40_000, sequence
     block = per_block(dim, tokens, sequence_ranks)
     compute = depth * (block["attention"] + block["matmul"]) / (H100_BF16 * MFU)
     sequence = depth * block["all_to_all"] / (NVLINK * ALL_TO_ALL_EFFICIENCY)
-    lines = [f"| GPUs | data-parallel groups | step s | of which exposed gradient sync | tokens/s (all GPUs) | "
-             f"efficiency vs 8 GPUs |", "|---|---|---|---|---|---|"]
+    lines = ["| GPUs | data-parallel groups | step s | of which exposed gradient sync | tokens/s (all GPUs) | "
+             "efficiency vs 8 GPUs |", "|---|---|---|---|---|---|"]
     base = None
     for gpus in (8, 16, 32, 64, 128, 256, 512, 1024):
         groups = gpus // sequence_ranks
