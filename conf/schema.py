@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -25,7 +25,7 @@ from conf.errors import ConfigError
 from data.config import DataConfig
 from launch.config import LauncherConfig
 from models.config import ModelConfig
-from train.config import CurriculumConfig, OptimConfig, TrackingConfig, TrainConfig, ZeroConfig
+from train.config import CurriculumConfig, OptimConfig, ParallelConfig, TrackingConfig, TrainConfig, ZeroConfig
 
 __all__ = ["ConfigError", "KinoConfig", "load_config", "validate", "to_yaml", "from_yaml", "flatten",
            "trajectory_hash", "changed_trajectory_keys", "is_resumable_key"]
@@ -38,6 +38,7 @@ class KinoConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -51,12 +52,14 @@ class KinoConfig:
         return self.train.run_dir or f"runs/{self.train.experiment}"
 
 
-def validate(cfg: KinoConfig) -> None:
-    """Reject configurations that cannot run, naming the key at fault."""
+def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
+    """Reject configurations that cannot run, naming the key at fault. `world_size`: the processes this run has
+    (torchrun's WORLD_SIZE in `python -m train`); None = the launcher section's nodes x processes per node."""
     cfg.model.check()
     cfg.data.check()
     cfg.optim.check()
     cfg.zero.check()
+    cfg.parallel.check()
     cfg.tracking.check()
     cfg.train.check()
     cfg.curriculum.check(cfg.model)  # bucket shapes must fit the model's patches and autoencoder
@@ -66,15 +69,38 @@ def validate(cfg: KinoConfig) -> None:
         raise ConfigError("train.method=vae trains the built-in VAE: set model.autoencoder.name=causal_vae")
     if cfg.train.method == "vae" and not cfg.data.validation_root:
         raise ConfigError("train.method=vae needs data.validation_root: its samples reconstruct held-out clips")
+    if cfg.train.method != "dit" and (cfg.model.mlp_chunks > 1 or cfg.model.loss_chunks > 1):
+        raise ConfigError(f"model.mlp_chunks and model.loss_chunks tile the DiT; train.method={cfg.train.method} "
+                          f"has none (set them to 1)")
+    if world_size is None:
+        world_size = cfg.launcher.nodes * cfg.launcher.processes_per_node()
+    check_sequence_parallel(cfg, world_size)
     if cfg.tracking.eval_clips and not cfg.data.validation_root:
         raise ConfigError("tracking.eval_clips needs data.validation_root (a held-out split)")
+
+
+def check_sequence_parallel(cfg: KinoConfig, world_size: int) -> None:
+    """parallel.sequence against the model and the world size (the launcher's, or torchrun's at start-up)."""
+    degree = cfg.parallel.sequence
+    if degree == 1:
+        return
+    if cfg.train.method != "dit":
+        raise ConfigError(f"parallel.sequence={degree}: sequence parallelism splits the DiT; "
+                          f"train.method={cfg.train.method} trains without it (set parallel.sequence=1)")
+    if cfg.model.heads % degree:
+        raise ConfigError(f"parallel.sequence={degree} does not divide model.heads={cfg.model.heads}: Ulysses gives "
+                          f"each rank of a group whole heads. Use a degree that divides the heads (ring attention "
+                          f"or USP, which would lift this, is not built: docs/scaling.md)")
+    if world_size % degree:
+        raise ConfigError(f"parallel.sequence={degree} does not divide the world size {world_size} "
+                          f"(launcher.nodes x processes per node): every rank belongs to one group of {degree}")
 
 
 def _register() -> None:
     ConfigStore.instance().store(name="kino_schema", node=KinoConfig)
 
 
-def load_config(overrides: List[str], check: bool = True) -> KinoConfig:
+def load_config(overrides: List[str], check: bool = True, world_size: Optional[int] = None) -> KinoConfig:
     """Compose conf/config.yaml with command-line overrides into a KinoConfig, validated unless check=False
     (for tools that read one section only, e.g. `python -m models`)."""
     _register()
@@ -86,7 +112,7 @@ def load_config(overrides: List[str], check: bool = True) -> KinoConfig:
         raise ConfigError(f"invalid configuration: {error}") from error
     cfg: KinoConfig = OmegaConf.to_object(composed)
     if check:
-        validate(cfg)
+        validate(cfg, world_size)
     return cfg
 
 
@@ -133,7 +159,8 @@ RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
     "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
-    "model.attention_backend", "model.activation_checkpointing", "model.compile", "launcher",
+    "model.attention_backend", "model.activation_checkpointing", "model.compile", "model.mlp_chunks",
+    "model.loss_chunks", "parallel", "launcher",
 )
 
 

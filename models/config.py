@@ -85,6 +85,11 @@ class ModelConfig:
     attention_backend: str = "auto"
     # Recompute each block in backward (applied from outside the model, by train/parallelize.py).
     activation_checkpointing: bool = False
+    # Tiling (ALST's, applied by train/parallelize.py): run each MLP, and the output head whose result the loss
+    # reads, over this many chunks of the tokens, each recomputed in backward, so their (tokens x 4 dim) and
+    # (tokens x dim) activations never exist whole. For long sequences, where activations dominate. 1 = off.
+    mlp_chunks: int = 1
+    loss_chunks: int = 1
     # adaLN modulation. per_block: each block projects the conditioning vector itself (6 d^2 parameters and FLOPs
     # per clip a block: more expressive). shared: one projection for the whole model, each block adding learned
     # offsets (6 d parameters a block), as Wan does: at 1B dims (1536 x 24) it saves 340M parameters.
@@ -108,6 +113,9 @@ class ModelConfig:
             raise ConfigError(f"model.position_embedding={self.position_embedding!r}: supported: fractional, none")
         if self.modulation not in ("per_block", "shared"):
             raise ConfigError(f"model.modulation={self.modulation!r}: supported: per_block, shared")
+        if self.mlp_chunks < 1 or self.loss_chunks < 1:
+            raise ConfigError(f"model.mlp_chunks={self.mlp_chunks} and model.loss_chunks={self.loss_chunks} "
+                              f"must be >= 1 (1 = not tiled)")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r} is not a known backend")
         self.text.check()

@@ -86,6 +86,15 @@ def block_modulation(block: nn.Module, cond: torch.Tensor) -> List[torch.Tensor]
     return block.ada(nn.functional.silu(cond)).chunk(block.modulation_chunks, dim=-1)
 
 
+class WholeSequence(nn.Module):
+    """Which tokens of the packed sequence this forward computes: all of them. Every per-token tensor passes
+    through it before the blocks. Sequence parallelism (train/sequence_parallel.py) stands a module in its place
+    that keeps only this rank's contiguous share, so the model itself never knows it is split."""
+
+    def forward(self, per_token: torch.Tensor) -> torch.Tensor:
+        return per_token
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, context_dim: int):
         super().__init__()
@@ -113,7 +122,7 @@ class JointBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, last: bool = False):
         super().__init__()
         d = cfg.dim
-        self.backend = cfg.attention_backend
+        self.core = JointAttentionCore(cfg.attention_backend)
         # The last block's caption tokens are never read again: that stream only supplies keys and values.
         self.streams = nn.ModuleDict({"video": _Stream(d, cfg), "text": _Stream(d, cfg, attend_only=last)})
 
@@ -123,7 +132,21 @@ class JointBlock(nn.Module):
         qv, kv, vv = video.qkv(x, mv)
         qt, kt, vt = txt.qkv(text, mt)
         qv, kv = apply_rotary(qv, *rope), apply_rotary(kv, *rope)  # positions only for video tokens
-        order = joint_order
+        attended_video, attended_text = self.core(qv, kv, vv, qt, kt, vt, cu, text_cu, max_len, text_max, joint_order)
+        text = text if txt.attend_only else txt.finish(text, attended_text, mt)
+        return video.finish(x, attended_video, mv), text
+
+
+class JointAttentionCore(nn.Module):
+    """Joint attention itself, with no parameters (see AttentionCore): video and caption queries, keys and values
+    (tokens, heads, head_dim) in, laid out clip by clip as [its caption; its video] by `order` (`joint_order`),
+    attended, and handed back as (video, caption) outputs."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, qv, kv, vv, qt, kt, vt, cu, text_cu, max_len: int, text_max: int, order):
         q, k, v = (torch.cat([t_, v_])[order] for t_, v_ in ((qt, qv), (kt, kv), (vt, vv)))
         joint_cu = cu + text_cu
         # An upper bound of the longest joint sequence, known on the host (the kernels size their grid by it).
@@ -131,9 +154,8 @@ class JointBlock(nn.Module):
         out = varlen_attention(q, k, v, joint_cu, joint_cu, joint_max, joint_max, self.backend)
         unjoined = torch.empty_like(out)
         unjoined[order] = out  # back to [all text tokens; all video tokens]
-        n_text = text.shape[0]
-        text = text if txt.attend_only else txt.finish(text, unjoined[:n_text], mt)
-        return video.finish(x, unjoined[n_text:], mv), text
+        n_text = qt.shape[0]
+        return unjoined[n_text:], unjoined[:n_text]
 
 
 def joint_order(video_lengths: Sequence[int], text_lengths: Sequence[int]) -> torch.Tensor:
@@ -170,7 +192,7 @@ class _Stream(nn.Module):
             x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         return self.q_norm(q), self.k_norm(k), v
 
-    def finish(self, x, attended, mod):
+    def finish(self, x, attended, mod):  # attended: (tokens, heads, head_dim)
         _, _, gate1, shift2, scale2, gate2 = mod
         x = x + gate1 * self.out(attended.reshape(x.shape[0], -1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -203,6 +225,7 @@ class VideoDiT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, patch_dim)
+        self.sequence = WholeSequence()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -250,25 +273,27 @@ class VideoDiT(nn.Module):
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 text_batch: TextBatch) -> torch.Tensor:
-        """Velocity prediction for each clip, packed as patch tokens (same layout as `patchify`)."""
+        """Velocity prediction for each clip, packed as patch tokens (same layout as `patchify`): for the tokens
+        `self.sequence` keeps (all of them, unless sequence parallelism split them)."""
         grids = [self.grid(x.shape) for x in latents]
         lengths = [g[0] * g[1] * g[2] for g in grids]
         device = timesteps.device
-        x = self.patch_embed(self.patchify(latents))
+        local = self.sequence  # every per-token tensor goes through it; per-clip ones and `cu` stay whole
+        x = self.patch_embed(local(self.patchify(latents)))
         if self.position_embed is not None:
             features = torch.cat([_fractional_features(tuple(g), POSITION_FREQUENCIES) for g in grids])
-            x = x + self.position_embed(to_device(features, x.device).to(x.dtype))
+            x = x + self.position_embed(local(to_device(features, x.device).to(x.dtype)))
         cu = cu_seqlens_from_lengths(lengths, device)
         lengths_t = to_device(torch.tensor(lengths), device)
         clips = torch.arange(len(lengths), device=device)
-        segments = torch.repeat_interleave(clips, lengths_t, output_size=x.shape[0])  # each token's clip
+        segments = local(torch.repeat_interleave(clips, lengths_t, output_size=sum(lengths)))  # each token's clip
         text_segments = torch.repeat_interleave(clips, torch.diff(text_batch.cu_seqlens), output_size=text.shape[0])
         pooled = torch.stack([t.mean(0) for t in torch.split(text, text_batch.lengths)])
         cond = self.time_embed(timestep_embedding(timesteps, 256).to(x.dtype)) + self.text_pool(pooled)
         block_cond = cond if self.shared_modulation is None else \
             self.shared_modulation(nn.functional.silu(cond)).unflatten(-1, (6, -1))
-        rope = rope_3d(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
-        rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        cos, sin = rope_3d(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
+        rope = (local(cos.to(x.dtype)), local(sin.to(x.dtype)))
         order = to_device(joint_order(lengths, text_batch.lengths), device) if self.joint else None
         if self.joint:
             text = self.text_in(text)
@@ -277,6 +302,11 @@ class VideoDiT(nn.Module):
                     text_batch.max_len, order)
             out = block(*args)
             x, text = out if self.joint else (out, text)
+        return self.output(x, cond, segments)
+
+    def output(self, x: torch.Tensor, cond: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The output head, token by token: (tokens, dim) -> (tokens, patch_dim). Its own method so that tiling
+        (model.loss_chunks, train/parallelize.py) can run it over chunks of the tokens."""
         shift, scale = (per_token(m, segments) for m in self.final_ada(nn.functional.silu(cond)).chunk(2, dim=-1))
         return self.final(modulate(self.final_norm(x), shift, scale))
 

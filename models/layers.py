@@ -38,12 +38,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class AttentionCore(nn.Module):
+    """The attention call itself, (tokens, heads, head_dim) in and out, with no parameters: a module of its own so
+    that what is applied from outside (sequence parallelism, train/sequence_parallel.py) can stand in its place."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int) -> torch.Tensor:
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, self.backend)
+
+
 class Attention(nn.Module):
     """Multi-head attention over packed sequences: self-attention, or cross-attention when given a context."""
 
     def __init__(self, dim: int, heads: int, context_dim: int = None, qk_norm: bool = True, backend: str = "auto"):
         super().__init__()
-        self.heads, self.head_dim, self.backend = heads, dim // heads, backend
+        self.heads, self.head_dim = heads, dim // heads
+        self.core = AttentionCore(backend)
         self.cross = context_dim is not None
         if self.cross:
             self.q = nn.Linear(dim, dim)
@@ -65,7 +78,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k, self.backend)
+        out = self.core(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k)
         return self.out(out.reshape(n, -1))
 
 

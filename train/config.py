@@ -123,6 +123,18 @@ class ZeroConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Ulysses sequence parallelism (train/sequence_parallel.py, docs/scaling.md): groups of N ranks share each
+    # micro-batch, each computing 1/N of its tokens. N divides the world size and model.heads; data parallelism
+    # runs over the world / N groups, and a stage's token_budget is then a group's.
+    sequence: int = 1
+
+    def check(self) -> None:
+        if self.sequence < 1:
+            raise ConfigError(f"parallel.sequence={self.sequence}: must be >= 1")
+
+
+@dataclass
 class TrackingConfig:
     # offline (default: no account needed) | online | disabled
     mode: str = "offline"

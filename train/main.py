@@ -31,7 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
     try:
-        cfg = load_config(overrides)
+        # torchrun's world, or a plain `python -m train`'s world of one
+        cfg = load_config(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         print(f"kino: {error}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """Everything applied to a built model that is not its math, in one place and one fixed order:
 
-1. activation checkpointing of the repeated blocks (`model.activation_checkpointing`);
-2. regional compile: each repeated block compiled in place (`model.compile`; by default on with CUDA). Blocks
+1. sequence parallelism (`parallel.sequence`, train/sequence_parallel.py): the DiT's per-token tensors and
+   attention split over a group of ranks;
+2. tiling (`model.mlp_chunks`, `model.loss_chunks`): each MLP and the output head over chunks of the tokens;
+3. activation checkpointing of the repeated blocks (`model.activation_checkpointing`);
+4. regional compile: each repeated block compiled in place (`model.compile`; by default on with CUDA). Blocks
    of one shape share the compiled code, so compiling costs one block's time, not the model's;
-3. sequence parallelism (issue 13 adds it here);
-4. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
+5. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
 
 Model code has no switch for any of them. Each step keeps parameter names as they are, so checkpoints
 load whichever of them a run turns on or off.
@@ -12,15 +14,17 @@ load whichever of them a run turns on or off.
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.dit import DiTBlock, JointBlock
+from models.layers import MLP
 from conf.schema import KinoConfig
 from train.engine import DistEnv, build_engine, compute_dtype
+from train.sequence_parallel import SequenceLayout, SequenceSplit, apply_sequence_parallel
 
 # The units activation checkpointing (and later compile) apply to: a transformer's repeated blocks.
 REPEATED_BLOCKS = (DiTBlock, JointBlock)
@@ -46,6 +50,33 @@ def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def apply_tiling(model: nn.Module, mlp_chunks: int, loss_chunks: int) -> None:
+    """ALST's tiling for a DiT: each MLP of the repeated blocks, and the DiT's output head (the last activations
+    before the loss), run over chunks of the tokens, each chunk checkpointed, so backward recomputes one chunk's
+    (tokens x 4 dim) or (tokens x dim) activations at a time. Forwards are replaced on the instances: no
+    parameter name changes."""
+    if mlp_chunks > 1:
+        for block in repeated_blocks(model):
+            for mlp in (m for m in block.modules() if isinstance(m, MLP)):
+                mlp.forward = functools.partial(_tiled, mlp.forward, mlp_chunks)
+    if loss_chunks > 1:
+        dit = model.dit
+        dit.output = functools.partial(_tiled_output, dit.output, loss_chunks)
+
+
+def _tiled(forward, chunks: int, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return torch.cat([forward(part) for part in x.tensor_split(chunks)])
+    return torch.cat([checkpoint(forward, part, use_reentrant=False) for part in x.tensor_split(chunks)])
+
+
+def _tiled_output(output, chunks: int, x: torch.Tensor, cond: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    parts = zip(x.tensor_split(chunks), segments.tensor_split(chunks))
+    if not torch.is_grad_enabled():
+        return torch.cat([output(xs, cond, ss) for xs, ss in parts])
+    return torch.cat([checkpoint(output, xs, cond, ss, use_reentrant=False) for xs, ss in parts])
+
+
 def compile_wanted(cfg: KinoConfig, device_type: str) -> bool:
     """`model.compile`, or by default: on with CUDA when attention runs a fused varlen kernel (bf16 runs). The
     per-clip SDPA fallback (fp32 on CUDA, the CPU) reads clip lengths on the host, which breaks the compiled graph
@@ -67,10 +98,16 @@ def apply_compile(model: nn.Module) -> int:
     return len(blocks)
 
 
-def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, load_universal: bool = False):
-    """Apply the steps above to `model` (on its device already) and return the DeepSpeed engine."""
+def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, layout: Optional[SequenceLayout] = None,
+                load_universal: bool = False):
+    """Apply the steps above to `model` (on its device already). Returns the DeepSpeed engine and, under
+    sequence parallelism, the split the trainer cuts its targets with (else None)."""
+    split: Optional[SequenceSplit] = None
+    if layout is not None and layout.parallel:
+        split = apply_sequence_parallel(model, layout)
+    apply_tiling(model, cfg.model.mlp_chunks, cfg.model.loss_chunks)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_wanted(cfg, env.device.type):
         apply_compile(model)
-    return build_engine(model, cfg, env, load_universal=load_universal)
+    return build_engine(model, cfg, env, load_universal=load_universal), split

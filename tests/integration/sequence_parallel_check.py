@@ -1,0 +1,145 @@
+"""Run under torchrun (gloo, CPU): does a sequence-parallel forward and backward reproduce one process's?
+
+Every rank builds the same tiny model. The reference is one process's plain forward and backward of each group's
+packed micro-batch (clips of mixed shapes, the first longer than a rank's share), averaged over the groups as data
+parallelism does. The sequence-parallel run splits each micro-batch over its group, with the trainer's own loss
+(`sequence_loss`), and averages gradients over all ranks: by hand, or by DeepSpeed's ZeRO-3 engine. Rank 0 writes
+the worst relative differences of the loss and of every parameter gradient to the JSON file named by argv[1].
+
+    torchrun --nproc_per_node=4 tests/integration/sequence_parallel_check.py out.json 2
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from conf.schema import load_config  # noqa: E402
+from models.dit import TextToVideoModel, text_conditioner  # noqa: E402
+from train.engine import deepspeed_config, init_distributed  # noqa: E402
+from train.sequence_parallel import (SequenceSplit, apply_sequence_parallel, per_clip_loss,  # noqa: E402
+                                     sequence_layout, sequence_loss)
+
+OWN_HEADS = SequenceSplit.own_heads
+
+# (channels, frames, height, width) with patches [1, 4, 4]: 64, 16 and 4 tokens. With 2 ranks a share is 42
+# tokens, with 4 it is 21: the first clip straddles two or three ranks.
+SHAPES = [(3, 4, 16, 16), (3, 2, 8, 16), (3, 1, 8, 8)]
+CAPTIONS = ["a red circle moving right", "a blue square", "green"]
+
+
+def config(conditioning: str, degree: int):
+    return load_config(["model.dim=64", "model.depth=2", "model.heads=4", "model.text.dim=32", "model.text.depth=1",
+                        "model.text.heads=2", f"model.conditioning={conditioning}", "model.attention_backend=reference",
+                        f"parallel.sequence={degree}", "launcher.procs_per_node=4", "launcher.gpus_per_node=0"])
+
+
+def micro_batch(group: int, model: TextToVideoModel, cfg):
+    """A group's packed micro-batch: noisy latents, timesteps, captions and the velocity target."""
+    generator = torch.Generator().manual_seed(100 + group)
+    latents = [torch.randn(shape, generator=generator) for shape in SHAPES]
+    targets = [torch.randn(shape, generator=generator) for shape in SHAPES]
+    t = torch.rand(len(SHAPES), generator=generator)
+    text = text_conditioner(cfg.model).batch(CAPTIONS[group % 2:] + CAPTIONS[:group % 2])
+    return latents, t, text, model.dit.patchify(targets)
+
+
+def reference(model, cfg, groups: int):
+    """One process: each group's micro-batch in turn, the mean loss of each, gradients averaged over groups."""
+    model.zero_grad()
+    losses, per_clip = [], []
+    for group in range(groups):
+        latents, t, text, target = micro_batch(group, model, cfg)
+        squared = (model(latents, t, text) - target).pow(2).mean(-1)
+        (squared.mean() / groups).backward()
+        losses.append(squared.mean().item())
+        per_clip.append(per_clip_loss(squared.detach(), _tokens(model), None))
+    return losses, per_clip, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _tokens(model):
+    return [gt * gh * gw for gt, gh, gw in (model.dit.grid(s) for s in SHAPES)]
+
+
+def sequence_parallel(model, cfg, layout, engine=None):
+    """This rank's share of its group's micro-batch; returns the group's loss, per-clip losses and full gradients."""
+    split = apply_sequence_parallel(model, layout)
+    latents, t, text, target = micro_batch(layout.data_rank, model, cfg)
+    run = engine if engine is not None else model
+    squared = (run(latents, t, text) - split.local(target)).pow(2).mean(-1)
+    tokens = _tokens(model)
+    loss = sequence_loss(squared, sum(tokens), layout.degree)
+    if engine is not None:
+        engine.backward(loss)
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {name: safe_get_full_grad(p).clone() for name, p in model.named_parameters()}
+    else:
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # DeepSpeed's data-parallel average over every rank
+            grads[name] = grad / layout.world_size
+    group_loss = squared.detach().sum().reshape(1)
+    dist.all_reduce(group_loss, group=layout.group)
+    return (group_loss / sum(tokens)).item(), per_clip_loss(squared.detach(), tokens, split), grads
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def main() -> None:
+    out, degree = Path(sys.argv[1]), int(sys.argv[2])
+    env = init_distributed()
+    layout = sequence_layout(degree, env.rank, env.world_size)
+    results = {}
+    for conditioning in ("cross_attention", "joint"):
+        cfg = config(conditioning, degree)
+        torch.manual_seed(0)
+        base = TextToVideoModel(cfg.model)
+        with torch.no_grad():  # off adaLN-Zero's start, where most gradients are exactly zero
+            for p in base.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        losses, per_clip, grads = reference(copy.deepcopy(base), cfg, layout.data_world)
+        results[f"{conditioning}-zero-gradients"] = sorted(k for k, g in grads.items() if not g.abs().max() > 0)
+        for zero in (None, 3, "wrong heads"):
+            model = copy.deepcopy(base)
+            engine = None
+            if zero == "wrong heads":  # golden: every rank reads the caption's first heads; the check must see it
+                SequenceSplit.own_heads = lambda self, x: x[:, :x.shape[1] // self.layout.degree]
+            elif zero is not None:
+                import deepspeed
+
+                cfg.zero.stage = zero
+                engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                  config=deepspeed_config(cfg, env.world_size, "cpu"))
+            loss, clips, sp_grads = sequence_parallel(model, cfg, layout, engine)
+            SequenceSplit.own_heads = OWN_HEADS
+            name = f"{conditioning}-{({None: 'plain', 3: 'zero3'}).get(zero, 'golden-wrong-heads')}"
+            results[name] = {
+                "loss": abs(loss - losses[layout.data_rank]) / abs(losses[layout.data_rank]),
+                "per_clip": relative(clips, per_clip[layout.data_rank]),
+                "grad": max(relative(sp_grads[k], grads[k]) for k in grads),
+                "worst_parameter": max(grads, key=lambda k: relative(sp_grads[k], grads[k])),
+                "parameters": len(grads), "missing": sorted(set(grads) - set(sp_grads)),
+            }
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, results)
+    if env.rank == 0:
+        out.write_text(json.dumps({"world_size": env.world_size, "degree": degree, "ranks": gathered}, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

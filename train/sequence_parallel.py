@@ -1,0 +1,316 @@
+"""Ulysses sequence parallelism over packed sequences of clips of mixed shapes (`parallel.sequence=N`).
+
+The world is split into groups of N consecutive ranks; data parallelism runs over the groups. The N ranks of a
+group share one packed micro-batch and each computes a contiguous 1/N of its tokens (`shares`), so a clip may
+straddle ranks. Every per-token tensor of the DiT (patches, position features, each token's clip, RoPE angles)
+passes through the model's `sequence` module: `SequenceShare` stands in for it and keeps this rank's share, so
+per-token modulation and RoPE stay those of each token's own clip. Attention needs a clip's every token: an
+all-to-all trades the split of the sequence for a split of the heads (each rank then holds the whole sequence
+for H/N heads), attention runs with the whole sequence's cu_seqlens, and a second all-to-all trades back.
+Caption tokens are few and every rank holds all of them: each rank takes its own heads' slice of theirs.
+
+Gradients: whatever every rank of a group computes alike (the caption encoder, the conditioning) gets from each
+rank the part its own share used, and the collectives' backward carries the rest, so the sum over a group is the
+micro-batch's gradient. Each rank's loss is its share's squared error over (tokens / N) (`sequence_loss`):
+DeepSpeed's average over all ranks is then the average over groups of each micro-batch's mean loss, as without
+sequence parallelism. ZeRO partitions over the whole world (DeepSpeed sees a plain data-parallel world).
+
+Data: only a group's first rank (its leader) reads and encodes; it sends the latents to the rest of its group
+(`share_batch`, `share_latents`). The data coordinator therefore sees one consumer per group, and the audit and
+provenance are the leader's. Every rank of a group draws the same noise and timesteps: its generators are
+seeded by the group, not the rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.dit import DiTBlock, JointBlock
+
+
+@dataclass
+class SequenceLayout:
+    """Where this rank stands: world = groups x degree, groups of consecutive ranks."""
+
+    degree: int
+    rank: int
+    world_size: int
+    group: Optional[object] = None  # this rank's process group (None when degree is 1)
+
+    @property
+    def data_rank(self) -> int:  # the group's index: the data-parallel rank
+        return self.rank // self.degree
+
+    @property
+    def data_world(self) -> int:  # the number of groups: the data-parallel world size
+        return self.world_size // self.degree
+
+    @property
+    def member(self) -> int:  # this rank's place in its group
+        return self.rank % self.degree
+
+    @property
+    def leader(self) -> int:  # the global rank of the group's first member
+        return self.data_rank * self.degree
+
+    @property
+    def is_leader(self) -> bool:
+        return self.member == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.degree > 1
+
+
+def sequence_layout(degree: int, rank: int, world_size: int) -> SequenceLayout:
+    """Collective (every rank creates every group, as torch.distributed requires)."""
+    if degree < 1 or world_size % degree:
+        raise ValueError(f"parallel.sequence={degree} does not divide the world size {world_size}")
+    layout = SequenceLayout(degree, rank, world_size)
+    if degree == 1:
+        return layout
+    for first in range(0, world_size, degree):
+        group = dist.new_group(list(range(first, first + degree)))
+        if first == layout.leader:
+            layout = dataclasses.replace(layout, group=group)
+    return layout
+
+
+def shares(total: int, degree: int) -> List[int]:
+    """Tokens each member computes: contiguous, in member order, at most one apart."""
+    return [total // degree + (member < total % degree) for member in range(degree)]
+
+
+class SequenceSplit:
+    """The group's split of the current micro-batch's video tokens; `SequenceShare` records its length each
+    forward (activation checkpointing's recompute sees the same one)."""
+
+    def __init__(self, layout: SequenceLayout):
+        self.layout = layout
+        self.total: Optional[int] = None
+
+    @property
+    def shares(self) -> List[int]:
+        return shares(self.total, self.layout.degree)
+
+    def local(self, per_token: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a per-token tensor of the whole micro-batch."""
+        sizes = shares(per_token.shape[0], self.layout.degree)
+        start = sum(sizes[:self.layout.member])
+        return per_token[start:start + sizes[self.layout.member]]
+
+    def own_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's heads of a (tokens, heads, head_dim) tensor every rank holds whole (the caption's)."""
+        per_rank = x.shape[1] // self.layout.degree
+        return x[:, self.layout.member * per_rank:(self.layout.member + 1) * per_rank]
+
+
+class SequenceShare(nn.Module):
+    """Stands in for the model's `WholeSequence`: keeps this rank's share of each per-token tensor."""
+
+    def __init__(self, split: SequenceSplit):
+        super().__init__()
+        self.split = split
+
+    def forward(self, per_token: torch.Tensor) -> torch.Tensor:
+        self.split.total = per_token.shape[0]
+        return self.split.local(per_token)
+
+
+# -- the all-to-alls ----------------------------------------------------------------------------------------
+def _sequence_to_heads(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
+    """(local tokens, G, H, D) -> (all tokens, G, H/N, D): member j receives head block j of every share."""
+    degree, n = len(sizes), x.shape[0]
+    g, h, d = x.shape[1], x.shape[2] // degree, x.shape[3]
+    send = x.reshape(n, g, degree, h, d).permute(2, 0, 1, 3, 4).contiguous()  # (N, n, G, H/N, D)
+    out = x.new_empty((sum(sizes), g, h, d))
+    dist.all_to_all_single(out, send.reshape(degree * n, g, h, d), output_split_sizes=list(sizes),
+                           input_split_sizes=[n] * degree, group=group)
+    return out
+
+
+def _heads_to_sequence(y: torch.Tensor, sizes: List[int], member: int, group) -> torch.Tensor:
+    """(all tokens, G, H/N, D) -> (local tokens, G, H, D): the inverse of `_sequence_to_heads`."""
+    degree, n = len(sizes), sizes[member]
+    g, h, d = y.shape[1:]
+    out = y.new_empty((degree * n, g, h, d))
+    dist.all_to_all_single(out, y.contiguous(), output_split_sizes=[n] * degree, input_split_sizes=list(sizes),
+                           group=group)
+    return out.reshape(degree, n, g, h, d).permute(1, 2, 0, 3, 4).reshape(n, g, degree * h, d)
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, member, group):
+        ctx.sizes, ctx.member, ctx.group = sizes, member, group
+        return _sequence_to_heads(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad, ctx.sizes, ctx.member, ctx.group), None, None, None
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, sizes, member, group):
+        ctx.sizes, ctx.group = sizes, group
+        return _heads_to_sequence(y, sizes, member, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sequence_to_heads(grad.contiguous(), ctx.sizes, ctx.group), None, None, None
+
+
+class _GatherHeads(torch.autograd.Function):
+    """(tokens, H/N, D) of every member -> (tokens, H, D) on each; backward sums the members' gradients and
+    keeps this member's heads (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, member, degree, group):
+        ctx.member, ctx.heads, ctx.group = member, x.shape[1], group
+        parts = [torch.empty_like(x) for _ in range(degree)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[:, ctx.member * ctx.heads:(ctx.member + 1) * ctx.heads], None, None, None
+
+
+@torch.compiler.disable  # the collectives break a compiled block's graph here, and only here
+def to_heads(split: SequenceSplit, *tensors: torch.Tensor) -> List[torch.Tensor]:
+    """Each (local tokens, H, D) tensor -> (all tokens, H/N, D), all of them in one all-to-all."""
+    layout = split.layout
+    stacked = _SequenceToHeads.apply(torch.stack(tensors, dim=1), split.shares, layout.member, layout.group)
+    return list(stacked.unbind(1))
+
+
+@torch.compiler.disable
+def to_sequence(split: SequenceSplit, y: torch.Tensor) -> torch.Tensor:
+    layout = split.layout
+    return _HeadsToSequence.apply(y[:, None], split.shares, layout.member, layout.group)[:, 0]
+
+
+@torch.compiler.disable
+def gather_heads(split: SequenceSplit, x: torch.Tensor) -> torch.Tensor:
+    layout = split.layout
+    return _GatherHeads.apply(x, layout.member, layout.degree, layout.group)
+
+
+class SequenceParallelAttention(nn.Module):
+    """Stands in for an `AttentionCore`: the video queries (and, in self-attention, keys and values) arrive as
+    this rank's share of the tokens with every head; the wrapped core sees the whole sequence for this rank's
+    heads. Cross-attention's keys and values come from the caption, which every rank holds whole."""
+
+    def __init__(self, inner: nn.Module, split: SequenceSplit, kv_sharded: bool):
+        super().__init__()
+        self.inner, self.split, self.kv_sharded = inner, split, kv_sharded
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int) -> torch.Tensor:
+        if self.kv_sharded:
+            q, k, v = to_heads(self.split, q, k, v)
+        else:
+            (q,) = to_heads(self.split, q)
+            k, v = self.split.own_heads(k), self.split.own_heads(v)
+        return to_sequence(self.split, self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k))
+
+
+class SequenceParallelJointAttention(nn.Module):
+    """Stands in for a `JointAttentionCore`: video tokens are split as in self-attention, caption tokens are held
+    whole by every rank; each rank attends its heads of both, then gathers the caption's heads back."""
+
+    def __init__(self, inner: nn.Module, split: SequenceSplit):
+        super().__init__()
+        self.inner, self.split = inner, split
+
+    def forward(self, qv, kv, vv, qt, kt, vt, cu, text_cu, max_len: int, text_max: int, order):
+        qv, kv, vv = to_heads(self.split, qv, kv, vv)
+        qt, kt, vt = (self.split.own_heads(t) for t in (qt, kt, vt))
+        video, text = self.inner(qv, kv, vv, qt, kt, vt, cu, text_cu, max_len, text_max, order)
+        return to_sequence(self.split, video), gather_heads(self.split, text)
+
+
+def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> SequenceSplit:
+    """Split `model`'s DiT over `layout`'s group: its per-token tensors and the attention of every block. The
+    caption encoder is left whole (every rank runs it). Parameter names do not change."""
+    dit = model.dit
+    if dit.cfg.heads % layout.degree:
+        raise ValueError(f"model.heads={dit.cfg.heads} is not divisible by parallel.sequence={layout.degree}")
+    split = SequenceSplit(layout)
+    dit.sequence = SequenceShare(split)
+    for block in dit.blocks:
+        if isinstance(block, DiTBlock):
+            block.attn.core = SequenceParallelAttention(block.attn.core, split, kv_sharded=True)
+            block.cross.core = SequenceParallelAttention(block.cross.core, split, kv_sharded=False)
+        elif isinstance(block, JointBlock):
+            block.core = SequenceParallelJointAttention(block.core, split)
+        else:
+            raise TypeError(f"no sequence-parallel plan for {type(block).__name__}")
+    return split
+
+
+# -- the trainer's side -------------------------------------------------------------------------------------
+def sequence_loss(squared: torch.Tensor, total_tokens: int, degree: int) -> torch.Tensor:
+    """This rank's loss from its share's per-token squared errors: its part of the micro-batch's mean, times N
+    (see the module's docstring). Without sequence parallelism, the mean."""
+    return squared.sum() / (total_tokens / degree)
+
+
+def per_clip_loss(squared: torch.Tensor, tokens: Sequence[int], split: Optional[SequenceSplit]) -> torch.Tensor:
+    """Each clip's mean squared error, from this rank's share of the tokens, summed over the group (a clip may
+    straddle ranks). Stays on the device."""
+    if split is None:
+        return torch.stack([s.mean() for s in torch.split(squared, list(tokens))])
+    device = squared.device
+    clips = torch.repeat_interleave(torch.arange(len(tokens)), torch.tensor(list(tokens)))
+    local = split.local(clips).to(device, non_blocking=True)
+    sums = torch.zeros(len(tokens), dtype=squared.dtype, device=device).index_add_(0, local, squared)
+    dist.all_reduce(sums, group=split.layout.group)
+    return sums / torch.tensor(list(tokens), dtype=squared.dtype).to(device, non_blocking=True)
+
+
+def share_batch(batch, layout: SequenceLayout):
+    """The leader's micro-batch for every member: the leader passes its batch, the others None. The others get
+    its clips' metadata without their pixels (`share_latents` sends what the model needs)."""
+    if not layout.parallel:
+        return batch
+    light = None
+    if layout.is_leader:
+        light = dataclasses.replace(batch, clips=[dataclasses.replace(c, video=torch.empty(0, dtype=torch.uint8))
+                                                  for c in batch.clips], dropped=[])
+    message = [light]
+    dist.broadcast_object_list(message, src=layout.leader, group=layout.group)
+    return batch if layout.is_leader else message[0]
+
+
+def share_latents(latents: Optional[List[torch.Tensor]], layout: SequenceLayout,
+                  device: torch.device) -> List[torch.Tensor]:
+    """The leader's encoded clips on every member (the others pass None): one encoding per group, and every
+    member trains on exactly the same latents."""
+    if not layout.parallel:
+        return latents
+    shapes = [[(tuple(x.shape), x.dtype) for x in latents] if layout.is_leader else None]
+    dist.broadcast_object_list(shapes, src=layout.leader, group=layout.group)
+    if not layout.is_leader:
+        latents = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes[0]]
+    for x in latents:
+        dist.broadcast(x, src=layout.leader, group=layout.group)
+    return latents
+
+
+def share_rng_state(rng, layout: SequenceLayout) -> None:
+    """Every member takes its leader's random state: after a resume onto another layout, the members of a new
+    group may have restored different ones, and a group must draw one noise."""
+    if not layout.parallel:
+        return
+    state = [rng.state_dict() if layout.is_leader else None]
+    dist.broadcast_object_list(state, src=layout.leader, group=layout.group)
+    if not layout.is_leader:
+        rng.load_state_dict(state[0])
