@@ -296,6 +296,8 @@ def share_latents(latents: Optional[List[torch.Tensor]], layout: SequenceLayout,
     member trains on exactly the same latents."""
     if not layout.parallel:
         return latents
+    if layout.is_leader:  # a broadcast sends storage as laid out: a permuted view would arrive scrambled
+        latents = [x.contiguous() for x in latents]
     shapes = [[(tuple(x.shape), x.dtype) for x in latents] if layout.is_leader else None]
     dist.broadcast_object_list(shapes, src=layout.leader, group=layout.group)
     if not layout.is_leader:

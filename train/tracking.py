@@ -63,16 +63,19 @@ class StepTotals:
 def step_metrics(outcome: StepOutcome, totals: StepTotals, *, step: int, stage: str, token_budget: int, lr: float,
                  step_time: float, world_size: int, accumulation: int, peak_flops: Optional[float],
                  grad_norm: Optional[float], nonfinite_total: int, eta_s: float,
-                 dropped: Dict[str, int]) -> Dict[str, Any]:
-    """The metrics row of one step (pure: every cross-rank sum is in `totals`)."""
+                 dropped: Dict[str, int], data_parallel: Optional[int] = None) -> Dict[str, Any]:
+    """The metrics row of one step (pure: every cross-rank sum is in `totals`). `world_size` counts ranks (for
+    MFU and data wait), `data_parallel` the groups that each train their own micro-batches (sequence parallelism
+    puts several ranks in one; default: one rank each)."""
+    data_parallel = world_size if data_parallel is None else data_parallel
     tokens = totals.tokens
     metrics = {
         "step": step, "stage": stage, "loss": totals.loss_sum / tokens if tokens else None,  # None: skipped
         "lr": lr, "tokens_per_s": tokens / step_time,
-        "samples_per_s": sum(len(b.clips) for b in outcome.batches) * world_size / step_time,
+        "samples_per_s": sum(len(b.clips) for b in outcome.batches) * data_parallel / step_time,
         "step_time_s": step_time,
         # packed batches carry no padding; this is the share of the token budget left empty
-        "budget_unused_frac": 1 - tokens / (token_budget * world_size * accumulation),
+        "budget_unused_frac": 1 - tokens / (token_budget * data_parallel * accumulation),
         "data_wait_frac": min(1.0, totals.data_time / world_size / step_time),
         "mfu": totals.flops / (step_time * peak_flops * world_size) if peak_flops and totals.flops else None,
         "grad_norm": grad_norm, "nonfinite_steps": nonfinite_total, "eta_s": eta_s, "dropped": dict(dropped),

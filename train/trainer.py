@@ -31,6 +31,8 @@ from train.ema import EMA
 from train.methods import build_model
 from train.engine import DistEnv, compute_dtype, full_parameters, set_learning_rate
 from train.parallelize import parallelize
+from train.sequence_parallel import (per_clip_loss, sequence_layout, sequence_loss, share_batch, share_latents,
+                                     share_rng_state)
 from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
 from train.provenance import ProvenanceLog
@@ -52,23 +54,29 @@ class Trainer:
         self.stop_request = StopRequest(env.device)  # first: a scheduler may ask to stop during start-up
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
-        self.rng = RNGState(cfg.train.seed, env.rank, env.device)
+        # world = data-parallel groups x parallel.sequence (train/sequence_parallel.py). A group draws one noise:
+        # the generators are seeded by the group, so N ranks at SP=N draw what 1 rank at SP=1 does.
+        self.layout = sequence_layout(cfg.parallel.sequence, env.rank, env.world_size)
+        self.rng = RNGState(cfg.train.seed, self.layout.data_rank, env.device)
         self.model = self.build_model().to(env.device)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
                                              cfg.train.checkpoint_every)
         # Found before the engine is built: a checkpoint from another world size loads through the universal format.
         self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
-        self.engine = parallelize(self.model, cfg, env, load_universal=self.checkpoints.universal)
+        self.engine, self.split = parallelize(self.model, cfg, env, self.layout,
+                                              load_universal=self.checkpoints.universal)
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
             self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
+        # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
         self.coordinator = connect_coordinator(cfg.data, dataset_rows(cfg.data.root), self.run_dir, env.rank,
-                                               env.world_size)
+                                               self.layout.data_world)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
+        self._saved_sequence: Optional[int] = None
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -83,8 +91,10 @@ class Trainer:
                                            if env.device.type == "cuda" else None)
         self.peak_flops = peak
         if env.is_main:
-            log.info("model: %s; ZeRO-%d over %d %s process(es)", self.describe_model(), cfg.zero.stage,
-                     env.world_size, env.device.type)
+            log.info("model: %s; ZeRO-%d over %d %s process(es)%s", self.describe_model(), cfg.zero.stage,
+                     env.world_size, env.device.type,
+                     f" in {self.layout.data_world} sequence-parallel group(s) of {self.layout.degree}"
+                     if self.layout.parallel else "")
 
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
     def build_model(self) -> torch.nn.Module:
@@ -116,6 +126,7 @@ class Trainer:
             "config": Resumable(Value(lambda: to_yaml(self.cfg), self._check_resumable_config), "file", "config.yaml"),
             "engine": Resumable(self.engine, "engine"),
             "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
+            "sequence": Resumable(Value(lambda: self.layout.degree, self._note_saved_sequence), "shared"),
             "nonfinite_total": Resumable(Value(lambda: self.nonfinite_total, self._set_nonfinite_total), "shared"),
             "curriculum": Resumable(Value(lambda: self.curriculum.state_dict(self.step), self._check_stage), "shared"),
             "tracker": Resumable(self.tracker, "shared"),
@@ -139,9 +150,14 @@ class Trainer:
     def _note_saved_workers(self, num_workers) -> None:
         self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)
 
+    def _note_saved_sequence(self, degree) -> None:
+        self._saved_sequence = 1 if degree is None else int(degree)  # written before sequence parallelism: 1
+
     def _same_data_layout(self) -> bool:
-        """Same ranks and loader workers as the checkpoint: each loader continues exactly where it stood."""
-        return not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
+        """Same ranks, sequence-parallel groups and loader workers as the checkpoint: each loader continues
+        exactly where it stood."""
+        return (not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
+                and self._saved_sequence == self.layout.degree)
 
     def _set_nonfinite_total(self, total) -> None:
         self.nonfinite_total = int(total or 0)
@@ -160,11 +176,12 @@ class Trainer:
         if not self.env.is_main:
             return
         same = self._same_data_layout()
-        self.coordinator.restore(state, self.env.world_size * max(1, self.cfg.data.num_workers) if same else None)
+        consumers = self.layout.data_world * max(1, self.cfg.data.num_workers)
+        self.coordinator.restore(state, consumers if same else None)
         if not same:
-            log.info("resuming on %d rank(s) x %d worker(s) where the checkpoint had another layout: "
-                     "the rest of the epoch is dealt out anew (each sample still trained once)",
-                     self.env.world_size, max(1, self.cfg.data.num_workers))
+            log.info("resuming on %d data-parallel group(s) of %d rank(s) x %d worker(s) where the checkpoint had "
+                     "another layout: the rest of the epoch is dealt out anew (each sample still trained once)",
+                     self.layout.data_world, self.layout.degree, max(1, self.cfg.data.num_workers))
 
     def _restore_loaders(self, snapshots) -> None:
         if self._same_data_layout():  # each loader continues exactly where it stood: bit-exact
@@ -187,6 +204,7 @@ class Trainer:
         # manager writes it with every checkpoint; no piece carries it.
         self.step = self.checkpoints.saved_step(path)
         self.checkpoints.load(path, self.resumable_state())
+        share_rng_state(self.rng, self.layout)  # a group draws one noise, whatever layout wrote the checkpoint
         self.provenance.resume(self.step)
         return path
 
@@ -197,8 +215,8 @@ class Trainer:
         spec = LoaderSpec(root=cfg.data.root, policy=self.policy, shapes=stage_shapes(cfg, stage),
                           token_budget=stage.token_budget, patch_size=tuple(cfg.model.patch_size),
                           temporal_factor=ae.temporal_factor, spatial_factor=ae.spatial_factor, fps=cfg.data.fps,
-                          seed=cfg.data.seed, coordinator=self.coordinator, rank=self.env.rank,
-                          world_size=self.env.world_size, num_workers=cfg.data.num_workers,
+                          seed=cfg.data.seed, coordinator=self.coordinator, rank=self.layout.data_rank,
+                          world_size=self.layout.data_world, num_workers=cfg.data.num_workers,
                           pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
                           image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots),
                           pin_memory=self.env.device.type == "cuda")
@@ -206,7 +224,11 @@ class Trainer:
 
     def data_step(self) -> PackedBatch:
         """The next non-empty micro-batch of the current stage. Drops reported on the way are settled
-        (audited and acknowledged) together with the step that trains the batch."""
+        (audited and acknowledged) together with the step that trains the batch. Under sequence parallelism the
+        group's leader reads it and the other members receive its clips' metadata (their pixels stay with the
+        leader, which encodes them: `latents`)."""
+        if not self.layout.is_leader:
+            return share_batch(None, self.layout)
         stage_index = self.curriculum.stage_index(self.step)
         if self._iterator is None or self._iterator_stage != stage_index:
             # A new stage re-buckets: its loader starts from the old one's snapshots, re-reading what
@@ -219,11 +241,14 @@ class Trainer:
             dropped += batch.dropped
             if batch.clips:
                 batch.dropped = dropped
-                return batch
+                return share_batch(batch, self.layout)
 
     def _settle(self, batches: List[PackedBatch], trained: bool) -> None:
         """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in
-        the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases alive."""
+        the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases alive.
+        Under sequence parallelism a group's leader read its batches and settles them."""
+        if not self.layout.is_leader:
+            return
         tags = defaultdict(list)
         for batch in batches:
             self.loader_snapshots[batch.consumer] = batch.snapshot
@@ -242,11 +267,18 @@ class Trainer:
             self.coordinator.ack(acknowledged, consumer)
 
     # -- one step --------------------------------------------------------------------------------
+    def latents(self, batch: PackedBatch) -> List[torch.Tensor]:
+        """The micro-batch's clips encoded by the frozen autoencoder, one call per shape. Each clip crosses to the
+        device once, as uint8, from pinned memory (the loader pins on CUDA). Under sequence parallelism the
+        group's leader encodes and sends the latents to the other members."""
+        device = self.env.device
+        x0 = self.autoencoder.encode_batch([v.to(device, non_blocking=True) for v in batch.videos]) \
+            if self.layout.is_leader else None
+        return share_latents(x0, self.layout, device)
+
     def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
-        # Each clip crosses to the device once, as uint8, from pinned memory (the loader pins on CUDA); the frozen
-        # autoencoder encodes the micro-batch's clips one call per shape.
-        x0 = self.autoencoder.encode_batch([v.to(device, non_blocking=True) for v in batch.videos])
+        x0 = self.latents(batch)
         drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
         captions = ["" if d else c for d, c in zip(host_values(drop), batch.captions)]
         text = self.text.batch(captions, device)
@@ -255,10 +287,12 @@ class Trainer:
                             tokens, cfg.train.shift_reference_tokens)
         noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
+        # Under sequence parallelism the prediction holds this rank's share of the tokens, and so does the target.
         prediction = self.engine([p[0] for p in pairs], t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])
+        target = self.split.local(target) if self.split is not None else target
         squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
-        loss = squared.mean()
+        loss = sequence_loss(squared, sum(tokens), self.layout.degree)
         finite = all_ranks_finite(loss, device)
         # A non-finite loss is still backpropagated: DeepSpeed counts micro-batches to place the accumulation
         # boundary, and at that boundary its overflow check skips the optimizer step and clears every
@@ -266,9 +300,10 @@ class Trainer:
         # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss)
         # Everything below stays on the device: metrics read it at log steps only.
-        per_sample = torch.stack([s.mean() for s in torch.split(squared.detach(), tokens)])
-        flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups)
-        return StepResult(finite=finite, tokens=sum(tokens), loss_sum=squared.detach().sum(), flops=flops,
+        per_sample = per_clip_loss(squared.detach(), tokens, self.split)
+        # A rank's share of the micro-batch's tokens and FLOPs: summed over ranks, each counts once.
+        flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups) / self.layout.degree
+        return StepResult(finite=finite, tokens=squared.shape[0], loss_sum=squared.detach().sum(), flops=flops,
                           per_sample_loss=per_sample, timesteps=t)
 
     def train_step(self) -> StepOutcome:
@@ -315,6 +350,7 @@ class Trainer:
         metrics = step_metrics(
             outcome, totals, step=self.step, stage=stage.name, token_budget=stage.token_budget,
             lr=self.curriculum.lr(self.step - 1), step_time=step_time, world_size=self.env.world_size,
+            data_parallel=self.layout.data_world,
             accumulation=self.cfg.zero.gradient_accumulation_steps, peak_flops=self.peak_flops,
             grad_norm=_grad_norm(self.engine), nonfinite_total=self.nonfinite_total,
             eta_s=self._recent_step_time * (self.curriculum.total_steps - self.step), dropped=self.audit.dropped)

@@ -2,6 +2,7 @@
 per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3 (tests/integration/
 sequence_parallel_check.py does the work under torchrun)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,3 +38,98 @@ def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, p
                 assert case["grad"] < TOLERANCE, (conditioning, zero, case)
             golden = rank[f"{conditioning}-golden-wrong-heads"]
             assert golden["grad"] > GOLDEN_AT_LEAST, golden
+
+
+# -- end to end, through `python -m train` ------------------------------------------------------------------
+def _losses(run_dir):
+    from tests.integration.test_training import metrics
+
+    return [row["loss"] for row in metrics(run_dir) if "loss" in row]
+
+
+def _keys_by_step(run_dir):
+    from train.provenance import read_trained_keys
+
+    return [(record["step"], record["keys"]) for record in read_trained_keys(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory, tiny_dataset):
+    from tests.integration.test_training import torchrun
+
+    run_dir = tmp_path_factory.mktemp("sp") / "one_rank"
+    torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", nproc=1)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_dataset):
+    from tests.integration.test_training import torchrun
+
+    run_dir = tmp_path_factory.mktemp("sp") / "two_ranks"
+    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2")
+    assert "1 sequence-parallel group(s) of 2" in result.stdout
+    return run_dir
+
+
+def test_two_ranks_at_sp2_train_the_batches_and_losses_of_one_rank(one_rank_run, two_rank_run):
+    """Same batches in the same order (provenance), same losses to fp32 summation order, over a stage change
+    that re-buckets, under ZeRO-3."""
+    assert _keys_by_step(two_rank_run) == _keys_by_step(one_rank_run)
+    one, two = _losses(one_rank_run), _losses(two_rank_run)
+    assert len(one) == len(two) == 8
+    assert two == pytest.approx(one, rel=1e-5)
+    # Only the group's leader read, audited and recorded: the audit counts each trained sample once.
+    audit = json.loads((two_rank_run / "checkpoints" / "step_8" / "audit.json").read_text())
+    assert sum(audit["license_totals"].values()) == sum(len(keys) for _, keys in _keys_by_step(two_rank_run))
+
+
+def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run, tiny_dataset, tmp_path):
+    import torch
+
+    from tests.integration.test_training import torchrun
+
+    interrupted = tmp_path / "interrupted"
+    common = ("tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2")
+    torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
+    second = torchrun(interrupted, tiny_dataset, *common)
+    assert "resuming from" in second.stdout and "dealt out anew" not in second.stdout
+    assert _losses(interrupted) == _losses(two_rank_run)
+    assert _keys_by_step(interrupted) == _keys_by_step(two_rank_run)
+    a = torch.load(two_rank_run / "checkpoints" / "step_8" / "ema.pt")
+    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+
+
+@pytest.mark.parametrize("first, then", [((2, 2), (1, 1)), ((2, 1), (2, 2))])
+def test_a_run_resumes_onto_another_world_size_or_degree_without_repeating_data(tiny_dataset, tmp_path, first, then):
+    """(processes, parallel.sequence) before and after the stop: the data plan is dealt out anew, each sample
+    still trained once per epoch, and the new groups draw one noise."""
+    from tests.integration.test_training import torchrun
+
+    run_dir = tmp_path / "relaid"
+    common = ("tracking.mode=disabled", "data.chunk_samples=2")
+    torchrun(run_dir, tiny_dataset, *common, "train.stop_after_steps=3", f"parallel.sequence={first[1]}",
+             nproc=first[0])
+    result = torchrun(run_dir, tiny_dataset, *common, "train.stop_after_steps=2", f"parallel.sequence={then[1]}",
+                      nproc=then[0])
+    assert "resuming from" in result.stdout and "dealt out anew" in result.stdout
+    records = _keys_by_step(run_dir)
+    assert sorted({step for step, _ in records}) == [1, 2, 3, 4, 5]
+    assert len({key for _, keys in records for key in keys}) == 16  # the whole set, before and after
+    # The audit (the leader's alone under SP) counts what provenance recorded, each trained sample once.
+    audit = json.loads((run_dir / "checkpoints" / "step_5" / "audit.json").read_text())
+    assert sum(audit["license_totals"].values()) == sum(len(keys) for _, keys in records)
+    assert all(math.isfinite(loss) for loss in _losses(run_dir))
+
+
+def test_sequence_parallel_degrees_that_cannot_split_are_rejected_before_any_process_starts(tiny_dataset, tmp_path):
+    command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+               f"train.run_dir={tmp_path}", "model.heads=4", "parallel.sequence=3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, WORLD_SIZE="3"))
+    assert result.returncode == 2 and "parallel.sequence=3 does not divide model.heads=4" in result.stderr
+    result = subprocess.run(command[:-2] + ["model.heads=4", "parallel.sequence=2"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, WORLD_SIZE="3"))
+    assert result.returncode == 2 and "does not divide the world size 3" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
