@@ -20,12 +20,31 @@ def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM) -> torch.Tensor:
-    """The reduction over all ranks of `tensor`, as a tensor on `device` (a copy when it was elsewhere)."""
+def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM, group=None) -> torch.Tensor:
+    """The reduction over all ranks (or `group`'s) of `tensor`, as a tensor on `device` (a copy when it was
+    elsewhere; in place otherwise)."""
     tensor = tensor.to(device)
     if _distributed():
-        dist.all_reduce(tensor, op=op)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+# Sequence parallelism's collectives (train/sequence_parallel.py): activations and latents, already on the
+# device the model runs on, within one group.
+def broadcast(tensor: torch.Tensor, src: int, group) -> None:
+    dist.broadcast(tensor, src=src, group=group)
+
+
+def all_to_all(out: torch.Tensor, tensor: torch.Tensor, output_split_sizes: List[int], input_split_sizes: List[int],
+               group) -> None:
+    """Rows of `tensor` (dim 0), input_split_sizes[j] of them to member j; `out` receives output_split_sizes[j]
+    rows from member j, in member order."""
+    dist.all_to_all_single(out, tensor, output_split_sizes=output_split_sizes, input_split_sizes=input_split_sizes,
+                           group=group)
+
+
+def all_gather(parts: List[torch.Tensor], tensor: torch.Tensor, group) -> None:
+    dist.all_gather(parts, tensor, group=group)
 
 
 def all_reduce_values(values: Sequence[float], device: torch.device, op=SUM,

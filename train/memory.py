@@ -23,6 +23,7 @@ import torch
 
 ACTIVATION_VALUES_PER_TOKEN = 42  # x model.dim, per DiT block, without checkpointing
 OUTSIDE_BLOCKS_VALUES_PER_TOKEN = 8  # patch embedding, final layer, loss, x model.dim
+HEAD_VALUES_PER_TOKEN = 3  # of those, the output head's norm and modulation (what model.loss_chunks tiles)
 GPU_MEMORY_GIB = {"A100-40": 40, "A100-80": 80, "H100": 80, "H200": 141}
 
 
@@ -53,10 +54,13 @@ def trainable_parameters(model_cfg) -> int:
 
 
 def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None,
-             sequence: int = 1) -> MemoryEstimate:
-    """`sequence`: the sequence-parallel degree N (docs/scaling.md). The N ranks of a group share one micro-batch
-    of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model states over all ranks.
-    Ulysses adds one block's transient all-to-all buffers (q, k, v and the output: 4 x tokens/N x d values)."""
+             sequence: int = None) -> MemoryEstimate:
+    """`sequence`: the sequence-parallel degree N (docs/scaling.md; default parallel.sequence). The N ranks of a
+    group share one micro-batch of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model
+    states over all ranks. Ulysses adds one block's transient all-to-all buffers (q, k, v and the output:
+    4 x tokens/N x d values). Tiling: model.mlp_chunks = c keeps one chunk of an MLP's two (tokens x
+    mlp_ratio d) activations at a time, model.loss_chunks likewise the output head's."""
+    sequence = cfg.parallel.sequence if sequence is None else sequence
     stage = cfg.zero.stage
     n = max(1, world_size)
     psi = trainable_parameters(cfg.model)
@@ -77,10 +81,12 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     tokens = (token_budget or max(s.token_budget for s in cfg.curriculum.stages)) / sequence  # per rank
     m = cfg.model
     text = text_tokens if text_tokens is not None else m.text.max_tokens
-    per_block = ACTIVATION_VALUES_PER_TOKEN * m.dim * tokens
+    mlp_values = 2 * m.mlp_ratio * (1 - 1 / m.mlp_chunks)  # per token, x dim: what tiling the MLP saves
+    per_block = (ACTIVATION_VALUES_PER_TOKEN - mlp_values) * m.dim * tokens
     saved_blocks = m.depth * (m.dim * tokens if m.activation_checkpointing else per_block)
     recompute = per_block if m.activation_checkpointing else 0  # one block rebuilt during backward
-    outside = OUTSIDE_BLOCKS_VALUES_PER_TOKEN * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
+    head_values = HEAD_VALUES_PER_TOKEN * (1 - 1 / m.loss_chunks)
+    outside = (OUTSIDE_BLOCKS_VALUES_PER_TOKEN - head_values) * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
     saved = (saved_blocks + outside) * value_bytes
     all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
@@ -93,18 +99,22 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)} or GiB as a number")
     parser.add_argument("--tokens", type=int, default=None, help="micro-batch tokens (default: largest stage budget)")
-    parser.add_argument("--sequence", type=int, default=1,
-                        help="sequence-parallel degree: N ranks share each micro-batch (docs/scaling.md)")
+    parser.add_argument("--sequence", type=int, default=None,
+                        help="sequence-parallel degree: N ranks share each micro-batch (docs/scaling.md); "
+                             "default parallel.sequence")
     args = parser.parse_args(argv)
     from conf.schema import load_config
 
-    cfg = load_config(args.overrides)
+    cfg = load_config(args.overrides, check=False)
+    sequence = cfg.parallel.sequence if args.sequence is None else args.sequence
     gib = float(GPU_MEMORY_GIB.get(args.gpu, args.gpu))
-    result = estimate(cfg, args.world_size, args.tokens, sequence=args.sequence)
+    result = estimate(cfg, args.world_size, args.tokens, sequence=sequence)
     print(f"model {cfg.model.name}: {trainable_parameters(cfg.model) / 1e9:.2f}B trainable parameters; "
           f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs"
-          f"{f' in sequence-parallel groups of {args.sequence}' if args.sequence > 1 else ''}, "
-          f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}")
+          f"{f' in sequence-parallel groups of {sequence}' if sequence > 1 else ''}, "
+          f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"
+          f"{f', MLP in {cfg.model.mlp_chunks} chunks' if cfg.model.mlp_chunks > 1 else ''}"
+          f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
     for name in ("parameters", "gradients", "optimizer", "buffers", "activations"):
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB")
     print(f"  {'total':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu})")

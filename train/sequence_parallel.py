@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.dit import DiTBlock, JointBlock
+from train import collectives
 
 
 @dataclass
@@ -129,8 +130,7 @@ def _sequence_to_heads(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor
     g, h, d = x.shape[1], x.shape[2] // degree, x.shape[3]
     send = x.reshape(n, g, degree, h, d).permute(2, 0, 1, 3, 4).contiguous()  # (N, n, G, H/N, D)
     out = x.new_empty((sum(sizes), g, h, d))
-    dist.all_to_all_single(out, send.reshape(degree * n, g, h, d), output_split_sizes=list(sizes),
-                           input_split_sizes=[n] * degree, group=group)
+    collectives.all_to_all(out, send.reshape(degree * n, g, h, d), list(sizes), [n] * degree, group)
     return out
 
 
@@ -139,8 +139,7 @@ def _heads_to_sequence(y: torch.Tensor, sizes: List[int], member: int, group) ->
     degree, n = len(sizes), sizes[member]
     g, h, d = y.shape[1:]
     out = y.new_empty((degree * n, g, h, d))
-    dist.all_to_all_single(out, y.contiguous(), output_split_sizes=[n] * degree, input_split_sizes=list(sizes),
-                           group=group)
+    collectives.all_to_all(out, y.contiguous(), [n] * degree, list(sizes), group)
     return out.reshape(degree, n, g, h, d).permute(1, 2, 0, 3, 4).reshape(n, g, degree * h, d)
 
 
@@ -174,13 +173,12 @@ class _GatherHeads(torch.autograd.Function):
     def forward(ctx, x, member, degree, group):
         ctx.member, ctx.heads, ctx.group = member, x.shape[1], group
         parts = [torch.empty_like(x) for _ in range(degree)]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        collectives.all_gather(parts, x.contiguous(), group)
         return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        grad = collectives.all_reduce(grad.contiguous(), grad.device, group=ctx.group)
         return grad[:, ctx.member * ctx.heads:(ctx.member + 1) * ctx.heads], None, None, None
 
 
@@ -272,7 +270,7 @@ def per_clip_loss(squared: torch.Tensor, tokens: Sequence[int], split: Optional[
     clips = torch.repeat_interleave(torch.arange(len(tokens)), torch.tensor(list(tokens)))
     local = split.local(clips).to(device, non_blocking=True)
     sums = torch.zeros(len(tokens), dtype=squared.dtype, device=device).index_add_(0, local, squared)
-    dist.all_reduce(sums, group=split.layout.group)
+    sums = collectives.all_reduce(sums, device, group=split.layout.group)
     return sums / torch.tensor(list(tokens), dtype=squared.dtype).to(device, non_blocking=True)
 
 
@@ -303,7 +301,7 @@ def share_latents(latents: Optional[List[torch.Tensor]], layout: SequenceLayout,
     if not layout.is_leader:
         latents = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes[0]]
     for x in latents:
-        dist.broadcast(x, src=layout.leader, group=layout.group)
+        collectives.broadcast(x, layout.leader, layout.group)
     return latents
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from train.rng import RNGState
+from train.sequence_parallel import SequenceLayout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -44,7 +45,9 @@ def test_a_bf16_micro_batch_runs_with_no_host_synchronisation(conditioning):
     model = TextToVideoModel(cfg.model).to(device, torch.bfloat16)
     trainer = SimpleNamespace(env=SimpleNamespace(device=device), rng=RNGState(0, 0, device), cfg=cfg, model=model,
                               autoencoder=build_autoencoder(cfg.model.autoencoder), text=text_conditioner(cfg.model),
-                              engine=Engine(model), flop_groups=parameter_groups(model))
+                              engine=Engine(model), flop_groups=parameter_groups(model),
+                              layout=SequenceLayout(1, 0, 1), split=None)
+    trainer.latents = lambda batch: Trainer.latents(trainer, batch)
     batch = micro_batch().pin_memory()
     Trainer.forward_backward_step(trainer, batch)  # warm-up: caches, kernels, allocator
     torch.cuda.synchronize()

@@ -11,6 +11,7 @@ from data.batch import ConsumerSnapshot, PackedBatch, PreparedClip
 from data.coordinator import CoordinatorClient, CoordinatorCore
 from data.licenses import Audit
 from train.trainer import Trainer
+from train.sequence_parallel import SequenceLayout
 
 
 def batch_read_by(consumer, lease, offset):
@@ -29,7 +30,7 @@ def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():
     # One rank, two decode workers (slots 0 and 1 of 2), each holding a chunk it has partly trained.
     first = {w: coordinator.request(f"rank0-worker{w}", w, 2) for w in (0, 1)}
     trainer = SimpleNamespace(env=SimpleNamespace(rank=0), loader_snapshots={}, audit=Audit(), coordinator=coordinator,
-                              step=0)
+                              step=0, layout=SequenceLayout(1, 0, 1))
     for n, now in enumerate((6.0, 12.0, 18.0)):  # each worker trains a batch every 6 s: inside the 10 s lease
         clock[0] = now
         Trainer._settle(trainer, [batch_read_by(f"rank0-worker{w}", first[w], n) for w in (0, 1)], trained=False)

@@ -186,7 +186,9 @@ META = torch.device("meta")
 def test_step_metrics_are_reduced_on_the_run_device(collective_devices):
     from train.trainer import Trainer
 
-    trainer = SimpleNamespace(env=SimpleNamespace(device=META, world_size=2))
+    from train.sequence_parallel import SequenceLayout
+
+    trainer = SimpleNamespace(env=SimpleNamespace(device=META, world_size=2), layout=SequenceLayout(1, 0, 2))
     from train.tracking import StepOutcome, StepResult
 
     outcome = StepOutcome([StepResult(finite=torch.tensor([True]), tokens=10, loss_sum=2.0, flops=1e9)], batches=[],

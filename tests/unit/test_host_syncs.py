@@ -17,6 +17,7 @@ from models.dit import TextToVideoModel, text_conditioner
 from models.flops import parameter_groups
 from train.rng import RNGState
 from train.trainer import Trainer
+from train.sequence_parallel import SequenceLayout
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
 
@@ -65,7 +66,9 @@ def test_a_micro_batch_reads_nothing_back_to_the_host(counted_reads):
     model = TextToVideoModel(cfg.model)
     trainer = SimpleNamespace(env=SimpleNamespace(device=device), rng=RNGState(0, 0), cfg=cfg, model=model,
                               autoencoder=build_autoencoder(cfg.model.autoencoder), text=text_conditioner(cfg.model),
-                              engine=Engine(model), flop_groups=parameter_groups(model))
+                              engine=Engine(model), flop_groups=parameter_groups(model),
+                              layout=SequenceLayout(1, 0, 1), split=None)
+    trainer.latents = lambda batch: Trainer.latents(trainer, batch)
     batch = micro_batch()
     counted_reads.clear()
     result = Trainer.forward_backward_step(trainer, batch)

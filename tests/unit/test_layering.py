@@ -38,3 +38,12 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(layering, "REPO", tmp_path)
     monkeypatch.setattr(layering, "LAYERS", ["models", "train"])
     assert upward_imports() == ["models/bad.py:2 imports train"]
+
+
+def test_models_know_nothing_about_distribution():
+    """DESIGN: parallelism is applied to a built model from train/, so no model module uses torch.distributed."""
+    found = []
+    for path in sorted((REPO / "models").rglob("*.py")):
+        text = path.read_text()
+        found += [str(path.relative_to(REPO))] if "torch.distributed" in text or "deepspeed" in text else []
+    assert found == []
