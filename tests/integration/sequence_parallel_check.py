@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from conf.schema import load_config  # noqa: E402
 from models.dit import TextToVideoModel, text_conditioner  # noqa: E402
 from train.engine import deepspeed_config, init_distributed  # noqa: E402
+from train.parallelize import apply_activation_checkpointing, apply_tiling  # noqa: E402
 from train.sequence_parallel import (SequenceSplit, apply_sequence_parallel, per_clip_loss,  # noqa: E402
                                      sequence_layout, sequence_loss)
 
@@ -70,7 +71,7 @@ def _tokens(model):
 
 def sequence_parallel(model, cfg, layout, engine=None):
     """This rank's share of its group's micro-batch; returns the group's loss, per-clip losses and full gradients."""
-    split = apply_sequence_parallel(model, layout)
+    split = model.dit.sequence.split  # apply_sequence_parallel put it there
     latents, t, text, target = micro_batch(layout.data_rank, model, cfg)
     run = engine if engine is not None else model
     squared = (run(latents, t, text) - split.local(target)).pow(2).mean(-1)
@@ -111,11 +112,15 @@ def main() -> None:
                 p.add_(torch.randn_like(p) * 0.05)
         losses, per_clip, grads = reference(copy.deepcopy(base), cfg, layout.data_world)
         results[f"{conditioning}-zero-gradients"] = sorted(k for k, g in grads.items() if not g.abs().max() > 0)
-        for zero in (None, 3, "wrong heads"):
+        for zero in (None, 3, "checkpointed", "wrong heads"):
             model = copy.deepcopy(base)
+            apply_sequence_parallel(model, layout)  # first, as train/parallelize.py orders it
             engine = None
             if zero == "wrong heads":  # golden: every rank reads the caption's first heads; the check must see it
                 SequenceSplit.own_heads = lambda self, x: x[:, :x.shape[1] // self.layout.degree]
+            elif zero == "checkpointed":  # what a long run turns on with SP: tiling inside checkpointed blocks
+                apply_tiling(model, mlp_chunks=3, loss_chunks=2)
+                apply_activation_checkpointing(model)
             elif zero is not None:
                 import deepspeed
 
@@ -124,7 +129,7 @@ def main() -> None:
                                                   config=deepspeed_config(cfg, env.world_size, "cpu"))
             loss, clips, sp_grads = sequence_parallel(model, cfg, layout, engine)
             SequenceSplit.own_heads = OWN_HEADS
-            name = f"{conditioning}-{({None: 'plain', 3: 'zero3'}).get(zero, 'golden-wrong-heads')}"
+            name = f"{conditioning}-{({None: 'plain', 3: 'zero3', 'checkpointed': 'checkpointed'}).get(zero, 'golden-wrong-heads')}"
             results[name] = {
                 "loss": abs(loss - losses[layout.data_rank]) / abs(losses[layout.data_rank]),
                 "per_clip": relative(clips, per_clip[layout.data_rank]),

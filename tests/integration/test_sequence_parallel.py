@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism on real gloo process groups (CPU): the split model reproduces one process's loss,
 per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3 (tests/integration/
-sequence_parallel_check.py does the work under torchrun)."""
+sequence_parallel_check.py does the work under torchrun), and with tiling inside activation-checkpointed blocks,
+whose recompute replays the all-to-alls in backward."""
 import json
 import math
 import os
@@ -31,7 +32,7 @@ def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, p
         assert rank["cross_attention-zero-gradients"] == []
         assert rank["joint-zero-gradients"] == ["dit.blocks.1.streams.text.q_norm.weight"]
         for conditioning in ("cross_attention", "joint"):
-            for zero in ("plain", "zero3"):
+            for zero in ("plain", "zero3", "checkpointed"):
                 case = rank[f"{conditioning}-{zero}"]
                 assert case["missing"] == [] and case["parameters"] > 50
                 assert case["loss"] < TOLERANCE and case["per_clip"] < TOLERANCE, (conditioning, zero, case)
@@ -67,7 +68,9 @@ def two_rank_run(tmp_path_factory, tiny_dataset):
     from tests.integration.test_training import torchrun
 
     run_dir = tmp_path_factory.mktemp("sp") / "two_ranks"
-    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2")
+    # With what a long run turns on besides: activation checkpointing and tiling (same math, other memory).
+    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2",
+                      "model.activation_checkpointing=true", "model.mlp_chunks=2", "model.loss_chunks=2")
     assert "1 sequence-parallel group(s) of 2" in result.stdout
     return run_dir
 
@@ -90,7 +93,8 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     from tests.integration.test_training import torchrun
 
     interrupted = tmp_path / "interrupted"
-    common = ("tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2")
+    common = ("tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2", "model.activation_checkpointing=true",
+              "model.mlp_chunks=2", "model.loss_chunks=2")
     torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
     second = torchrun(interrupted, tiny_dataset, *common)
     assert "resuming from" in second.stdout and "dealt out anew" not in second.stdout

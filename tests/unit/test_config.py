@@ -29,6 +29,10 @@ def test_demo_experiment_composes_and_validates():
     (["model.conditioning=concat"], "model.conditioning"),
     (["model.text.name=pretrained"], "model.text.path"),
     (["data.lease_timeout_s=0"], "data.lease_timeout_s"),
+    (["parallel.sequence=0"], "parallel.sequence"),
+    (["parallel.sequence=3"], "parallel.sequence=3 does not divide model.heads=4"),
+    (["parallel.sequence=4", "launcher.procs_per_node=2"], "does not divide the world size 2"),
+    (["model.mlp_chunks=0"], "model.mlp_chunks"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError) as error:
@@ -66,6 +70,25 @@ def test_every_shipped_model_size_validates_with_the_realistic_curriculum():
     for size in set(sizes) - {"tiny"}:  # tiny trains in pixel space: the demo curriculum
         cfg = load_config([f"model={size}", "curriculum=t2v_3stage"])
         assert [s.name for s in cfg.curriculum.stages] == ["256p", "480p", "720p"]
+
+
+def test_sequence_parallelism_is_checked_against_the_world_the_run_has():
+    """`python -m train` checks against torchrun's world; `python -m launch` against the launcher's."""
+    from train.main import main
+
+    assert load_config(["experiment=demo", "parallel.sequence=2"], world_size=4).parallel.sequence == 2
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        load_config(["experiment=demo", "parallel.sequence=2"], world_size=3)
+    with pytest.raises(ConfigError, match="train.method=vae trains without it"):
+        load_config(["experiment=vae_demo", "parallel.sequence=2"], world_size=2)
+    assert main(["--dry-run", "experiment=demo", "parallel.sequence=2"]) == 2  # a plain run is a world of one
+
+
+def test_the_minute_curriculum_validates_for_the_sizes_and_degrees_heads_allow():
+    cfg = load_config(["model=7B", "curriculum=t2v_minute", "parallel.sequence=12", "launcher.nodes=3"])
+    assert cfg.curriculum.stages[-1].token_budget == 1_299_600  # 361 latent frames x 3,600 tokens
+    with pytest.raises(ConfigError, match="does not divide model.heads=12"):
+        load_config(["model=1B", "curriculum=t2v_minute", "parallel.sequence=8"])
 
 
 @pytest.mark.parametrize("override, key", [

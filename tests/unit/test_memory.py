@@ -82,3 +82,19 @@ def test_sequence_parallelism_divides_the_activations_not_the_states():
         (alone.activations - alone.saved_activations) / 8 + buffers)
     with pytest.raises(ValueError, match="divide the world size"):
         estimate(cfg, world_size=12, sequence=8)
+
+
+def test_tiling_shrinks_what_one_block_rebuilds_and_what_the_head_keeps():
+    import pytest
+
+    base = ["model=1B", "curriculum=t2v_minute", "zero.precision=bf16", "zero.stage=3"]
+    plain = estimate(load_config(base, check=False), world_size=12, sequence=12)
+    tiled = estimate(load_config(base + ["model.mlp_chunks=8", "model.loss_chunks=8"], check=False), world_size=12,
+                     sequence=12)
+    cfg = load_config(base, check=False)
+    tokens = 1_299_600 / 12
+    mlp = 2 * cfg.model.mlp_ratio * (1 - 1 / 8) * cfg.model.dim * tokens * 2  # bf16 bytes, the recomputed block
+    head = 3 * (1 - 1 / 8) * cfg.model.dim * tokens * 2
+    assert plain.saved_activations - tiled.saved_activations == pytest.approx(head)
+    assert plain.activations - tiled.activations == pytest.approx(mlp + head)
+    assert (tiled.parameters, tiled.optimizer) == (plain.parameters, plain.optimizer)
