@@ -1,5 +1,7 @@
 # Two set-up commands that work on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
+# benchmarks/gpu_suite.py parts: abcd and e take about 8 and 5 minutes (a device call lasts 10 at most)
+PARTS ?= abcde
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := datasets/demo
@@ -43,4 +45,4 @@ gpu-check:
 
 # Every GPU figure of BENCHMARKS.md that needs a GPU (issue 12), about 8 minutes on one H100/H200.
 gpu-suite:
-	$(PYTHON) benchmarks/gpu_suite.py --out gpu-suite
+	$(PYTHON) benchmarks/gpu_suite.py --out gpu-suite --parts $(PARTS)

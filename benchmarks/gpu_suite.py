@@ -10,9 +10,13 @@
       procedural set it builds), with the in-process coordinator and tracking disabled (no Ray or W&B on the GPU
       machine): tokens/s, MFU, data wait, peak memory. Three configurations.
   (d) `train.memory`'s estimate against (c)'s measured peak, as error %.
+  (e) issue 13: the longest clip one GPU trains for the 1B model (one rank, no sequence parallelism), with
+      activation checkpointing, without and with tiling (model.mlp_chunks=8, model.loss_chunks=8): one training
+      step (forward, backward, AdamW) on one clip, doubling the tokens until memory runs out or the next size
+      would overrun a time budget (attention's cost grows with the square), next to the estimate's answer.
 
 It writes gpu_suite.md (one table per part, the machine and the date) and gpu_suite.json. Planned to finish in
-about 8 minutes on one H100/H200. `--rehearse` runs every part on the CPU at toy sizes, so the suite itself is
+about 13 minutes on one H100/H200 (part (e) takes up to 5 of them). `--rehearse` runs every part on the CPU at toy sizes, so the suite itself is
 tested where no GPU is lent (tests/integration/test_gpu_suite.py); its numbers mean nothing.
 """
 from __future__ import annotations
@@ -129,6 +133,77 @@ def model_step(size: Dict, tokens: int, text_path: Path, device, *, modulation: 
     return row  # its model and optimizer are freed on return; `guarded` then empties the CUDA cache
 
 
+# -- (e): the longest clip one GPU trains -------------------------------------------------------------------------
+def longest_clip(size: Dict, text_path: Path, device, *, tiling: bool, start: int, budget_s: float) -> Dict:
+    """One training step on one clip of `start`, 2 x `start`, ... tokens (eager; activation checkpointing on), until
+    one runs out of memory or the next would not finish inside `budget_s` (a step's time is extrapolated
+    quadratically). Reports every size tried and the estimator's largest fitting budget for this GPU."""
+    from conf.schema import load_config
+    from model_step import latent_grid
+    from models.dit import TextToVideoModel
+    from models.layers import cu_seqlens_from_lengths
+    from models.text_encoder import TextBatch
+    from train.memory import estimate
+    from train.parallelize import apply_activation_checkpointing, apply_tiling
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    capacity = 24 * 2 ** 30
+    if device.type == "cuda":  # an H100's 80 GB, also on a larger GPU (an H200): the question is about the H100
+        capacity = min(torch.cuda.get_device_properties(device).total_memory, 80 * 10 ** 9)
+        torch.cuda.set_per_process_memory_fraction(capacity / torch.cuda.get_device_properties(device).total_memory)
+    chunks = ["model.mlp_chunks=8", "model.loss_chunks=8"] if tiling else []
+    overrides = [f"model={size['model']}", "model.text.name=pretrained", f"model.text.path={text_path}",
+                 "model.activation_checkpointing=true", *chunks, *size.get("overrides", [])]
+    full = load_config(overrides + ["zero.precision=bf16" if device.type == "cuda" else "zero.precision=fp32",
+                                    "zero.stage=0"], check=False)
+    cfg = full.model
+    torch.manual_seed(0)
+    model = TextToVideoModel(cfg).to(device, dtype)
+    apply_tiling(model, cfg.mlp_chunks, cfg.loss_chunks)
+    apply_activation_checkpointing(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    text_tokens, width = size["text_tokens"], model.dit.text_pool.in_features
+    text = TextBatch(None, None, cu_seqlens_from_lengths([text_tokens], device), text_tokens, [text_tokens],
+                     embeddings=torch.randn(text_tokens, width, device=device, dtype=dtype))
+    tried, tokens, started = [], start, time.perf_counter()
+    while True:
+        shape = (cfg.autoencoder.latent_channels, *latent_grid(tokens, cfg.patch_size))
+        exact = int(torch.tensor(model.dit.grid(shape)).prod())
+        row = {"tokens": exact}
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            latent = torch.randn(shape, device=device, dtype=dtype)
+            model([latent], torch.rand(1, device=device), text).float().pow(2).mean().backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row.update(step_s=time.perf_counter() - began,
+                       peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None)
+        except torch.OutOfMemoryError:
+            row["out_of_memory"] = True
+        finally:
+            latent = None
+        tried.append(row)
+        elapsed = time.perf_counter() - started
+        if row.get("out_of_memory") or elapsed + 4 * 1.2 * row["step_s"] > budget_s:
+            break
+        tokens *= 2
+    trained = [r for r in tried if not r.get("out_of_memory")]
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    low, high = 1024, 1 << 24  # the estimator's longest clip that fits this GPU
+    while high - low > 1024:
+        middle = (low + high) // 2
+        low, high = (middle, high) if estimate(full, 1, token_budget=middle).fits(capacity) else (low, middle)
+    return {"tiling": tiling, "capacity_gb": capacity / 2 ** 30, "tried": tried, "longest_trained": max((r["tokens"] for r in trained), default=None),
+            "stopped_by": "memory" if tried[-1].get("out_of_memory") else "time budget",
+            "estimate_longest": low}
+
+
 # -- (c) and (d): the trainer's real step --------------------------------------------------------------------------
 def trainer_run(name: str, overrides: List[str], data: Path, text_path: Path, run_dir: Path, steps: int,
                 timeout: int) -> Dict:
@@ -195,6 +270,20 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {r['config']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'], '.1%')} | "
                      f"{fmt(r['data_wait_frac'], '.1%')} | {fmt(r['step_s'], '.3f')} | {fmt(r['peak_gb'], '.1f')} | "
                      f"{fmt(r['estimate_gb'], '.1f')} | {fmt(r['estimate_error'], '+.1%')} |")
+    lines += ["", "### (e) the longest clip one 80 GB GPU trains, 1B, one step, activation checkpointing (issue 13)",
+              "", "Memory is capped at 80 GB (an H100's) on a larger GPU. A size that would overrun the part's time "
+              "budget is not tried: then the peak memory of the sizes tried, against the estimate, tells the rest.", "",
+              "| tiling | longest trained (tokens) | stopped by | tried: tokens, step s, peak GB | estimate's longest |",
+              "|---|---|---|---|---|"]
+    for r in report.get("longest_clip", []):
+        if "error" in r:
+            lines.append(f"| {r.get('tiling', '?')} | failed: {r['error']} | | | |")
+            continue
+        tried = "; ".join(f"{t['tokens']:,}: " + ("out of memory" if t.get("out_of_memory") else
+                                                   f"{t['step_s']:.1f} s, {fmt(t.get('peak_gb'), '.1f')} GB")
+                          for t in r["tried"])
+        lines.append(f"| {'mlp 8, head 8' if r['tiling'] else 'off'} | {fmt(r['longest_trained'], ',.0f')} | "
+                     f"{r['stopped_by']} | {tried} | {r['estimate_longest']:,} |")
     lines += ["", f"Wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -216,6 +305,7 @@ def guarded(function, *args, **kwargs) -> Dict:
 def plan(rehearse: bool) -> Dict:
     if rehearse:  # toy sizes on the CPU: every part runs, in well under a minute
         return {"size": {"model": "tiny", "text_tokens": 8}, "tokens": [64, 128], "backend_tokens": 64,
+                "longest": {"start": 64, "budget_s": 3},
                 "width": 32, "steps": 1, "warmup": 1, "trainer_steps": 3,
                 "trainer": {"tiny, ZeRO-2": [], "tiny, ZeRO-2, checkpointing": ["model.activation_checkpointing=true"],
                             "tiny, ZeRO-3": ["zero.stage=3"]}}
@@ -223,6 +313,8 @@ def plan(rehearse: bool) -> Dict:
              "model.autoencoder.temporal_factor=1", "model.autoencoder.spatial_factor=1", "zero.precision=bf16"]
     budget = ["curriculum.stages.0.token_budget=16384", "curriculum.stages.1.token_budget=16384"]
     return {"size": {"model": "1B", "text_tokens": 128}, "tokens": [4096, 16384, 32768], "backend_tokens": 16384,
+            # 1B on an H200: 64k tokens take some seconds a step, 256k about a minute and a half (attention)
+            "longest": {"start": 65536, "budget_s": 150},
             "width": UMT5_XXL_WIDTH, "steps": 6, "warmup": 3, "trainer_steps": 16,
             "trainer": {"1B, ZeRO-2, 16k budget": one_b + budget,
                         "1B, ZeRO-2, 16k budget, no checkpointing": one_b + budget
@@ -234,6 +326,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 benchmarks/gpu_suite.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--rehearse", action="store_true", help="every part on the CPU at toy sizes")
+    parser.add_argument("--parts", default="abcde",
+                        help="which parts to run (letters above; d goes with c): e.g. abcd in one call and e in "
+                             "another, when a call may last 10 minutes at most")
     args = parser.parse_args(argv)
     if not args.rehearse and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; --rehearse runs the suite on the CPU at toy sizes", file=sys.stderr)
@@ -247,8 +342,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kino-gpu-suite-"))
     text_path = stand_in_text_encoder(work / "text_encoder", p["width"])
     common = dict(steps=p["steps"], warmup=p["warmup"], compiled=not args.rehearse)
+    parts = set(args.parts)
     versus_wan = []
-    for tokens in p["tokens"]:
+    for tokens in (p["tokens"] if "a" in parts else []):
         for modulation in ("per_block", "shared"):
             versus_wan.append(guarded(model_step, p["size"], tokens, text_path, device, modulation=modulation,
                                       **common))
@@ -256,27 +352,31 @@ def main(argv=None) -> int:
                                model="diffusers Wan"))
     backends = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for backend in [b for b in available_backends(device, dtype) if b != "reference"]:
+    for backend in [b for b in available_backends(device, dtype) if b != "reference" and "b" in parts]:
         for compiled in ((False,) if args.rehearse else (False, True)):
             backends.append(guarded(model_step, p["size"], p["backend_tokens"], text_path, device, backend=backend,
                                     compiled=compiled, steps=p["steps"], warmup=p["warmup"]))
     data = work / "data"
-    build(data, procedural=64, real=False, samples_per_shard=16, seed=0)
+    if "c" in parts:
+        build(data, procedural=64, real=False, samples_per_shard=16, seed=0)
     trainer = [trainer_run(name, overrides, data, text_path, work / f"run{i}", p["trainer_steps"], timeout=600)
-               for i, (name, overrides) in enumerate(p["trainer"].items())]
+               for i, (name, overrides) in enumerate(p["trainer"].items())] if "c" in parts else []
+    longest = [guarded(longest_clip, p["size"], text_path, device, tiling=tiling, **p["longest"])
+               for tiling in (False, True)] if "e" in parts else []
     report = {"date": time.strftime("%Y-%m-%d"), "rehearse": args.rehearse, "compiled": common["compiled"],
               "precision": str(dtype).replace("torch.", ""),
               "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else
                               f"cpu ({platform.processor() or platform.machine()}, rehearsal)",
                               "torch": torch.__version__, "python": platform.python_version()},
-              "versus_wan": versus_wan, "backends": backends, "trainer": trainer,
+              "versus_wan": versus_wan, "backends": backends, "trainer": trainer, "longest_clip": longest,
               "wall_s": time.perf_counter() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    (args.out / "gpu_suite.md").write_text(text)
-    (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=1, default=str))
+    name = "gpu_suite" if parts == set("abcde") else f"gpu_suite_{''.join(sorted(parts))}"
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
     print(text)
-    failed = [r for part in ("versus_wan", "backends", "trainer") for r in report[part] if "error" in r]
+    failed = [r for part in ("versus_wan", "backends", "trainer", "longest_clip") for r in report[part] if "error" in r]
     return 1 if failed else 0
 
 

@@ -23,5 +23,23 @@ def test_the_gpu_suite_rehearses_every_part_on_the_cpu(tmp_path):
     assert [row["steps"] for row in report["trainer"]] == [3, 3, 3]
     assert all(0 <= row["data_wait_frac"] <= 1 and row["estimate_gb"] > 0 for row in report["trainer"])
     table = (tmp_path / "gpu_suite.md").read_text()
-    for part in ("(a) Kino vs diffusers Wan", "(b) attention backends", "(c) the trainer's step"):
+    for part in ("(a) Kino vs diffusers Wan", "(b) attention backends", "(c) the trainer's step",
+                 "(e) the longest clip"):
         assert part in table
+    # (e): sizes doubled until the time budget, with and without tiling, each next to the estimator's answer
+    assert [row["tiling"] for row in report["longest_clip"]] == [False, True]
+    for row in report["longest_clip"]:
+        tokens = [t["tokens"] for t in row["tried"]]
+        assert len(tokens) >= 2 and tokens == sorted(tokens) and row["longest_trained"] == tokens[-1]
+        assert row["stopped_by"] == "time budget" and row["estimate_longest"] > 0
+    tiled, plain = (next(r["estimate_longest"] for r in report["longest_clip"] if r["tiling"] == t) for t in (1, 0))
+    assert tiled > plain  # tiling leaves room for more tokens
+
+
+def test_the_gpu_suite_runs_a_subset_of_its_parts_for_calls_of_limited_length(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--rehearse", "--parts", "e", "--out",
+                             str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_suite_e.json").read_text())
+    assert report["versus_wan"] == report["backends"] == report["trainer"] == []
+    assert len(report["longest_clip"]) == 2
