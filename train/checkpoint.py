@@ -4,7 +4,8 @@ A checkpoint is written under a temporary name, completed with a COMPLETE marker
 renamed into place, and only then named by `latest`; a crash at any point leaves
 `latest` on the previous complete checkpoint.
   step_N/engine/          DeepSpeed engine (sharded under ZeRO)
-  step_N/train_state.json step, stage, data positions, RNG of every rank, tracker id, config hash
+  step_N/train_state.json step, stage, layout (workers, parallel.sequence), data positions, RNG of every rank,
+                          tracker id, config hash
   step_N/audit.json       what was trained on, per shard and license; what was dropped and why
   step_N/ema.pt           EMA weights (fp32)
   step_N/config.yaml      the resolved config of the run
