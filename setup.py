@@ -28,9 +28,9 @@ setup(
         "media": ["av>=12", "imageio>=2.34", "moviepy>=1.0"],
         # Loading pretrained autoencoders (diffusers) and text encoders (transformers) from local paths.
         "encoders": ["diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0", "tokenizers>=0.21",
-                     "sentencepiece>=0.2"],
+                     "sentencepiece>=0.2", "peft>=0.13"],
         "dev": ["pytest>=8", "av>=12", "imageio>=2.34", "moviepy>=1.0", "diffusers>=0.35", "transformers>=4.50",
-                "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "jsonschema>=4",
+                "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "peft>=0.13", "jsonschema>=4",
                 "kubernetes-validate>=1.30"],
         # Needs CUDA to build; install on GPU machines only.
         "gpu": ["flash-attn>=2.6"],

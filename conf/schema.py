@@ -72,6 +72,8 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
     if cfg.train.method != "dit" and (cfg.model.mlp_chunks > 1 or cfg.model.loss_chunks > 1):
         raise ConfigError(f"model.mlp_chunks and model.loss_chunks tile the DiT; train.method={cfg.train.method} "
                           f"has none (set them to 1)")
+    check_base_model(cfg)
+    check_lora_targets(cfg)
     if world_size is None:
         world_size = cfg.launcher.nodes * cfg.launcher.processes_per_node()
     check_sequence_parallel(cfg, world_size)
@@ -94,6 +96,48 @@ def check_sequence_parallel(cfg: KinoConfig, world_size: int) -> None:
     if world_size % degree:
         raise ConfigError(f"parallel.sequence={degree} does not divide the world size {world_size} "
                           f"(launcher.nodes x processes per node): every rank belongs to one group of {degree}")
+
+
+def check_base_model(cfg: KinoConfig) -> None:
+    """model.init_from: its license allowed, and its architecture the configured one, key by key (the files'
+    headers only; the weights are read when the run starts)."""
+    model = cfg.model
+    if not model.init_from:
+        return
+    if model.init_license not in cfg.data.licenses.allow_weights:
+        raise ConfigError(f"model.init_license={model.init_license!r} is not in data.licenses.allow_weights="
+                          f"{list(cfg.data.licenses.allow_weights)}: these base weights may not be trained from")
+    from pathlib import Path
+
+    from models.dit import context_dim
+    from models.wan_weights import WeightsMismatch, check_matches
+
+    if not Path(model.init_from).is_dir():
+        raise ConfigError(f"model.init_from={model.init_from} is not a directory (a diffusers WanTransformer3DModel)")
+    if model.text.name == "pretrained" and not (Path(model.text.path) / "config.json").exists():
+        raise ConfigError(f"model.text.path={model.text.path} holds no config.json (a T5/UMT5 encoder directory)")
+    try:
+        check_matches(model.init_from, model, context_dim(model))
+    except WeightsMismatch as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_lora_targets(cfg: KinoConfig) -> None:
+    """model.lora.targets must name linear layers of the configured DiT (a model on the meta device)."""
+    if not cfg.model.lora.rank or cfg.train.method != "dit":
+        return
+    import torch
+
+    from models.dit import TextToVideoModel
+    from models.lora import lora_layers
+
+    with torch.device("meta"):
+        model = TextToVideoModel(cfg.model, with_lora=False)
+    if not lora_layers(model.dit, cfg.model.lora.targets):
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.dit.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"model.lora.targets={list(cfg.model.lora.targets)} name no linear layer of "
+                          f"model.arch={cfg.model.arch}; its layers end in: {', '.join(names)}")
 
 
 def _register() -> None:
@@ -160,7 +204,7 @@ RESUMABLE_KEYS = (
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
     "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
     "model.attention_backend", "model.activation_checkpointing", "model.compile", "model.mlp_chunks",
-    "model.loss_chunks", "parallel", "launcher",
+    "model.loss_chunks", "model.init_sha256", "parallel", "launcher",
 )
 
 

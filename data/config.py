@@ -9,6 +9,8 @@ from conf.errors import ConfigError
 class LicensePolicyConfig:
     # Only samples whose `license` is in this list ever reach the model.
     allow: List[str] = field(default_factory=lambda: ["CC0-1.0"])
+    # Licenses a base model's weights (model.init_from, declared by model.init_license) may carry.
+    allow_weights: List[str] = field(default_factory=lambda: ["Apache-2.0", "MIT", "CC0-1.0"])
 
 
 @dataclass

@@ -13,6 +13,11 @@ class TextEncoderConfig:
     # pretrained: a frozen transformers T5/UMT5 encoder loaded from `path` (a local directory).
     name: str = "builtin"
     path: Optional[str] = None
+    # pretrained: the tokenizer's directory when it is not `path` (diffusers repositories keep it in tokenizer/).
+    tokenizer_path: Optional[str] = None
+    # pretrained: pad each caption's embeddings with zero vectors to this many tokens (Wan was trained on UMT5
+    # embeddings zero-padded to 512, and its cross-attention reads the padding); null = the real tokens only.
+    pad_to: Optional[int] = None
     dim: int = 128
     depth: int = 2
     heads: int = 4
@@ -30,6 +35,8 @@ class TextEncoderConfig:
             raise ConfigError(f"model.text.tokenizer={self.tokenizer!r}: supported: bytes, words")
         if self.tokenizer == "words" and self.vocab_size < 16:
             raise ConfigError(f"model.text.vocab_size={self.vocab_size}: too small for hashed words")
+        if self.pad_to is not None and self.pad_to < self.max_tokens:
+            raise ConfigError(f"model.text.pad_to={self.pad_to} must be >= model.text.max_tokens={self.max_tokens}")
         if self.name == "pretrained" and not self.path:
             raise ConfigError("model.text.path must name a local T5/UMT5 directory when model.text.name=pretrained")
 
@@ -66,13 +73,43 @@ class AutoencoderConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Adapter rank; 0 = no LoRA (every DiT parameter trains).
+    rank: int = 0
+    # Scale alpha / rank on the adapter's output; null = rank (a scale of 1).
+    alpha: Optional[float] = None
+    # Linear layers of the DiT to adapt: names or dotted tails of names. The default is Wan's attention and FFN
+    # (model.arch=wan); Kino's DiT names them qkv, q, kv, out, fc1, fc2.
+    targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj",
+                                                        "ffn.net.2"])
+
+    def check(self) -> None:
+        if self.rank < 0 or (self.alpha is not None and self.alpha <= 0):
+            raise ConfigError(f"model.lora.rank={self.rank} must be >= 0 and model.lora.alpha={self.alpha} > 0")
+        if self.rank and not self.targets:
+            raise ConfigError("model.lora.targets is empty: name the linear layers to adapt")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
+    # kino: Kino's DiT (models/dit.py). wan: the Wan 2.1 text-to-video transformer (models/wan.py), whose
+    # weights load from and export to diffusers' WanTransformer3DModel; conditioning, modulation and
+    # position_embedding are Wan's own there (cross-attention, a shared table, RoPE only).
+    arch: str = "kino"
     patch_size: List[int] = field(default_factory=lambda: [1, 4, 4])  # (p_t, p_h, p_w)
     dim: int = 128
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    # The MLP's hidden width; null = dim x mlp_ratio. Wan's are not a round ratio (1.3B: 8960 at dim 1536).
+    ffn_dim: Optional[int] = None
+    # Width of the sinusoidal timestep features (arch=wan; Kino's DiT uses 256).
+    freq_dim: int = 256
     qk_norm: bool = True
     rope_theta: float = 10000.0
     # cross_attention: video tokens attend to text tokens in a separate layer.
@@ -99,8 +136,28 @@ class ModelConfig:
     compile: Optional[bool] = None
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    # Start from an open base model: a local diffusers WanTransformer3DModel directory (model.arch=wan), checked
+    # against this config key by key before any process starts. Its declared license (required with it) must
+    # be in data.licenses.allow_weights; its identity (name, sha256, license) is recorded in config.yaml, every
+    # checkpoint and audit.json.
+    init_from: Optional[str] = None
+    init_license: Optional[str] = None
+    # sha256 of init_from's weight files: written by the run when it starts; set it to pin the weights (a run
+    # whose directory hashes otherwise is refused).
+    init_sha256: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.ffn_dim or int(self.dim * self.mlp_ratio)
 
     def check(self) -> None:
+        if self.arch not in ("kino", "wan"):
+            raise ConfigError(f"model.arch={self.arch!r}: supported: kino, wan")
+        if self.arch == "wan" and self.conditioning != "cross_attention":
+            raise ConfigError("model.arch=wan conditions by cross-attention (model.conditioning=cross_attention)")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ConfigError(f"model.ffn_dim={self.ffn_dim}: must be positive (or null for dim x mlp_ratio)")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(f"model.patch_size must be three positive ints (p_t, p_h, p_w), got {self.patch_size}")
         if self.dim % self.heads:
@@ -120,3 +177,9 @@ class ModelConfig:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r} is not a known backend")
         self.text.check()
         self.autoencoder.check()
+        self.lora.check()
+        if self.init_from and self.arch != "wan":
+            raise ConfigError("model.init_from loads a diffusers WanTransformer3DModel: set model.arch=wan")
+        if self.init_from and not self.init_license:
+            raise ConfigError("model.init_from needs model.init_license: the base weights' declared license "
+                              "(e.g. Apache-2.0 for Wan 2.1), recorded with every checkpoint")

@@ -86,6 +86,31 @@ def block_modulation(block: nn.Module, cond: torch.Tensor) -> List[torch.Tensor]
     return block.ada(nn.functional.silu(cond)).chunk(block.modulation_chunks, dim=-1)
 
 
+def patchify(latents: Sequence[torch.Tensor], patch_size: Sequence[int]) -> torch.Tensor:
+    """List of (C, T, H, W) -> packed (sum of tokens, C*pt*ph*pw), each clip's tokens in t, h, w order."""
+    pt, ph, pw = patch_size
+    tokens = []
+    for x in latents:
+        c, t, h, w = x.shape
+        x = x.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
+        tokens.append(x.permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, c * pt * ph * pw))
+    return torch.cat(tokens)
+
+
+def unpatchify(packed: torch.Tensor, shapes: Sequence[Sequence[int]], patch_size: Sequence[int]) -> List[torch.Tensor]:
+    """The inverse of `patchify`, given each clip's (C, T, H, W)."""
+    pt, ph, pw = patch_size
+    out, start = [], 0
+    for shape in shapes:
+        c, t, h, w = shape
+        gt, gh, gw = t // pt, h // ph, w // pw
+        n = gt * gh * gw
+        x = packed[start:start + n].reshape(gt, gh, gw, c, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
+        out.append(x.reshape(shape))
+        start += n
+    return out
+
+
 class WholeSequence(nn.Module):
     """Which tokens of the packed sequence this forward computes: all of them. Every per-token tensor passes
     through it before the blocks. Sequence parallelism (train/sequence_parallel.py) stands a module in its place
@@ -105,7 +130,7 @@ class DiTBlock(nn.Module):
         self.cross = Attention(d, cfg.heads, context_dim=context_dim, qk_norm=cfg.qk_norm,
                                backend=cfg.attention_backend)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(d, int(d * cfg.mlp_ratio))
+        self.mlp = MLP(d, cfg.mlp_hidden)
         add_modulation(self, d, 6, shared=cfg.modulation == "shared")
 
     def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order):
@@ -180,7 +205,7 @@ class _Stream(nn.Module):
         if not attend_only:
             self.out = nn.Linear(d, d)
             self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-            self.mlp = MLP(d, int(d * cfg.mlp_ratio))
+            self.mlp = MLP(d, cfg.mlp_hidden)
         add_modulation(self, d, 2 if attend_only else 6, shared=cfg.modulation == "shared")
 
     def per_token_modulation(self, cond, segments):
@@ -250,26 +275,10 @@ class VideoDiT(nn.Module):
         return t // pt, h // ph, w // pw
 
     def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
-        """List of (C, T, H, W) -> packed (sum of tokens, C*pt*ph*pw), each clip's tokens in t, h, w order."""
-        pt, ph, pw = self.patch_size
-        tokens = []
-        for x in latents:
-            c, t, h, w = x.shape
-            x = x.reshape(c, t // pt, pt, h // ph, ph, w // pw, pw)
-            tokens.append(x.permute(1, 3, 5, 0, 2, 4, 6).reshape(-1, c * pt * ph * pw))
-        return torch.cat(tokens)
+        return patchify(latents, self.patch_size)
 
     def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        pt, ph, pw = self.patch_size
-        out, start = [], 0
-        for shape in shapes:
-            c = shape[0]
-            gt, gh, gw = self.grid(shape)
-            n = gt * gh * gw
-            x = packed[start:start + n].reshape(gt, gh, gw, c, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
-            out.append(x.reshape(shape))
-            start += n
-        return out
+        return unpatchify(packed, shapes, self.patch_size)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 text_batch: TextBatch) -> torch.Tensor:
@@ -316,18 +325,24 @@ class TextToVideoModel(nn.Module):
     Knows nothing about distribution. With a frozen pretrained text encoder, the caller passes its
     embeddings in the TextBatch (`text_conditioner` builds either kind)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, with_lora: bool = True):
         super().__init__()
         self.cfg = cfg
-        if cfg.text.name == "builtin":
-            self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend)
-            context_dim = cfg.text.dim
-        elif cfg.text.name == "pretrained":
-            self.text_encoder = None
-            context_dim = pretrained_text_dim(cfg.text.path)
-        else:
+        if cfg.text.name not in ("builtin", "pretrained"):
             raise ValueError(f"model.text.name={cfg.text.name!r}: supported: builtin, pretrained")
-        self.dit = VideoDiT(cfg, context_dim=context_dim)
+        self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend) if cfg.text.name == "builtin" \
+            else None
+        context = context_dim(cfg)
+        if cfg.arch == "wan":
+            from models.wan import WanDiT  # models/wan.py builds on this module's pieces
+
+            self.dit = WanDiT(cfg, context_dim=context)
+        else:
+            self.dit = VideoDiT(cfg, context_dim=context)
+        if with_lora and cfg.lora.rank:  # adapters beside the chosen layers; every other parameter frozen
+            from models.lora import apply_lora
+
+            apply_lora(self, cfg.lora.rank, cfg.lora.scale_alpha, cfg.lora.targets)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text_batch: TextBatch):
         # fp32 latents and frozen-encoder embeddings enter a bf16 model in bf16; timesteps stay fp32 for
@@ -337,10 +352,15 @@ class TextToVideoModel(nn.Module):
         return self.dit(latents, timesteps, context, text_batch)
 
 
+def context_dim(cfg: ModelConfig) -> int:
+    """Width of the caption tokens the DiT reads: the built-in encoder's, or the pretrained one's."""
+    return cfg.text.dim if cfg.text.name == "builtin" else pretrained_text_dim(cfg.text.path)
+
+
 def text_conditioner(cfg: ModelConfig):
     """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
     if cfg.text.name == "pretrained":
-        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens)
+        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens, cfg.text.tokenizer_path, cfg.text.pad_to)
     return builtin_tokenizer(cfg.text)
 
 

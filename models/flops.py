@@ -24,9 +24,10 @@ class ParameterGroups:
 def _role(name: str) -> str:
     if name.startswith("text_encoder."):
         return "text"
-    if ".cross.kv" in name:
+    if ".cross.kv" in name or any(part in name for part in (".attn2.to_k", ".attn2.to_v", "text_embedder")):
         return "text"
-    if any(part in name for part in ("time_embed", "text_pool", ".ada", "final_ada", "shared_modulation")):
+    if any(part in name for part in ("time_embed", "text_pool", ".ada", "final_ada", "shared_modulation",
+                                     "time_proj")):
         return "sample"
     return "video"
 

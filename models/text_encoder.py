@@ -130,14 +130,15 @@ class PretrainedTextEncoder:
     Runs outside the trained model, under no_grad; its packed embeddings feed the DiT's cross-attention.
     """
 
-    def __init__(self, path: str, max_tokens: int):
+    def __init__(self, path: str, max_tokens: int, tokenizer_path: Optional[str] = None, pad_to: Optional[int] = None):
         from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         classes = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "mt5": T5EncoderModel}
         if config.model_type not in classes:
             raise ValueError(f"{path}: a {config.model_type!r} model is not a T5/UMT5 encoder")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        self.pad_to = pad_to
         self.network = classes[config.model_type].from_pretrained(path, local_files_only=True).eval()
         self.network.requires_grad_(False)
         self.dim = config.d_model
@@ -159,6 +160,10 @@ class PretrainedTextEncoder:
         lengths = host_mask.sum(dim=1).tolist()
         real = to_device(host_mask.flatten().nonzero().flatten(), self.device)
         packed = hidden.flatten(0, 1).index_select(0, real)  # (M, dim), each caption's real tokens only
+        if self.pad_to:  # each caption's real tokens, then zero vectors up to pad_to, as Wan was trained
+            pieces = torch.split(packed, lengths)
+            packed = torch.cat([torch.cat([p, p.new_zeros(self.pad_to - len(p), p.shape[1])]) for p in pieces])
+            lengths = [self.pad_to] * len(lengths)
         device = device or self.device
         return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
                          embeddings=packed.float().to(device))

@@ -37,3 +37,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vae(tmp_path_factory):
+    """A diffusers AutoencoderKLWan, tiny and random (2x temporal, 4x spatial, 4 latent channels)."""
+    import diffusers
+    import torch
+
+    path = tmp_path_factory.mktemp("wan_vae")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                               latents_std=[1.5, 2.0, 0.5, 1.0], scale_factor_temporal=2,
+                               scale_factor_spatial=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """A transformers T5 encoder (24 wide) and its tokenizer, tiny and random."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    path = tmp_path_factory.mktemp("t5")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a red circle moving left on a black background", "a blue square moving up"],
+                            trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(path)
+    config = transformers.T5Config(vocab_size=tok.get_vocab_size(), d_model=24, d_kv=8, d_ff=48, num_layers=2,
+                                   num_heads=3, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(config).save_pretrained(path)
+    return path

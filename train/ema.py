@@ -24,7 +24,8 @@ class EMA:
     def update(self, module: torch.nn.Module) -> None:
         weight = 1.0 - self.current_decay()
         for name, p in module.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), weight)
+            if p.requires_grad:  # a frozen parameter (LoRA's base) never moves from its start
+                self.shadow[name].lerp_(p.detach().float(), weight)
         self.updates += 1
 
     @torch.no_grad()

@@ -104,7 +104,9 @@ def build_engine(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, load_uni
     import deepspeed
 
     config = deepspeed_config(cfg, env.world_size, env.device.type, load_universal)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    # Only what trains enters the optimizer (LoRA freezes the base weights).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     return engine
 
 

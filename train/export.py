@@ -1,8 +1,13 @@
-"""`python -m train.export RUN [--ema | --raw] [--step N] [--out DIR]`: consolidated weights of a run.
+"""`python -m train.export RUN [--ema | --raw] [--step N] [--out DIR] [--format kino|diffusers] [--lora merged|adapters]`.
 
-Writes DIR/model.safetensors (fp32, one file whatever the ZeRO stage) and DIR/config.yaml.
---ema (default) exports the EMA weights; --raw the trained weights, consolidated from the
-DeepSpeed shards. DIR defaults to RUN/export/step_N.
+Consolidated weights of a run, fp32, one file whatever the ZeRO stage. --ema (default) exports the EMA weights;
+--raw the trained weights, consolidated from the DeepSpeed shards. DIR defaults to RUN/export/step_N.
+
+  --format kino (default)  DIR/model.safetensors and DIR/config.yaml: what Kino reads back (`load_exported`).
+  --format diffusers       (model.arch=wan) a directory `WanTransformer3DModel.from_pretrained(DIR)` loads. A LoRA
+                           run writes the base weights with the adapters merged in (--lora merged, default), or
+                           DIR/pytorch_lora_weights.safetensors alone, in diffusers' LoRA format (--lora adapters:
+                           `transformer.load_lora_adapter(DIR, prefix="transformer")` on the base model).
 """
 from __future__ import annotations
 
@@ -47,6 +52,33 @@ def export(run_dir, use_ema: bool = True, step: int = None, out: Path = None) ->
     return out
 
 
+def export_diffusers(run_dir, use_ema: bool = True, step: int = None, out: Path = None,
+                     lora: str = "merged") -> Path:
+    from safetensors.torch import save_file
+
+    from conf.schema import from_yaml
+    from models.lora import adapter_state, merged_state
+    from models.wan_weights import save_diffusers
+
+    checkpoint = checkpoint_path(Path(run_dir), step)
+    cfg = from_yaml((checkpoint / "config.yaml").read_text())
+    if cfg.model.arch != "wan":
+        raise SystemExit(f"--format diffusers writes a WanTransformer3DModel: this run has model.arch={cfg.model.arch}")
+    weights = ema_weights(checkpoint) if use_ema else raw_weights(checkpoint)
+    dit = {name[len("dit."):]: tensor.float() for name, tensor in weights.items() if name.startswith("dit.")}
+    out = Path(out or Path(run_dir) / "export" / f"{checkpoint.name}-diffusers")
+    out.mkdir(parents=True, exist_ok=True)
+    text_dim = dit["condition_embedder.text_embedder.linear_1.weight"].shape[1]
+    rank, alpha = cfg.model.lora.rank, cfg.model.lora.scale_alpha
+    if rank and lora == "adapters":
+        adapters = {f"transformer.{name}": t.contiguous() for name, t in adapter_state(dit, rank, alpha).items()}
+        save_file(adapters, str(out / "pytorch_lora_weights.safetensors"))
+    else:
+        save_diffusers(merged_state(dit, rank, alpha) if rank else dit, cfg.model, text_dim, out)
+    shutil.copyfile(checkpoint / "config.yaml", out / "kino_config.yaml")
+    return out
+
+
 def load_exported(directory) -> tuple:
     """(config, model with the exported weights) for the run's method."""
     from safetensors.torch import load_file
@@ -69,9 +101,18 @@ def main(argv=None) -> None:
     which.add_argument("--raw", action="store_true", help="export the trained (non-EMA) weights")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--format", choices=("kino", "diffusers"), default="kino")
+    parser.add_argument("--lora", choices=("merged", "adapters"), default="merged",
+                        help="a LoRA run, --format diffusers: adapters merged into the weights, or the adapters alone")
     args = parser.parse_args(argv)
+    which = "raw" if args.raw else "EMA"
+    if args.format == "diffusers":
+        out = export_diffusers(args.run_dir, use_ema=not args.raw, step=args.step, out=args.out, lora=args.lora)
+        print(f"exported {which} weights to {out} as a diffusers WanTransformer3DModel"
+              + (" LoRA" if (out / "pytorch_lora_weights.safetensors").exists() else ""))
+        return
     out = export(args.run_dir, use_ema=not args.raw, step=args.step, out=args.out)
-    print(f"exported {'raw' if args.raw else 'EMA'} weights to {out / 'model.safetensors'} (+ config.yaml)")
+    print(f"exported {which} weights to {out / 'model.safetensors'} (+ config.yaml)")
 
 
 if __name__ == "__main__":

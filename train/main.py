@@ -80,6 +80,9 @@ def _print_summary(summary: dict) -> None:
     print(f"videos        : {', '.join(summary['videos']) or '-'}")
     print(f"W&B files     : {summary['wandb_dir'] or 'tracking disabled'}")
     print(f"trained on    : {json.dumps(audit['license_totals'], sort_keys=True)} samples per license")
+    base = summary.get("base_model")
+    if base:
+        print(f"base model    : {base['name']} ({base['license']}, sha256 {base['sha256']}) from {base['path']}")
     dropped = ", ".join(f"{reason}={count} (e.g. {', '.join(audit['dropped_examples'].get(reason, [])[:3])})"
                         for reason, count in sorted(audit["dropped"].items()))
     print(f"dropped       : {dropped or 'none'}")

@@ -81,7 +81,7 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     tokens = (token_budget or max(s.token_budget for s in cfg.curriculum.stages)) / sequence  # per rank
     m = cfg.model
     text = text_tokens if text_tokens is not None else m.text.max_tokens
-    mlp_values = 2 * m.mlp_ratio * (1 - 1 / m.mlp_chunks)  # per token, x dim: what tiling the MLP saves
+    mlp_values = 2 * m.mlp_hidden / m.dim * (1 - 1 / m.mlp_chunks)  # per token, x dim: what tiling the MLP saves
     per_block = (ACTIVATION_VALUES_PER_TOKEN - mlp_values) * m.dim * tokens
     saved_blocks = m.depth * (m.dim * tokens if m.activation_checkpointing else per_block)
     recompute = per_block if m.activation_checkpointing else 0  # one block rebuilt during backward

@@ -22,12 +22,14 @@ from torch.utils.checkpoint import checkpoint
 
 from models.dit import DiTBlock, JointBlock
 from models.layers import MLP
+from models.wan import WanBlock, WanFeedForward
 from conf.schema import KinoConfig
 from train.engine import DistEnv, build_engine, compute_dtype
 from train.sequence_parallel import SequenceLayout, SequenceSplit, apply_sequence_parallel
 
 # The units activation checkpointing (and later compile) apply to: a transformer's repeated blocks.
-REPEATED_BLOCKS = (DiTBlock, JointBlock)
+REPEATED_BLOCKS = (DiTBlock, JointBlock, WanBlock)
+FEED_FORWARDS = (MLP, WanFeedForward)  # what model.mlp_chunks tiles
 
 
 def repeated_blocks(model: nn.Module) -> List[nn.Module]:
@@ -57,7 +59,7 @@ def apply_tiling(model: nn.Module, mlp_chunks: int, loss_chunks: int) -> None:
     parameter name changes."""
     if mlp_chunks > 1:
         for block in repeated_blocks(model):
-            for mlp in (m for m in block.modules() if isinstance(m, MLP)):
+            for mlp in (m for m in block.modules() if isinstance(m, FEED_FORWARDS)):
                 mlp.forward = functools.partial(_tiled, mlp.forward, mlp_chunks)
     if loss_chunks > 1:
         dit = model.dit

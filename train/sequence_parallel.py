@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.dit import DiTBlock, JointBlock
+from models.wan import WanBlock
 from train import collectives
 
 
@@ -247,6 +248,9 @@ def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> Sequenc
         if isinstance(block, DiTBlock):
             block.attn.core = SequenceParallelAttention(block.attn.core, split, kv_sharded=True)
             block.cross.core = SequenceParallelAttention(block.cross.core, split, kv_sharded=False)
+        elif isinstance(block, WanBlock):
+            block.attn1.core = SequenceParallelAttention(block.attn1.core, split, kv_sharded=True)
+            block.attn2.core = SequenceParallelAttention(block.attn2.core, split, kv_sharded=False)
         elif isinstance(block, JointBlock):
             block.core = SequenceParallelJointAttention(block.core, split)
         else:

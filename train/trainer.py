@@ -58,11 +58,14 @@ class Trainer:
         # the generators are seeded by the group, so N ranks at SP=N draw what 1 rank at SP=1 does.
         self.layout = sequence_layout(cfg.parallel.sequence, env.rank, env.world_size)
         self.rng = RNGState(cfg.train.seed, self.layout.data_rank, env.device)
-        self.model = self.build_model().to(env.device)
+        self.model = self.build_model()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
                                              cfg.train.checkpoint_every)
         # Found before the engine is built: a checkpoint from another world size loads through the universal format.
         self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
+        # The base model's identity (model.init_from): recorded in config.yaml, each checkpoint and audit.json.
+        self.base_model = self.initialize_from_base(load=self._resume_path is None)
+        self.model = self.model.to(env.device)
         self.engine, self.split = parallelize(self.model, cfg, env, self.layout,
                                               load_universal=self.checkpoints.universal)
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
@@ -112,11 +115,44 @@ class Trainer:
         self.flop_groups = parameter_groups(model)
         return model
 
+    def initialize_from_base(self, load: bool) -> Optional[Dict[str, str]]:
+        """model.init_from: the base weights into the DiT (a fresh start only: a resume reads its checkpoint) and
+        their identity {name, path, sha256, license}. Rank 0 hashes the files; every rank gets its answer."""
+        m = self.cfg.model
+        if not m.init_from:
+            return None
+        from models.wan_weights import load_diffusers, read_config, weights_sha256
+
+        identity = [None]
+        if self.env.is_main:
+            saved = read_config(m.init_from)
+            identity = [{"name": saved.get("_name_or_path") or Path(m.init_from).resolve().name,
+                         "path": str(Path(m.init_from).resolve()), "sha256": weights_sha256(m.init_from),
+                         "license": m.init_license}]
+        if dist.is_initialized():
+            dist.broadcast_object_list(identity, src=0)
+        identity = identity[0]
+        if m.init_sha256 and m.init_sha256 != identity["sha256"]:
+            raise ValueError(f"model.init_from={m.init_from}: its weights hash to {identity['sha256']}, "
+                             f"model.init_sha256 pins {m.init_sha256}")
+        m.init_sha256 = identity["sha256"]
+        if load:
+            missing, unexpected = self.model.dit.load_state_dict(load_diffusers(m.init_from, m), strict=False)
+            missing = [name for name in missing if ".lora_A." not in name and ".lora_B." not in name]
+            if missing or unexpected:  # check_matches passed at start-up: the files changed since
+                raise ValueError(f"model.init_from={m.init_from}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            log.info("base model: %s (sha256 %s, %s) from %s", identity["name"], identity["sha256"][:16],
+                     identity["license"], identity["path"])
+        return identity
+
     def describe_model(self) -> str:
         text = self.model.text_encoder
-        return (f"{parameter_count(self.model) / 1e6:.2f}M trained parameters (DiT "
-                f"{parameter_count(self.model.dit) / 1e6:.2f}M, text encoder "
-                f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M)")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = parameter_count(self.model)
+        lora = self.cfg.model.lora
+        return (f"{total / 1e6:.2f}M parameters (DiT {parameter_count(self.model.dit) / 1e6:.2f}M, text encoder "
+                f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M), {trainable / 1e6:.2f}M trainable"
+                + (f" ({100 * trainable / total:.2f}%: LoRA rank {lora.rank})" if lora.rank else ""))
 
     # -- resumable state ---------------------------------------------------------------------------
     def resumable_state(self) -> Dict[str, Resumable]:
@@ -131,6 +167,7 @@ class Trainer:
             "curriculum": Resumable(Value(lambda: self.curriculum.state_dict(self.step), self._check_stage), "shared"),
             "tracker": Resumable(self.tracker, "shared"),
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
+            "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
             "rng": Resumable(self.rng, "rank"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
@@ -149,6 +186,11 @@ class Trainer:
 
     def _note_saved_workers(self, num_workers) -> None:
         self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)
+
+    def _restore_base_model(self, identity) -> None:
+        if identity:  # the weights came from the checkpoint; their origin is the one it recorded
+            self.base_model = identity
+            self.cfg.model.init_sha256 = identity["sha256"]
 
     def _note_saved_sequence(self, degree) -> None:
         self._saved_sequence = 1 if degree is None else int(degree)  # written before sequence parallelism: 1
@@ -189,7 +231,8 @@ class Trainer:
 
     def _audit_so_far(self):
         """Collective: the audit of all ranks, merged (rank 0 writes it)."""
-        return dict(self.merged_audit().state_dict(), step=self.step, dataset=str(self.cfg.data.root))
+        return dict(self.merged_audit().state_dict(), step=self.step, dataset=str(self.cfg.data.root),
+                    base_model=self.base_model)
 
     def _restore_audit(self, state) -> None:
         if self.env.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
@@ -494,6 +537,7 @@ class Trainer:
                 "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
                 "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                 "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
+                "base_model": self.base_model,
                 "evaluation": self.last_evaluation}
 
 

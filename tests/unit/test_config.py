@@ -67,8 +67,11 @@ def test_every_shipped_model_size_validates_with_the_realistic_curriculum():
 
     sizes = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "model").glob("*.yaml"))
     assert {"tiny", "S", "B", "L", "XL", "1B", "3B", "7B"} <= set(sizes)
+    assert {"wan_1.3B", "wan_14B"} <= set(sizes)
     for size in set(sizes) - {"tiny"}:  # tiny trains in pixel space: the demo curriculum
-        cfg = load_config([f"model={size}", "curriculum=t2v_3stage"])
+        # Wan's configs point at local UMT5 and Wan VAE directories the user names.
+        paths = ["model.text.path=/models/umt5", "model.autoencoder.path=/models/vae"] if size.startswith("wan") else []
+        cfg = load_config([f"model={size}", "curriculum=t2v_3stage", *paths])
         assert [s.name for s in cfg.curriculum.stages] == ["256p", "480p", "720p"]
 
 

@@ -1,0 +1,217 @@
+"""`model.arch=wan`: the Wan 2.1 text-to-video transformer's math in Kino's packed varlen form.
+
+The same computation as diffusers' `WanTransformer3DModel` (the 1.3B and 14B text-to-video checkpoints), so its
+weights load and export both ways (models/wan_weights.py) and its outputs match, clip by clip. In Kino's form
+clips of mixed shapes are packed into one token sequence, attention stays within each clip (cu_seqlens), and
+everything Kino applies from outside (sequence parallelism, tiling, activation checkpointing, compile, ZeRO)
+applies unchanged: the blocks have the signature of `models.dit.DiTBlock` and the model the interface of
+`models.dit.VideoDiT` (patchify, grid, `sequence`, `output`).
+
+Parameter names are diffusers' (`blocks.0.attn1.to_q.weight`, ...). Two tensors differ in layout only: the patch
+embedding is a Linear over Kino's patch vectors (diffusers: a Conv3d of the same weights), and the output
+projection's rows follow Kino's patch layout (channel first).
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.config import ModelConfig
+from models.dit import Grid, WholeSequence, patchify, per_token, unpatchify
+from models.layers import AttentionCore, cu_seqlens_from_lengths, timestep_embedding, to_device
+from models.text_encoder import TextBatch
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input's dtype (Wan normalises in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _interleaved_angles(grid: Grid, head_dim: int, theta: float) -> torch.Tensor:
+    """Per-token angles (t*h*w, head_dim/2) for rotating channel pairs (2i, 2i+1): head_dim split over time, height
+    and width as Wan splits it, frequencies computed in float64 as Wan's are."""
+    hw = 2 * (head_dim // 6)
+    axis_dims = (head_dim - 2 * hw, hw, hw)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij"), -1)
+    coords = coords.reshape(-1, 3)
+    angles = []
+    for axis, dim in enumerate(axis_dims):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim)
+        angles.append(coords[:, axis:axis + 1] * freqs[None])
+    return torch.cat(angles, dim=-1)
+
+
+def rope_interleaved(grids: Sequence[Grid], head_dim: int, theta: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.cat([_interleaved_angles(tuple(g), head_dim, theta) for g in grids])
+    return to_device(angles.cos().float(), device), to_device(angles.sin().float(), device)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair of adjacent channels (2i, 2i+1) of every head by its token's angle; x: (N, H, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class WanAttention(nn.Module):
+    """Self-attention (3D RoPE) or cross-attention to the caption, with RMS norm of q and k across all heads."""
+
+    def __init__(self, dim: int, heads: int, eps: float, backend: str, cross: bool):
+        super().__init__()
+        self.heads, self.head_dim, self.cross = heads, dim // heads, cross
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.core = AttentionCore(backend)
+
+    def forward(self, x, cu_seqlens, max_len, rope=None, context=None, cu_seqlens_k=None, max_len_k=None):
+        source = x if context is None else context
+        if context is None:
+            cu_seqlens_k, max_len_k = cu_seqlens, max_len
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, self.head_dim))
+        k = self.norm_k(self.to_k(source)).unflatten(-1, (self.heads, self.head_dim))
+        v = self.to_v(source).unflatten(-1, (self.heads, self.head_dim))
+        if rope is not None:
+            q, k = apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope)
+        out = self.core(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k)
+        return self.to_out[0](out.flatten(1).type_as(q))
+
+
+class WanFeedForward(nn.Module):
+    """Linear, tanh-approximated GELU, Linear; named as diffusers' FeedForward (`net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        first = nn.Module()
+        first.proj = nn.Linear(dim, hidden)
+        self.net = nn.ModuleList([first, nn.Dropout(0.0), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class WanBlock(nn.Module):
+    """One Wan block: modulated self-attention, cross-attention (normalised input, no gate), modulated FFN. Its
+    six modulation vectors per clip are the model's shared table plus this block's `scale_shift_table`."""
+
+    def __init__(self, cfg: ModelConfig, eps: float = 1e-6):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = FP32LayerNorm(d, eps, elementwise_affine=False)
+        self.attn1 = WanAttention(d, cfg.heads, eps, cfg.attention_backend, cross=False)
+        self.attn2 = WanAttention(d, cfg.heads, eps, cfg.attention_backend, cross=True)
+        self.norm2 = FP32LayerNorm(d, eps, elementwise_affine=True)
+        self.ffn = WanFeedForward(d, cfg.mlp_hidden)
+        self.norm3 = FP32LayerNorm(d, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+
+    def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order):
+        """`cond`: the (clips, 6, d) table the model projects from each clip's timestep."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            per_token(m.squeeze(1), segments) for m in (self.scale_shift_table + cond.float()).chunk(6, dim=1))
+        normed = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (x.float() + self.attn1(normed, cu, max_len, rope=rope) * gate).type_as(x)
+        normed = self.norm2(x.float()).type_as(x)
+        x = x + self.attn2(normed, cu, max_len, context=text, cu_seqlens_k=text_cu, max_len_k=text_max)
+        normed = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(normed).float() * c_gate).type_as(x)
+
+
+class _Sequential(nn.Module):
+    """linear_1, activation, linear_2: diffusers' TimestepEmbedding and PixArtAlphaTextProjection by name."""
+
+    def __init__(self, in_dim: int, dim: int, activation):
+        super().__init__()
+        self.linear_1, self.linear_2, self.activation = nn.Linear(in_dim, dim), nn.Linear(dim, dim), activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class WanConditionEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = _Sequential(freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = _Sequential(text_dim, dim, nn.GELU(approximate="tanh"))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, context_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_size = tuple(cfg.patch_size)
+        self.channels = cfg.autoencoder.latent_channels
+        patch_dim = self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.patch_embedding = nn.Linear(patch_dim, d)  # diffusers: a Conv3d with kernel = stride = patch
+        self.condition_embedder = WanConditionEmbedder(d, cfg.freq_dim, context_dim)
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = FP32LayerNorm(d, 1e-6, elementwise_affine=False)
+        self.proj_out = nn.Linear(d, patch_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d ** 0.5)
+        self.sequence = WholeSequence()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """From scratch: Wan's published initialisation (Xavier linears, zero biases; the output starts at zero),
+        so that a run without `model.init_from` starts where Wan's own training did."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.proj_out.weight)
+
+    # -- packing: Kino's layout (each clip's tokens in t, h, w order; a patch vector channel first) ---------
+    def grid(self, shape: Sequence[int]) -> Grid:
+        _, t, h, w = shape
+        pt, ph, pw = self.patch_size
+        return t // pt, h // ph, w // pw
+
+    def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        return patchify(latents, self.patch_size)
+
+    def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        return unpatchify(packed, shapes, self.patch_size)
+
+    def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
+                text_batch: TextBatch) -> torch.Tensor:
+        """Velocity for each clip, packed as patch tokens: for the tokens `self.sequence` keeps. `timesteps` in
+        [0, 1] (diffusers' Wan takes them x 1000)."""
+        grids = [self.grid(x.shape) for x in latents]
+        lengths = [g[0] * g[1] * g[2] for g in grids]
+        device = timesteps.device
+        local = self.sequence
+        x = self.patch_embedding(local(self.patchify(latents)))
+        cu = cu_seqlens_from_lengths(lengths, device)
+        clips = torch.arange(len(lengths), device=device)
+        segments = local(torch.repeat_interleave(clips, to_device(torch.tensor(lengths), device),
+                                                 output_size=sum(lengths)))
+        embedder = self.condition_embedder
+        frequencies = timestep_embedding(timesteps, embedder.freq_dim)
+        temb = embedder.time_embedder(frequencies.to(embedder.time_embedder.linear_1.weight.dtype)).type_as(text)
+        table = embedder.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (clips, 6, d), shared by every block
+        context = embedder.text_embedder(text)
+        cos, sin = rope_interleaved(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
+        rope = (local(cos), local(sin))
+        for block in self.blocks:
+            x = block(x, table, segments, cu, max(lengths), rope, context, None, text_batch.cu_seqlens,
+                      text_batch.max_len, None)
+        return self.output(x, temb, segments)
+
+    def output(self, x: torch.Tensor, temb: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The output head, token by token (tiled by model.loss_chunks like VideoDiT's)."""
+        shift, scale = (per_token(m.squeeze(1), segments)
+                        for m in (self.scale_shift_table + temb[:, None]).chunk(2, dim=1))
+        return self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
