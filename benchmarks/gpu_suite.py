@@ -14,9 +14,11 @@
       activation checkpointing, without and with tiling (model.mlp_chunks=8, model.loss_chunks=8): one training
       step (forward, backward, AdamW) on one clip, doubling the tokens until memory runs out or the next size
       would overrun a time budget (attention's cost grows with the square), next to the estimate's answer.
+  (f) issue 14: Kino's `model.arch=wan` against diffusers' Wan 2.1 1.3B on identical weights, bf16, compiled
+      blocks, 16k tokens: the largest output difference, then both training steps.
 
 It writes gpu_suite.md (one table per part, the machine and the date) and gpu_suite.json. Planned to finish in
-about 13 minutes on one H100/H200 (part (e) takes up to 5 of them). `--rehearse` runs every part on the CPU at toy sizes, so the suite itself is
+about 14 minutes on one H100/H200 (part (e) takes up to 5 of them, (f) one). `--rehearse` runs every part on the CPU at toy sizes, so the suite itself is
 tested where no GPU is lent (tests/integration/test_gpu_suite.py); its numbers mean nothing.
 """
 from __future__ import annotations
@@ -204,6 +206,18 @@ def longest_clip(size: Dict, text_path: Path, device, *, tiling: bool, start: in
             "estimate_longest": low}
 
 
+# -- (f): Kino's Wan against diffusers' Wan on identical weights ------------------------------------------------------
+def wan_identical(size: Dict, compiled: bool, steps: int, warmup: int) -> Dict:
+    import argparse as _argparse
+
+    from model_step import compare_wan
+
+    args = _argparse.Namespace(model=size["model"], set=size.get("overrides", []), tokens=size["tokens"],
+                               text_tokens=size["text_tokens"], dtype=size["dtype"], steps=steps, warmup=warmup,
+                               checkpointing="off", compile=compiled, peak_flops=None)
+    return compare_wan(args)
+
+
 # -- (c) and (d): the trainer's real step --------------------------------------------------------------------------
 def trainer_run(name: str, overrides: List[str], data: Path, text_path: Path, run_dir: Path, steps: int,
                 timeout: int) -> Dict:
@@ -284,6 +298,17 @@ def markdown(report: Dict) -> str:
                           for t in r["tried"])
         lines.append(f"| {'mlp 8, head 8' if r['tiling'] else 'off'} | {fmt(r['longest_trained'], ',.0f')} | "
                      f"{r['stopped_by']} | {tried} | {r['estimate_longest']:,} |")
+    lines += ["", "### (f) Kino's Wan vs diffusers' Wan, identical weights (issue 14)", "",
+              "| model | tokens | dtype | compiled | max output difference | Kino tokens/s | diffusers tokens/s | "
+              "Kino MFU | Kino / diffusers |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("wan_identical", []):
+        if "error" in r:
+            lines.append(f"| failed: {r['error']} | | | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} {' '.join(r['overrides'])} | {r['tokens']:,} | {r['dtype']} | {r['compiled']} | "
+                     f"{r['max_abs_output_difference']:.2e} (of {r['max_abs_output']:.2f}) | "
+                     f"{r['kino_tokens_per_s']:,.0f} | {r['diffusers_wan_tokens_per_s']:,.0f} | "
+                     f"{fmt(r.get('kino_mfu'), '.1%')} | {r['kino_vs_diffusers']:.2f}x |")
     lines += ["", f"Wall time {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -306,6 +331,9 @@ def plan(rehearse: bool) -> Dict:
     if rehearse:  # toy sizes on the CPU: every part runs, in well under a minute
         return {"size": {"model": "tiny", "text_tokens": 8}, "tokens": [64, 128], "backend_tokens": 64,
                 "longest": {"start": 64, "budget_s": 3},
+                "wan": {"model": "wan_1.3B", "overrides": ["model.depth=2", "model.dim=96", "model.heads=4",
+                                                             "model.ffn_dim=160"], "tokens": 256, "text_tokens": 16,
+                        "dtype": "fp32"},
                 "width": 32, "steps": 1, "warmup": 1, "trainer_steps": 3,
                 "trainer": {"tiny, ZeRO-2": [], "tiny, ZeRO-2, checkpointing": ["model.activation_checkpointing=true"],
                             "tiny, ZeRO-3": ["zero.stage=3"]}}
@@ -315,6 +343,7 @@ def plan(rehearse: bool) -> Dict:
     return {"size": {"model": "1B", "text_tokens": 128}, "tokens": [4096, 16384, 32768], "backend_tokens": 16384,
             # 1B on an H200: 64k tokens take some seconds a step, 256k about a minute and a half (attention)
             "longest": {"start": 65536, "budget_s": 150},
+            "wan": {"model": "wan_1.3B", "tokens": 16384, "text_tokens": 512, "dtype": "bf16"},
             "width": UMT5_XXL_WIDTH, "steps": 6, "warmup": 3, "trainer_steps": 16,
             "trainer": {"1B, ZeRO-2, 16k budget": one_b + budget,
                         "1B, ZeRO-2, 16k budget, no checkpointing": one_b + budget
@@ -326,7 +355,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 benchmarks/gpu_suite.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--rehearse", action="store_true", help="every part on the CPU at toy sizes")
-    parser.add_argument("--parts", default="abcde",
+    parser.add_argument("--parts", default="abcdef",
                         help="which parts to run (letters above; d goes with c): e.g. abcd in one call and e in "
                              "another, when a call may last 10 minutes at most")
     args = parser.parse_args(argv)
@@ -363,20 +392,24 @@ def main(argv=None) -> int:
                for i, (name, overrides) in enumerate(p["trainer"].items())] if "c" in parts else []
     longest = [guarded(longest_clip, p["size"], text_path, device, tiling=tiling, **p["longest"])
                for tiling in (False, True)] if "e" in parts else []
+    wan = [guarded(wan_identical, p["wan"], compiled=not args.rehearse, steps=p["steps"], warmup=p["warmup"])] \
+        if "f" in parts else []
     report = {"date": time.strftime("%Y-%m-%d"), "rehearse": args.rehearse, "compiled": common["compiled"],
               "precision": str(dtype).replace("torch.", ""),
               "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else
                               f"cpu ({platform.processor() or platform.machine()}, rehearsal)",
                               "torch": torch.__version__, "python": platform.python_version()},
               "versus_wan": versus_wan, "backends": backends, "trainer": trainer, "longest_clip": longest,
+              "wan_identical": wan,
               "wall_s": time.perf_counter() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    name = "gpu_suite" if parts == set("abcde") else f"gpu_suite_{''.join(sorted(parts))}"
+    name = "gpu_suite" if parts == set("abcdef") else f"gpu_suite_{''.join(sorted(parts))}"
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str))
     print(text)
-    failed = [r for part in ("versus_wan", "backends", "trainer", "longest_clip") for r in report[part] if "error" in r]
+    failed = [r for part in ("versus_wan", "backends", "trainer", "longest_clip", "wan_identical") for r in report[part]
+              if "error" in r]
     return 1 if failed else 0
 
 

@@ -8,6 +8,13 @@ measured in the same process, alternating, after warm-up. MFU uses docs/architec
   python benchmarks/model_step.py --model 1B --tokens 16384 --dtype bf16        # GPU
   python benchmarks/model_step.py --model 1B --tokens 16384 --dtype bf16 --compile  # both compiled
   python benchmarks/model_step.py --model tiny --tokens 1024 --dtype fp32 --steps 3  # CPU smoke
+
+With a `model.arch=wan` config (wan_1.3B, wan_14B) Kino's Wan and diffusers' Wan run on identical weights (diffusers'
+random init, copied into Kino), so only the speed differs; the report gives the largest output difference too:
+
+  python benchmarks/model_step.py --model wan_1.3B --tokens 16384 --dtype bf16 --compile          # GPU
+  python benchmarks/model_step.py --model wan_1.3B --set model.depth=2 model.dim=384 model.heads=4 \
+      model.ffn_dim=1024 --tokens 1024 --dtype fp32 --steps 3                                     # CPU
 """
 from __future__ import annotations
 
@@ -61,6 +68,101 @@ def one_clip_step(model: str, tokens: int, dtype: str, text_tokens: int, checkpo
     return cfg, kino, latent, text, math.prod(kino.dit.grid(shape))
 
 
+def wan_pair(cfg, dtype: torch.dtype, device, text_dim: int = 4096):
+    """diffusers' WanTransformer3DModel with `cfg`'s dims (its own random init) and Kino's WanDiT holding the same
+    weights."""
+    from diffusers import WanTransformer3DModel
+
+    from models.wan import WanDiT
+    from models.wan_weights import diffusers_config, to_kino
+
+    torch.manual_seed(0)
+    settings = {k: v for k, v in diffusers_config(cfg, text_dim).items() if not k.startswith("_")}
+    settings["patch_size"] = tuple(settings["patch_size"])
+    wan = WanTransformer3DModel(**settings)
+    kino = WanDiT(cfg, text_dim)
+    kino.load_state_dict(to_kino(wan.state_dict(), cfg))
+    return kino.to(device=device, dtype=dtype), wan.to(device=device, dtype=dtype)
+
+
+def compare_wan(args) -> dict:
+    """Kino's Wan against diffusers' Wan on identical weights: the largest output difference, then each one's
+    training step (forward, backward, AdamW) timed alternately."""
+    from conf.schema import load_config
+    from models.attention import resolve_backend
+    from models.flops import flops_per_sample, peak_flops
+    from models.layers import cu_seqlens_from_lengths
+    from models.text_encoder import TextBatch
+    from train.parallelize import apply_activation_checkpointing, apply_compile
+
+    cfg = load_config([f"model={args.model}", *args.set], check=False).model
+    checkpointing = cfg.activation_checkpointing if args.checkpointing == "config" else args.checkpointing == "on"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    kino, wan = wan_pair(cfg, dtype, device)
+    shape = (cfg.autoencoder.latent_channels, *latent_grid(args.tokens, cfg.patch_size))
+    latent = torch.randn(shape, device=device, dtype=dtype)
+    timestep = torch.rand(1, device=device)
+    context = torch.randn(args.text_tokens, 4096, device=device, dtype=dtype)
+    text = TextBatch(None, None, cu_seqlens_from_lengths([args.text_tokens], device), args.text_tokens,
+                     [args.text_tokens], embeddings=context)
+    tokens = math.prod(kino.grid(shape))
+
+    def kino_forward():
+        return kino.unpatchify(kino([latent], timestep, context, text), [shape])[0]
+
+    def wan_forward():
+        return wan(hidden_states=latent[None], timestep=timestep * 1000, encoder_hidden_states=context[None],
+                   return_dict=False)[0][0]
+
+    with torch.no_grad():
+        reference = wan_forward().float()
+        difference = (kino_forward().float() - reference).abs().max().item()
+        magnitude = reference.abs().max().item()
+    if checkpointing:
+        apply_activation_checkpointing(kino)
+        wan.enable_gradient_checkpointing()
+    if args.compile:
+        apply_compile(kino)
+        for block in wan.blocks:
+            block.compile()
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, fused=device.type == "cuda")
+                  for name, m in (("kino", kino), ("diffusers_wan", wan))}
+
+    def step(name, forward):
+        def run():
+            optimizers[name].zero_grad(set_to_none=True)
+            forward().float().pow(2).mean().backward()
+            optimizers[name].step()
+        return run
+
+    times = {"kino": [], "diffusers_wan": []}
+    for _ in range(2):  # alternate, so neither gets the quieter half of the run
+        times["kino"].append(timed_steps(step("kino", kino_forward), args.steps, args.warmup, device))
+        times["diffusers_wan"].append(timed_steps(step("diffusers_wan", wan_forward), args.steps, args.warmup,
+                                                  device))
+    wrapper = torch.nn.Module()
+    wrapper.cfg, wrapper.text_encoder = cfg, None
+    for name, module in (("dit", kino),):
+        wrapper.add_module(name, module)
+    flops = flops_per_sample(wrapper, tokens, args.text_tokens)
+    peak = args.peak_flops or (peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    report = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
+              else platform.processor() or "cpu", "torch": torch.__version__, "model": args.model,
+              "overrides": args.set, "params": sum(p.numel() for p in kino.parameters()), "tokens": tokens,
+              "text_tokens": args.text_tokens, "dtype": args.dtype, "compiled": args.compile,
+              "activation_checkpointing": checkpointing,
+              "attention_backend": resolve_backend(cfg.attention_backend, device.type, dtype),
+              "max_abs_output_difference": difference, "max_abs_output": magnitude, "flops_per_step": flops}
+    for name, measured in times.items():
+        seconds = min(measured)
+        report[f"{name}_step_s"] = seconds
+        report[f"{name}_tokens_per_s"] = tokens / seconds
+        report[f"{name}_mfu"] = flops / (seconds * peak) if peak else None
+    report["kino_vs_diffusers"] = report["diffusers_wan_step_s"] / report["kino_step_s"]
+    return report
+
+
 def timed_steps(step, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
         step()
@@ -87,7 +189,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each transformer block of both models (regional compile)")
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s (default: known GPUs)")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.depth=2")
     args = parser.parse_args()
+    from conf.schema import load_config
+
+    if load_config([f"model={args.model}", *args.set], check=False).model.arch == "wan":
+        print(json.dumps(compare_wan(args), indent=1))
+        return
 
     from models.attention import resolve_backend
     from models.flops import flops_per_sample, peak_flops

@@ -131,8 +131,11 @@ def check_lora_targets(cfg: KinoConfig) -> None:
     from models.dit import TextToVideoModel
     from models.lora import lora_layers
 
-    with torch.device("meta"):
-        model = TextToVideoModel(cfg.model, with_lora=False)
+    try:
+        with torch.device("meta"):
+            model = TextToVideoModel(cfg.model, with_lora=False)
+    except OSError as error:  # the pretrained text encoder's config.json, for its width
+        raise ConfigError(f"model.text.path={cfg.model.text.path}: {error}") from error
     if not lora_layers(model.dit, cfg.model.lora.targets):
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.dit.named_modules()
                         if isinstance(m, torch.nn.Linear)})

@@ -4,6 +4,7 @@ Models are built on the meta device, so a 7B config costs no memory. With no
 `model=` override every config in conf/model/ is listed.
 """
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +17,10 @@ def describe(overrides):
     from conf.schema import load_config
 
     cfg = load_config(overrides, check=False).model
+    if cfg.text.name == "pretrained" and not cfg.text.path:  # Wan's configs leave the UMT5 directory to the user
+        stand_in = Path(tempfile.mkdtemp(prefix="kino-umt5-width-"))
+        (stand_in / "config.json").write_text('{"d_model": 4096}')  # UMT5-XXL's width
+        cfg.text.path = str(stand_in)
     with torch.device("meta"):
         model = TextToVideoModel(cfg)
     text = parameter_count(model.text_encoder) if model.text_encoder is not None else 0
@@ -31,9 +36,9 @@ def main(argv):
         rows = [describe([f"model={n}", *argv]) for n in names]
     else:
         rows = [describe(argv)]
-    print(f"{'model':<6} {'params':>10} {'DiT':>10} {'text enc':>10} {'TFLOP/sample@16k tok':>22}")
+    print(f"{'model':<9} {'params':>10} {'DiT':>10} {'text enc':>10} {'TFLOP/sample@16k tok':>22}")
     for name, total, dit, text, flops in sorted(rows, key=lambda r: r[1]):
-        print(f"{name:<6} {total / 1e6:>9.1f}M {dit / 1e6:>9.1f}M {text / 1e6:>9.1f}M {flops / 1e12:>22.1f}")
+        print(f"{name:<9} {total / 1e6:>9.1f}M {dit / 1e6:>9.1f}M {text / 1e6:>9.1f}M {flops / 1e12:>22.1f}")
 
 
 if __name__ == "__main__":

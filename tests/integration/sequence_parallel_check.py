@@ -37,8 +37,10 @@ CAPTIONS = ["a red circle moving right", "a blue square", "green"]
 
 
 def config(conditioning: str, degree: int):
+    """conditioning: cross_attention or joint (Kino's DiT), or wan (model.arch=wan, cross-attention)."""
+    arch = ["model.arch=wan", "model.ffn_dim=96"] if conditioning == "wan" else [f"model.conditioning={conditioning}"]
     return load_config(["model.dim=64", "model.depth=2", "model.heads=4", "model.text.dim=32", "model.text.depth=1",
-                        "model.text.heads=2", f"model.conditioning={conditioning}", "model.attention_backend=reference",
+                        "model.text.heads=2", *arch, "model.attention_backend=reference",
                         f"parallel.sequence={degree}", "launcher.procs_per_node=4", "launcher.gpus_per_node=0"])
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     env = init_distributed()
     layout = sequence_layout(degree, env.rank, env.world_size)
     results = {}
-    for conditioning in ("cross_attention", "joint"):
+    for conditioning in ("cross_attention", "joint", "wan"):
         cfg = config(conditioning, degree)
         torch.manual_seed(0)
         base = TextToVideoModel(cfg.model)

@@ -54,3 +54,16 @@ def test_frozen_t5_conditions_the_dit(tiny_t5):
     assert out.shape == (2 * 2 * 2 + 2 * 4, 3 * 16)
     out.sum().backward()  # gradients reach the DiT only
     assert model.dit.final.weight.grad is not None
+
+
+def test_captions_pad_with_zero_vectors_as_wan_was_trained(tiny_t5):
+    plain = text_conditioner(ModelConfig(text=TextEncoderConfig(name="pretrained", path=str(tiny_t5), max_tokens=16)))
+    padded = text_conditioner(ModelConfig(text=TextEncoderConfig(name="pretrained", path=str(tiny_t5), max_tokens=16,
+                                                                 pad_to=16)))
+    captions = ["a red circle moving left", ""]
+    a, b = plain.batch(captions), padded.batch(captions)
+    assert b.lengths == [16, 16] and b.max_len == 16 and b.embeddings.shape == (32, 24)
+    for caption, start, n in ((0, 0, a.lengths[0]), (1, a.lengths[0], a.lengths[1])):
+        ours = b.embeddings[16 * caption:16 * (caption + 1)]
+        assert torch.equal(ours[:n], a.embeddings[start:start + n])  # the real tokens, then zeros
+        assert not ours[n:].any()

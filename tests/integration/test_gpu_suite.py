@@ -24,7 +24,7 @@ def test_the_gpu_suite_rehearses_every_part_on_the_cpu(tmp_path):
     assert all(0 <= row["data_wait_frac"] <= 1 and row["estimate_gb"] > 0 for row in report["trainer"])
     table = (tmp_path / "gpu_suite.md").read_text()
     for part in ("(a) Kino vs diffusers Wan", "(b) attention backends", "(c) the trainer's step",
-                 "(e) the longest clip"):
+                 "(e) the longest clip", "(f) Kino's Wan vs diffusers' Wan"):
         assert part in table
     # (e): sizes doubled until the time budget, with and without tiling, each next to the estimator's answer
     assert [row["tiling"] for row in report["longest_clip"]] == [False, True]
@@ -32,6 +32,8 @@ def test_the_gpu_suite_rehearses_every_part_on_the_cpu(tmp_path):
         tokens = [t["tokens"] for t in row["tried"]]
         assert len(tokens) >= 2 and tokens == sorted(tokens) and row["longest_trained"] == tokens[-1]
         assert row["stopped_by"] == "time budget" and row["estimate_longest"] > 0
+    (wan,) = report["wan_identical"]  # (f): identical weights, identical outputs
+    assert wan["max_abs_output_difference"] < 1e-5 < wan["max_abs_output"] and wan["kino_tokens_per_s"] > 0
     tiled, plain = (next(r["estimate_longest"] for r in report["longest_clip"] if r["tiling"] == t) for t in (1, 0))
     assert tiled > plain  # tiling leaves room for more tokens
 

@@ -1,5 +1,5 @@
 """Ulysses sequence parallelism on real gloo process groups (CPU): the split model reproduces one process's loss,
-per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3 (tests/integration/
+per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3, for Kino's DiT (cross and joint conditioning) and model.arch=wan (tests/integration/
 sequence_parallel_check.py does the work under torchrun), and with tiling inside activation-checkpointed blocks,
 whose recompute replays the all-to-alls in backward."""
 import json
@@ -31,7 +31,8 @@ def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, p
         # last joint block's caption queries, which nothing reads.
         assert rank["cross_attention-zero-gradients"] == []
         assert rank["joint-zero-gradients"] == ["dit.blocks.1.streams.text.q_norm.weight"]
-        for conditioning in ("cross_attention", "joint"):
+        assert rank["wan-zero-gradients"] == []
+        for conditioning in ("cross_attention", "joint", "wan"):  # wan: model.arch=wan, its own blocks
             for zero in ("plain", "zero3", "checkpointed"):
                 case = rank[f"{conditioning}-{zero}"]
                 assert case["missing"] == [] and case["parameters"] > 50

@@ -119,3 +119,10 @@ def test_a_config_saved_before_the_video_keys_were_renamed_still_loads():
     old = to_yaml(cfg).replace("video_every:", "sample_every:").replace("video_prompts:", "sample_prompts:")
     old = old.replace("sampling_steps:", "sample_steps:")
     assert "sample_every: 7" in old and from_yaml(old) == cfg
+
+
+def test_lora_targets_that_name_no_layer_are_rejected_with_the_layer_names():
+    with pytest.raises(ConfigError, match="name no linear layer of model.arch=kino; its layers end in: .*qkv"):
+        load_config(["experiment=demo", "model.lora.rank=4"])  # the default targets are Wan's
+    cfg = load_config(["experiment=demo", "model.lora.rank=4", "model.lora.targets=[qkv,fc1]"])
+    assert cfg.model.lora.scale_alpha == 4.0
