@@ -14,17 +14,18 @@ def _table(title: str, counts, total: int) -> None:
 
 
 def cmd_ingest(args) -> int:
-    from data.ingest import ingest_rows, rows_from_table, rows_from_video2dataset
+    from data.ingest import Progress, ingest_rows, rows_from_table, rows_from_video2dataset
 
     mapping = dict(item.split("=", 1) for item in args.map)
+    progress = Progress()
     if args.video2dataset:
-        rows = rows_from_video2dataset(args.video2dataset, mapping)
+        rows = rows_from_video2dataset(args.video2dataset, mapping, progress)
     elif args.videos and args.metadata:
         rows = rows_from_table(args.videos, args.metadata, mapping)
     else:
         print("ingest needs --videos DIR --metadata TABLE, or --video2dataset DIR", file=sys.stderr)
         return 2
-    report = ingest_rows(rows, args.out, args.samples_per_shard, args.shard_bytes)
+    report = ingest_rows(rows, args.out, args.samples_per_shard, args.shard_bytes, progress)
     print(f"ingested {report['accepted']} samples into {args.out} ({report['manifest']})")
     if report["rejected"]:
         print(f"REJECTED {report['rejected']} rows (details in {args.out / 'ingest_report.json'}):")
@@ -37,7 +38,7 @@ def cmd_verify(args) -> int:
     from data.inspect import scan
 
     result = scan(args.root)
-    print(f"{result['samples']} samples checked in {args.root}")
+    print(f"{result['samples']} samples checked in {args.root}, {result['good']} good")
     for problem in result["manifest_problems"]:
         print(f"  MANIFEST {problem}")
     for item in result["corrupt"]:
@@ -52,7 +53,9 @@ def cmd_inspect(args) -> int:
     from data.inspect import scan
 
     result = scan(args.root)
-    print(f"{result['samples']} samples in {args.root}")
+    print(f"{result['samples']} samples in {args.root}, {result['good']} good")
+    for item in result["corrupt"]:  # what the tables below leave out, and why
+        print(f"  {item['kind']} {item['shard']} {item['key']}: {item['problem']}")
     _table("licenses", result["licenses"], result["samples"])
     _table("resolutions (width x height)", result["resolutions"], result["samples"])
     _table("durations", result["durations"], result["samples"])

@@ -1,9 +1,15 @@
-"""Ingest licensed videos into shards: from a folder + metadata table, or from video2dataset output."""
+"""Ingest licensed videos into shards: from a folder + metadata table, or from video2dataset output.
+
+Nothing in the input crashes it and nothing is lost silently: every row or tar break that is not written lands in
+ingest_report.json with its key (or tar offset) and reason, and the manifest and report are written even if the
+ingest stops on an error of its own."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -56,12 +62,13 @@ def _span(value: Any) -> Optional[Tuple[float, float]]:
 
 
 def probe(video: bytes) -> Dict[str, Any]:
-    """Width, height, fps and frame count of encoded video bytes."""
+    """Width, height, fps and frame count of encoded video bytes. Frames are counted from the packets the file
+    holds, not the count its header declares, so a cut-short file shows as short."""
     import av
 
     with av.open(io.BytesIO(video)) as container:
         stream = container.streams.video[0]
-        frames = stream.frames or sum(1 for _ in container.decode(video=0))
+        frames = sum(1 for packet in container.demux(stream) if packet.size)
         return {"width": stream.codec_context.width, "height": stream.codec_context.height,
                 "fps": float(stream.average_rate or 0), "num_frames": int(frames)}
 
@@ -84,44 +91,92 @@ def cut(video: bytes, start: float, end: float) -> Tuple[bytes, Dict[str, Any]]:
     return data, {"width": clip.shape[2], "height": clip.shape[1], "fps": fps, "num_frames": len(clip)}
 
 
-def ingest_rows(rows: Iterator[Tuple[str, Optional[bytes], str, Dict[str, Any]]], out: Path,
-              samples_per_shard: int, shard_bytes: Optional[int]) -> Dict[str, Any]:
-    """Validate each (key, video bytes, caption, metadata) row and write the accepted ones."""
+class Progress:
+    """A progress line on stderr every few seconds: samples/s and, when the input's size is known, an ETA."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s, self.started, self.last = every_s, time.monotonic(), time.monotonic()
+        self.fraction: Optional[float] = None  # of the input read, set by the row source when it knows
+
+    def update(self, accepted: int, rejected: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        done = accepted + rejected
+        rate = done / max(now - self.started, 1e-9)
+        eta = ""
+        if self.fraction:
+            eta = f", ETA {int((now - self.started) * (1 - self.fraction) / self.fraction)} s"
+        print(f"ingest: {done} rows ({accepted} written, {rejected} rejected), {rate:.1f} samples/s{eta}",
+              file=sys.stderr, flush=True)
+
+
+def ingest_rows(rows: Iterator[Tuple], out: Path, samples_per_shard: int, shard_bytes: Optional[int],
+                progress: Optional[Progress] = None) -> Dict[str, Any]:
+    """Validate each (key, video bytes, caption, metadata[, problems found reading it]) row and write the accepted
+    ones. A row whose key is only a tar offset (a break in a tar) is reported as it is."""
     writer = ShardSetWriter(out, samples_per_shard=samples_per_shard, max_bytes=shard_bytes)
-    accepted, rejected = 0, []
-    for key, video, caption, meta in rows:
-        problems = []
-        if video is None:
-            problems.append("video file missing")
-        span = None
-        try:
-            span = _span(meta.pop("clip_span", None))
-        except (ValueError, TypeError, IndexError) as error:
-            problems.append(f"bad clip_span: {error}")
-        if not problems:
-            try:
-                if span is not None:
-                    video, probed = cut(video, *span)
-                    meta["clip_span"] = list(span)
-                    meta.update(probed)
-                else:
-                    probed = probe(video)
-                    for name, value in probed.items():
-                        meta.setdefault(name, value)
-            except Exception as error:  # undecodable input is reported, never written
-                problems.append(f"video unreadable: {type(error).__name__}: {str(error)[:120]}")
-        problems += metadata_problems(meta)
-        if not isinstance(caption, str) or not caption.strip():
-            problems.append("missing caption")
-        if problems:
-            rejected.append({"key": key, "reasons": problems})
-            continue
-        writer.write(key, video, caption, meta)
-        accepted += 1
+    progress = progress or Progress()
+    accepted, rejected, keys, aborted = 0, [], set(), None
+    try:
+        for row in rows:
+            key, video, caption, meta = row[:4]
+            problems = list(row[4]) if len(row) > 4 else []
+            if key in keys:
+                problems.append(f"duplicate key: an earlier row has {key!r}; the first is kept")
+            if not problems:
+                problems = _check_row(video, caption, meta)
+            if problems:
+                rejected.append({"key": key, "reasons": problems})
+            else:
+                writer.write(key, video, caption, meta)
+                keys.add(key)
+                accepted += 1
+            progress.update(accepted, len(rejected))
+    except Exception as error:  # a fault of ingest itself: what was written so far is still recorded
+        aborted = f"{type(error).__name__}: {error}"
     manifest = writer.close({"name": out.name, "builder": "data.ingest"})
     report = {"accepted": accepted, "rejected": len(rejected), "rejections": rejected, "manifest": str(manifest)}
+    if aborted:
+        report["aborted"] = aborted
     (out / "ingest_report.json").write_text(json.dumps(report, indent=1))
+    if aborted:
+        raise RuntimeError(f"ingest stopped: {aborted} ({accepted} samples written and recorded in "
+                           f"{manifest}; see ingest_report.json)")
     return report
+
+
+def _check_row(video: Optional[bytes], caption: Any, meta: Dict[str, Any]) -> List[str]:
+    """Why a row may not be written (empty when it may); `meta` gains what probing the video measured."""
+    problems = []
+    if video is None:
+        problems.append("video file missing")
+    span = None
+    try:
+        span = _span(meta.pop("clip_span", None))
+    except (ValueError, TypeError, IndexError) as error:
+        problems.append(f"bad clip_span: {error}")
+    if not problems:
+        try:
+            if span is not None:
+                video, probed = cut(video, *span)
+                meta["clip_span"] = list(span)
+                meta.update(probed)
+            else:
+                probed = probe(video)
+                claimed = meta.get("num_frames")
+                if isinstance(claimed, (int, float)) and probed["num_frames"] < claimed:
+                    problems.append(f"video is shorter than its metadata claims: {probed['num_frames']} frames, "
+                                    f"num_frames says {claimed}")
+                for name, value in probed.items():
+                    meta.setdefault(name, value)
+        except Exception as error:  # undecodable input is reported, never written
+            problems.append(f"video unreadable: {type(error).__name__}: {str(error)[:120]}")
+    problems += metadata_problems(meta)
+    if not isinstance(caption, str) or not caption.strip():
+        problems.append("missing caption")
+    return problems
 
 
 def rows_from_table(videos: Path, table: Path, mapping: Dict[str, str]) -> Iterator[Tuple]:
@@ -140,28 +195,46 @@ def rows_from_table(videos: Path, table: Path, mapping: Dict[str, str]) -> Itera
         yield key, video, get("caption") or "", meta
 
 
-def rows_from_video2dataset(source: Path, mapping: Dict[str, str]) -> Iterator[Tuple]:
-    """video2dataset output: tar shards or loose KEY.mp4 / KEY.txt / KEY.json files."""
-    import webdataset as wds
+def rows_from_video2dataset(source: Path, mapping: Dict[str, str], progress: Optional[Progress] = None
+                            ) -> Iterator[Tuple]:
+    """video2dataset output: tar shards or loose KEY.mp4 / KEY.txt / KEY.json files. Tars are read by
+    data/tar_samples.py: a break in one is a row of its own (keyed tar@offset), the samples around it are kept."""
+    from data.tar_samples import TarBreak, decode_sample, read_tar
 
-    def convert(key, video, caption_bytes, meta_bytes):
-        record = json.loads(meta_bytes or b"{}")
-        meta = dict(record)
+    def apply_mapping(meta):
         for field, source_field in mapping.items():
-            value = _lookup(record, source_field)
+            if field == "caption":
+                continue
+            value = _lookup(meta, source_field)
             if value not in (None, ""):
                 meta[field] = _number(value)
-        caption = (caption_bytes or b"").decode("utf-8", errors="strict") if caption_bytes else \
-            str(_lookup(record, mapping.get("caption", "caption")) or "")
-        return key, video, caption, meta
+        return meta
 
     tars = sorted(source.glob("*.tar"))
     if tars:
+        total, done = sum(t.stat().st_size for t in tars), 0
         for tar in tars:
-            for sample in wds.tarfile_samples([{"url": str(tar)}], handler=lambda error: True):
-                yield convert(sample["__key__"], sample.get("mp4"), sample.get("txt"), sample.get("json"))
+            for item in read_tar(tar):
+                if isinstance(item, TarBreak):
+                    where = f"{tar.name}@{item.offset}"
+                    yield (f"{item.key} ({where})" if item.key else where), None, None, {}, [item.reason]
+                    continue
+                video, caption, meta, problems = decode_sample(item)
+                if caption is None and not problems:
+                    caption = str(_lookup(meta, mapping.get("caption", "caption")) or "")
+                yield item.key, video, caption, apply_mapping(dict(meta)), problems
+            done += tar.stat().st_size
+            if progress is not None:
+                progress.fraction = done / max(total, 1)
         return
     for video in sorted(source.rglob("*.mp4")):
-        caption, meta = video.with_suffix(".txt"), video.with_suffix(".json")
-        yield convert(video.stem, video.read_bytes(), caption.read_bytes() if caption.exists() else None,
-                      meta.read_bytes() if meta.exists() else None)
+        caption_path, meta_path = video.with_suffix(".txt"), video.with_suffix(".json")
+        members = {"mp4": video.read_bytes()}
+        if caption_path.exists():
+            members["txt"] = caption_path.read_bytes()
+        if meta_path.exists():
+            members["json"] = meta_path.read_bytes()
+        from data.tar_samples import TarSample
+
+        data, caption, meta, problems = decode_sample(TarSample(video.stem, members, 0))
+        yield video.stem, data, caption or "", apply_mapping(dict(meta)), problems

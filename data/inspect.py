@@ -7,9 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import webdataset as wds
-
-from data.schema import metadata_problems, parse_metadata, read_manifest
+from data.schema import metadata_problems, read_manifest
 from data.shards import verify_shards
 
 
@@ -30,51 +28,59 @@ def probe_with_decord(video: bytes) -> int:
 
 
 def scan(root) -> Dict[str, Any]:
-    """Every sample of every shard: counts per license, shapes, durations, and what is broken."""
+    """Every sample of every shard: counts per license, shapes, durations, and what is broken. A break in a tar
+    (corrupt or truncated data, a repeated key or member: data/tar_samples.py) is one problem, with its offset;
+    the samples around it are still read and counted."""
+    from data.tar_samples import TarBreak, decode_sample, read_tar
+
     root = Path(root)
     manifest = read_manifest(root)
     licenses, resolutions, durations = Counter(), Counter(), Counter()
     corrupt: List[Dict[str, str]] = []
-    samples = 0
+    samples = good = 0
     for row in manifest["shards"]:
+        path = root / row["path"]
+        if not path.exists():
+            continue  # verify_shards reports it
         seen = 0
-        errors: List[str] = []
-        for sample in wds.tarfile_samples([{"url": str(root / row["path"])}],
-                                          handler=lambda e: errors.append(f"{type(e).__name__}: {e}") or False):
-            seen += 1
-            key = sample.get("__key__", "?")
-            try:
-                meta = parse_metadata(sample["json"])
-            except Exception as error:
-                corrupt.append({"shard": row["path"], "key": key, "kind": "INVALID", "problem": f"metadata: {error}"})
+        for item in read_tar(path):
+            if isinstance(item, TarBreak):
+                corrupt.append({"shard": row["path"], "key": item.key or f"@{item.offset}", "kind": "CORRUPT",
+                                "problem": f"tar: {item.reason} (byte {item.offset})"})
                 continue
+            seen += 1
+            key = item.key
+            video, _, meta, problems = decode_sample(item)
+            if problems:
+                corrupt.append({"shard": row["path"], "key": key, "kind": "INVALID", "problem": "; ".join(problems)})
+                if "json" not in item.members or any(p.startswith("metadata") for p in problems) or video is None:
+                    continue
             licenses[str(meta.get("license") or "<missing>")] += 1
             invalid = metadata_problems(meta)
             if invalid:
                 corrupt.append({"shard": row["path"], "key": key, "kind": "INVALID", "problem": "; ".join(invalid)})
             broken = None
-            if "mp4" not in sample:
-                broken = "no mp4"
-            else:
-                try:
-                    probe_with_decord(sample["mp4"])
-                except Exception as error:
-                    broken = f"video: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            try:
+                frames = probe_with_decord(video)
+                claimed = meta.get("num_frames")
+                if isinstance(claimed, (int, float)) and frames < claimed:
+                    broken = f"video has {frames} frames, its metadata claims {claimed}"
+            except Exception as error:
+                broken = f"video: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
             if broken:
                 corrupt.append({"shard": row["path"], "key": key, "kind": "CORRUPT", "problem": broken})
-            if invalid or broken:
+            if invalid or broken or problems:
                 continue
+            good += 1
             resolutions[f"{meta['width']}x{meta['height']}"] += 1
             seconds = meta["num_frames"] / meta["fps"]
             durations[f"{int(seconds)}-{int(seconds) + 1}s"] += 1
         samples += seen
-        if errors:
-            corrupt.append({"shard": row["path"], "key": "*", "kind": "CORRUPT", "problem": f"tar: {errors[0][:120]}"})
         if seen != row["num_samples"]:
             corrupt.append({"shard": row["path"], "key": "*", "kind": "CORRUPT",
                             "problem": f"{seen} samples, manifest says {row['num_samples']}"})
-    return {"samples": samples, "licenses": licenses, "resolutions": resolutions, "durations": durations,
-            "corrupt": corrupt, "manifest_problems": verify_shards(root)}
+    return {"samples": samples, "good": good, "licenses": licenses, "resolutions": resolutions,
+            "durations": durations, "corrupt": corrupt, "manifest_problems": verify_shards(root)}
 
 
 def checkpoint_audits(run_dir) -> List[Dict[str, Any]]:
