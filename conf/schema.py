@@ -205,7 +205,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
-    "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s",
+    "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s", "data.allow_changed_dataset",
     "model.attention_backend", "model.activation_checkpointing", "model.compile", "model.mlp_chunks",
     "model.loss_chunks", "model.init_sha256", "parallel", "launcher",
 )

@@ -1,4 +1,5 @@
-"""`python -m data ingest | verify | inspect | audit` — build, check and question licensed video datasets."""
+"""`python -m data ingest | verify | inspect | audit | takedown` — build, check, question and act on licensed video
+datasets."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +97,34 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_takedown(args) -> int:
+    from data.takedown import Criteria, takedown
+
+    keys = None
+    if args.keys:
+        keys = {line.strip() for line in args.keys.read_text().splitlines() if line.strip()}
+    try:
+        criteria = Criteria(args.rights_holder, args.source, keys)
+    except ValueError as error:
+        print(f"takedown: {error}", file=sys.stderr)
+        return 2
+    report = takedown(args.datasets, criteria, args.run, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(report['removed'])} samples ({json.dumps(report['criteria'])}) from "
+          f"{len(report['files'])} shard(s):")
+    for item in report["files"]:
+        after = "deleted (empty)" if item["deleted"] else (item["sha256_after"] or "unchanged (dry run)")
+        print(f"  {item['dataset']}/{item['path']}: {item['samples_before']} -> {item['samples_after']} samples, "
+              f"sha256 {item['sha256_before'][:16]}... -> {after[:16] if item['sha256_after'] else after}")
+    for run, hits in report["checkpoints"].items():
+        print(f"checkpoints of {run} that trained on them: "
+              + (", ".join(f"{h['checkpoint']} (step {h['step']})" for h in hits) or "none"))
+    if not args.dry_run and report["removed"]:
+        print(f"report: {args.datasets[0] / 'takedowns'}/takedown-*.json (in every dataset); a run resumed from "
+              f"an earlier checkpoint refuses the changed shards unless data.allow_changed_dataset=true")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -123,6 +152,17 @@ def main(argv=None) -> int:
     audit.add_argument("--source")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=cmd_audit)
+    takedown = verbs.add_parser("takedown", help="remove a rights holder's (or a source's, or listed) samples from "
+                                                 "datasets; report files, hashes and the checkpoints that used them")
+    takedown.add_argument("datasets", type=Path, nargs="+")
+    who = takedown.add_mutually_exclusive_group(required=True)
+    who.add_argument("--rights-holder")
+    who.add_argument("--source", help="a source URL")
+    who.add_argument("--keys", type=Path, help="a file of sample keys, one per line")
+    takedown.add_argument("--run", type=Path, action="append", default=[],
+                          help="a run directory whose checkpoints to check (repeatable)")
+    takedown.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
+    takedown.set_defaults(handler=cmd_takedown)
     args = parser.parse_args(argv)
     return args.handler(args)
 

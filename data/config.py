@@ -19,6 +19,9 @@ class DataConfig:
     # Directory holding the shards and their manifest.json.
     root: str = "datasets/demo"
     licenses: LicensePolicyConfig = field(default_factory=LicensePolicyConfig)
+    # Resume onto a dataset whose shards changed since the checkpoint (a takedown, a rebuild): the epoch is then
+    # re-planned over the current shards. Without it such a resume is refused.
+    allow_changed_dataset: bool = False
     # Frames are sampled at this rate before fitting a clip to its bucket.
     fps: float = 8.0
     # Probability of replacing a caption by the empty (unconditional) caption, for CFG.

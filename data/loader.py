@@ -59,6 +59,15 @@ class LoaderSpec:
     resume: Optional[Dict[str, ConsumerSnapshot]] = None
 
 
+def dataset_fingerprint(root) -> str:
+    """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does."""
+    import hashlib
+    import json
+
+    rows = sorted((row["path"], int(row["num_samples"]), row.get("sha256")) for row in read_manifest(root)["shards"])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 def dataset_rows(root) -> List[Tuple[str, int]]:
     """(shard file, sample count) for every shard of a dataset's manifest."""
     return [(row["path"], int(row["num_samples"])) for row in read_manifest(root)["shards"]]

@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from models.attention import BackendUnavailable
     from train.engine import init_distributed
     from train.methods import method
-    from train.trainer import NonFiniteLoss
+    from train.trainer import DatasetChanged, NonFiniteLoss
 
     env = init_distributed()
     trainer_class = method(cfg.train.method).trainer()
@@ -53,6 +53,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BackendUnavailable as error:  # this machine cannot run the forced kernel: a config error here
         if env.is_main:
             print(f"kino: model.attention_backend: {error}", file=sys.stderr)
+        return 2
+    except DatasetChanged as error:
+        if env.is_main:
+            print(f"kino: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
         if env.is_main:

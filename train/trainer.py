@@ -17,7 +17,7 @@ import torch.distributed as dist
 from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import connect_coordinator
-from data.loader import LoaderSpec, dataset_rows, make_loader
+from data.loader import LoaderSpec, dataset_fingerprint, dataset_rows, make_loader
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
 from models.dit import parameter_count, text_conditioner
@@ -46,6 +46,10 @@ log = logging.getLogger("kino")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DatasetChanged(RuntimeError):
+    """A resume onto shards that changed since the checkpoint, without data.allow_changed_dataset."""
 
 
 class Trainer:
@@ -80,6 +84,7 @@ class Trainer:
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
         self._saved_sequence: Optional[int] = None
+        self._dataset_changed = False
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -168,6 +173,7 @@ class Trainer:
             "tracker": Resumable(self.tracker, "shared"),
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
+            "dataset": Resumable(Value(lambda: dataset_fingerprint(self.cfg.data.root), self._check_dataset), "shared"),
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
             "rng": Resumable(self.rng, "rank"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
@@ -192,6 +198,22 @@ class Trainer:
             self.base_model = identity
             self.cfg.model.init_sha256 = identity["sha256"]
 
+    def _check_dataset(self, saved) -> None:
+        """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
+        if saved is None or saved == dataset_fingerprint(self.cfg.data.root):
+            return
+        if not self.cfg.data.allow_changed_dataset:
+            raise DatasetChanged(
+                f"the dataset {self.cfg.data.root} changed since {self._resume_path} was written (its shards differ: "
+                f"a takedown or a rebuild). Resume with data.allow_changed_dataset=true to re-plan the epoch over "
+                f"the current shards, or start fresh (train.resume=false)")
+        self._dataset_changed = True
+        if self.env.is_main:
+            log.warning("the dataset %s changed since %s was written (data.allow_changed_dataset=true): the data "
+                        "plan starts a new epoch over the current shards; samples trained earlier in the "
+                        "interrupted epoch may be trained again, removed ones never", self.cfg.data.root,
+                        self._resume_path)
+
     def _note_saved_sequence(self, degree) -> None:
         self._saved_sequence = 1 if degree is None else int(degree)  # written before sequence parallelism: 1
 
@@ -199,7 +221,7 @@ class Trainer:
         """Same ranks, sequence-parallel groups and loader workers as the checkpoint: each loader continues
         exactly where it stood."""
         return (not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
-                and self._saved_sequence == self.layout.degree)
+                and self._saved_sequence == self.layout.degree and not self._dataset_changed)
 
     def _set_nonfinite_total(self, total) -> None:
         self.nonfinite_total = int(total or 0)
@@ -215,7 +237,7 @@ class Trainer:
         return self.coordinator.state() if self.env.is_main else None
 
     def _restore_data_plan(self, state) -> None:
-        if not self.env.is_main:
+        if not self.env.is_main or self._dataset_changed:  # changed shards: the fresh plan over them stands
             return
         same = self._same_data_layout()
         consumers = self.layout.data_world * max(1, self.cfg.data.num_workers)

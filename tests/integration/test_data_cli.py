@@ -97,3 +97,93 @@ def test_audit_answers_a_takedown_query_over_every_checkpoint(tmp_path):
     result = run("audit", str(tmp_path), "--rights-holder", "A. Maker")
     assert "step_100" in result.stdout and "step_200" in result.stdout
     assert "samples trained per license" in run("audit", str(tmp_path)).stdout
+
+
+def test_takedown_removes_a_rights_holder_everywhere_and_a_fresh_run_never_sees_them(tmp_path):
+    """Ingest clips of two rights holders, train, take one holder down (the report lists every removed sample, each
+    rewritten file's hashes before and after, and the checkpoints that used them), then: a fresh run's audit has
+    none of that holder; resuming the old run is refused, and with data.allow_changed_dataset=true it re-plans."""
+    from data.demo_set import procedural_samples
+    from tests.integration.test_training import torchrun
+
+    source = tmp_path / "v2d"
+    source.mkdir()
+    for n, (key, video, caption, meta) in enumerate(procedural_samples(16, seed=0)):
+        meta = dict(meta, rights_holder="Studio B" if n % 2 else meta["rights_holder"])
+        (source / f"{key}.mp4").write_bytes(video)
+        (source / f"{key}.txt").write_text(caption)
+        (source / f"{key}.json").write_text(json.dumps(meta))
+    dataset = tmp_path / "dataset"
+    assert run("ingest", "--video2dataset", str(source), "--out", str(dataset), "--samples-per-shard", "4"
+               ).returncode == 0
+    common = ("tracking.mode=disabled", "curriculum.stages.0.steps=3", "curriculum.stages.1.steps=1",
+              "train.checkpoint_every=2")
+    trained = tmp_path / "trained"
+    torchrun(trained, dataset, *common, "train.stop_after_steps=2", nproc=1)
+    before = json.loads((trained / "checkpoints" / "step_2" / "audit.json").read_text())
+    assert any("Studio B" in counts for counts in before["rights_holders"].values())
+
+    result = run("takedown", str(dataset), "--rights-holder", "Studio B", "--run", str(trained))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "removed 8 samples" in result.stdout and "checkpoints/step_2 (step 2)" in result.stdout
+    (report_path,) = (dataset / "takedowns").glob("takedown-*.json")
+    report = json.loads(report_path.read_text())
+    assert sorted(item["key"] for item in report["removed"]) == sorted(
+        key for n, (key, *_) in enumerate(procedural_samples(16, seed=0)) if n % 2)
+    assert all(item["rights_holder"] == "Studio B" for item in report["removed"])
+    from data.shards import sha256_file
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for item in report["files"]:  # each rewritten shard: its hashes before and after, the manifest agreeing
+        assert item["sha256_before"] != item["sha256_after"] == sha256_file(dataset / item["path"])
+        assert next(r for r in manifest["shards"] if r["path"] == item["path"])["sha256"] == item["sha256_after"]
+    assert sum(r["num_samples"] for r in manifest["shards"]) == 8
+    assert manifest["takedowns"][0]["rights_holder"] == "Studio B"
+    assert run("verify", str(dataset)).returncode == 0
+    assert "trained on samples of 'Studio B'" in run("audit", str(trained), "--rights-holder", "Studio B").stdout
+
+    fresh = tmp_path / "fresh"
+    torchrun(fresh, dataset, *common, nproc=1)
+    after = json.loads((fresh / "checkpoints" / "step_4" / "audit.json").read_text())
+    assert sum(after["license_totals"].values()) > 0
+    assert not any("Studio B" in counts for counts in after["rights_holders"].values())
+
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.integration.test_training import TINY
+
+    refused = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}",
+                              f"train.run_dir={trained}", *TINY, *common], cwd=REPO, capture_output=True, text=True,
+                             timeout=600, env=dict(os.environ, WANDB_MODE="offline"))
+    assert refused.returncode == 2 and "changed since" in refused.stderr and "allow_changed_dataset" in refused.stderr
+    resumed = torchrun(trained, dataset, *common, "data.allow_changed_dataset=true", nproc=1)
+    assert "starts a new epoch over the current shards" in resumed.stdout + resumed.stderr
+    final = json.loads((trained / "checkpoints" / "step_4" / "audit.json").read_text())
+    assert final["step"] == 4
+
+
+def test_takedown_by_keys_dry_run_changes_nothing_and_an_emptied_shard_is_deleted(tmp_path):
+    from data.demo_set import procedural_samples
+    from data.shards import ShardSetWriter, sha256_file
+
+    dataset = tmp_path / "dataset"
+    writer = ShardSetWriter(dataset, samples_per_shard=4)
+    samples = list(procedural_samples(8, seed=1))
+    for key, video, caption, meta in samples:
+        writer.write(key, video, caption, meta)
+    writer.close()
+    keys = [samples[0][0], samples[1][0]] + [s[0] for s in samples[4:]]  # two of shard 0, all of shard 1
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    hashes = {p.name: sha256_file(p) for p in dataset.glob("*.tar")}
+    dry = run("takedown", str(dataset), "--keys", str(tmp_path / "keys.txt"), "--dry-run")
+    assert dry.returncode == 0 and "would remove 6 samples" in dry.stdout
+    assert {p.name: sha256_file(p) for p in dataset.glob("*.tar")} == hashes and not (dataset / "takedowns").exists()
+    done = run("takedown", str(dataset), "--keys", str(tmp_path / "keys.txt"))
+    assert done.returncode == 0 and "shard-00001.tar: 4 -> 0 samples" in done.stdout and "deleted" in done.stdout
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert [(r["path"], r["num_samples"]) for r in manifest["shards"]] == [("shard-00000.tar", 2)]
+    assert not (dataset / "shard-00001.tar").exists()
+    assert run("verify", str(dataset)).returncode == 0
