@@ -211,6 +211,30 @@ class CoordinatorCore:
                 "leases": len(self.leases)}
 
 
+class CoordinatorUnavailable(RuntimeError):
+    """The coordinator's actor cannot be reached (its Ray cluster stopped, e.g. a preemption signalled every
+    process). The trainer keeps what its checkpoint needs without it (train/trainer.py, `mirrored_state`)."""
+
+
+def mirrored_state(shards: Sequence[Tuple[str, int]], seed: int, chunk_samples: Optional[int],
+                   base: Optional[Dict[str, Any]], acknowledged: Iterable[Sequence[int]]) -> Dict[str, Any]:
+    """The coordinator's state rebuilt without it: `base` (its state at the last checkpoint, or None for the
+    start) plus every sample acknowledged since. It keeps what exactly-once needs (the acknowledged samples of
+    the open epochs) and no deal: a resume from it deals the rest out anew."""
+    core = CoordinatorCore(shards, seed, chunk_samples)
+    if base is not None:
+        core.restore(base, None)
+    tags = [list(t) for t in acknowledged]
+    open_from = min(core.epochs)
+    for epoch_id in sorted({t[0] for t in tags}):
+        if epoch_id >= open_from and epoch_id not in core.epochs:  # begun after `base` was taken
+            core.epochs[epoch_id] = _Epoch(epoch_id, core.chunks, seed)
+    core.ack(tags)
+    state = core.state()
+    state["mirrored"] = True
+    return state
+
+
 class CoordinatorClient:
     """What loaders and trainers hold: the in-process core, or a named Ray actor that every process
     (ranks and DataLoader workers, on any node) reaches by cluster address and name."""
@@ -246,7 +270,11 @@ class CoordinatorClient:
             self._actor = ray.get_actor(self.actor_name, namespace=self.namespace)
         import ray
 
-        return ray.get(getattr(self._actor, method).remote(*args))
+        try:
+            return ray.get(getattr(self._actor, method).remote(*args), timeout=60)
+        except ray.exceptions.RayError as error:  # the actor, or its whole cluster, is gone
+            raise CoordinatorUnavailable(f"data coordinator {self.actor_name!r} unreachable: "
+                                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
 
     def request(self, consumer: str, slot: int = 0, slots: int = 1) -> Dict[str, Any]:
         return self._call("request", consumer, slot, slots)

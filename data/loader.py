@@ -127,6 +127,17 @@ class ClipStream(IterableDataset):
                     yield batches.assemble(batch, [[c.entry() for c in b] for b in closed[n + 1:]])
             if len(batches.dropped) >= DROP_FLUSH:
                 yield batches.assemble([], [])
+        # The reader ends only when no more work can be dealt (the coordinator is gone): what the packer holds
+        # goes out in batches within the budget, so the step in progress can finish.
+        clips, tokens = [], 0
+        for clip in batches.packer.flush():
+            if clips and tokens + clip.tokens > spec.token_budget:
+                yield batches.assemble(clips, [])
+                clips, tokens = [], 0
+            clips.append(clip)
+            tokens += clip.tokens
+        if clips or batches.dropped:
+            yield batches.assemble(clips, [])
 
 
 class _BatchAssembler:

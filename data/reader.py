@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import webdataset as wds
 
 from data.batch import ChunkPosition, ConsumerSnapshot, Entry
-from data.coordinator import CoordinatorClient, Tag
+from data.coordinator import CoordinatorClient, CoordinatorUnavailable, Tag
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -63,7 +63,14 @@ class ConsumerReader:
             if snapshot.current is not None:
                 yield from self.read_chunk(snapshot.current.work, snapshot.current.next)
         while True:
-            yield from self.read_chunk(self.coordinator.request(self.name, self.slot, self.slots))
+            try:
+                work = self.coordinator.request(self.name, self.slot, self.slots)
+            except CoordinatorUnavailable as error:
+                # No more work can be dealt (a stop signal reached the coordinator's cluster too): the stream
+                # ends after what was read, so the step in progress can finish and checkpoint without it.
+                warn_once("coordinator", "%s: %s; no further chunks", self.name, error)
+                return
+            yield from self.read_chunk(work)
 
     def read_chunk(self, work: Dict[str, Any], first: int = 0) -> Iterator[RawRead]:
         epoch, chunk, start, stop = work["epoch"], work["chunk"], work["start"], work["stop"]

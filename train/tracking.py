@@ -142,7 +142,18 @@ class Tracker:
 
     def finish(self) -> None:
         if self._wandb is not None:
-            self._wandb.finish()
+            self._to_wandb(self._wandb.finish)
+            self._wandb = None
+
+    def _to_wandb(self, call, *args, **kwargs) -> None:
+        """W&B's service is a process of its own: a stop signal to every process (a preemption) can end it before
+        the run's last steps and checkpoint. Then W&B is dropped for the rest of the run, with a warning;
+        metrics.jsonl, the record resumes rely on, keeps every step."""
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # the service is gone: a connection error of some kind
+            log.warning("W&B stopped answering (%s: %s): the rest of this run logs to metrics.jsonl only",
+                        type(error).__name__, str(error)[:120])
             self._wandb = None
 
     @property
@@ -158,14 +169,15 @@ class Tracker:
         log.info(console_line(metrics, self.total_steps))
         if self._wandb is not None:
             scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-            self._wandb.log(scalars, step=metrics["step"])
+            self._to_wandb(self._wandb.log, scalars, step=metrics["step"])
 
     def log_videos(self, step: int, videos: List[Path], captions: List[str]) -> None:
         if self._wandb is None:
             return
         import wandb
 
-        self._wandb.log({"videos": [wandb.Video(str(p), caption=c) for p, c in zip(videos, captions)]}, step=step)
+        self._to_wandb(self._wandb.log, {"videos": [wandb.Video(str(p), caption=c) for p, c in zip(videos, captions)]},
+                       step=step)
 
     def log_event(self, step: int, text: str) -> None:
         if self.enabled:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
-from data.coordinator import connect_coordinator
+from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
 from data.loader import LoaderSpec, dataset_fingerprint, dataset_rows, make_loader
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
@@ -85,6 +85,12 @@ class Trainer:
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
         self._saved_sequence: Optional[int] = None
         self._dataset_changed = False
+        # The acknowledged data state lives here too, not only in the coordinator's actor: the plan as of the last
+        # checkpoint (rank 0) and what each rank acknowledged since. A final checkpoint needs no live actor.
+        self._plan_base: Optional[Dict[str, Any]] = None
+        self._acked_since: List[List[int]] = []
+        self._coordinator_lost = False
+        self._plan_mirrored = False
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -221,7 +227,8 @@ class Trainer:
         """Same ranks, sequence-parallel groups and loader workers as the checkpoint: each loader continues
         exactly where it stood."""
         return (not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
-                and self._saved_sequence == self.layout.degree and not self._dataset_changed)
+                and self._saved_sequence == self.layout.degree and not self._dataset_changed
+                and not self._plan_mirrored)
 
     def _set_nonfinite_total(self, total) -> None:
         self.nonfinite_total = int(total or 0)
@@ -233,12 +240,42 @@ class Trainer:
                                f"the curriculum puts that step in {expected['stage']!r}")
 
     def _data_plan(self):
-        """The coordinator's acknowledged samples are global: rank 0 reads them."""
-        return self.coordinator.state() if self.env.is_main else None
+        """Collective. The acknowledged samples of every rank. Rank 0 asks the coordinator; when it cannot be
+        reached (a stop signal took its Ray cluster down too) the plan is rebuilt from the trainer's own record:
+        the plan at the last checkpoint plus every rank's acknowledgements since (`mirrored_state`)."""
+        gathered = [list(self._acked_since)]
+        if dist.is_initialized() and self.env.world_size > 1:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, list(self._acked_since))
+        self._acked_since = []
+        if not self.env.is_main:
+            return None
+        state = None
+        if not self._coordinator_lost:
+            try:
+                state = self.coordinator.state()
+            except CoordinatorUnavailable as error:
+                self._note_coordinator_lost(error)
+        if state is None:
+            data = self.cfg.data
+            state = mirrored_state(dataset_rows(data.root), data.seed, data.chunk_samples, self._plan_base,
+                                   [tag for tags in gathered for tag in tags])
+            log.warning("data plan for the checkpoint at step %d rebuilt by the trainer (the coordinator is gone): "
+                        "a resume deals the rest of the epoch out anew, each sample still trained once", self.step)
+        self._plan_base = state
+        return state
+
+    def _note_coordinator_lost(self, error) -> None:
+        if not self._coordinator_lost:
+            log.warning("%s: the trainer's own record of acknowledged samples stands in for it", error)
+        self._coordinator_lost = True
 
     def _restore_data_plan(self, state) -> None:
+        # A plan the trainer rebuilt has no deal: every loader starts over on what is left (all ranks must know).
+        self._plan_mirrored = bool(state and state.get("mirrored"))
         if not self.env.is_main or self._dataset_changed:  # changed shards: the fresh plan over them stands
             return
+        self._plan_base = state
         same = self._same_data_layout()
         consumers = self.layout.data_world * max(1, self.cfg.data.num_workers)
         self.coordinator.restore(state, consumers if same else None)
@@ -329,7 +366,13 @@ class Trainer:
                 for key in batch.keys:
                     self.audit.record_dropped("nonfinite_step", key)
         for consumer, acknowledged in tags.items():
-            self.coordinator.ack(acknowledged, consumer)
+            self._acked_since += [list(tag) for tag in acknowledged]  # the trainer's record, for the checkpoint
+            if self._coordinator_lost:
+                continue
+            try:
+                self.coordinator.ack(acknowledged, consumer)
+            except CoordinatorUnavailable as error:
+                self._note_coordinator_lost(error)
 
     # -- one step --------------------------------------------------------------------------------
     def latents(self, batch: PackedBatch) -> List[torch.Tensor]:

@@ -69,3 +69,54 @@ def test_deepspeed_launcher_runs_the_same_entry(tiny_dataset, tmp_path):
     assert "--no_local_rank --module train experiment=demo" in done.stdout
     assert "ZeRO-2 over 2 cpu process(es)" in done.stdout and "kino run finished" in done.stdout
     assert (run_dir / "checkpoints" / "step_8" / "COMPLETE").exists()
+
+
+def every_process_of(pid: int):
+    """The process tree under `pid`, and every process in a session one of them leads: the Ray head a run starts
+    in a session of its own (data/ray_head.py) with its GCS, raylet and workers. What a preemption that signals
+    every process of a job reaches."""
+    rows = [line.split() for line in subprocess.run(["ps", "-eo", "pid=,ppid=,sid="], capture_output=True,
+                                                    text=True).stdout.splitlines()]
+    rows = [(int(p), int(pp), int(s)) for p, pp, s in rows]
+    tree, frontier = {pid}, {pid}
+    while frontier:
+        frontier = {p for p, parent, _ in rows if parent in frontier} - tree
+        tree |= frontier
+    sessions = {sid for p, _, sid in rows if p in tree and sid == p}
+    return tree | {p for p, _, sid in rows if sid in sessions}
+
+
+def test_sigterm_to_every_process_ray_and_wandb_included_still_checkpoints_at_the_stop_step(tiny_dataset, tmp_path):
+    """A plain scancel or a node preemption signals every process, the data coordinator's Ray cluster and W&B's
+    service too. The trainer keeps the acknowledged data state itself, so the final checkpoint is complete at the
+    stop step without the actor, and the next launch resumes from it with every step logged once."""
+    run_dir = tmp_path / "run"
+    longer = ("curriculum.stages.0.steps=40", "train.checkpoint_every=1000")
+    process = subprocess.Popen(launch("local", tiny_dataset, run_dir, *longer), cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(steps(run_dir)) < 10:
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.3)
+    targets = every_process_of(process.pid)
+    assert len(targets) > 8  # launcher, torchrun, two ranks, Ray's head and its processes, W&B's service
+    for pid in targets:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    output, _ = process.communicate(timeout=240)
+    stopped = re.search(r"stopping at step (\d+) of 43 \(asked to stop \(SIGTERM\)\)", output)
+    assert stopped, output[-6000:]
+    assert "rebuilt by the trainer (the coordinator is gone)" in output, output[-6000:]
+    step = int(stopped.group(1))
+    checkpoint = run_dir / "checkpoints" / f"step_{step}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == checkpoint.name
+    assert (checkpoint / "COMPLETE").exists()
+    assert json.loads((checkpoint / "train_state.json").read_text())["data"]["mirrored"] is True
+
+    again = subprocess.run(launch("local", tiny_dataset, run_dir, *longer), cwd=REPO, env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming from {checkpoint} (step {step}" in again.stdout and "dealt out anew" in again.stdout
+    assert sorted(steps(run_dir)) == list(range(1, 44)) and len(set(steps(run_dir))) == 43
