@@ -101,3 +101,39 @@ def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_resumes(clu
     steps = logged_steps(run_dir)
     assert sorted(steps) == list(range(1, total + 1)) and len(steps) == len(set(steps))  # no step lost or repeated
     assert not list(run_dir.glob(".stop-*"))
+
+
+def test_scancel_signals_every_process_ray_included_and_the_next_job_resumes_from_the_stop_step(
+        cluster, tiny_dataset, tmp_path):
+    """A plain `scancel` (no --batch) sends SIGTERM to every process of the job: the ranks, the node agents and
+    the Ray cluster that hosts the data coordinator. The final checkpoint still lands at the stop step (the trainer
+    keeps the acknowledged data state itself), and the next job resumes from it with every step logged once."""
+    import time
+
+    run_dir = tmp_path / "run"
+    total = 60
+    steps = ("curriculum.stages.0.steps=40", "curriculum.stages.1.steps=20", "train.checkpoint_every=1000")
+    job_id = submit(cluster, tiny_dataset, run_dir, *steps)
+    deadline = time.monotonic() + 300
+    while len(logged_steps(run_dir)) < 8:
+        assert time.monotonic() < deadline, log_of(run_dir, job_id)[-3000:]
+        time.sleep(0.3)
+    subprocess.run(["scancel", job_id], env=cluster.env, check=True)
+    info = cluster.wait_for(job_id, {"CANCELLED", "FAILED", "COMPLETED", "TIMEOUT"}, timeout=180)
+    log = log_of(run_dir, job_id)
+    assert info["JobState"] == "CANCELLED", log[-4000:]
+    stopped = re.search(rf"stopping at step (\d+) of {total} \(asked to stop", log)
+    assert stopped, log[-6000:]
+    step = int(stopped.group(1))
+    assert 8 <= step < total
+    assert "rebuilt by the trainer (the coordinator is gone)" in log  # Ray went down with the job's processes
+    assert latest(run_dir).name == f"step_{step}" and (latest(run_dir) / "COMPLETE").exists()
+
+    cluster.wait_until_idle()
+    again = submit(cluster, tiny_dataset, run_dir, *steps)
+    info = cluster.wait_for(again, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    log = log_of(run_dir, again)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert f"resuming from {run_dir}/checkpoints/step_{step} (step {step}" in log
+    done = logged_steps(run_dir)
+    assert sorted(done) == list(range(1, total + 1)) and len(done) == len(set(done))

@@ -30,7 +30,7 @@ def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():
     # One rank, two decode workers (slots 0 and 1 of 2), each holding a chunk it has partly trained.
     first = {w: coordinator.request(f"rank0-worker{w}", w, 2) for w in (0, 1)}
     trainer = SimpleNamespace(env=SimpleNamespace(rank=0), loader_snapshots={}, audit=Audit(), coordinator=coordinator,
-                              step=0, layout=SequenceLayout(1, 0, 1))
+                              step=0, layout=SequenceLayout(1, 0, 1), _acked_since=[], _coordinator_lost=False)
     for n, now in enumerate((6.0, 12.0, 18.0)):  # each worker trains a batch every 6 s: inside the 10 s lease
         clock[0] = now
         Trainer._settle(trainer, [batch_read_by(f"rank0-worker{w}", first[w], n) for w in (0, 1)], trained=False)
@@ -50,3 +50,40 @@ def test_a_worker_that_stops_acknowledging_loses_its_chunk_after_the_lease():
     clock[0] = 11.0
     dealt = coordinator.request("rank0-worker0", 0, 2)
     assert (dealt["epoch"], dealt["chunk"]) == (dead["epoch"], dead["chunk"])  # the orphan goes first
+
+
+def test_the_trainer_rebuilds_the_acknowledged_plan_without_the_coordinator():
+    """mirrored_state: the plan at a checkpoint plus the acknowledgements since equals the coordinator's record of
+    them (a new epoch begun since included), and a resume from it deals the rest out so no sample repeats."""
+    from data.coordinator import mirrored_state
+
+    rows = [("shard-0.tar", 6), ("shard-1.tar", 6)]
+    live = CoordinatorCore(rows, seed=3, chunk_samples=3)
+    acked = []
+
+    def train(n):
+        for _ in range(n):
+            work = live.request("rank0-worker0", 0, 1)
+            tags = [[work["epoch"], work["chunk"], o] for o in range(work["start"], work["stop"])
+                    if o not in work["skip"]][:2]  # part of each chunk: leases stay open
+            live.ack(tags)
+            acked.extend(tags)
+
+    train(3)
+    base = live.state()
+    acked.clear()
+    train(6)  # crosses into epoch 1
+    rebuilt = mirrored_state(rows, 3, 3, base, acked)
+    assert rebuilt["mirrored"] and rebuilt["completed_epochs"] == live.state()["completed_epochs"]
+    for epoch, saved in live.state()["epochs"].items():
+        assert rebuilt["epochs"][epoch]["done"] == saved["done"]
+    resumed = CoordinatorCore(rows, seed=3, chunk_samples=3)
+    resumed.restore(rebuilt, None)
+    trained = {(e, c, o) for e, s in rebuilt["epochs"].items() for c, offs in s["done"].items() for o in offs}
+    while resumed.completed_epochs == rebuilt["completed_epochs"]:  # the rest of the open epoch, once each
+        work = resumed.request("rank0-worker0", 0, 1)
+        tags = [(str(work["epoch"]), str(work["chunk"]), o) for o in range(work["start"], work["stop"])
+                if o not in work["skip"]]
+        assert not trained & {(e, c, o) for e, c, o in tags}
+        trained |= set(tags)
+        resumed.ack([[int(e), int(c), o] for e, c, o in tags])
