@@ -33,6 +33,6 @@ setup(
                 "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "peft>=0.13", "jsonschema>=4",
                 "kubernetes-validate>=1.30"],
         # Needs CUDA to build; install on GPU machines only.
-        "gpu": ["flash-attn>=2.6"],
+        "gpu": ["flash-attn>=2.6", "torchcodec>=0.2"],
     },
 )

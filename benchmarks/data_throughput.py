@@ -6,7 +6,8 @@ Baseline: webdataset -> decord decodes every frame of every clip -> resize to th
 fixed-size batches padded to the longest clip (no license gate, no buckets).
 
   python benchmarks/data_throughput.py datasets/demo --clips 200
-Both run in this one process (one core; torch and decord limited to one thread).
+Both run in this one process (one core; torch and decord limited to one thread). Kino's loader is then measured
+with each decoder of `data.decoder` that loads here (decord, pyav, torchcodec), side by side: frames/s per core.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def kino(root: str, clips: int, cfg) -> dict:
+def kino(root: str, clips: int, cfg, decoder: str = "decord") -> dict:
     from data.coordinator import CoordinatorClient, CoordinatorCore
     from data.licenses import LicensePolicy
     from data.loader import ClipStream, LoaderSpec, dataset_rows
@@ -33,7 +34,7 @@ def kino(root: str, clips: int, cfg) -> dict:
     spec = LoaderSpec(root=root, policy=LicensePolicy.from_ids(cfg.data.licenses.allow),
                       shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
                       patch_size=tuple(cfg.model.patch_size), temporal_factor=1, spatial_factor=1, fps=cfg.data.fps,
-                      seed=0, coordinator=CoordinatorClient(CoordinatorCore(dataset_rows(root))))
+                      seed=0, coordinator=CoordinatorClient(CoordinatorCore(dataset_rows(root))), decoder=decoder)
     stream = iter(ClipStream(spec))
     start, done, frames, tokens, capacity = time.perf_counter(), 0, 0, 0, 0
     while done < clips:
@@ -102,6 +103,16 @@ def main() -> None:
     result["speedup_clips_per_s"] = result["kino"]["clips_per_s"] / result["baseline"]["clips_per_s"]
     result["speedup_useful_tokens_per_s"] = result["speedup_clips_per_s"] * (
         result["kino"]["useful_token_frac"] / result["baseline"]["useful_token_frac"])
+    from data.decode import DECODERS, decoder_unavailable
+
+    result["decoders"] = {}
+    for decoder in DECODERS:  # the same loader, the same clips, each decoder that loads here
+        why = decoder_unavailable(decoder)
+        if why:
+            result["decoders"][decoder] = {"unavailable": why}
+            continue
+        kino(args.root, 10, cfg, decoder)
+        result["decoders"][decoder] = kino(args.root, args.clips, cfg, decoder)
     print(json.dumps(result, indent=1))
 
 

@@ -24,6 +24,9 @@ class DataConfig:
     allow_changed_dataset: bool = False
     # Frames are sampled at this rate before fitting a clip to its bucket.
     fps: float = 8.0
+    # Video decoder (data/decode.py): decord (the default), pyav, or torchcodec where it loads. Same frames and
+    # crops from each; a decoder that does not load here is rejected before a run starts.
+    decoder: str = "decord"
     # Probability of replacing a caption by the empty (unconditional) caption, for CFG.
     caption_dropout: float = 0.1
     # DataLoader worker processes per rank that decode video (> 0 needs the Ray coordinator).
@@ -47,6 +50,11 @@ class DataConfig:
     pack_tolerance: float = 0.01
 
     def check(self) -> None:
+        from data.decode import decoder_unavailable
+
+        why = decoder_unavailable(self.decoder)
+        if why:
+            raise ConfigError(f"data.decoder={self.decoder!r} cannot decode here: {why}")
         if self.coordinator not in ("auto", "local", "ray"):
             raise ConfigError(f"data.coordinator={self.coordinator!r}: must be auto, local or ray")
         if self.coordinator == "local" and self.num_workers > 0:

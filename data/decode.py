@@ -1,4 +1,13 @@
-"""Decode a clip from mp4 bytes with decord and fit it to a bucket shape."""
+"""Decode a clip from mp4 bytes and fit it to a bucket shape, with the decoder `data.decoder` names:
+
+  decord      the spec's decoder and the default (for the frame widths decord 0.6 miscopies, PyAV reads the
+              same bytes instead);
+  pyav        FFmpeg through PyAV: maintained, its wheels carry FFmpeg;
+  torchcodec  PyTorch's decoder, where it loads (its registry wheels need a CUDA build of torch).
+
+All three read the same frame count and rate from the stream, so the same seeded temporal crop picks the same
+frame indices, and the same resize and crop follows: the same clip whichever decodes it
+(tests/unit/test_decoders.py)."""
 from __future__ import annotations
 
 import io
@@ -78,25 +87,59 @@ def _decord_buffer_bug(error: Exception) -> bool:
     return "DECORDArrayCopyFromTo" in str(error)
 
 
-def decode_clip(video: bytes, shape: BucketShape, target_fps: float, rng: random.Random) -> torch.Tensor:
-    """A random temporal crop of `shape.frames` frames at target_fps, resized and cropped to the bucket.
+DECODERS = ("decord", "pyav", "torchcodec")
 
-    decord decodes; for the frame widths decord 0.6 miscopies, PyAV decodes the same bytes instead.
-    """
-    import decord  # imported here so worker processes load it lazily
 
+def decoder_unavailable(name: str):
+    """Why `name` cannot decode here (None when it can): checked before a run starts."""
+    if name not in DECODERS:
+        return f"unknown decoder {name!r}; known: {', '.join(DECODERS)}"
+    try:
+        if name == "torchcodec":
+            from torchcodec.decoders import VideoDecoder  # noqa: F401
+        else:
+            __import__("decord" if name == "decord" else "av")
+    except Exception as error:  # ImportError, or OSError from a native library (torchcodec: libc10_cuda.so)
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    return None
+
+
+def _decode_with_torchcodec(video: bytes, count: int, target_fps: float, rng: random.Random) -> np.ndarray:
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(video, seek_mode="exact")
+    metadata = decoder.metadata
+    source_fps = float(metadata.average_fps or target_fps)
+    indices = temporal_indices(int(metadata.num_frames), source_fps, target_fps, count, rng)
+    return decoder.get_frames_at(indices=indices).data.permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC
+
+
+def decode_clip(video: bytes, shape: BucketShape, target_fps: float, rng: random.Random,
+                decoder: str = "decord") -> torch.Tensor:
+    """A random temporal crop of `shape.frames` frames at target_fps, resized and cropped to the bucket."""
     if not video:
         raise ValueError("empty video")
+    if decoder == "pyav":
+        frames = _decode_with_pyav(video, shape.frames, target_fps, rng)
+    elif decoder == "torchcodec":
+        frames = _decode_with_torchcodec(video, shape.frames, target_fps, rng)
+    else:
+        frames = _decode_with_decord(video, shape.frames, target_fps, rng)
+    return resize_and_crop(frames, shape.height, shape.width)
+
+
+def _decode_with_decord(video: bytes, count: int, target_fps: float, rng: random.Random) -> np.ndarray:
+    import decord  # imported here so worker processes load it lazily
+
     state = rng.getstate()
     try:
         reader = decord.VideoReader(io.BytesIO(video), ctx=decord.cpu(0), num_threads=1)
         num_frames = len(reader)
         source_fps = reader.get_avg_fps() or target_fps
-        indices = temporal_indices(num_frames, source_fps, target_fps, shape.frames, rng)
-        frames = reader.get_batch(indices).asnumpy()
+        indices = temporal_indices(num_frames, source_fps, target_fps, count, rng)
+        return reader.get_batch(indices).asnumpy()
     except decord.DECORDError as error:
         if not _decord_buffer_bug(error):
             raise
         rng.setstate(state)  # the same temporal crop whichever decoder reads it
-        frames = _decode_with_pyav(video, shape.frames, target_fps, rng)
-    return resize_and_crop(frames, shape.height, shape.width)
+        return _decode_with_pyav(video, count, target_fps, rng)

@@ -54,6 +54,7 @@ class LoaderSpec:
     pack_window: int = 16
     pack_tolerance: float = 0.01
     image_fraction: float = 0.0  # share of samples trained as one frame (the stage's image/video mix)
+    decoder: str = "decord"  # data.decoder
     pin_memory: bool = False  # batches in page-locked memory (for a CUDA trainer's non-blocking copies)
     # consumer name -> the snapshot its last trained batch carried (resume exactly where it stood)
     resume: Optional[Dict[str, ConsumerSnapshot]] = None
@@ -185,7 +186,7 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
     if shape is None:
         return None, TOO_SHORT
     try:
-        video = decode_clip(raw["mp4"], shape, spec.fps, rng)
+        video = decode_clip(raw["mp4"], shape, spec.fps, rng, spec.decoder)
     except ClipTooShort:
         return None, TOO_SHORT
     except Exception as error:  # decord raises its own error types for broken streams

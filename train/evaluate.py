@@ -92,7 +92,8 @@ def validation_clips(cfg, shapes: Sequence[BucketShape], limit: int) -> List[Dic
     root, ae = cfg.data.validation_root, cfg.model.autoencoder
     spec = LoaderSpec(root=root, policy=LicensePolicy.from_ids(cfg.data.licenses.allow), shapes=list(shapes),
                       token_budget=10 ** 9, patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
-                      spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed, coordinator=None)
+                      spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed, coordinator=None,
+                      decoder=cfg.data.decoder)
     clips = []
     for shard_index, offset, raw in _raw_samples(root):
         item, _ = prepare_sample(raw, (0, shard_index, offset), spec)

@@ -321,6 +321,7 @@ class Trainer:
                           world_size=self.layout.data_world, num_workers=cfg.data.num_workers,
                           pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
                           image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots),
+                          decoder=cfg.data.decoder,
                           pin_memory=self.env.device.type == "cuda")
         return iter(make_loader(spec))
 
