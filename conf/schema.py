@@ -74,6 +74,13 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
                           f"has none (set them to 1)")
     check_base_model(cfg)
     check_lora_targets(cfg)
+    if cfg.data.latents:
+        from data.latent_cache import check_cache
+
+        try:
+            check_cache(cfg.data.latents, cfg)
+        except (ValueError, OSError) as error:
+            raise ConfigError(str(error)) from error
     if world_size is None:
         world_size = cfg.launcher.nodes * cfg.launcher.processes_per_node()
     check_sequence_parallel(cfg, world_size)

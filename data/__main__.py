@@ -1,5 +1,5 @@
-"""`python -m data ingest | verify | inspect | audit | takedown` — build, check, question and act on licensed video
-datasets."""
+"""`python -m data ingest | verify | inspect | audit | takedown | encode` — build, check, question, act on and
+encode licensed video datasets."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,30 @@ def cmd_takedown(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from conf.schema import ConfigError, load_config
+    from data.latent_cache import encode
+
+    try:
+        cfg = load_config(args.overrides)
+    except ConfigError as error:
+        print(f"encode: {error}", file=sys.stderr)
+        return 2
+    names = [s.name for s in cfg.curriculum.stages]
+    if args.stage is not None and args.stage not in names:
+        print(f"encode: --stage {args.stage!r} is not a stage of the curriculum ({', '.join(names)})", file=sys.stderr)
+        return 2
+    index = names.index(args.stage) if args.stage is not None else len(names) - 1
+    manifest = encode(args.dataset, args.out, cfg, index, args.workers, cfg.data.ray_address)
+    cache = manifest["cache"]
+    total = sum(s["num_samples"] for s in manifest["shards"])
+    print(f"encoded {total} samples of {args.dataset} into {args.out} for stage {cache['stage']!r} "
+          f"({len(manifest['shards'])} shards; buckets {cache['buckets']})")
+    dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(cache["dropped"].items()))
+    print(f"dropped: {dropped or 'none'}; train from it with data.latents={args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -163,7 +187,20 @@ def main(argv=None) -> int:
                           help="a run directory whose checkpoints to check (repeatable)")
     takedown.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
     takedown.set_defaults(handler=cmd_takedown)
-    args = parser.parse_args(argv)
+    encode = verbs.add_parser("encode", help="a latent cache: shards -> license gate -> decode -> buckets -> frozen "
+                                             "encoders (a Ray Data job) -> latent shards + manifest")
+    encode.add_argument("dataset", type=Path)
+    encode.add_argument("--out", type=Path, required=True)
+    encode.add_argument("--stage", default=None, help="the curriculum stage whose buckets to fit (default: the last)")
+    encode.add_argument("--workers", type=int, default=1, help="encoder actors in the Ray pool")
+    encode.add_argument("overrides", nargs="*", help="config overrides, as for python -m train (model encoders, "
+                                                     "curriculum, data.fps, data.decoder, ...)")
+    encode.set_defaults(handler=cmd_encode)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.verb != "encode":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.verb == "encode":  # overrides may come after the options too
+        args.overrides = list(args.overrides) + unknown
     return args.handler(args)
 
 

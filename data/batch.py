@@ -24,6 +24,13 @@ class PreparedClip:
     meta: Dict[str, Any]
     tokens: int
     tag: Tag
+    # From a latent cache (data.latents): `video` holds the latents (C, T, H, W float) instead of frames, and a
+    # pretrained text encoder's caption embeddings (tokens, dim) come with them.
+    text_embedding: Optional[torch.Tensor] = None
+
+    @property
+    def encoded(self) -> bool:
+        return self.video.is_floating_point()
 
     def entry(self) -> Entry:
         return [*self.tag, self.shard]

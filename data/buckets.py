@@ -108,3 +108,13 @@ class WindowPacker:
     def flush(self) -> list:
         items, self.buffer = [entry[0] for entry in self.buffer], []
         return items
+
+
+def stage_shapes(cfg, stage) -> List[BucketShape]:
+    """The stage's buckets; a stage that mixes in images also gets 1-frame buckets."""
+    ae, patch = cfg.model.autoencoder, cfg.model.patch_size
+    frames = list(stage.frame_counts)
+    if stage.image_fraction > 0 and 1 not in frames:
+        frames.append(1)
+    return bucket_shapes(stage.resolutions, stage.aspect_ratios, frames,
+                         multiple=ae.spatial_factor * max(patch[1], patch[2]))

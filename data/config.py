@@ -27,6 +27,10 @@ class DataConfig:
     # Video decoder (data/decode.py): decord (the default), pyav, or torchcodec where it loads. Same frames and
     # crops from each; a decoder that does not load here is rejected before a run starts.
     decoder: str = "decord"
+    # Train from a latent cache built by `python -m data encode` (data/latent_cache.py) instead of decoding and
+    # encoding clips each step: its directory. Every stage's buckets and the frozen encoders' identity must be
+    # the cache's (checked before a run starts). data.root stays the source dataset.
+    latents: Optional[str] = None
     # Probability of replacing a caption by the empty (unconditional) caption, for CFG.
     caption_dropout: float = 0.1
     # DataLoader worker processes per rank that decode video (> 0 needs the Ray coordinator).

@@ -156,11 +156,46 @@ class _BatchAssembler:
         return PackedBatch(clips, dropped, self.consumer, snapshot)
 
 
+def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
+                          ) -> Tuple[Optional[PreparedClip], Optional[str]]:
+    """A latent-cache sample (data/latent_cache.py): the same license gate on the source's metadata; the latents
+    as encoded; a sample drawn as an image trains on its first latent frame (the first frame alone, for the
+    causal and pixel autoencoders). Its key and shard are the source's, so audit and provenance name the
+    source sample."""
+    from data.latent_cache import load_npy
+
+    if "json" not in raw or "txt" not in raw:
+        return None, INCOMPLETE_SAMPLE
+    try:
+        meta = parse_metadata(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None, METADATA_INVALID
+    reason = spec.policy.rejection(meta)
+    if reason:
+        return None, reason
+    try:
+        caption = raw["txt"].decode("utf-8")
+        latent = torch.from_numpy(load_npy(raw["latent.npy"]))
+        text = torch.from_numpy(load_npy(raw["text.npy"])) if "text.npy" in raw else None
+    except (ValueError, UnicodeDecodeError):
+        return None, UNDECODABLE
+    rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")
+    if spec.image_fraction and rng.random() < spec.image_fraction:
+        latent = latent[:, :1]
+    pt, ph, pw = spec.patch_size
+    _, t, h, w = latent.shape
+    tokens = (t // pt) * (h // ph) * (w // pw)
+    return PreparedClip(latent, caption, meta.get("source_key", raw.get("__key__", "?")),
+                        meta.get("source_shard", Path(raw.get("__url__", "?")).name), meta, tokens, tag, text), None
+
+
 def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Optional[PreparedClip], Optional[str]]:
     """One raw WebDataset sample -> (clip, None) ready to pack, or (None, reason) for a sample that must not
     reach the model. The license gate comes first; the random choices (crop, frames, image or clip) depend
     only on the seed and the sample's tag, so whoever reads it makes the same ones."""
     key = raw.get("__key__", "?")
+    if "latent.npy" in raw:
+        return prepare_cached_sample(raw, tag, spec)
     if "json" not in raw or "mp4" not in raw or "txt" not in raw:
         return None, INCOMPLETE_SAMPLE
     try:

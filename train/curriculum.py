@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List
 
-from data.buckets import BucketShape, bucket_shapes
-from conf.schema import KinoConfig
+from data.buckets import stage_shapes  # noqa: F401 (re-exported: data/ computes a stage's buckets too)
 from train.config import CurriculumConfig, StageConfig
 
 
@@ -45,13 +44,3 @@ class Curriculum:
         index = self.stage_index(step)
         return {"stage_index": index, "stage": self.stages[index].name,
                 "step_in_stage": step - self.boundaries[index]}
-
-
-def stage_shapes(cfg: KinoConfig, stage: StageConfig) -> List[BucketShape]:
-    """The stage's buckets; a stage that mixes in images also gets 1-frame buckets."""
-    ae, patch = cfg.model.autoencoder, cfg.model.patch_size
-    frames = list(stage.frame_counts)
-    if stage.image_fraction > 0 and 1 not in frames:
-        frames.append(1)
-    return bucket_shapes(stage.resolutions, stage.aspect_ratios, frames,
-                         multiple=ae.spatial_factor * max(patch[1], patch[2]))

@@ -78,7 +78,7 @@ class Trainer:
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
         # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
-        self.coordinator = connect_coordinator(cfg.data, dataset_rows(cfg.data.root), self.run_dir, env.rank,
+        self.coordinator = connect_coordinator(cfg.data, dataset_rows(self.shards_root), self.run_dir, env.rank,
                                                self.layout.data_world)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
@@ -91,6 +91,7 @@ class Trainer:
         self._acked_since: List[List[int]] = []
         self._coordinator_lost = False
         self._plan_mirrored = False
+        self._empty_caption: Optional[torch.Tensor] = None  # a latent cache's, loaded on first use
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -165,6 +166,11 @@ class Trainer:
                 f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M), {trainable / 1e6:.2f}M trainable"
                 + (f" ({100 * trainable / total:.2f}%: LoRA rank {lora.rank})" if lora.rank else ""))
 
+    @property
+    def shards_root(self) -> str:
+        """Where the run's shards are: the latent cache (data.latents) when it trains from one, else the videos."""
+        return self.cfg.data.latents or self.cfg.data.root
+
     # -- resumable state ---------------------------------------------------------------------------
     def resumable_state(self) -> Dict[str, Resumable]:
         """Every piece of state a checkpoint holds, in the order a resume restores it (collectives in
@@ -179,7 +185,7 @@ class Trainer:
             "tracker": Resumable(self.tracker, "shared"),
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
-            "dataset": Resumable(Value(lambda: dataset_fingerprint(self.cfg.data.root), self._check_dataset), "shared"),
+            "dataset": Resumable(Value(lambda: dataset_fingerprint(self.shards_root), self._check_dataset), "shared"),
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
             "rng": Resumable(self.rng, "rank"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
@@ -206,7 +212,7 @@ class Trainer:
 
     def _check_dataset(self, saved) -> None:
         """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
-        if saved is None or saved == dataset_fingerprint(self.cfg.data.root):
+        if saved is None or saved == dataset_fingerprint(self.shards_root):
             return
         if not self.cfg.data.allow_changed_dataset:
             raise DatasetChanged(
@@ -258,7 +264,7 @@ class Trainer:
                 self._note_coordinator_lost(error)
         if state is None:
             data = self.cfg.data
-            state = mirrored_state(dataset_rows(data.root), data.seed, data.chunk_samples, self._plan_base,
+            state = mirrored_state(dataset_rows(self.shards_root), data.seed, data.chunk_samples, self._plan_base,
                                    [tag for tags in gathered for tag in tags])
             log.warning("data plan for the checkpoint at step %d rebuilt by the trainer (the coordinator is gone): "
                         "a resume deals the rest of the epoch out anew, each sample still trained once", self.step)
@@ -314,7 +320,7 @@ class Trainer:
     def _loader_for_stage(self, stage_index: int):
         cfg, stage = self.cfg, self.curriculum.stages[stage_index]
         ae = cfg.model.autoencoder
-        spec = LoaderSpec(root=cfg.data.root, policy=self.policy, shapes=stage_shapes(cfg, stage),
+        spec = LoaderSpec(root=self.shards_root, policy=self.policy, shapes=stage_shapes(cfg, stage),
                           token_budget=stage.token_budget, patch_size=tuple(cfg.model.patch_size),
                           temporal_factor=ae.temporal_factor, spatial_factor=ae.spatial_factor, fps=cfg.data.fps,
                           seed=cfg.data.seed, coordinator=self.coordinator, rank=self.layout.data_rank,
@@ -381,16 +387,40 @@ class Trainer:
         device once, as uint8, from pinned memory (the loader pins on CUDA). Under sequence parallelism the
         group's leader encodes and sends the latents to the other members."""
         device = self.env.device
-        x0 = self.autoencoder.encode_batch([v.to(device, non_blocking=True) for v in batch.videos]) \
-            if self.layout.is_leader else None
+        if not self.layout.is_leader:
+            x0 = None
+        elif batch.clips and batch.clips[0].encoded:  # from a latent cache: encoded already
+            x0 = [v.to(device, non_blocking=True) for v in batch.videos]
+        else:
+            x0 = self.autoencoder.encode_batch([v.to(device, non_blocking=True) for v in batch.videos])
         return share_latents(x0, self.layout, device)
+
+    def text_batch(self, batch: PackedBatch, captions: List[str]):
+        """The captions for the model: their embeddings from the latent cache when it holds them (a dropped caption
+        takes the cache's empty-caption embedding), else through the text conditioner."""
+        cached = [c.text_embedding for c in batch.clips]
+        if not cached or any(e is None for e in cached) or len(cached) != len(captions):
+            return self.text.batch(captions, self.env.device)
+        from models.layers import cu_seqlens_from_lengths
+        from models.text_encoder import TextBatch
+
+        if self._empty_caption is None:
+            from data.latent_cache import load_npy
+
+            self._empty_caption = torch.from_numpy(load_npy((Path(self.cfg.data.latents) / "empty_caption.npy")
+                                                            .read_bytes()))
+        pieces = [e if caption else self._empty_caption for e, caption in zip(cached, captions)]
+        lengths = [len(p) for p in pieces]
+        device = self.env.device
+        return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
+                         embeddings=torch.cat(pieces).to(device, non_blocking=True))
 
     def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
         x0 = self.latents(batch)
         drop = torch.rand(len(x0), generator=gen) < cfg.data.caption_dropout
         captions = ["" if d else c for d, c in zip(host_values(drop), batch.captions)]
-        text = self.text.batch(captions, device)
+        text = self.text_batch(batch, captions)
         tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
         t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
                             tokens, cfg.train.shift_reference_tokens)
@@ -569,6 +599,15 @@ class Trainer:
 
     def prepare_run_dir(self, resumed: Optional[Path]) -> None:
         """Collective. Rank 0 writes config.yaml and, on a fresh start, moves an earlier run's outputs aside."""
+        if self.env.is_main and not resumed and self.cfg.data.latents:
+            # What the cache's encoding dropped, by reason and key: the run's audit counts it as if it had read the
+            # videos itself (a resumed run has it in its restored audit already).
+            from data.schema import read_manifest
+
+            cache = read_manifest(self.cfg.data.latents)["cache"]
+            for reason, keys in cache.get("dropped_keys", {}).items():
+                for key in keys:
+                    self.audit.record_dropped(reason, key)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))

@@ -1,0 +1,252 @@
+"""Latent caches: `python -m data encode DATASET --out CACHE [--stage NAME] [--workers N] [overrides]`.
+
+A Ray Data job: source shards -> (per shard, in a pool of encoder actors: GPU actors where GPUs exist) license
+gate -> decode -> fit to the chosen curriculum stage's buckets -> the frozen autoencoder, and the frozen text
+encoder when the run uses a pretrained one -> one latent WebDataset shard per source shard, then a manifest.
+
+A latent sample holds `latent.npy` (C, T, H, W float32), `txt` (the caption), `text.npy` (the caption's
+embeddings, pretrained text encoders only) and `json`: the source sample's metadata (license, rights holder,
+source URL, ...) plus `source_shard`, `source_key`, `bucket` (frames, height, width) and `encoder` (the short
+hash of the encoder identity). The manifest's `cache` section records the identity in full (each encoder's
+config and the sha256 of its weights), the stage's buckets, the data fps, the source dataset and the drops per
+reason. A shard is written under a temporary name and renamed when whole, with a `.done.json` beside it, so a
+killed job resumes without re-encoding finished shards. Training reads a cache through `data.latents`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from data.schema import MANIFEST_NAME, MANIFEST_VERSION, read_manifest
+from data.shards import sha256_file
+
+# Keys of an encoder's config that do not change what it computes (where its weights live, how many clips a call
+# takes): left out of the identity; the weights' sha256 stands for `path`.
+NOT_IDENTITY = ("path", "tokenizer_path", "encode_batch")
+
+
+def _weights_sha256(path: Optional[str]) -> Optional[str]:
+    """sha256 over a weights file, or over a directory's weight files (safetensors / bin) in name order."""
+    if not path:
+        return None
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin",
+                                                                                         ".pt", ".pth"))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def encoder_identity(model_cfg) -> Dict[str, Any]:
+    """What makes two caches interchangeable: each frozen encoder's config and the sha256 of its weights."""
+    ae = {k: v for k, v in asdict(model_cfg.autoencoder).items() if k not in NOT_IDENTITY}
+    ae["weights_sha256"] = _weights_sha256(model_cfg.autoencoder.path)
+    identity = {"autoencoder": ae}
+    if model_cfg.text.name == "pretrained":  # the built-in encoder trains with the model: captions are cached
+        text = {k: v for k, v in asdict(model_cfg.text).items() if k not in NOT_IDENTITY}
+        text["weights_sha256"] = _weights_sha256(model_cfg.text.path)
+        identity["text"] = text
+    else:
+        identity["text"] = {"name": "builtin", "cached": "captions only"}
+    return identity
+
+
+def identity_hash(identity: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(saved: Any, current: Any, prefix: str = "") -> List[str]:
+    """Every key where two nested dicts differ, as 'key: the cache has X, the config gives Y'."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(saved) | set(current)):
+            found += differences(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
+        return found
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        saved, current = [list(x) if isinstance(x, tuple) else x for x in saved], \
+            [list(x) if isinstance(x, tuple) else x for x in current]
+    return [] if saved == current else [f"{prefix}: the cache has {saved!r}, the config gives {current!r}"]
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array))
+    return buffer.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class ShardEncoder:
+    """One actor of the pool: the frozen encoders, loaded once; encodes whole source shards (Ray Data batches of
+    shard rows) into latent shards."""
+
+    def __init__(self, cfg_yaml: str, stage_index: int, source: str, out: str):
+        import torch
+
+        from conf.schema import from_yaml
+        from data.licenses import LicensePolicy
+        from data.loader import LoaderSpec
+        from models.autoencoder import build_autoencoder
+        from models.dit import text_conditioner
+        from data.buckets import stage_shapes
+
+        self.cfg = cfg = from_yaml(cfg_yaml)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autoencoder = build_autoencoder(cfg.model.autoencoder)
+        if isinstance(self.autoencoder, torch.nn.Module):  # pixel space has no weights
+            self.autoencoder = self.autoencoder.to(self.device).eval()
+        self.text = text_conditioner(cfg.model) if cfg.model.text.name == "pretrained" else None
+        if self.text is not None:
+            self.text.to(self.device)
+        stage = cfg.curriculum.stages[stage_index]
+        ae = cfg.model.autoencoder
+        self.spec = LoaderSpec(root=source, policy=LicensePolicy.from_ids(cfg.data.licenses.allow),
+                               shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
+                               patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
+                               spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed,
+                               coordinator=None, decoder=cfg.data.decoder)
+        self.identity_hash = identity_hash(encoder_identity(cfg.model))
+        self.source, self.out = Path(source), Path(out)
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
+        summaries = [self.encode_shard(str(path), int(index)) for path, index in zip(batch["path"], batch["index"])]
+        return {"summary": [json.dumps(s) for s in summaries]}
+
+    def encode_shard(self, shard: str, index: int) -> Dict[str, Any]:
+        import torch
+
+        from data.loader import prepare_sample
+        from data.tar_samples import TarBreak, read_tar
+
+        target = self.out / f"latent-{Path(shard).stem}.tar"
+        done = target.with_suffix(".done.json")
+        if done.exists() and target.exists():  # finished by an earlier, killed run
+            return dict(json.loads(done.read_text()), resumed=True)
+        dropped: Dict[str, List[str]] = {}
+        written, licenses = 0, Counter()
+        tmp = target.with_name(f".{target.name}.partial")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for offset, item in enumerate(read_tar(self.source / shard)):
+                if isinstance(item, TarBreak):
+                    dropped.setdefault("corrupt_shard", []).append(item.key or f"{shard}@{item.offset}")
+                    continue
+                raw = dict(item.members, __key__=item.key, __url__=str(self.source / shard))
+                clip, reason = prepare_sample(raw, (0, index, offset), self.spec)
+                if clip is None:
+                    dropped.setdefault(reason, []).append(item.key)
+                    continue
+                with torch.no_grad():
+                    latent = self.autoencoder.encode_batch([clip.video.to(self.device)])[0].float().cpu()
+                members = {"latent.npy": _npy(latent.numpy()), "txt": clip.caption.encode("utf-8")}
+                if self.text is not None:
+                    embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
+                    members["text.npy"] = _npy(embeddings)
+                bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
+                meta = dict(clip.meta, source_shard=shard, source_key=item.key, bucket=bucket,
+                            encoder=self.identity_hash)
+                members["json"] = json.dumps(meta, sort_keys=True).encode()
+                for name, data in members.items():
+                    info = tarfile.TarInfo(f"{item.key}.{name}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+                written += 1
+                licenses[str(meta.get("license"))] += 1
+        os.replace(tmp, target)
+        summary = {"source_shard": shard, "path": target.name, "num_samples": written,
+                   "bytes": target.stat().st_size, "sha256": sha256_file(target), "licenses": dict(licenses),
+                   "dropped": dropped}
+        done.write_text(json.dumps(summary))
+        return summary
+
+
+def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Optional[str] = None
+           ) -> Dict[str, Any]:
+    """Encode every shard of `source` into `out` with a pool of `workers` encoder actors; returns the manifest."""
+    import ray
+
+    from conf.schema import to_yaml
+    from data.loader import dataset_fingerprint
+    from data.buckets import stage_shapes
+
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"path": row["path"], "index": n} for n, row in enumerate(read_manifest(source)["shards"])]
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=ray_address or "local", num_cpus=None if ray_address else max(workers, 1),
+                 include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    import torch
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    gpus = 1 if torch.cuda.is_available() else 0
+    dataset = ray.data.from_items(rows).map_batches(
+        ShardEncoder, batch_size=1, concurrency=workers, num_cpus=0 if gpus else 1, num_gpus=gpus,
+        fn_constructor_args=(to_yaml(cfg), stage_index, str(source), str(out)))
+    started, summaries, samples = time.monotonic(), [], 0
+    for row in dataset.iter_rows():  # shards as they finish: a progress line each
+        summary = json.loads(row["summary"])
+        summaries.append(summary)
+        samples += summary["num_samples"]
+        elapsed = time.monotonic() - started
+        left = (len(rows) - len(summaries)) * elapsed / len(summaries)
+        print(f"encode: {len(summaries)}/{len(rows)} shards, {samples} samples, {samples / max(elapsed, 1e-9):.1f} "
+              f"samples/s, ETA {left:.0f} s{' (resumed: already encoded)' if summary.get('resumed') else ''}",
+              file=sys.stderr, flush=True)
+    summaries.sort(key=lambda s: s["path"])
+    dropped = Counter()
+    for summary in summaries:
+        for reason, keys in summary["dropped"].items():
+            dropped[reason] += len(keys)
+    stage = cfg.curriculum.stages[stage_index]
+    manifest = {"version": MANIFEST_VERSION, "name": out.name, "builder": "data.encode",
+                "shards": [{k: s[k] for k in ("path", "num_samples", "bytes", "sha256", "licenses")}
+                           for s in summaries if s["num_samples"]],
+                "cache": {"source": str(source.resolve()), "source_fingerprint": dataset_fingerprint(source),
+                          "stage": stage.name, "fps": cfg.data.fps, "patch_size": list(cfg.model.patch_size),
+                          "buckets": [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)],
+                          "encoder": encoder_identity(cfg.model), "dropped": dict(dropped),
+                          "dropped_keys": {r: [k for s in summaries for k in s["dropped"].get(r, [])]
+                                           for r in dropped}}}
+    if cfg.model.text.name == "pretrained":  # caption dropout trains on the empty caption's embedding
+        from models.dit import text_conditioner
+
+        empty = text_conditioner(cfg.model).batch([""]).embeddings.float().numpy()
+        (out / "empty_caption.npy").write_bytes(_npy(empty))
+    tmp = out / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(out / MANIFEST_NAME)
+    return manifest
+
+
+def check_cache(cache, cfg) -> None:
+    """Raise ValueError naming every difference between a cache and the run's config: the encoders' identity,
+    the buckets of every stage (each must be the cache's), the data fps and patch size."""
+    from data.buckets import stage_shapes
+
+    manifest = read_manifest(cache)
+    saved = manifest.get("cache")
+    if saved is None:
+        raise ValueError(f"{cache} is a video dataset, not a latent cache (build one with python -m data encode)")
+    problems = [f"encoder.{d}" for d in differences(saved["encoder"], encoder_identity(cfg.model))]
+    problems += differences(saved["fps"], cfg.data.fps, "data.fps")
+    problems += differences(saved["patch_size"], list(cfg.model.patch_size), "model.patch_size")
+    for n, stage in enumerate(cfg.curriculum.stages):
+        buckets = [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)]
+        problems += differences(saved["buckets"], buckets, f"curriculum.stages[{n}] buckets")
+    if problems:
+        raise ValueError(f"data.latents={cache} does not match this run:\n  " + "\n  ".join(problems))

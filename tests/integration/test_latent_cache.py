@@ -1,0 +1,131 @@
+"""Latent caches (`python -m data encode`, a real Ray Data job on a local Ray cluster) and training from them
+(`data.latents`): the same samples and the same audit as training from the videos; a killed encode resumes to
+the same output; a cache of other encoder weights, or other buckets, is refused by name."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+MODEL = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
+         "model.text.heads=2"]
+RUN = ["curriculum.stages.0.steps=8", "curriculum.stages.1.steps=2", "tracking.mode=disabled", "tracking.eval_prompts=0",
+       "tracking.eval_clips=0", "tracking.sampling_steps=2", "train.checkpoint_every=5"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+
+
+def encode(dataset: Path, out: Path, *overrides: str, workers: int = 1, wait: bool = True):
+    command = [sys.executable, "-m", "data", "encode", str(dataset), "--out", str(out), "--workers", str(workers),
+               "experiment=demo", *MODEL, *overrides]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_dataset):
+    out = tmp_path_factory.mktemp("cache") / "latents"
+    result = encode(tiny_dataset, out, workers=2)
+    assert "encoded 16 samples" in result.stdout and "samples/s" in result.stderr
+    return out
+
+
+def train(run_dir: Path, dataset: Path, *overrides: str):
+    """`python -m train` on one process, with the demo's buckets (the cache's) for both stages."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "train",
+               "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}", *MODEL, *RUN, *overrides]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def trained_keys(run_dir: Path):
+    from train.provenance import read_trained_keys
+
+    return {key for record in read_trained_keys(run_dir) for key in record["keys"]}
+
+
+def test_the_cache_records_each_sample_its_source_and_the_encoder(cache, tiny_dataset):
+    manifest = json.loads((cache / "manifest.json").read_text())
+    meta = manifest["cache"]
+    assert meta["dropped"] == {"license_missing": 2, "license_not_allowed": 2, "undecodable": 1}
+    assert meta["encoder"]["autoencoder"]["name"] == "pixel" and meta["stage"] == "anneal"
+    assert sum(s["num_samples"] for s in manifest["shards"]) == 16
+    from data.tar_samples import decode_sample, read_tar
+
+    sample = next(iter(read_tar(cache / manifest["shards"][0]["path"])))
+    _, _, sample_meta, _ = decode_sample(sample, video_member="latent.npy")
+    assert {"license", "rights_holder", "source_url", "source_shard", "source_key", "bucket", "encoder"} <= set(
+        sample_meta)
+    assert (tiny_dataset / sample_meta["source_shard"]).exists()
+
+
+def test_training_from_the_cache_trains_the_samples_and_audit_of_training_from_the_videos(cache, tiny_dataset,
+                                                                                          tmp_path):
+    videos, latents = tmp_path / "videos", tmp_path / "latents"
+    train(videos, tiny_dataset)
+    train(latents, tiny_dataset, f"data.latents={cache}")
+    assert trained_keys(latents) == trained_keys(videos) and len(trained_keys(videos)) == 16
+    a, b = (json.loads((d / "checkpoints" / "step_10" / "audit.json").read_text()) for d in (videos, latents))
+    assert set(a["license_totals"]) == set(b["license_totals"]) == {"CC0-1.0"}
+    assert set(a["consumed"]) == set(b["consumed"])  # the source shards, by name
+    assert {h for c in a["rights_holders"].values() for h in c} == {h for c in b["rights_holders"].values() for h in c}
+    assert set(a["dropped"]) == set(b["dropped"])  # the same reasons, from the encode for the cache
+    assert sorted(b["dropped_examples"]["license_missing"]) == sorted(a["dropped_examples"]["license_missing"])
+
+
+def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path, tiny_dataset):
+    import torch
+    from safetensors.torch import save_file
+
+    from conf.schema import ConfigError, load_config
+    from models.vae import CausalVideoVAE
+
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        vae = CausalVideoVAE(4, 8, (1, 2), (False, True))
+        weights.append(tmp_path / f"vae{seed}.safetensors")
+        save_file(vae.state_dict(), str(weights[-1]))
+    vae = ["model.autoencoder.name=causal_vae", "model.autoencoder.latent_channels=4",
+           "model.autoencoder.temporal_factor=2", "model.autoencoder.spatial_factor=4",
+           "model.autoencoder.base_channels=8", "model.autoencoder.channel_mult=[1,2]",
+           "model.autoencoder.temporal_downsample=[false,true]", "model.patch_size=[1,2,2]",
+           "curriculum.stages.0.frame_counts=[9]", "curriculum.stages.1.frame_counts=[9]",
+           "curriculum.stages.0.resolutions=[32]", "curriculum.stages.1.resolutions=[32]",
+           "curriculum.stages.0.token_budget=600", "curriculum.stages.1.token_budget=600"]
+    out = tmp_path / "cache"
+    encode(tiny_dataset, out, *vae, f"model.autoencoder.path={weights[0]}")
+    common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *vae, f"data.latents={out}"]
+    assert load_config([*common, f"model.autoencoder.path={weights[0]}"]).data.latents
+    with pytest.raises(ConfigError, match="encoder.autoencoder.weights_sha256: the cache has"):
+        load_config([*common, f"model.autoencoder.path={weights[1]}"])
+    with pytest.raises(ConfigError, match=r"curriculum.stages\[1\] buckets"):
+        load_config([*common, f"model.autoencoder.path={weights[0]}", "curriculum.stages.1.frame_counts=[5]"])
+
+
+def test_a_killed_encode_resumes_without_reencoding_and_equals_an_uninterrupted_one(tiny_dataset, tmp_path, cache):
+    out = tmp_path / "killed"
+    process = encode(tiny_dataset, out, wait=False)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.done.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the job and its Ray cluster, mid-encode
+    process.wait(timeout=60)
+    finished = {p.name for p in out.glob("*.done.json")}
+    assert finished and not (out / "manifest.json").exists()
+    result = encode(tiny_dataset, out)
+    assert result.stderr.count("resumed: already encoded") >= len(finished)
+    ours, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, cache))
+    assert [(s["path"], s["sha256"]) for s in ours["shards"]] == [(s["path"], s["sha256"]) for s in reference["shards"]]
+    assert ours["cache"]["dropped_keys"] == reference["cache"]["dropped_keys"]
