@@ -129,3 +129,35 @@ def test_a_killed_encode_resumes_without_reencoding_and_equals_an_uninterrupted_
     ours, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, cache))
     assert [(s["path"], s["sha256"]) for s in ours["shards"]] == [(s["path"], s["sha256"]) for s in reference["shards"]]
     assert ours["cache"]["dropped_keys"] == reference["cache"]["dropped_keys"]
+
+
+def test_takedown_rewrites_a_cache_too_and_training_from_it_never_sees_the_samples(cache, tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "latents"
+    shutil.copytree(cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    from data.tar_samples import TarSample, read_tar
+
+    first_shard = [s for s in read_tar(copy / manifest["shards"][0]["path"]) if isinstance(s, TarSample)]
+    removed = {first_shard[0].key}
+    (tmp_path / "keys.txt").write_text("\n".join(removed) + "\n")
+    result = subprocess.run([sys.executable, "-m", "data", "takedown", str(copy), "--keys", str(tmp_path / "keys.txt")], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "removed 1 samples" in result.stdout, result.stdout + result.stderr
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_dataset, f"data.latents={copy}")
+    assert removed.isdisjoint(trained_keys(run_dir)) and len(trained_keys(run_dir)) == 15
+
+
+def test_a_cache_with_a_pretrained_text_encoder_trains_on_its_cached_embeddings(tiny_dataset, tiny_t5, tmp_path):
+    text = ["model.text.name=pretrained", f"model.text.path={tiny_t5}", "model.text.max_tokens=16"]
+    out = tmp_path / "cache"
+    encode(tiny_dataset, out, *text)
+    from data.latent_cache import load_npy
+
+    assert load_npy((out / "empty_caption.npy").read_bytes()).shape[1] == 24
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_dataset, *text, f"data.latents={out}", "data.caption_dropout=0.5", "tracking.log_every=1")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["loss"] is not None for r in rows)
