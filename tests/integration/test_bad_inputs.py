@@ -102,7 +102,7 @@ def test_ingest_keeps_the_good_samples_and_reports_the_bad_one(case, tmp_path, c
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(shard["num_samples"] for shard in manifest["shards"]) == kept
     assert main(["ingest", "--video2dataset", str(tmp_path / "v2d"), "--out", str(tmp_path / "again")]) == 0
-    assert f"REJECTED 1 rows" in capsys.readouterr().out
+    assert "REJECTED 1 rows" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
