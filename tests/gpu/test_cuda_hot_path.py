@@ -48,6 +48,7 @@ def test_a_bf16_micro_batch_runs_with_no_host_synchronisation(conditioning):
                               engine=Engine(model), flop_groups=parameter_groups(model),
                               layout=SequenceLayout(1, 0, 1), split=None)
     trainer.latents = lambda batch: Trainer.latents(trainer, batch)
+    trainer.text_batch = lambda batch, captions: Trainer.text_batch(trainer, batch, captions)
     batch = micro_batch().pin_memory()
     Trainer.forward_backward_step(trainer, batch)  # warm-up: caches, kernels, allocator
     torch.cuda.synchronize()

@@ -69,6 +69,7 @@ def test_a_micro_batch_reads_nothing_back_to_the_host(counted_reads):
                               engine=Engine(model), flop_groups=parameter_groups(model),
                               layout=SequenceLayout(1, 0, 1), split=None)
     trainer.latents = lambda batch: Trainer.latents(trainer, batch)
+    trainer.text_batch = lambda batch, captions: Trainer.text_batch(trainer, batch, captions)
     batch = micro_batch()
     counted_reads.clear()
     result = Trainer.forward_backward_step(trainer, batch)
