@@ -156,6 +156,17 @@ class _BatchAssembler:
         return PackedBatch(clips, dropped, self.consumer, snapshot)
 
 
+def _gated_metadata(raw: Dict[str, Any], spec: LoaderSpec, members) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(metadata, None) for a sample with its members and an allowed license, else (None, the drop reason)."""
+    if any(member not in raw for member in members):
+        return None, INCOMPLETE_SAMPLE
+    try:
+        meta = parse_metadata(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None, METADATA_INVALID
+    return meta, spec.policy.rejection(meta)
+
+
 def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
                           ) -> Tuple[Optional[PreparedClip], Optional[str]]:
     """A latent-cache sample (data/latent_cache.py): the same license gate on the source's metadata; the latents
@@ -164,13 +175,7 @@ def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
     source sample."""
     from data.latent_cache import load_npy
 
-    if "json" not in raw or "txt" not in raw:
-        return None, INCOMPLETE_SAMPLE
-    try:
-        meta = parse_metadata(raw["json"])
-    except (ValueError, UnicodeDecodeError):
-        return None, METADATA_INVALID
-    reason = spec.policy.rejection(meta)
+    meta, reason = _gated_metadata(raw, spec, ("json", "txt"))
     if reason:
         return None, reason
     try:
@@ -196,15 +201,8 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
     key = raw.get("__key__", "?")
     if "latent.npy" in raw:
         return prepare_cached_sample(raw, tag, spec)
-    if "json" not in raw or "mp4" not in raw or "txt" not in raw:
-        return None, INCOMPLETE_SAMPLE
-    try:
-        meta = parse_metadata(raw["json"])
-    except (ValueError, UnicodeDecodeError):
-        return None, METADATA_INVALID
-    # The license gate comes first: a disallowed sample is never even decoded.
-    reason = spec.policy.rejection(meta)
-    if reason:
+    meta, reason = _gated_metadata(raw, spec, ("json", "mp4", "txt"))
+    if reason:  # the license gate comes first: a disallowed sample is never even decoded
         return None, reason
     if metadata_problems(meta):
         return None, METADATA_INVALID

@@ -111,6 +111,28 @@ def unpatchify(packed: torch.Tensor, shapes: Sequence[Sequence[int]], patch_size
     return out
 
 
+class PatchLayout:
+    """Kino's packed layout, shared by the DiTs: each clip's tokens in t, h, w order, a patch vector channel first
+    (`self.patch_size` is the (pt, ph, pw) patch)."""
+
+    def set_patch_layout(self, cfg: ModelConfig) -> int:
+        """Take the config's patch and latent channels; returns the length of a patch vector."""
+        self.patch_size = tuple(cfg.patch_size)
+        self.channels = cfg.autoencoder.latent_channels
+        return self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+
+    def grid(self, shape: Sequence[int]) -> Grid:
+        _, t, h, w = shape
+        pt, ph, pw = self.patch_size
+        return t // pt, h // ph, w // pw
+
+    def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        return patchify(latents, self.patch_size)
+
+    def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        return unpatchify(packed, shapes, self.patch_size)
+
+
 class WholeSequence(nn.Module):
     """Which tokens of the packed sequence this forward computes: all of them. Every per-token tensor passes
     through it before the blocks. Sequence parallelism (train/sequence_parallel.py) stands a module in its place
@@ -223,14 +245,12 @@ class _Stream(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(PatchLayout, nn.Module):
     def __init__(self, cfg: ModelConfig, context_dim: int):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        self.patch_size = tuple(cfg.patch_size)
-        self.channels = cfg.autoencoder.latent_channels
-        patch_dim = self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        patch_dim = self.set_patch_layout(cfg)
         self.patch_embed = nn.Linear(patch_dim, d)
         # RoPE is relative: from pure noise, a token cannot tell where in the frame it is, so at high noise
         # the model can only predict a uniform field and objects never form (BENCHMARKS.md, demo experiments).
@@ -267,18 +287,6 @@ class VideoDiT(nn.Module):
         for zero in adas + starts_silent + [self.final_ada, self.final]:
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
-
-    # -- packing -------------------------------------------------------------------------------
-    def grid(self, shape: Sequence[int]) -> Grid:
-        _, t, h, w = shape
-        pt, ph, pw = self.patch_size
-        return t // pt, h // ph, w // pw
-
-    def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
-        return patchify(latents, self.patch_size)
-
-    def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        return unpatchify(packed, shapes, self.patch_size)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 text_batch: TextBatch) -> torch.Tensor:

@@ -14,14 +14,14 @@ projection's rows follow Kino's patch layout (channel first).
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import ModelConfig
-from models.dit import Grid, WholeSequence, patchify, per_token, unpatchify
+from models.dit import Grid, PatchLayout, WholeSequence, per_token
 from models.layers import AttentionCore, cu_seqlens_from_lengths, timestep_embedding, to_device
 from models.text_encoder import TextBatch
 
@@ -147,14 +147,12 @@ class WanConditionEmbedder(nn.Module):
         self.text_embedder = _Sequential(text_dim, dim, nn.GELU(approximate="tanh"))
 
 
-class WanDiT(nn.Module):
+class WanDiT(PatchLayout, nn.Module):
     def __init__(self, cfg: ModelConfig, context_dim: int):
         super().__init__()
         self.cfg = cfg
         d = cfg.dim
-        self.patch_size = tuple(cfg.patch_size)
-        self.channels = cfg.autoencoder.latent_channels
-        patch_dim = self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        patch_dim = self.set_patch_layout(cfg)
         self.patch_embedding = nn.Linear(patch_dim, d)  # diffusers: a Conv3d with kernel = stride = patch
         self.condition_embedder = WanConditionEmbedder(d, cfg.freq_dim, context_dim)
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.depth))
@@ -172,18 +170,6 @@ class WanDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.proj_out.weight)
-
-    # -- packing: Kino's layout (each clip's tokens in t, h, w order; a patch vector channel first) ---------
-    def grid(self, shape: Sequence[int]) -> Grid:
-        _, t, h, w = shape
-        pt, ph, pw = self.patch_size
-        return t // pt, h // ph, w // pw
-
-    def patchify(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
-        return patchify(latents, self.patch_size)
-
-    def unpatchify(self, packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> List[torch.Tensor]:
-        return unpatchify(packed, shapes, self.patch_size)
 
     def forward(self, latents: Sequence[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 text_batch: TextBatch) -> torch.Tensor:

@@ -32,15 +32,21 @@ def steps(run_dir: Path):
     return rows
 
 
+def start_and_wait_for_steps(dataset: Path, run_dir: Path, count: int, *overrides: str) -> subprocess.Popen:
+    """`python -m launch local` started, once it has logged `count` steps."""
+    process = subprocess.Popen(launch("local", dataset, run_dir, *overrides), cwd=REPO, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(steps(run_dir)) < count:
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.3)
+    return process
+
+
 def test_sigterm_checkpoints_every_rank_and_the_next_launch_resumes(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     longer = ("curriculum.stages.0.steps=40", "train.checkpoint_every=1000")
-    process = subprocess.Popen(launch("local", tiny_dataset, run_dir, *longer), cwd=REPO, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while len(steps(run_dir)) < 10:
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
-        time.sleep(0.3)
+    process = start_and_wait_for_steps(tiny_dataset, run_dir, 10, *longer)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=240)
     # Not a success, so a scheduler restarts it: the ranks exit 75, torchrun (signalled itself) reports 1.
@@ -92,12 +98,7 @@ def test_sigterm_to_every_process_ray_and_wandb_included_still_checkpoints_at_th
     stop step without the actor, and the next launch resumes from it with every step logged once."""
     run_dir = tmp_path / "run"
     longer = ("curriculum.stages.0.steps=40", "train.checkpoint_every=1000")
-    process = subprocess.Popen(launch("local", tiny_dataset, run_dir, *longer), cwd=REPO, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while len(steps(run_dir)) < 10:
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
-        time.sleep(0.3)
+    process = start_and_wait_for_steps(tiny_dataset, run_dir, 10, *longer)
     targets = every_process_of(process.pid)
     assert len(targets) > 8  # launcher, torchrun, two ranks, Ray's head and its processes, W&B's service
     for pid in targets:
