@@ -74,11 +74,11 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
                           f"has none (set them to 1)")
     check_base_model(cfg)
     check_lora_targets(cfg)
-    if cfg.data.latents:
-        from data.latent_cache import check_cache
+    if cfg.data.latents or any(stage.latents for stage in cfg.curriculum.stages):
+        from data.latent_cache import check_sources
 
         try:
-            check_cache(cfg.data.latents, cfg)
+            check_sources(cfg)
         except (ValueError, OSError) as error:
             raise ConfigError(str(error)) from error
     if world_size is None:
@@ -212,13 +212,17 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
     "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
-    "data.coordinator", "data.ray_address", "data.validation_root", "data.lease_timeout_s", "data.allow_changed_dataset",
+    "data.coordinator", "data.ray_address", "data.validation_root", "data.latents", "data.lease_timeout_s", "data.allow_changed_dataset",
     "model.attention_backend", "model.activation_checkpointing", "model.compile", "model.mlp_chunks",
     "model.loss_chunks", "model.init_sha256", "parallel", "launcher",
 )
 
 
 def is_resumable_key(key: str) -> bool:
+    if key.startswith("curriculum.stages.") and key.endswith(".latents"):
+        # A stage may move between its videos and a cache of them on resume: a cache holds the same samples at the
+        # same places (checked before start), so the data plan goes on.
+        return True
     return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUMABLE_KEYS)
 
 

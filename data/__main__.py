@@ -141,11 +141,12 @@ def cmd_encode(args) -> int:
     index = names.index(args.stage) if args.stage is not None else len(names) - 1
     manifest = encode(args.dataset, args.out, cfg, index, args.workers, cfg.data.ray_address)
     cache = manifest["cache"]
-    total = sum(s["num_samples"] for s in manifest["shards"])
+    total = sum(s["encoded"] for s in manifest["shards"])
     print(f"encoded {total} samples of {args.dataset} into {args.out} for stage {cache['stage']!r} "
           f"({len(manifest['shards'])} shards; buckets {cache['buckets']})")
     dropped = ", ".join(f"{reason}={count}" for reason, count in sorted(cache["dropped"].items()))
-    print(f"dropped: {dropped or 'none'}; train from it with data.latents={args.out}")
+    print(f"dropped: {dropped or 'none'}; train stage {cache['stage']!r} from it with "
+          f"curriculum.stages.{index}.latents={args.out} (data.latents={args.out}: every stage of these buckets)")
     return 0
 
 

@@ -2,15 +2,23 @@
 
 A Ray Data job: source shards -> (per shard, in a pool of encoder actors: GPU actors where GPUs exist) license
 gate -> decode -> fit to the chosen curriculum stage's buckets -> the frozen autoencoder, and the frozen text
-encoder when the run uses a pretrained one -> one latent WebDataset shard per source shard, then a manifest.
+encoder when the run uses a pretrained one -> one latent WebDataset shard per source shard, under the source
+shard's name, then a manifest.
 
-A latent sample holds `latent.npy` (C, T, H, W float32), `txt` (the caption), `text.npy` (the caption's
+A cache keeps the source's layout: sample n of a cache shard is sample n of its source shard, so the data plan
+(chunks of shard offsets) is the same over the videos and over every cache of them, and a run can train some
+stages from the videos and others from caches (`curriculum.stages[i].latents`) within one epoch. A sample the
+encode dropped stays as a stub, `drop` (the reason) and the source's `json`: training reports it as a drop for
+that reason, as it would from the videos, and a takedown finds it by its metadata.
+
+An encoded sample holds `latent.npy` (C, T, H, W float32), `txt` (the caption), `text.npy` (the caption's
 embeddings, pretrained text encoders only) and `json`: the source sample's metadata (license, rights holder,
 source URL, ...) plus `source_shard`, `source_key`, `bucket` (frames, height, width) and `encoder` (the short
 hash of the encoder identity). The manifest's `cache` section records the identity in full (each encoder's
 config and the sha256 of its weights), the stage's buckets, the data fps, the source dataset and the drops per
 reason. A shard is written under a temporary name and renamed when whole, with a `.done.json` beside it, so a
-killed job resumes without re-encoding finished shards. Training reads a cache through `data.latents`.
+killed job resumes without re-encoding finished shards. Training reads a cache through a stage's `latents`
+(`curriculum.stages[i].latents`) or, for every stage without one, `data.latents`.
 """
 from __future__ import annotations
 
@@ -30,33 +38,24 @@ import numpy as np
 
 from data.schema import MANIFEST_NAME, MANIFEST_VERSION, read_manifest
 from data.shards import sha256_file
+from models.weights import weights_sha256
 
 # Keys of an encoder's config that do not change what it computes (where its weights live, how many clips a call
 # takes): left out of the identity; the weights' sha256 stands for `path`.
 NOT_IDENTITY = ("path", "tokenizer_path", "encode_batch")
-
-
-def _weights_sha256(path: Optional[str]) -> Optional[str]:
-    """sha256 over a weights file, or over a directory's weight files (safetensors / bin) in name order."""
-    if not path:
-        return None
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin",
-                                                                                         ".pt", ".pth"))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
+# 2: one shard per source shard under the source's name, every source sample at its own offset (a dropped one as a
+# stub that names the reason). Format 1 (latent-*.tar, drops left out) cannot be mixed with the videos.
+CACHE_FORMAT = 2
 
 
 def encoder_identity(model_cfg) -> Dict[str, Any]:
     """What makes two caches interchangeable: each frozen encoder's config and the sha256 of its weights."""
     ae = {k: v for k, v in asdict(model_cfg.autoencoder).items() if k not in NOT_IDENTITY}
-    ae["weights_sha256"] = _weights_sha256(model_cfg.autoencoder.path)
+    ae["weights_sha256"] = model_cfg.autoencoder.path and weights_sha256(model_cfg.autoencoder.path)
     identity = {"autoencoder": ae}
     if model_cfg.text.name == "pretrained":  # the built-in encoder trains with the model: captions are cached
         text = {k: v for k, v in asdict(model_cfg.text).items() if k not in NOT_IDENTITY}
-        text["weights_sha256"] = _weights_sha256(model_cfg.text.path)
+        text["weights_sha256"] = model_cfg.text.path and weights_sha256(model_cfg.text.path)
         identity["text"] = text
     else:
         identity["text"] = {"name": "builtin", "cached": "captions only"}
@@ -123,50 +122,57 @@ class ShardEncoder:
         self.source, self.out = Path(source), Path(out)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
-        summaries = [self.encode_shard(str(path), int(index)) for path, index in zip(batch["path"], batch["index"])]
+        summaries = [self.encode_shard(str(path), int(index), int(count))
+                     for path, index, count in zip(batch["path"], batch["index"], batch["count"])]
         return {"summary": [json.dumps(s) for s in summaries]}
 
-    def encode_shard(self, shard: str, index: int) -> Dict[str, Any]:
+    def encode_shard(self, shard: str, index: int, count: int) -> Dict[str, Any]:
         import torch
 
-        from data.loader import prepare_sample
-        from data.tar_samples import TarBreak, read_tar
+        from data.loader import CORRUPT_SHARD, prepare_sample
+        from data.reader import ConsumerReader
 
-        target = self.out / f"latent-{Path(shard).stem}.tar"
-        done = target.with_suffix(".done.json")
+        target = self.out / shard
+        done = self.out / f"{shard}.done.json"
         if done.exists() and target.exists():  # finished by an earlier, killed run
             return dict(json.loads(done.read_text()), resumed=True)
         dropped: Dict[str, List[str]] = {}
         written, licenses = 0, Counter()
         tmp = target.with_name(f".{target.name}.partial")
+        # Read as training reads (one chunk of the whole shard): offset n of the cache is offset n of the source,
+        # so a run can take some stages from the videos and others from caches and continue the same epoch.
+        reader = ConsumerReader(self.source, None, "encode", 0, 1)
+        work = {"epoch": 0, "chunk": index, "start": 0, "stop": count, "shard": shard, "skip": []}
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for offset, item in enumerate(read_tar(self.source / shard)):
-                if isinstance(item, TarBreak):
-                    dropped.setdefault("corrupt_shard", []).append(item.key or f"{shard}@{item.offset}")
-                    continue
-                raw = dict(item.members, __key__=item.key, __url__=str(self.source / shard))
-                clip, reason = prepare_sample(raw, (0, index, offset), self.spec)
+            for raw, tag, error in reader.read_chunk(work):
+                key = raw.get("__key__") if raw else f"{shard}@{tag[2]}"
+                clip, reason = (None, CORRUPT_SHARD) if error else prepare_sample(raw, tag, self.spec)
                 if clip is None:
-                    dropped.setdefault(reason, []).append(item.key)
-                    continue
-                with torch.no_grad():
-                    latent = self.autoencoder.encode_batch([clip.video.to(self.device)])[0].float().cpu()
-                members = {"latent.npy": _npy(latent.numpy()), "txt": clip.caption.encode("utf-8")}
-                if self.text is not None:
-                    embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
-                    members["text.npy"] = _npy(embeddings)
-                bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
-                meta = dict(clip.meta, source_shard=shard, source_key=item.key, bucket=bucket,
-                            encoder=self.identity_hash)
-                members["json"] = json.dumps(meta, sort_keys=True).encode()
+                    # A stub keeps the sample's place and says why it was dropped (training reports it as the
+                    # videos would); the source's metadata stays with it, so a takedown finds it as in the source.
+                    dropped.setdefault(reason, []).append(key)
+                    members = {"drop": reason.encode("utf-8")}
+                    if raw and "json" in raw:
+                        members["json"] = raw["json"]
+                else:
+                    with torch.no_grad():
+                        latent = self.autoencoder.encode_batch([clip.video.to(self.device)])[0].float().cpu()
+                    members = {"latent.npy": _npy(latent.numpy()), "txt": clip.caption.encode("utf-8")}
+                    if self.text is not None:
+                        embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
+                        members["text.npy"] = _npy(embeddings)
+                    bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
+                    meta = dict(clip.meta, source_shard=shard, source_key=key, bucket=bucket,
+                                encoder=self.identity_hash)
+                    members["json"] = json.dumps(meta, sort_keys=True).encode()
+                    written += 1
+                    licenses[str(meta.get("license"))] += 1
                 for name, data in members.items():
-                    info = tarfile.TarInfo(f"{item.key}.{name}")
+                    info = tarfile.TarInfo(f"{key}.{name}")
                     info.size, info.mtime = len(data), 0
                     tar.addfile(info, io.BytesIO(data))
-                written += 1
-                licenses[str(meta.get("license"))] += 1
         os.replace(tmp, target)
-        summary = {"source_shard": shard, "path": target.name, "num_samples": written,
+        summary = {"source_shard": shard, "path": shard, "num_samples": count, "encoded": written,
                    "bytes": target.stat().st_size, "sha256": sha256_file(target), "licenses": dict(licenses),
                    "dropped": dropped}
         done.write_text(json.dumps(summary))
@@ -184,7 +190,8 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
 
     source, out = Path(source), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{"path": row["path"], "index": n} for n, row in enumerate(read_manifest(source)["shards"])]
+    rows = [{"path": row["path"], "index": n, "count": int(row["num_samples"])}
+            for n, row in enumerate(read_manifest(source)["shards"])]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=ray_address or "local", num_cpus=None if ray_address else max(workers, 1),
@@ -201,7 +208,7 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     for row in dataset.iter_rows():  # shards as they finish: a progress line each
         summary = json.loads(row["summary"])
         summaries.append(summary)
-        samples += summary["num_samples"]
+        samples += summary["encoded"]
         elapsed = time.monotonic() - started
         left = (len(rows) - len(summaries)) * elapsed / len(summaries)
         print(f"encode: {len(summaries)}/{len(rows)} shards, {samples} samples, {samples / max(elapsed, 1e-9):.1f} "
@@ -214,9 +221,9 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
             dropped[reason] += len(keys)
     stage = cfg.curriculum.stages[stage_index]
     manifest = {"version": MANIFEST_VERSION, "name": out.name, "builder": "data.encode",
-                "shards": [{k: s[k] for k in ("path", "num_samples", "bytes", "sha256", "licenses")}
-                           for s in summaries if s["num_samples"]],
-                "cache": {"source": str(source.resolve()), "source_fingerprint": dataset_fingerprint(source),
+                "shards": [{k: s[k] for k in ("path", "num_samples", "encoded", "bytes", "sha256", "licenses")}
+                           for s in summaries],
+                "cache": {"format": CACHE_FORMAT, "source": str(source.resolve()), "source_fingerprint": dataset_fingerprint(source),
                           "stage": stage.name, "fps": cfg.data.fps, "patch_size": list(cfg.model.patch_size),
                           "buckets": [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)],
                           "encoder": encoder_identity(cfg.model), "dropped": dict(dropped),
@@ -233,20 +240,66 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     return manifest
 
 
-def check_cache(cache, cfg) -> None:
-    """Raise ValueError naming every difference between a cache and the run's config: the encoders' identity,
-    the buckets of every stage (each must be the cache's), the data fps and patch size."""
+def stage_root(cfg, stage) -> str:
+    """Where a stage reads its samples: its own cache, else the run's (data.latents), else the videos."""
+    return stage.latents or cfg.data.latents or cfg.data.root
+
+
+def run_roots(cfg) -> List[str]:
+    """The distinct places the run's stages read from, in stage order (the first gives the data plan's rows)."""
+    roots: List[str] = []
+    for stage in cfg.curriculum.stages:
+        root = stage_root(cfg, stage)
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def cache_problems(cache, cfg, stage_indices: List[int]) -> List[str]:
+    """Every difference between a cache and the run's config: its format, the encoders' identity, the data fps and
+    patch size, and the buckets of each stage that reads it."""
     from data.buckets import stage_shapes
 
     manifest = read_manifest(cache)
     saved = manifest.get("cache")
     if saved is None:
-        raise ValueError(f"{cache} is a video dataset, not a latent cache (build one with python -m data encode)")
+        return ["it is a video dataset, not a latent cache (build one with python -m data encode)"]
+    if saved.get("format", 1) != CACHE_FORMAT:
+        return [f"cache format {saved.get('format', 1)}, this Kino reads format {CACHE_FORMAT} (every source sample "
+                f"at its own offset): encode it again with python -m data encode"]
     problems = [f"encoder.{d}" for d in differences(saved["encoder"], encoder_identity(cfg.model))]
     problems += differences(saved["fps"], cfg.data.fps, "data.fps")
     problems += differences(saved["patch_size"], list(cfg.model.patch_size), "model.patch_size")
-    for n, stage in enumerate(cfg.curriculum.stages):
-        buckets = [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)]
+    for n in stage_indices:
+        buckets = [[s.frames, s.height, s.width] for s in stage_shapes(cfg, cfg.curriculum.stages[n])]
         problems += differences(saved["buckets"], buckets, f"curriculum.stages[{n}] buckets")
-    if problems:
-        raise ValueError(f"data.latents={cache} does not match this run:\n  " + "\n  ".join(problems))
+    return problems
+
+
+def check_sources(cfg) -> None:
+    """Raise ValueError unless every stage can read its source: each cache matches the run (naming every
+    difference), and every source holds the same shards with the same sample counts, so one data plan deals the
+    same samples over all of them."""
+    from data.loader import dataset_rows
+
+    stages = cfg.curriculum.stages
+    for root in run_roots(cfg):
+        users = [n for n, stage in enumerate(stages) if stage_root(cfg, stage) == root]
+        if root == cfg.data.root:
+            continue
+        key = (f"curriculum.stages[{users[0]}].latents" if stages[users[0]].latents else "data.latents")
+        problems = cache_problems(root, cfg, users)
+        if problems:
+            raise ValueError(f"{key}={root} does not match this run:\n  " + "\n  ".join(problems))
+    roots = run_roots(cfg)
+    reference = dict(dataset_rows(roots[0]))
+    for root in roots[1:]:
+        rows = dict(dataset_rows(root))
+        differ = [f"{shard}: {reference.get(shard, 'absent')} vs {rows.get(shard, 'absent')} samples"
+                  for shard in sorted(set(reference) | set(rows)) if reference.get(shard) != rows.get(shard)]
+        if differ:
+            raise ValueError(
+                f"{roots[0]} and {root} (read by different stages) do not hold the same samples: "
+                f"{'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}. A cache keeps its source's shards "
+                f"and sample counts: take samples down from the videos and every cache together (python -m data "
+                f"takedown DATASET CACHE ...), or encode the cache again")

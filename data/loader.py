@@ -175,6 +175,8 @@ def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
     source sample."""
     from data.latent_cache import load_npy
 
+    if "drop" in raw:  # a stub: the encode dropped this source sample, for this reason
+        return None, raw["drop"].decode("utf-8", "replace")
     meta, reason = _gated_metadata(raw, spec, ("json", "txt"))
     if reason:
         return None, reason
@@ -199,7 +201,7 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
     reach the model. The license gate comes first; the random choices (crop, frames, image or clip) depend
     only on the seed and the sample's tag, so whoever reads it makes the same ones."""
     key = raw.get("__key__", "?")
-    if "latent.npy" in raw:
+    if "latent.npy" in raw or ("drop" in raw and "mp4" not in raw):  # an encoded sample or a cache's stub
         return prepare_cached_sample(raw, tag, spec)
     meta, reason = _gated_metadata(raw, spec, ("json", "mp4", "txt"))
     if reason:  # the license gate comes first: a disallowed sample is never even decoded

@@ -22,6 +22,9 @@ class StageConfig:
     token_budget: int = 2048
     # Share of samples trained as single frames (images), each drawn from its clip: the image/video mix.
     image_fraction: float = 0.0
+    # A latent cache of this stage's buckets (`python -m data encode --stage NAME`) to train it from, instead of
+    # decoding and encoding the videos; null = data.latents, or the videos (data.root) when that is null too.
+    latents: Optional[str] = None
     lr: float = 3e-4
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine

@@ -4,6 +4,8 @@ curriculum, RNG, tracker, audit, EMA) is listed in `resumable_state`, one dict o
 train/checkpoint.py's CheckpointManager saves and restores (train/state.py says where each lives)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
+from data.latent_cache import run_roots, stage_root
 from data.loader import LoaderSpec, dataset_fingerprint, dataset_rows, make_loader
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
@@ -24,7 +27,7 @@ from models.dit import parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.checkpoint import CheckpointManager, latest_checkpoint
-from train.collectives import all_ranks_finite, all_reduce_values
+from train.collectives import all_ranks_finite, all_reduce_values, gather_objects
 from conf.schema import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
@@ -78,7 +81,7 @@ class Trainer:
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
         # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
-        self.coordinator = connect_coordinator(cfg.data, dataset_rows(self.shards_root), self.run_dir, env.rank,
+        self.coordinator = connect_coordinator(cfg.data, dataset_rows(self.plan_root), self.run_dir, env.rank,
                                                self.layout.data_world)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
@@ -91,7 +94,7 @@ class Trainer:
         self._acked_since: List[List[int]] = []
         self._coordinator_lost = False
         self._plan_mirrored = False
-        self._empty_caption: Optional[torch.Tensor] = None  # a latent cache's, loaded on first use
+        self._empty_captions: Dict[str, torch.Tensor] = {}  # each latent cache's, loaded on first use
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
         self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
@@ -133,7 +136,8 @@ class Trainer:
         m = self.cfg.model
         if not m.init_from:
             return None
-        from models.wan_weights import load_diffusers, read_config, weights_sha256
+        from models.wan_weights import load_diffusers, read_config
+        from models.weights import weights_sha256
 
         identity = [None]
         if self.env.is_main:
@@ -167,9 +171,21 @@ class Trainer:
                 + (f" ({100 * trainable / total:.2f}%: LoRA rank {lora.rank})" if lora.rank else ""))
 
     @property
-    def shards_root(self) -> str:
-        """Where the run's shards are: the latent cache (data.latents) when it trains from one, else the videos."""
-        return self.cfg.data.latents or self.cfg.data.root
+    def plan_root(self) -> str:
+        """The source whose shard rows the data plan deals: the first stage's (every source the run reads holds the
+        same shards and sample counts, checked before start: data/latent_cache.py check_sources)."""
+        return run_roots(self.cfg)[0]
+
+    def stage_root(self, stage_index: int) -> str:
+        """Where a stage reads: its latent cache, the run's (data.latents), or the videos (data.root)."""
+        return stage_root(self.cfg, self.curriculum.stages[stage_index])
+
+    def dataset_fingerprints(self) -> Dict[str, Any]:
+        """The shards the data plan deals (names and counts) and each source's files: a takedown or rebuild of any
+        of them changes these."""
+        rows = sorted(dataset_rows(self.plan_root))
+        return {"plan": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+                "sources": {root: dataset_fingerprint(root) for root in run_roots(self.cfg)}}
 
     # -- resumable state ---------------------------------------------------------------------------
     def resumable_state(self) -> Dict[str, Resumable]:
@@ -185,7 +201,7 @@ class Trainer:
             "tracker": Resumable(self.tracker, "shared"),
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
-            "dataset": Resumable(Value(lambda: dataset_fingerprint(self.shards_root), self._check_dataset), "shared"),
+            "dataset": Resumable(Value(self.dataset_fingerprints, self._check_dataset), "shared"),
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
             "rng": Resumable(self.rng, "rank"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
@@ -212,18 +228,26 @@ class Trainer:
 
     def _check_dataset(self, saved) -> None:
         """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
-        if saved is None or saved == dataset_fingerprint(self.shards_root):
+        if saved is None:
+            return
+        if isinstance(saved, str):  # written when a run read one source
+            saved = {"sources": {self.plan_root: saved}}
+        current = self.dataset_fingerprints()
+        changed = [root for root, print_ in saved["sources"].items() if current["sources"].get(root, print_) != print_]
+        if saved.get("plan", current["plan"]) != current["plan"] and not changed:
+            changed = list(current["sources"])  # a source the checkpoint did not read holds other shards
+        if not changed:
             return
         if not self.cfg.data.allow_changed_dataset:
             raise DatasetChanged(
-                f"the dataset {self.cfg.data.root} changed since {self._resume_path} was written (its shards differ: "
+                f"the dataset {', '.join(changed)} changed since {self._resume_path} was written (its shards differ: "
                 f"a takedown or a rebuild). Resume with data.allow_changed_dataset=true to re-plan the epoch over "
                 f"the current shards, or start fresh (train.resume=false)")
         self._dataset_changed = True
         if self.env.is_main:
             log.warning("the dataset %s changed since %s was written (data.allow_changed_dataset=true): the data "
                         "plan starts a new epoch over the current shards; samples trained earlier in the "
-                        "interrupted epoch may be trained again, removed ones never", self.cfg.data.root,
+                        "interrupted epoch may be trained again, removed ones never", ", ".join(changed),
                         self._resume_path)
 
     def _note_saved_sequence(self, degree) -> None:
@@ -249,10 +273,7 @@ class Trainer:
         """Collective. The acknowledged samples of every rank. Rank 0 asks the coordinator; when it cannot be
         reached (a stop signal took its Ray cluster down too) the plan is rebuilt from the trainer's own record:
         the plan at the last checkpoint plus every rank's acknowledgements since (`mirrored_state`)."""
-        gathered = [list(self._acked_since)]
-        if dist.is_initialized() and self.env.world_size > 1:
-            gathered = [None] * self.env.world_size
-            dist.all_gather_object(gathered, list(self._acked_since))
+        gathered = gather_objects(list(self._acked_since))
         self._acked_since = []
         if not self.env.is_main:
             return None
@@ -264,7 +285,7 @@ class Trainer:
                 self._note_coordinator_lost(error)
         if state is None:
             data = self.cfg.data
-            state = mirrored_state(dataset_rows(self.shards_root), data.seed, data.chunk_samples, self._plan_base,
+            state = mirrored_state(dataset_rows(self.plan_root), data.seed, data.chunk_samples, self._plan_base,
                                    [tag for tags in gathered for tag in tags])
             log.warning("data plan for the checkpoint at step %d rebuilt by the trainer (the coordinator is gone): "
                         "a resume deals the rest of the epoch out anew, each sample still trained once", self.step)
@@ -320,7 +341,7 @@ class Trainer:
     def _loader_for_stage(self, stage_index: int):
         cfg, stage = self.cfg, self.curriculum.stages[stage_index]
         ae = cfg.model.autoencoder
-        spec = LoaderSpec(root=self.shards_root, policy=self.policy, shapes=stage_shapes(cfg, stage),
+        spec = LoaderSpec(root=self.stage_root(stage_index), policy=self.policy, shapes=stage_shapes(cfg, stage),
                           token_budget=stage.token_budget, patch_size=tuple(cfg.model.patch_size),
                           temporal_factor=ae.temporal_factor, spatial_factor=ae.spatial_factor, fps=cfg.data.fps,
                           seed=cfg.data.seed, coordinator=self.coordinator, rank=self.layout.data_rank,
@@ -404,12 +425,12 @@ class Trainer:
         from models.layers import cu_seqlens_from_lengths
         from models.text_encoder import TextBatch
 
-        if self._empty_caption is None:
+        cache = self.stage_root(self.curriculum.stage_index(self.step))
+        if cache not in self._empty_captions:
             from data.latent_cache import load_npy
 
-            self._empty_caption = torch.from_numpy(load_npy((Path(self.cfg.data.latents) / "empty_caption.npy")
-                                                            .read_bytes()))
-        pieces = [e if caption else self._empty_caption for e, caption in zip(cached, captions)]
+            self._empty_captions[cache] = torch.from_numpy(load_npy((Path(cache) / "empty_caption.npy").read_bytes()))
+        pieces = [e if caption else self._empty_captions[cache] for e, caption in zip(cached, captions)]
         lengths = [len(p) for p in pieces]
         device = self.env.device
         return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
@@ -500,10 +521,7 @@ class Trainer:
     # -- checkpoint and videos -------------------------------------------------------------------
     def merged_audit(self) -> Audit:
         """Collective: the audit of all ranks together."""
-        audits = [self.audit.state_dict()]
-        if dist.is_initialized():
-            audits = [None] * self.env.world_size
-            dist.all_gather_object(audits, self.audit.state_dict())
+        audits = gather_objects(self.audit.state_dict())
         merged = Audit(policy=sorted(self.policy.allow))
         for state in audits:
             merged = merged.merge(Audit.from_state(state))
@@ -599,15 +617,6 @@ class Trainer:
 
     def prepare_run_dir(self, resumed: Optional[Path]) -> None:
         """Collective. Rank 0 writes config.yaml and, on a fresh start, moves an earlier run's outputs aside."""
-        if self.env.is_main and not resumed and self.cfg.data.latents:
-            # What the cache's encoding dropped, by reason and key: the run's audit counts it as if it had read the
-            # videos itself (a resumed run has it in its restored audit already).
-            from data.schema import read_manifest
-
-            cache = read_manifest(self.cfg.data.latents)["cache"]
-            for reason, keys in cache.get("dropped_keys", {}).items():
-                for key in keys:
-                    self.audit.record_dropped(reason, key)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -626,7 +635,11 @@ class Trainer:
         buckets = ", ".join(f"{b.frames}x{b.height}x{b.width}" for b in stage_shapes(self.cfg, stage))
         self.tracker.log_event(self.step, f"stage {stage.name!r} ({stage_index + 1}/{len(self.curriculum.stages)}) "
                                           f"from step {self.step}: buckets (frames x height x width) {buckets}; "
-                                          f"token budget {stage.token_budget}")
+                                          f"token budget {stage.token_budget}; {self.describe_source(stage_index)}")
+
+    def describe_source(self, stage_index: int) -> str:
+        root = self.stage_root(stage_index)
+        return f"videos from {root}" if root == self.cfg.data.root else f"latents from the cache {root}"
 
     def evaluation_due(self, total: int) -> bool:
         tracking = self.cfg.tracking

@@ -59,10 +59,22 @@ def test_the_cache_records_each_sample_its_source_and_the_encoder(cache, tiny_da
     meta = manifest["cache"]
     assert meta["dropped"] == {"license_missing": 2, "license_not_allowed": 2, "undecodable": 1}
     assert meta["encoder"]["autoencoder"]["name"] == "pixel" and meta["stage"] == "anneal"
-    assert sum(s["num_samples"] for s in manifest["shards"]) == 16
-    from data.tar_samples import decode_sample, read_tar
+    assert sum(s["encoded"] for s in manifest["shards"]) == 16
+    from data.tar_samples import TarSample, decode_sample, read_tar
 
-    sample = next(iter(read_tar(cache / manifest["shards"][0]["path"])))
+    # The source's layout: the same shard names, and each source sample at its own place (a dropped one as a stub
+    # naming the reason).
+    source = json.loads((tiny_dataset / "manifest.json").read_text())["shards"]
+    assert [(s["path"], s["num_samples"]) for s in manifest["shards"]] == [(s["path"], s["num_samples"]) for s in source]
+    for row in manifest["shards"]:
+        ours = [s for s in read_tar(cache / row["path"]) if isinstance(s, TarSample)]
+        theirs = [s for s in read_tar(tiny_dataset / row["path"]) if isinstance(s, TarSample)]
+        assert [s.key for s in ours] == [s.key for s in theirs]
+    samples = [s for row in manifest["shards"] for s in read_tar(cache / row["path"]) if isinstance(s, TarSample)]
+    stubs = {s.key: s.members["drop"].decode() for s in samples if "drop" in s.members}
+    assert sorted(stubs.values()) == sorted(r for r, n in meta["dropped"].items() for _ in range(n))
+    assert stubs == {k: r for r, keys in meta["dropped_keys"].items() for k in keys}
+    sample = next(s for s in samples if "latent.npy" in s.members)
     _, _, sample_meta, _ = decode_sample(sample, video_member="latent.npy")
     assert {"license", "rights_holder", "source_url", "source_shard", "source_key", "bucket", "encoder"} <= set(
         sample_meta)
@@ -79,8 +91,54 @@ def test_training_from_the_cache_trains_the_samples_and_audit_of_training_from_t
     assert set(a["license_totals"]) == set(b["license_totals"]) == {"CC0-1.0"}
     assert set(a["consumed"]) == set(b["consumed"])  # the source shards, by name
     assert {h for c in a["rights_holders"].values() for h in c} == {h for c in b["rights_holders"].values() for h in c}
-    assert set(a["dropped"]) == set(b["dropped"])  # the same reasons, from the encode for the cache
+    assert a["dropped"] == b["dropped"]  # the same reasons and counts: the cache's stubs report the encode's drops
     assert sorted(b["dropped_examples"]["license_missing"]) == sorted(a["dropped_examples"]["license_missing"])
+
+
+def steps_and_keys(run_dir: Path):
+    from train.provenance import read_trained_keys
+
+    return sorted((record["step"], sorted(record["keys"])) for record in read_trained_keys(run_dir))
+
+
+def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_dataset, tmp_path):
+    """Stage 0 from the videos, stage 1 (other buckets) from a cache encoded for it, then back to the videos on
+    resume: every step trains the samples the all-video run trains at that step, so the data plan continues over
+    each change of source."""
+    stage1 = ["curriculum.stages.1.frame_counts=[4]", "curriculum.stages.1.token_budget=600",
+              "curriculum.stages.0.steps=6", "curriculum.stages.1.steps=6"]
+    out = tmp_path / "stage1"
+    encode(tiny_dataset, out, *stage1, "--stage", "anneal")
+    videos, mixed = tmp_path / "videos", tmp_path / "mixed"
+    train(videos, tiny_dataset, *stage1)
+    result = train(mixed, tiny_dataset, *stage1, f"curriculum.stages.1.latents={out}", "train.stop_after_steps=9")
+    resumed = train(mixed, tiny_dataset, *stage1)  # stage 1's last 3 steps from the videos again
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert steps_and_keys(mixed) == steps_and_keys(videos) and len(steps_and_keys(videos)) == 12
+    a, b = (json.loads((d / "checkpoints" / "step_12" / "audit.json").read_text()) for d in (videos, mixed))
+    assert a["dropped"] == b["dropped"] and a["license_totals"] == b["license_totals"]
+    log = result.stdout + result.stderr
+    assert f"videos from {tiny_dataset}" in log and f"latents from the cache {out}" in log
+
+    from conf.schema import ConfigError, load_config
+
+    common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *stage1]
+    with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].latents=.*\n.*curriculum.stages\[0\] buckets"):
+        load_config([*common, f"curriculum.stages.0.latents={out}"])
+    # A takedown applied to the cache alone: the stages' sources no longer hold the same samples.
+    import shutil
+
+    taken = tmp_path / "taken"
+    shutil.copytree(out, taken)
+    from data.tar_samples import TarSample, read_tar
+
+    first = json.loads((taken / "manifest.json").read_text())["shards"][0]["path"]
+    key = next(s.key for s in read_tar(taken / first) if isinstance(s, TarSample))
+    (tmp_path / "keys.txt").write_text(key + "\n")
+    subprocess.run([sys.executable, "-m", "data", "takedown", str(taken), "--keys", str(tmp_path / "keys.txt")],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    with pytest.raises(ConfigError, match=rf"do not hold the same samples: {first}: 4 vs 3 samples"):
+        load_config([*common, f"curriculum.stages.1.latents={taken}"])
 
 
 def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path, tiny_dataset):
@@ -129,6 +187,7 @@ def test_a_killed_encode_resumes_without_reencoding_and_equals_an_uninterrupted_
     ours, reference = (json.loads((d / "manifest.json").read_text()) for d in (out, cache))
     assert [(s["path"], s["sha256"]) for s in ours["shards"]] == [(s["path"], s["sha256"]) for s in reference["shards"]]
     assert ours["cache"]["dropped_keys"] == reference["cache"]["dropped_keys"]
+    assert not list(out.glob(".*.partial"))
 
 
 def test_takedown_rewrites_a_cache_too_and_training_from_it_never_sees_the_samples(cache, tiny_dataset, tmp_path):
