@@ -8,7 +8,6 @@ config key by key, from the files' headers alone, before any weight is read.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -41,16 +40,6 @@ def read_config(directory) -> Dict:
     if not path.exists():
         raise WeightsMismatch(f"{directory}: no config.json (a diffusers WanTransformer3DModel directory)")
     return json.loads(path.read_text())
-
-
-def weights_sha256(directory) -> str:
-    """One sha256 over the weight files' bytes, in file-name order: the base model's identity."""
-    digest = hashlib.sha256()
-    for path in weight_files(directory):
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def diffusers_config(cfg: ModelConfig, text_dim: int) -> Dict:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from train.collectives import gather_objects
 from train.state import Resumable
 
 import torch
@@ -136,7 +137,7 @@ class CheckpointManager:
                 own[name] = piece.state.state_dict()
             else:
                 files[piece.file] = piece.state.state_dict()
-        ranks = _gather(own)
+        ranks = gather_objects(own)
         if self.rank == 0:
             state = dict(shared, step=step, ranks=ranks, saved_at=time.time())
             _atomic_write(partial / TRAIN_STATE, json.dumps(state, indent=1, sort_keys=True))
@@ -236,11 +237,3 @@ def ensure_universal(path: Path) -> Path:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    gathered: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered

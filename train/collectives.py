@@ -8,7 +8,7 @@ input to `device` (the run's `env.device`) first. Object collectives (`all_gathe
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,15 @@ SUM, MIN, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MIN, dist.ReduceOp.MAX
 
 def _distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM, group=None) -> torch.Tensor:

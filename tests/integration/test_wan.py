@@ -10,7 +10,8 @@ from conf.schema import ConfigError, load_config
 from models.dit import TextToVideoModel
 from models.layers import cu_seqlens_from_lengths
 from models.text_encoder import TextBatch
-from models.wan_weights import WeightsMismatch, check_matches, load_diffusers, save_diffusers, weights_sha256
+from models.wan_weights import WeightsMismatch, check_matches, load_diffusers, save_diffusers
+from models.weights import weights_sha256
 
 diffusers = pytest.importorskip("diffusers")
 
