@@ -1,7 +1,8 @@
 """Hydra entry point: `python -m train [--dry-run] key=value ...` (under torchrun for several processes).
 
 The config is composed and validated before any process group starts; a bad
-config exits with status 2 and the offending key in the message. Other statuses: 3 after
+config exits with status 2 and the offending key in the message, as does a stage whose every sample is dropped
+or a resume onto changed shards. Other statuses: 3 after
 too many non-finite losses; 75 when stopped by a signal (with a checkpoint: run again to
 resume); 0 when finished or stopped by the scheduler's stop file (train/preemption.py).
 """
@@ -44,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from models.attention import BackendUnavailable
     from train.engine import init_distributed
     from train.methods import method
-    from train.trainer import DatasetChanged, NonFiniteLoss
+    from train.trainer import DatasetChanged, NonFiniteLoss, NothingToTrain
 
     env = init_distributed()
     trainer_class = method(cfg.train.method).trainer()
@@ -57,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DatasetChanged as error:
         if env.is_main:
             print(f"kino: {error}", file=sys.stderr)
+        return 2
+    except NothingToTrain as error:  # raised by the rank that read the data
+        print(f"kino: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
         if env.is_main:

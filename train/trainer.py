@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -51,6 +51,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class NothingToTrain(RuntimeError):
+    """A stage whose every sample is dropped (too short for its buckets, no allowed license, unreadable)."""
+
+
 class DatasetChanged(RuntimeError):
     """A resume onto shards that changed since the checkpoint, without data.allow_changed_dataset."""
 
@@ -81,7 +85,9 @@ class Trainer:
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
         # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
-        self.coordinator = connect_coordinator(cfg.data, dataset_rows(self.plan_root), self.run_dir, env.rank,
+        rows = dataset_rows(self.plan_root)
+        self.dataset_samples = sum(count for _, count in rows)
+        self.coordinator = connect_coordinator(cfg.data, rows, self.run_dir, env.rank,
                                                self.layout.data_world)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
@@ -372,6 +378,14 @@ class Trainer:
             if batch.clips:
                 batch.dropped = dropped
                 return share_batch(batch, self.layout)
+            if len(dropped) >= self.dataset_samples:  # as many drops in a row as the data has samples
+                stage = self.curriculum.stages[stage_index]
+                reasons = Counter(d.reason for d in dropped)
+                raise NothingToTrain(
+                    f"stage {stage.name!r} can train on nothing: {len(dropped)} samples in a row were dropped "
+                    f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; the data holds "
+                    f"{self.dataset_samples}). Check the stage's buckets against the clips' durations and sizes "
+                    f"(python -m data inspect {self.stage_root(stage_index)}) and data.licenses.allow")
 
     def _settle(self, batches: List[PackedBatch], trained: bool) -> None:
         """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in

@@ -129,6 +129,19 @@ def test_a_forced_attention_kernel_this_machine_cannot_run_is_refused_at_start_u
     assert "Traceback" not in result.stderr and not (tmp_path / "forced" / "metrics.jsonl").exists()
 
 
+def test_a_stage_whose_every_sample_is_dropped_stops_with_the_reasons_instead_of_looping(tiny_dataset, tmp_path):
+    """Every clip of the tiny dataset lasts 1 s; a stage of 4 s clips drops them all as too short. The run once
+    read epoch after epoch without a word."""
+    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+                             f"train.run_dir={tmp_path / 'empty'}", *TINY, "curriculum.stages.0.frame_counts=[32]",
+                             "curriculum.stages.0.token_budget=4096", "tracking.mode=disabled"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "stage 'main' can train on nothing" in result.stderr and "too_short=" in result.stderr
+    assert "license_missing=" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_fresh_start_keeps_the_previous_run_aside(tiny_dataset, tmp_path):
     run_dir = tmp_path / "fresh"
     torchrun(run_dir, tiny_dataset, "train.stop_after_steps=2", "tracking.mode=disabled")
