@@ -36,7 +36,8 @@ def read_manifest(root) -> Dict[str, Any]:
 
     path = Path(root) / MANIFEST_NAME
     if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: build shards with `python -m data.demo_set {root}`")
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: not a dataset (build one with `python -m data ingest`, "
+                                f"or the demo's with `python -m data.demo_set {root}`)")
     manifest = json.loads(path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')} is not {MANIFEST_VERSION}")

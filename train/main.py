@@ -25,6 +25,23 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def missing_data(cfg) -> List[str]:
+    """The datasets this run reads that hold no manifest, each with its key. Checked where the run starts (on a
+    cluster, paths are the nodes' and may not exist where `python -m launch` runs)."""
+    from pathlib import Path
+
+    from data.latent_cache import run_roots
+    from data.schema import MANIFEST_NAME
+
+    wanted = []
+    if cfg.data.root in run_roots(cfg) or cfg.tracking.eval_prompts:  # videos, or the prompts' captions
+        wanted.append(("data.root", cfg.data.root))
+    if cfg.data.validation_root and (cfg.tracking.eval_clips or cfg.train.method == "vae"):
+        wanted.append(("data.validation_root", cfg.data.validation_root))
+    return [f"{key}={root}: no {MANIFEST_NAME} (build a dataset with python -m data ingest, or the demo's with "
+            f"python -m data.demo_set)" for key, root in wanted if not (Path(root) / MANIFEST_NAME).exists()]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in args
@@ -36,6 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = load_config(overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         print(f"kino: {error}", file=sys.stderr)
+        return 2
+    missing = missing_data(cfg)
+    if missing and not dry_run:
+        if rank == 0:
+            print("kino: " + "\n  ".join(["the run's data is not there:", *missing]), file=sys.stderr)
         return 2
     if dry_run:
         print(to_yaml(cfg))

@@ -119,6 +119,16 @@ def test_bad_config_is_rejected_before_any_process_starts():
     assert "DeepSpeed" not in result.stdout + result.stderr
 
 
+def test_a_run_whose_data_is_not_there_is_refused_before_any_process_group_starts(tiny_dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tmp_path / 'nowhere'}",
+                             f"data.validation_root={tmp_path / 'held_out'}", "tracking.mode=disabled"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"data.root={tmp_path / 'nowhere'}: no manifest.json" in result.stderr
+    assert f"data.validation_root={tmp_path / 'held_out'}: no manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr and "DeepSpeed" not in result.stdout + result.stderr
+
+
 def test_a_forced_attention_kernel_this_machine_cannot_run_is_refused_at_start_up(tiny_dataset, tmp_path):
     result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
                              f"train.run_dir={tmp_path / 'forced'}", *TINY, "model.attention_backend=torch_varlen",
