@@ -273,7 +273,23 @@ def cache_problems(cache, cfg, stage_indices: List[int]) -> List[str]:
     for n in stage_indices:
         buckets = [[s.frames, s.height, s.width] for s in stage_shapes(cfg, cfg.curriculum.stages[n])]
         problems += differences(saved["buckets"], buckets, f"curriculum.stages[{n}] buckets")
+        if cfg.curriculum.stages[n].image_fraction > 0 and not first_frame_alone(cfg.model.autoencoder):
+            problems.append(f"curriculum.stages[{n}].image_fraction: a cached sample trains as an image on its first "
+                            f"latent frame, which this autoencoder is not known to encode from the first frame alone "
+                            f"(tests/unit/test_cached_images.py); train this stage's images from the videos")
     return problems
+
+
+# Autoencoders whose first latent frame encodes the first frame alone (causal in time): checked with random
+# weights by tests/unit/test_cached_images.py.
+CAUSAL_DIFFUSERS_AUTOENCODERS = ("AutoencoderKLWan",)
+
+
+def first_frame_alone(autoencoder_cfg) -> bool:
+    if autoencoder_cfg.name in ("pixel", "causal_vae") or autoencoder_cfg.temporal_factor == 1:
+        return True
+    config = Path(autoencoder_cfg.path or "") / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") in CAUSAL_DIFFUSERS_AUTOENCODERS
 
 
 def check_sources(cfg) -> None:
