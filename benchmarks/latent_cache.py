@@ -5,7 +5,8 @@
 A procedural data set (the demo's clips at 64 px), the built-in causal VAE (4x temporal, 8x spatial, 16
 channels; random weights: speed does not depend on them), a small DiT (dim 128, depth 2), one process on the CPU.
 Step time is the mean of the steady second half of each run's steps (metrics.jsonl); encode time is the
-whole `python -m data encode` job, Ray start-up included.
+whole `python -m data encode` job, Ray start-up included, and its steady rate (from the first finished shard to the
+last).
 """
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ def run(command, env) -> float:
     return time.perf_counter() - started
 
 
+def encode_rates(command, env):
+    """(whole job s, steady samples/s): the steady rate counts the samples encoded from the first finished shard to
+    the last, over the time between them (Ray's and the actors' start-up left out)."""
+    import re
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks = []
+    for line in process.stderr:
+        found = re.match(r"encode: \d+/\d+ shards, (\d+) samples", line)
+        if found:
+            marks.append((time.perf_counter(), int(found.group(1))))
+    if process.wait() != 0:
+        raise SystemExit(process.stdout.read()[-3000:])
+    whole = time.perf_counter() - started
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return whole, (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
 def steady_step_s(run_dir: Path) -> float:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rows[len(rows) // 2:-1] or rows
@@ -75,13 +95,14 @@ def main(argv=None) -> int:
         port = probe.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MASTER_PORT=str(port))
     config = overrides(weights, args.steps)
-    encode_s = {}
+    encode_s, steady = {}, {}
     for workers in (1, 2):
         out = work / f"cache{workers}"
-        encode_s[workers] = run([sys.executable, "-m", "data", "encode", str(data), "--out", str(out),
-                                 "--workers", str(workers), *config], env)
+        encode_s[workers], steady[workers] = encode_rates(
+            [sys.executable, "-m", "data", "encode", str(data), "--out", str(out), "--workers", str(workers), *config],
+            env)
     cache = work / "cache2"
-    samples = sum(s["num_samples"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
+    samples = sum(s["encoded"] for s in json.loads((cache / "manifest.json").read_text())["shards"])
     step_s = {}
     for name, extra in (("on the fly", []), ("from the cache", [f"data.latents={cache}"])):
         run_dir = work / name.replace(" ", "_")
@@ -91,7 +112,8 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
               "clips": samples, "step_s": step_s, "speedup": step_s["on the fly"] / step_s["from the cache"],
               "encode_s": encode_s, "encode_samples_per_s": {w: samples / s for w, s in encode_s.items()},
-              "encode_scaling_2_vs_1": encode_s[1] / encode_s[2]}
+              "encode_scaling_2_vs_1": encode_s[1] / encode_s[2], "encode_steady_samples_per_s": steady,
+              "encode_steady_scaling_2_vs_1": steady[2] / steady[1]}
     print(json.dumps(report, indent=1))
     return 0
 
