@@ -31,7 +31,10 @@ setup(
                      "sentencepiece>=0.2", "peft>=0.13"],
         "dev": ["pytest>=8", "av>=12", "imageio>=2.34", "moviepy>=1.0", "diffusers>=0.35", "transformers>=4.50",
                 "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "peft>=0.13", "jsonschema>=4",
-                "kubernetes-validate>=1.30"],
+                "kubernetes-validate>=1.30",
+                # The last torchcodec whose registry wheel is a CPU build (later ones need a CUDA torch): with the
+                # FFmpeg libraries PyAV's wheel bundles, the decoder test runs it here (tests/unit/test_decoders.py).
+                "torchcodec==0.13.0"],
         # Needs CUDA to build; install on GPU machines only.
         "gpu": ["flash-attn>=2.6", "torchcodec>=0.2"],
     },

@@ -1,7 +1,15 @@
 """data.decoder: decord, PyAV and torchcodec give the same frames and the same crop of the same clips (real mp4
-bytes, encoded here with PyAV/libx264). torchcodec runs where it loads: its registry wheels need a CUDA build of
-torch, so on a CPU-only torch the test skips with the reason it does not load."""
+bytes, encoded here with PyAV/libx264). torchcodec runs where it loads. Here that is torchcodec 0.13 (the last
+CPU build on the registry, a dev dependency) with the FFmpeg 8 libraries PyAV's wheel bundles, which the dynamic
+linker finds only by their sonames: the torchcodec comparison then runs in a child process whose
+LD_LIBRARY_PATH holds links by those names."""
+import importlib.util
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,3 +58,31 @@ def test_an_unknown_or_unloadable_decoder_is_rejected_before_a_run_starts():
     with pytest.raises(ConfigError, match="data.decoder='ffmpeg4'"):
         load_config(["experiment=demo", "data.decoder=ffmpeg4"])
     assert load_config(["experiment=demo", "data.decoder=pyav"]).data.decoder == "pyav"
+
+
+def pyav_ffmpeg_links(directory: Path) -> Path:
+    """Links named by the sonames torchcodec's libraries need (libavcodec.so.62, ...) to the FFmpeg libraries in
+    PyAV's wheel (auditwheel renamed them libavcodec-<hash>.so.62.x.y)."""
+    import av
+
+    bundled = Path(av.__file__).resolve().parent.parent / "av.libs"
+    for library in bundled.glob("lib*.so*"):
+        found = re.match(r"lib(av[a-z]+|sw[a-z]+)-[0-9a-f]+\.so\.(\d+)", library.name)
+        if found:
+            (directory / f"lib{found.group(1)}.so.{found.group(2)}").symlink_to(library)
+    return bundled
+
+
+def test_torchcodec_with_pyavs_ffmpeg_gives_decords_frames_and_crop(tmp_path):
+    if importlib.util.find_spec("torchcodec") is None:
+        pytest.skip("torchcodec is not installed")
+    if decoder_unavailable("torchcodec") is None:
+        pytest.skip("torchcodec loads in this process: test_each_decoder_gives_decords_frames_and_crop ran it")
+    bundled = pyav_ffmpeg_links(tmp_path)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([str(tmp_path), str(bundled),
+                                                            os.environ.get("LD_LIBRARY_PATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"{__file__}::test_each_decoder_gives_decords_frames_and_crop[torchcodec]"],
+                            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
