@@ -139,6 +139,12 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
                    cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
     with pytest.raises(ConfigError, match=rf"do not hold the same samples: {first}: 4 vs 3 samples"):
         load_config([*common, f"curriculum.stages.1.latents={taken}"])
+    # Taken down from the videos too (one command for both), they hold the same samples again.
+    source = tmp_path / "source"
+    shutil.copytree(tiny_dataset, source)
+    subprocess.run([sys.executable, "-m", "data", "takedown", str(source), str(taken), "--keys",
+                    str(tmp_path / "keys.txt")], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    assert load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={taken}"])
 
 
 def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path, tiny_dataset):
