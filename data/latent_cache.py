@@ -211,9 +211,10 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
         samples += summary["encoded"]
         elapsed = time.monotonic() - started
         left = (len(rows) - len(summaries)) * elapsed / len(summaries)
+        filled = round(20 * len(summaries) / len(rows))
         print(f"encode: {len(summaries)}/{len(rows)} shards, {samples} samples, {samples / max(elapsed, 1e-9):.1f} "
-              f"samples/s, ETA {left:.0f} s{' (resumed: already encoded)' if summary.get('resumed') else ''}",
-              file=sys.stderr, flush=True)
+              f"samples/s, ETA {left:.0f} s [{'#' * filled}{'.' * (20 - filled)}]"
+              f"{' (resumed: already encoded)' if summary.get('resumed') else ''}", file=sys.stderr, flush=True)
     summaries.sort(key=lambda s: s["path"])
     dropped = Counter()
     for summary in summaries:
