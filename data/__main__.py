@@ -126,11 +126,16 @@ def cmd_takedown(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from conf.schema import ConfigError, load_config
+    from conf.schema import ConfigError, load_config, validate
     from data.latent_cache import encode
 
     try:
-        cfg = load_config(args.overrides)
+        # The config may name the caches it trains from, this one among them: they are not read here.
+        cfg = load_config(args.overrides, check=False)
+        cfg.data.latents = None
+        for stage in cfg.curriculum.stages:
+            stage.latents = None
+        validate(cfg)
     except ConfigError as error:
         print(f"encode: {error}", file=sys.stderr)
         return 2

@@ -218,7 +218,8 @@ def build_validation(out: Path, count: int, seed: int = 0, samples_per_shard: in
 
 
 def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
-          cache: Optional[Path] = None) -> Path:
+          cache: Optional[Path] = None, validation: int = 0) -> Path:
+    """The training set (and, with `validation` > 0, its held-out split of that many clips)."""
     out = Path(out)
     cache = Path(cache or out / ".cache")
     cache.mkdir(parents=True, exist_ok=True)
@@ -230,14 +231,17 @@ def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard
     writer = ShardSetWriter(out, samples_per_shard=samples_per_shard)
     for key, video, caption, meta in samples:
         writer.write(key, video, caption, meta)
-    return writer.close({"name": out.name, "builder": "data.demo_set", "recipe": recipe(procedural, real,
-                                                                                       samples_per_shard, seed)})
+    if validation:  # before the training set's manifest, which marks the whole build done
+        build_validation(out, validation, seed, samples_per_shard)
+    return writer.close({"name": out.name, "builder": "data.demo_set",
+                         "recipe": recipe(procedural, real, samples_per_shard, seed, validation)})
 
 
-def recipe(procedural: int, real: bool, samples_per_shard: int, seed: int) -> Dict:
-    """What a demo dataset was built from: this generator's version and its options."""
+def recipe(procedural: int, real: bool, samples_per_shard: int, seed: int, validation: int) -> Dict:
+    """What a demo dataset was built from: this generator's version and its options (the held-out split's size
+    included: it is built with the training set)."""
     return {"generator": GENERATOR_VERSION, "procedural": procedural, "real": real,
-            "samples_per_shard": samples_per_shard, "seed": seed}
+            "samples_per_shard": samples_per_shard, "seed": seed, "validation": validation}
 
 
 def stale_reason(manifest: Dict, wanted: Dict) -> Optional[str]:
@@ -276,7 +280,7 @@ def main(argv=None) -> None:
 
         existing = json.loads(manifest.read_text())
         why = "--force" if args.force else stale_reason(
-            existing, recipe(args.procedural, not args.no_real, args.samples_per_shard, args.seed))
+            existing, recipe(args.procedural, not args.no_real, args.samples_per_shard, args.seed, args.validation))
         if why is None:
             print(f"dataset already built: {manifest} (--force rebuilds)")
             return
@@ -285,9 +289,9 @@ def main(argv=None) -> None:
                      f"not overwriting it; choose another directory")
         print(f"rebuilding {args.out}: {why}")
         remove_demo_dataset(args.out)
-    path = build(args.out, args.procedural, not args.no_real, args.samples_per_shard, args.seed)
+    path = build(args.out, args.procedural, not args.no_real, args.samples_per_shard, args.seed,
+                 validation=args.validation)
     if args.validation:
-        build_validation(args.out, args.validation, args.seed, args.samples_per_shard)
         print(f"wrote {args.validation} held-out procedural samples to {args.out / 'validation'}")
     import json
 

@@ -145,7 +145,9 @@ class ShardEncoder:
         work = {"epoch": 0, "chunk": index, "start": 0, "stop": count, "shard": shard, "skip": []}
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for raw, tag, error in reader.read_chunk(work):
-                key = raw.get("__key__") if raw else f"{shard}@{tag[2]}"
+                # A sample the shard could not give keeps its place under a key without dots (WebDataset splits a
+                # member's name at the first dot: "shard-00000.tar@5" would merge every such stub into one).
+                key = raw.get("__key__") if raw else f"{shard.replace('.', '_')}@{tag[2]}"
                 clip, reason = (None, CORRUPT_SHARD) if error else prepare_sample(raw, tag, self.spec)
                 if clip is None:
                     # A stub keeps the sample's place and says why it was dropped (training reports it as the
@@ -299,13 +301,25 @@ def check_sources(cfg) -> None:
     same samples over all of them."""
     from data.loader import dataset_rows
 
+    from data.loader import dataset_fingerprint
+
     stages = cfg.curriculum.stages
+    # Stages that read the videos and stages that read a cache must see the same samples: the cache must have
+    # been encoded from these videos as they are now (a rebuild keeps shard names and counts, not content).
+    videos = dataset_fingerprint(cfg.data.root) if cfg.data.root in run_roots(cfg) else None
     for root in run_roots(cfg):
         users = [n for n, stage in enumerate(stages) if stage_root(cfg, stage) == root]
         if root == cfg.data.root:
             continue
         key = (f"curriculum.stages[{users[0]}].latents" if stages[users[0]].latents else "data.latents")
+        if not (Path(root) / MANIFEST_NAME).exists():
+            raise ValueError(f"{key}={root}: no {MANIFEST_NAME} (build the cache with python -m data encode)")
         problems = cache_problems(root, cfg, users)
+        encoded_from = read_manifest(root).get("cache", {}).get("source_fingerprint")
+        if videos is not None and not problems and encoded_from != videos:
+            problems.append(f"it was encoded from other videos than data.root={cfg.data.root} holds now (their "
+                            f"fingerprints differ: a rebuild, or a takedown of one and not the other). Encode it "
+                            f"again, or take samples down from both together (python -m data takedown DATASET CACHE)")
         if problems:
             raise ValueError(f"{key}={root} does not match this run:\n  " + "\n  ".join(problems))
     roots = run_roots(cfg)

@@ -89,7 +89,9 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
                 _write_tar(path, [s for s, _ in kept])
                 after = sha256_file(path)
                 rows.append(dict(row, num_samples=len(kept), bytes=path.stat().st_size, sha256=after,
-                                 licenses=_license_counts([s for s, _ in kept])))
+                                 licenses=_license_counts([s for s, _ in kept if "drop" not in s.members])))
+                if "encoded" in row:  # a latent cache's shard: samples that hold latents (the rest are stubs)
+                    rows[-1]["encoded"] = sum("latent.npy" in s.members for s, _ in kept)
             else:
                 path.unlink()  # nothing left in it: the file and its manifest row go
         else:
@@ -100,11 +102,38 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
     if removed and not dry_run:
         manifest["shards"] = rows
         manifest.setdefault("takedowns", []).append({"at": when, **criteria.describe(), "removed": len(removed)})
-        target = root / MANIFEST_NAME
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        tmp.replace(target)
+        if "cache" in manifest:  # a latent cache: its drop record loses the removed samples too
+            gone = {item["key"] for item in removed}
+            cache = manifest["cache"]
+            cache["dropped_keys"] = {reason: [k for k in keys if k not in gone]
+                                     for reason, keys in cache.get("dropped_keys", {}).items()}
+            cache["dropped"] = {reason: len(keys) for reason, keys in cache["dropped_keys"].items() if keys}
+            cache["dropped_keys"] = {reason: keys for reason, keys in cache["dropped_keys"].items() if keys}
+        _write_manifest(root, manifest)
     return {"removed": removed, "files": files}
+
+
+def follow_sources(datasets: Sequence[Path], before: Dict[str, str]) -> None:
+    """A latent cache taken down together with the videos it was encoded from is still a cache of them: its
+    recorded source fingerprint becomes theirs after the takedown (training checks it, data/latent_cache.py)."""
+    from data.loader import dataset_fingerprint
+
+    after = {str(root): dataset_fingerprint(root) for root in datasets}
+    renamed = {before[root]: after[root] for root in before if before[root] != after[root]}
+    for root in datasets:
+        manifest = read_manifest(root)
+        cache = manifest.get("cache")
+        if cache is None or cache.get("source_fingerprint") not in renamed:
+            continue
+        cache["source_fingerprint"] = renamed[cache["source_fingerprint"]]
+        _write_manifest(Path(root), manifest)
+
+
+def _write_manifest(root: Path, manifest: Dict[str, Any]) -> None:
+    target = root / MANIFEST_NAME
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(target)
 
 
 def checkpoints_that_trained_on(run_dir, criteria: Criteria, removed_keys: Set[str]) -> List[Dict[str, Any]]:
@@ -131,10 +160,15 @@ def takedown(datasets: Sequence[Path], criteria: Criteria, runs: Sequence[Path] 
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report: Dict[str, Any] = {"at": when, "dry_run": dry_run, "criteria": criteria.describe(), "removed": [],
                               "files": [], "checkpoints": {}}
+    from data.loader import dataset_fingerprint
+
+    before = {str(root): dataset_fingerprint(root) for root in datasets}
     for root in datasets:
         part = remove_from_dataset(root, criteria, dry_run, when)
         report["removed"] += part["removed"]
         report["files"] += part["files"]
+    if not dry_run:
+        follow_sources(datasets, before)
     keys = {item["key"] for item in report["removed"]}
     for run in runs:
         report["checkpoints"][str(run)] = checkpoints_that_trained_on(run, criteria, keys)

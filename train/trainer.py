@@ -236,12 +236,20 @@ class Trainer:
         """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
         if saved is None:
             return
-        if isinstance(saved, str):  # written when a run read one source
-            saved = {"sources": {self.plan_root: saved}}
         current = self.dataset_fingerprints()
-        changed = [root for root, print_ in saved["sources"].items() if current["sources"].get(root, print_) != print_]
-        if saved.get("plan", current["plan"]) != current["plan"] and not changed:
-            changed = list(current["sources"])  # a source the checkpoint did not read holds other shards
+        now = current["sources"]
+        if isinstance(saved, str):  # written when a run read one source: one of today's must be it
+            changed = [] if saved in now.values() else list(now)
+        else:
+            # A source read then must be as it was. A video root under a new path (data.root may move) must be one
+            # of the sources read then; a cache new to the run holds the plan's shards (below) and was checked
+            # against its videos before start.
+            was = saved["sources"]
+            changed = [root for root, print_ in now.items()
+                       if was.get(root, print_) != print_
+                       or (root not in was and root == self.cfg.data.root and print_ not in was.values())]
+            if not changed and saved.get("plan", current["plan"]) != current["plan"]:
+                changed = list(now)  # the data plan's shards or counts differ
         if not changed:
             return
         if not self.cfg.data.allow_changed_dataset:
@@ -371,21 +379,24 @@ class Trainer:
             # was buffered (now fitted to the new buckets) and continuing the same chunks.
             self._iterator = None
             self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
-        dropped = []
+        dropped, distinct = [], set()
         while True:
             batch = next(self._iterator)
             dropped += batch.dropped
+            distinct.update(d.tag[1:] for d in batch.dropped)  # (chunk, offset): one sample of the data
             if batch.clips:
                 batch.dropped = dropped
                 return share_batch(batch, self.layout)
-            if len(dropped) >= self.dataset_samples:  # as many drops in a row as the data has samples
+            # Every sample of the data dropped in a row, each seen at least once (a rank reads a share of each
+            # epoch: only distinct samples prove the stage can train on nothing, not a run of bad chunks).
+            if len(distinct) >= self.dataset_samples:
                 stage = self.curriculum.stages[stage_index]
                 reasons = Counter(d.reason for d in dropped)
                 raise NothingToTrain(
-                    f"stage {stage.name!r} can train on nothing: {len(dropped)} samples in a row were dropped "
+                    f"stage {stage.name!r} can train on nothing: every sample was dropped, {len(dropped)} in a row "
                     f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; the data holds "
                     f"{self.dataset_samples}). Check the stage's buckets against the clips' durations and sizes "
-                    f"(python -m data inspect {self.stage_root(stage_index)}) and data.licenses.allow")
+                    f"(python -m data inspect {self.cfg.data.root}) and data.licenses.allow")
 
     def _settle(self, batches: List[PackedBatch], trained: bool) -> None:
         """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in

@@ -139,12 +139,22 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
                    cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
     with pytest.raises(ConfigError, match=rf"do not hold the same samples: {first}: 4 vs 3 samples"):
         load_config([*common, f"curriculum.stages.1.latents={taken}"])
-    # Taken down from the videos too (one command for both), they hold the same samples again.
-    source = tmp_path / "source"
+    # Taken down from the videos alone: the cache was encoded from other videos than those.
+    source, fresh = tmp_path / "source", tmp_path / "fresh"
     shutil.copytree(tiny_dataset, source)
-    subprocess.run([sys.executable, "-m", "data", "takedown", str(source), str(taken), "--keys",
-                    str(tmp_path / "keys.txt")], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
-    assert load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={taken}"])
+    shutil.copytree(out, fresh)
+    takedown = [sys.executable, "-m", "data", "takedown", "--keys", str(tmp_path / "keys.txt")]
+    subprocess.run([*takedown, str(source)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    with pytest.raises(ConfigError, match=r"(?s)stages\[1\].latents=.*encoded from other videos than data.root"):
+        load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"])
+    # Taken down from both together (one command), they hold the same samples again.
+    shutil.copytree(tiny_dataset, source, dirs_exist_ok=True)
+    (source / "takedowns").exists() and shutil.rmtree(source / "takedowns")
+    subprocess.run([*takedown, str(source), str(fresh)], cwd=REPO, env=ENV, check=True, capture_output=True,
+                   timeout=120)
+    assert load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"])
+    before, after = (json.loads((d / "manifest.json").read_text()) for d in (out, fresh))
+    assert sum(r["encoded"] for r in after["shards"]) == sum(r["encoded"] for r in before["shards"]) - 1
 
 
 def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path, tiny_dataset):
@@ -226,3 +236,33 @@ def test_a_cache_with_a_pretrained_text_encoder_trains_on_its_cached_embeddings(
     train(run_dir, tiny_dataset, *text, f"data.latents={out}", "data.caption_dropout=0.5", "tracking.log_every=1")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and all(r["loss"] is not None for r in rows)
+
+
+def test_a_source_shard_cut_short_keeps_its_count_in_the_cache_with_a_stub_per_lost_sample(tiny_dataset, tmp_path):
+    """The samples a truncated source shard can no longer give keep their places as stubs (one each, reason
+    corrupt_shard), so the cache still holds the source's count; training reports them as it would from the
+    videos."""
+    import shutil
+
+    import webdataset as wds
+
+    from conf.schema import load_config, to_yaml
+    from data.latent_cache import ShardEncoder
+    from data.loader import CORRUPT_SHARD, prepare_sample
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_dataset, source)
+    row = json.loads((source / "manifest.json").read_text())["shards"][0]
+    data = (source / row["path"]).read_bytes()
+    (source / row["path"]).write_bytes(data[:len(data) // 3])  # the manifest still says num_samples
+    cfg = load_config(["experiment=demo", f"data.root={source}", *MODEL], check=False)
+    out = tmp_path / "cache"
+    out.mkdir()
+    summary = ShardEncoder(to_yaml(cfg), 1, str(source), str(out)).encode_shard(row["path"], 0, row["num_samples"])
+    samples = list(wds.tarfile_samples([{"url": str(out / row["path"])}]))
+    assert summary["num_samples"] == len(samples) == row["num_samples"] == 4
+    lost = summary["dropped"][CORRUPT_SHARD]
+    assert len(lost) >= 1 and len(set(s["__key__"] for s in samples)) == 4
+    spec = ShardEncoder(to_yaml(cfg), 1, str(source), str(out)).spec
+    reasons = [prepare_sample(s, (0, 0, n), spec)[1] for n, s in enumerate(samples)]
+    assert reasons.count(CORRUPT_SHARD) == len(lost) and reasons[-1] == CORRUPT_SHARD

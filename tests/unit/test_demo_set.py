@@ -33,6 +33,8 @@ def test_a_dataset_of_another_generator_version_or_options_is_rebuilt_and_a_curr
 
     log = build(out, capsys, "--seed", "3")
     assert "rebuilding" in log and "seed 0 -> 3" in log
+    log = build(out, capsys, "--seed", "3", "--validation", "0")
+    assert "rebuilding" in log and "validation 2 -> 0" in log and not (out / "validation").exists()
 
 
 def test_a_dataset_it_did_not_build_is_never_overwritten(tmp_path, capsys):
