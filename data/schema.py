@@ -42,3 +42,13 @@ def read_manifest(root) -> Dict[str, Any]:
     if manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{path}: manifest version {manifest.get('version')} is not {MANIFEST_VERSION}")
     return manifest
+
+
+def write_manifest(root, manifest: Dict[str, Any]) -> None:
+    """Replace a dataset's manifest atomically: a reader sees the old one or the new one, never part of either."""
+    from pathlib import Path
+
+    target = Path(root) / MANIFEST_NAME
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(target)

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import webdataset as wds
 
-from data.schema import MANIFEST_NAME, MANIFEST_VERSION
+from data.schema import MANIFEST_NAME, MANIFEST_VERSION, write_manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -67,12 +67,8 @@ class ShardSetWriter:
 
     def close(self, extra: Optional[Dict[str, Any]] = None) -> Path:
         self._close_shard()
-        manifest = {"version": MANIFEST_VERSION, "shards": self.rows, **(extra or {})}
-        path = self.root / MANIFEST_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        tmp.replace(path)
-        return path
+        write_manifest(self.root, {"version": MANIFEST_VERSION, "shards": self.rows, **(extra or {})})
+        return self.root / MANIFEST_NAME
 
 
 def verify_shards(root) -> List[str]:

@@ -9,7 +9,6 @@ never sees them; a run resumed afterwards refuses a dataset whose shards changed
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -18,9 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
-from data.schema import MANIFEST_NAME, read_manifest
+from data.schema import read_manifest, write_manifest
 from data.shards import sha256_file
-from data.tar_samples import TarSample, decode_sample, read_tar
+from data.tar_samples import TarSample, add_sample, decode_sample, read_tar
 
 
 class Criteria:
@@ -47,10 +46,7 @@ def _write_tar(path: Path, samples: Sequence[TarSample]) -> None:
     tmp = path.with_name(f".{path.name}.takedown")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
-            for extension, data in sample.members.items():
-                info = tarfile.TarInfo(f"{sample.key}.{extension}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444
-                tar.addfile(info, io.BytesIO(data))
+            add_sample(tar, sample.key, sample.members)
     os.replace(tmp, path)
 
 
@@ -109,7 +105,7 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
                                      for reason, keys in cache.get("dropped_keys", {}).items()}
             cache["dropped"] = {reason: len(keys) for reason, keys in cache["dropped_keys"].items() if keys}
             cache["dropped_keys"] = {reason: keys for reason, keys in cache["dropped_keys"].items() if keys}
-        _write_manifest(root, manifest)
+        write_manifest(root, manifest)
     return {"removed": removed, "files": files}
 
 
@@ -126,14 +122,7 @@ def follow_sources(datasets: Sequence[Path], before: Dict[str, str]) -> None:
         if cache is None or cache.get("source_fingerprint") not in renamed:
             continue
         cache["source_fingerprint"] = renamed[cache["source_fingerprint"]]
-        _write_manifest(Path(root), manifest)
-
-
-def _write_manifest(root: Path, manifest: Dict[str, Any]) -> None:
-    target = root / MANIFEST_NAME
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(target)
+        write_manifest(Path(root), manifest)
 
 
 def checkpoints_that_trained_on(run_dir, criteria: Criteria, removed_keys: Set[str]) -> List[Dict[str, Any]]:

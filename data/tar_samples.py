@@ -8,6 +8,7 @@ and `takedown`; the loader reads shards that `verify` has passed.
 """
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from dataclasses import dataclass, field
@@ -45,6 +46,15 @@ def split_name(name: str):
     directory, _, base = name.rpartition("/")
     stem, dot, extension = base.partition(".")
     return (f"{directory}/{stem}" if directory else stem), extension
+
+
+def add_sample(tar: tarfile.TarFile, key: str, members: Dict[str, bytes]) -> None:
+    """Append one sample's members (`KEY.EXT` each) to an open tar, with fixed times and read-only modes so the
+    same samples always give the same bytes."""
+    for extension, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _valid_header(block: bytes) -> Optional[tarfile.TarInfo]:
