@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from data.schema import MANIFEST_NAME, MANIFEST_VERSION, read_manifest
+from data.schema import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from data.shards import sha256_file
 from models.weights import weights_sha256
 
@@ -98,10 +98,9 @@ class ShardEncoder:
 
         from conf.schema import from_yaml
         from data.licenses import LicensePolicy
-        from data.loader import LoaderSpec
+        from data.loader import stage_spec
         from models.autoencoder import build_autoencoder
         from models.dit import text_conditioner
-        from data.buckets import stage_shapes
 
         self.cfg = cfg = from_yaml(cfg_yaml)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,13 +110,8 @@ class ShardEncoder:
         self.text = text_conditioner(cfg.model) if cfg.model.text.name == "pretrained" else None
         if self.text is not None:
             self.text.to(self.device)
-        stage = cfg.curriculum.stages[stage_index]
-        ae = cfg.model.autoencoder
-        self.spec = LoaderSpec(root=source, policy=LicensePolicy.from_ids(cfg.data.licenses.allow),
-                               shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
-                               patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
-                               spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed,
-                               coordinator=None, decoder=cfg.data.decoder)
+        self.spec = stage_spec(cfg, cfg.curriculum.stages[stage_index], source,
+                               LicensePolicy.from_ids(cfg.data.licenses.allow), coordinator=None)
         self.identity_hash = identity_hash(encoder_identity(cfg.model))
         self.source, self.out = Path(source), Path(out)
 
@@ -131,6 +125,7 @@ class ShardEncoder:
 
         from data.loader import CORRUPT_SHARD, prepare_sample
         from data.reader import ConsumerReader
+        from data.tar_samples import add_sample
 
         target = self.out / shard
         done = self.out / f"{shard}.done.json"
@@ -169,10 +164,7 @@ class ShardEncoder:
                     members["json"] = json.dumps(meta, sort_keys=True).encode()
                     written += 1
                     licenses[str(meta.get("license"))] += 1
-                for name, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{name}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
+                add_sample(tar, key, members)
         os.replace(tmp, target)
         summary = {"source_shard": shard, "path": shard, "num_samples": count, "encoded": written,
                    "bytes": target.stat().st_size, "sha256": sha256_file(target), "licenses": dict(licenses),
@@ -237,9 +229,7 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
 
         empty = text_conditioner(cfg.model).batch([""]).embeddings.float().numpy()
         (out / "empty_caption.npy").write_bytes(_npy(empty))
-    tmp = out / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(out / MANIFEST_NAME)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -258,12 +248,13 @@ def run_roots(cfg) -> List[str]:
     return roots
 
 
-def cache_problems(cache, cfg, stage_indices: List[int]) -> List[str]:
-    """Every difference between a cache and the run's config: its format, the encoders' identity, the data fps and
-    patch size, and the buckets of each stage that reads it."""
+def cache_problems(manifest: Dict[str, Any], cfg, stage_indices: List[int],
+                   videos_fingerprint: Optional[str] = None) -> List[str]:
+    """Every difference between a cache (its manifest) and the run's config: its format, the encoders' identity,
+    the data fps and patch size, the buckets of each stage that reads it, and, when the run reads the videos too
+    (`videos_fingerprint`), whether it was encoded from them as they are now."""
     from data.buckets import stage_shapes
 
-    manifest = read_manifest(cache)
     saved = manifest.get("cache")
     if saved is None:
         return ["it is a video dataset, not a latent cache (build one with python -m data encode)"]
@@ -280,6 +271,12 @@ def cache_problems(cache, cfg, stage_indices: List[int]) -> List[str]:
             problems.append(f"curriculum.stages[{n}].image_fraction: a cached sample trains as an image on its first "
                             f"latent frame, which this autoencoder is not known to encode from the first frame alone "
                             f"(tests/unit/test_cached_images.py); train this stage's images from the videos")
+    # Stages that read the videos and stages that read a cache must see the same samples: a rebuild keeps shard
+    # names and counts, not content.
+    if videos_fingerprint is not None and not problems and saved.get("source_fingerprint") != videos_fingerprint:
+        problems.append(f"it was encoded from other videos than data.root={cfg.data.root} holds now (their "
+                        f"fingerprints differ: a rebuild, or a takedown of one and not the other). Encode it "
+                        f"again, or take samples down from both together (python -m data takedown DATASET CACHE)")
     return problems
 
 
@@ -299,30 +296,20 @@ def check_sources(cfg) -> None:
     """Raise ValueError unless every stage can read its source: each cache matches the run (naming every
     difference), and every source holds the same shards with the same sample counts, so one data plan deals the
     same samples over all of them."""
-    from data.loader import dataset_rows
+    from data.loader import dataset_fingerprint, dataset_rows
 
-    from data.loader import dataset_fingerprint
-
-    stages = cfg.curriculum.stages
-    # Stages that read the videos and stages that read a cache must see the same samples: the cache must have
-    # been encoded from these videos as they are now (a rebuild keeps shard names and counts, not content).
-    videos = dataset_fingerprint(cfg.data.root) if cfg.data.root in run_roots(cfg) else None
-    for root in run_roots(cfg):
-        users = [n for n, stage in enumerate(stages) if stage_root(cfg, stage) == root]
+    stages, roots = cfg.curriculum.stages, run_roots(cfg)
+    videos = dataset_fingerprint(cfg.data.root) if cfg.data.root in roots else None
+    for root in roots:
         if root == cfg.data.root:
             continue
+        users = [n for n, stage in enumerate(stages) if stage_root(cfg, stage) == root]
         key = (f"curriculum.stages[{users[0]}].latents" if stages[users[0]].latents else "data.latents")
         if not (Path(root) / MANIFEST_NAME).exists():
             raise ValueError(f"{key}={root}: no {MANIFEST_NAME} (build the cache with python -m data encode)")
-        problems = cache_problems(root, cfg, users)
-        encoded_from = read_manifest(root).get("cache", {}).get("source_fingerprint")
-        if videos is not None and not problems and encoded_from != videos:
-            problems.append(f"it was encoded from other videos than data.root={cfg.data.root} holds now (their "
-                            f"fingerprints differ: a rebuild, or a takedown of one and not the other). Encode it "
-                            f"again, or take samples down from both together (python -m data takedown DATASET CACHE)")
+        problems = cache_problems(read_manifest(root), cfg, users, videos)
         if problems:
             raise ValueError(f"{key}={root} does not match this run:\n  " + "\n  ".join(problems))
-    roots = run_roots(cfg)
     reference = dict(dataset_rows(roots[0]))
     for root in roots[1:]:
         rows = dict(dataset_rows(root))

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.batch import ConsumerSnapshot, Drop, Entry, PackedBatch, PreparedClip
-from data.buckets import BucketShape, WindowPacker, assign_bucket
+from data.buckets import BucketShape, WindowPacker, assign_bucket, stage_shapes
 from data.coordinator import CoordinatorClient, Tag
 from data.decode import ClipTooShort, decode_clip, frames_available
 from data.licenses import LicensePolicy
@@ -58,6 +58,17 @@ class LoaderSpec:
     pin_memory: bool = False  # batches in page-locked memory (for a CUDA trainer's non-blocking copies)
     # consumer name -> the snapshot its last trained batch carried (resume exactly where it stood)
     resume: Optional[Dict[str, ConsumerSnapshot]] = None
+
+
+def stage_spec(cfg, stage, root, policy: LicensePolicy, coordinator, **more) -> LoaderSpec:
+    """What reading `stage` from `root` takes from the run's config: its buckets and budget, the model's patches
+    and autoencoder factors, the data's rate, seed and decoder. `more`: the reader's own fields (ranks, workers,
+    resume, ...)."""
+    ae = cfg.model.autoencoder
+    return LoaderSpec(root=root, policy=policy, shapes=stage_shapes(cfg, stage), token_budget=stage.token_budget,
+                      patch_size=tuple(cfg.model.patch_size), temporal_factor=ae.temporal_factor,
+                      spatial_factor=ae.spatial_factor, fps=cfg.data.fps, seed=cfg.data.seed,
+                      coordinator=coordinator, decoder=cfg.data.decoder, **more)
 
 
 def dataset_fingerprint(root) -> str:
@@ -156,6 +167,12 @@ class _BatchAssembler:
         return PackedBatch(clips, dropped, self.consumer, snapshot)
 
 
+def sample_rng(spec: LoaderSpec, tag: Tag) -> random.Random:
+    """A sample's random choices (image or clip, crop, frames): from the seed and its tag alone, so whoever reads
+    it, from the videos or from a cache, makes the same ones."""
+    return random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")
+
+
 def _gated_metadata(raw: Dict[str, Any], spec: LoaderSpec, members) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     """(metadata, None) for a sample with its members and an allowed license, else (None, the drop reason)."""
     if any(member not in raw for member in members):
@@ -186,7 +203,7 @@ def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
         text = torch.from_numpy(load_npy(raw["text.npy"])) if "text.npy" in raw else None
     except (ValueError, UnicodeDecodeError):
         return None, UNDECODABLE
-    rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")
+    rng = sample_rng(spec, tag)
     if spec.image_fraction and rng.random() < spec.image_fraction:
         latent = latent[:, :1]
     pt, ph, pw = spec.patch_size
@@ -212,7 +229,7 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
         caption = raw["txt"].decode("utf-8")
     except UnicodeDecodeError:
         return None, CAPTION_INVALID
-    rng = random.Random(f"{spec.seed}/{tag[0]}/{tag[1]}/{tag[2]}")  # the same choices whoever reads it
+    rng = sample_rng(spec, tag)
     available = frames_available(int(meta["num_frames"]), float(meta["fps"]), spec.fps)
     if spec.image_fraction and rng.random() < spec.image_fraction:
         available = 1  # this sample trains as an image: one frame of the clip

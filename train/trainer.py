@@ -20,7 +20,7 @@ from data.batch import ConsumerSnapshot, PackedBatch
 from data.licenses import Audit, LicensePolicy
 from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
 from data.latent_cache import run_roots, stage_root
-from data.loader import LoaderSpec, dataset_fingerprint, dataset_rows, make_loader
+from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_spec
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
 from models.dit import parameter_count, text_conditioner
@@ -85,9 +85,11 @@ class Trainer:
         self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
         self.audit = Audit(policy=sorted(self.policy.allow))
         # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
-        rows = dataset_rows(self.plan_root)
-        self.dataset_samples = sum(count for _, count in rows)
-        self.coordinator = connect_coordinator(cfg.data, rows, self.run_dir, env.rank,
+        # The shards the data plan deals, read once: the coordinator's plan, the trainer's own record of it and the
+        # checkpoint's fingerprint all stand on these rows.
+        self.plan_rows = dataset_rows(self.plan_root)
+        self.dataset_samples = sum(count for _, count in self.plan_rows)
+        self.coordinator = connect_coordinator(cfg.data, self.plan_rows, self.run_dir, env.rank,
                                                self.layout.data_world)
         self.stop_request.install()  # after ray.init, which takes SIGTERM over
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
@@ -189,8 +191,7 @@ class Trainer:
     def dataset_fingerprints(self) -> Dict[str, Any]:
         """The shards the data plan deals (names and counts) and each source's files: a takedown or rebuild of any
         of them changes these."""
-        rows = sorted(dataset_rows(self.plan_root))
-        return {"plan": hashlib.sha256(json.dumps(rows).encode()).hexdigest(),
+        return {"plan": hashlib.sha256(json.dumps(sorted(self.plan_rows)).encode()).hexdigest(),
                 "sources": {root: dataset_fingerprint(root) for root in run_roots(self.cfg)}}
 
     # -- resumable state ---------------------------------------------------------------------------
@@ -299,7 +300,7 @@ class Trainer:
                 self._note_coordinator_lost(error)
         if state is None:
             data = self.cfg.data
-            state = mirrored_state(dataset_rows(self.plan_root), data.seed, data.chunk_samples, self._plan_base,
+            state = mirrored_state(self.plan_rows, data.seed, data.chunk_samples, self._plan_base,
                                    [tag for tags in gathered for tag in tags])
             log.warning("data plan for the checkpoint at step %d rebuilt by the trainer (the coordinator is gone): "
                         "a resume deals the rest of the epoch out anew, each sample still trained once", self.step)
@@ -354,16 +355,11 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------------
     def _loader_for_stage(self, stage_index: int):
         cfg, stage = self.cfg, self.curriculum.stages[stage_index]
-        ae = cfg.model.autoencoder
-        spec = LoaderSpec(root=self.stage_root(stage_index), policy=self.policy, shapes=stage_shapes(cfg, stage),
-                          token_budget=stage.token_budget, patch_size=tuple(cfg.model.patch_size),
-                          temporal_factor=ae.temporal_factor, spatial_factor=ae.spatial_factor, fps=cfg.data.fps,
-                          seed=cfg.data.seed, coordinator=self.coordinator, rank=self.layout.data_rank,
-                          world_size=self.layout.data_world, num_workers=cfg.data.num_workers,
-                          pack_window=cfg.data.pack_window, pack_tolerance=cfg.data.pack_tolerance,
-                          image_fraction=stage.image_fraction, resume=dict(self.loader_snapshots),
-                          decoder=cfg.data.decoder,
-                          pin_memory=self.env.device.type == "cuda")
+        spec = stage_spec(cfg, stage, self.stage_root(stage_index), self.policy, self.coordinator,
+                          rank=self.layout.data_rank, world_size=self.layout.data_world,
+                          num_workers=cfg.data.num_workers, pack_window=cfg.data.pack_window,
+                          pack_tolerance=cfg.data.pack_tolerance, image_fraction=stage.image_fraction,
+                          resume=dict(self.loader_snapshots), pin_memory=self.env.device.type == "cuda")
         return iter(make_loader(spec))
 
     def data_step(self) -> PackedBatch:
