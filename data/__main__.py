@@ -126,16 +126,12 @@ def cmd_takedown(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from conf.schema import ConfigError, load_config, validate
+    from conf.schema import ConfigError, load_config
     from data.latent_cache import encode
 
+    # The config alone (validate), not check_data: the caches it names, this one among them, are not read here.
     try:
-        # The config may name the caches it trains from, this one among them: they are not read here.
-        cfg = load_config(args.overrides, check=False)
-        cfg.data.latents = None
-        for stage in cfg.curriculum.stages:
-            stage.latents = None
-        validate(cfg)
+        cfg = load_config(args.overrides)
     except ConfigError as error:
         print(f"encode: {error}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
-from conf.schema import ConfigError, load_config, to_yaml
+from conf.schema import ConfigError, check_data, load_config, to_yaml
 
 
 def _setup_logging(rank: int) -> None:
@@ -23,23 +23,6 @@ def _setup_logging(rank: int) -> None:
                         stream=sys.stdout)
     for ours in ("kino", "data", "train", "models"):
         logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def missing_data(cfg) -> List[str]:
-    """The datasets this run reads that hold no manifest, each with its key. Checked where the run starts (on a
-    cluster, paths are the nodes' and may not exist where `python -m launch` runs)."""
-    from pathlib import Path
-
-    from data.latent_cache import run_roots
-    from data.schema import MANIFEST_NAME
-
-    wanted = []
-    if cfg.data.root in run_roots(cfg) or cfg.tracking.eval_prompts:  # videos, or the prompts' captions
-        wanted.append(("data.root", cfg.data.root))
-    if cfg.data.validation_root and (cfg.tracking.eval_clips or cfg.train.method == "vae"):
-        wanted.append(("data.validation_root", cfg.data.validation_root))
-    return [f"{key}={root}: no {MANIFEST_NAME} (build a dataset with python -m data ingest, or the demo's with "
-            f"python -m data.demo_set)" for key, root in wanted if not (Path(root) / MANIFEST_NAME).exists()]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -54,11 +37,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as error:
         print(f"kino: {error}", file=sys.stderr)
         return 2
-    missing = missing_data(cfg)
-    if missing and not dry_run:
-        if rank == 0:
-            print("kino: " + "\n  ".join(["the run's data is not there:", *missing]), file=sys.stderr)
-        return 2
+    if not dry_run:
+        try:
+            check_data(cfg)  # the datasets, caches and base weights it names, here where the run starts
+        except ConfigError as error:
+            if rank == 0:
+                print(f"kino: {error}", file=sys.stderr)
+            return 2
     if dry_run:
         print(to_yaml(cfg))
         print(f"config OK: {cfg.total_steps} steps in {len(cfg.curriculum.stages)} stage(s), run dir {cfg.run_dir}")

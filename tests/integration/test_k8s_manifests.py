@@ -139,3 +139,17 @@ def test_no_secret_value_reaches_a_rendered_file_or_the_log(tmp_path):
         assert key not in text, path
         assert "secretKeyRef" in text  # the key travels by reference only
     assert all(key not in output for output in outputs)
+
+
+def test_a_job_whose_data_lives_on_the_cluster_renders_where_that_data_is_not(tmp_path):
+    """Paths are the pods' (a volume claim): `launch k8s` and `launch slurm` render a job whose cache and base
+    weights do not exist here. `launch local` checks the same paths, which are this machine's, and refuses."""
+    on_cluster = ["data.root=/shared/videos", "data.latents=/shared/latents"]
+    render_here = [sys.executable, "-m", "launch", "k8s", *MODEL, *CLUSTER, "launcher.k8s.api=jobset",
+                   f"train.run_dir={tmp_path / 'run'}", *on_cluster]
+    done = subprocess.run(render_here, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "data.latents=/shared/latents" in next((tmp_path / "run" / "k8s").glob("*.jobset.yaml")).read_text()
+    local = subprocess.run([sys.executable, "-m", "launch", "local", "--dry-run", *MODEL, *on_cluster,
+                            f"train.run_dir={tmp_path / 'local'}"], cwd=REPO, capture_output=True, text=True)
+    assert local.returncode == 2 and "data.latents=/shared/latents: no manifest.json" in local.stderr, local.stderr

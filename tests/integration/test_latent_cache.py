@@ -120,11 +120,11 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
     log = result.stdout + result.stderr
     assert f"videos from {tiny_dataset}" in log and f"latents from the cache {out}" in log
 
-    from conf.schema import ConfigError, load_config
+    from conf.schema import ConfigError, check_data, load_config
 
     common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *stage1]
     with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].latents=.*\n.*curriculum.stages\[0\] buckets"):
-        load_config([*common, f"curriculum.stages.0.latents={out}"])
+        check_data(load_config([*common, f"curriculum.stages.0.latents={out}"]))
     # A takedown applied to the cache alone: the stages' sources no longer hold the same samples.
     import shutil
 
@@ -138,7 +138,7 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
     subprocess.run([sys.executable, "-m", "data", "takedown", str(taken), "--keys", str(tmp_path / "keys.txt")],
                    cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
     with pytest.raises(ConfigError, match=rf"do not hold the same samples: {first}: 4 vs 3 samples"):
-        load_config([*common, f"curriculum.stages.1.latents={taken}"])
+        check_data(load_config([*common, f"curriculum.stages.1.latents={taken}"]))
     # Taken down from the videos alone: the cache was encoded from other videos than those.
     source, fresh = tmp_path / "source", tmp_path / "fresh"
     shutil.copytree(tiny_dataset, source)
@@ -146,13 +146,13 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
     takedown = [sys.executable, "-m", "data", "takedown", "--keys", str(tmp_path / "keys.txt")]
     subprocess.run([*takedown, str(source)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
     with pytest.raises(ConfigError, match=r"(?s)stages\[1\].latents=.*encoded from other videos than data.root"):
-        load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"])
+        check_data(load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"]))
     # Taken down from both together (one command), they hold the same samples again.
     shutil.copytree(tiny_dataset, source, dirs_exist_ok=True)
     (source / "takedowns").exists() and shutil.rmtree(source / "takedowns")
     subprocess.run([*takedown, str(source), str(fresh)], cwd=REPO, env=ENV, check=True, capture_output=True,
                    timeout=120)
-    assert load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"])
+    check_data(load_config([*common, f"data.root={source}", f"curriculum.stages.1.latents={fresh}"]))
     before, after = (json.loads((d / "manifest.json").read_text()) for d in (out, fresh))
     assert sum(r["encoded"] for r in after["shards"]) == sum(r["encoded"] for r in before["shards"]) - 1
 
@@ -161,7 +161,7 @@ def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path
     import torch
     from safetensors.torch import save_file
 
-    from conf.schema import ConfigError, load_config
+    from conf.schema import ConfigError, check_data, load_config
     from models.vae import CausalVideoVAE
 
     weights = []
@@ -180,11 +180,12 @@ def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path
     out = tmp_path / "cache"
     encode(tiny_dataset, out, *vae, f"model.autoencoder.path={weights[0]}")
     common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *vae, f"data.latents={out}"]
-    assert load_config([*common, f"model.autoencoder.path={weights[0]}"]).data.latents
+    check_data(load_config([*common, f"model.autoencoder.path={weights[0]}"]))
     with pytest.raises(ConfigError, match="encoder.autoencoder.weights_sha256: the cache has"):
-        load_config([*common, f"model.autoencoder.path={weights[1]}"])
+        check_data(load_config([*common, f"model.autoencoder.path={weights[1]}"]))
     with pytest.raises(ConfigError, match=r"curriculum.stages\[1\] buckets"):
-        load_config([*common, f"model.autoencoder.path={weights[0]}", "curriculum.stages.1.frame_counts=[5]"])
+        check_data(load_config([*common, f"model.autoencoder.path={weights[0]}",
+                                "curriculum.stages.1.frame_counts=[5]"]))
 
 
 def test_a_killed_encode_resumes_without_reencoding_and_equals_an_uninterrupted_one(tiny_dataset, tmp_path, cache):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conf.schema import ConfigError, load_config
+from conf.schema import ConfigError, check_data, load_config
 from models.dit import TextToVideoModel
 from models.layers import cu_seqlens_from_lengths
 from models.text_encoder import TextBatch
@@ -88,12 +88,19 @@ def test_init_from_is_checked_before_any_process_starts(tmp_path):
     budgets = ["curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192"]
     good = [*KINO, *budgets, f"model.init_from={tmp_path / 'wan'}", "model.init_license=Apache-2.0"]
     assert load_config(good).model.init_from
+    check_data(load_config(good))
     with pytest.raises(ConfigError, match="model.init_license"):
         load_config([*KINO, *budgets, f"model.init_from={tmp_path / 'wan'}"])
     with pytest.raises(ConfigError, match="not in data.licenses.allow_weights"):
         load_config([*good[:-1], "model.init_license=CC-BY-NC-4.0"])
     with pytest.raises(ConfigError, match="model.depth|num_layers"):
-        load_config([*good, "model.depth=3"])
+        check_data(load_config([*good, "model.depth=3"]))
+    # The files are the nodes': `launch slurm|k8s` renders a job whose weights it cannot see (validate reads no
+    # file), while python -m train and launch local check them before any process group starts.
+    elsewhere = [*good[:-2], f"model.init_from={tmp_path / 'on-the-nodes'}", good[-1]]
+    assert load_config(elsewhere).model.init_from
+    with pytest.raises(ConfigError, match="is not a directory"):
+        check_data(load_config(elsewhere))
 
 
 def test_export_writes_what_diffusers_loads_and_it_matches_kino(tmp_path):
