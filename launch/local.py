@@ -8,7 +8,7 @@ import sys
 from typing import List
 
 from launch.processes import as_stop_signal, exit_status, shutdown_timeout_args
-from launch.plan import LaunchPlan, shell_join
+from launch.plan import LaunchError, LaunchPlan, shell_join
 
 
 STOP_GRACE_S = 600  # after SIGTERM, torchrun waits this long for the ranks' checkpoint before killing them
@@ -20,6 +20,13 @@ def command(plan: LaunchPlan) -> List[str]:
 
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
+    if not dry_run:  # the paths are this machine's: the data they name is checked before torchrun starts
+        from conf.schema import ConfigError, check_data
+
+        try:
+            check_data(plan.cfg)
+        except ConfigError as error:
+            raise LaunchError(str(error)) from error
     return run_in_foreground(command(plan), plan, dry_run)
 
 

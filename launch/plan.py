@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from conf.schema import ConfigError, KinoConfig, check_data, load_config
+from conf.schema import ConfigError, KinoConfig, load_config
 
 
 class LaunchError(ValueError):
@@ -71,11 +71,6 @@ def make_plan(scheduler: str, overrides: List[str]) -> LaunchPlan:
     if scheduler == "local" and launcher.nodes != 1:
         raise LaunchError(f"launcher.nodes={launcher.nodes}: `launch local` runs on this machine only; "
                           "use `launch slurm`, `launch k8s` or `launch deepspeed` for several nodes")
-    if scheduler == "local":  # its paths are this machine's: the data they name is checked before torchrun starts
-        try:
-            check_data(cfg)
-        except ConfigError as error:
-            raise LaunchError(str(error)) from error
     if scheduler in ("slurm", "k8s") and not cfg.train.resume:
         raise LaunchError("train.resume=false: a scheduler restarts preempted jobs, and every restart would start "
                           "the run over; pick a new train.run_dir instead (the old one is kept)")

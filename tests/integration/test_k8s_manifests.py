@@ -150,6 +150,7 @@ def test_a_job_whose_data_lives_on_the_cluster_renders_where_that_data_is_not(tm
     done = subprocess.run(render_here, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "data.latents=/shared/latents" in next((tmp_path / "run" / "k8s").glob("*.jobset.yaml")).read_text()
-    local = subprocess.run([sys.executable, "-m", "launch", "local", "--dry-run", *MODEL, *on_cluster,
+    local = subprocess.run([sys.executable, "-m", "launch", "local", *MODEL, *on_cluster,
                             f"train.run_dir={tmp_path / 'local'}"], cwd=REPO, capture_output=True, text=True)
     assert local.returncode == 2 and "data.latents=/shared/latents: no manifest.json" in local.stderr, local.stderr
+    assert "torch.distributed.run" not in local.stdout  # refused before torchrun starts
