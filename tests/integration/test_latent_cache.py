@@ -122,7 +122,8 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
 
     from conf.schema import ConfigError, check_data, load_config
 
-    common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *stage1]
+    # No held-out split: check_data reads every dataset the run names, and a fresh clone has no datasets/demo.
+    common = ["experiment=demo", f"data.root={tiny_dataset}", "tracking.eval_clips=0", *MODEL, *stage1]
     with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].latents=.*\n.*curriculum.stages\[0\] buckets"):
         check_data(load_config([*common, f"curriculum.stages.0.latents={out}"]))
     # A takedown applied to the cache alone: the stages' sources no longer hold the same samples.
@@ -179,7 +180,8 @@ def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path
            "curriculum.stages.0.token_budget=600", "curriculum.stages.1.token_budget=600"]
     out = tmp_path / "cache"
     encode(tiny_dataset, out, *vae, f"model.autoencoder.path={weights[0]}")
-    common = ["experiment=demo", f"data.root={tiny_dataset}", *MODEL, *vae, f"data.latents={out}"]
+    common = ["experiment=demo", f"data.root={tiny_dataset}", "tracking.eval_clips=0", *MODEL, *vae,
+              f"data.latents={out}"]
     check_data(load_config([*common, f"model.autoencoder.path={weights[0]}"]))
     with pytest.raises(ConfigError, match="encoder.autoencoder.weights_sha256: the cache has"):
         check_data(load_config([*common, f"model.autoencoder.path={weights[1]}"]))

@@ -83,9 +83,10 @@ def test_a_directory_that_does_not_match_the_config_is_named_key_by_key(tmp_path
     assert "blocks.0.ffn.net.0.proj.weight: shape [80, 48] in the directory, [96, 48] in the model" in message
 
 
-def test_init_from_is_checked_before_any_process_starts(tmp_path):
+def test_init_from_is_checked_before_any_process_starts(tmp_path, tiny_dataset):
     save_random_wan(tmp_path / "wan")
-    budgets = ["curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192"]
+    budgets = ["curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192",
+               f"data.root={tiny_dataset}"]  # check_data reads every dataset the run names
     good = [*KINO, *budgets, f"model.init_from={tmp_path / 'wan'}", "model.init_license=Apache-2.0"]
     assert load_config(good).model.init_from
     check_data(load_config(good))
