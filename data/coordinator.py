@@ -315,9 +315,14 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
 
             _, address = start_private_head(object_store_bytes)
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    try:
+        # One this name left by an earlier main rank of the run (a restart on a cluster whose Ray outlived it, or a
+        # run that just ended on a shared cluster): its plan is stale, and a resume restores the checkpoint's.
+        ray.kill(ray.get_actor(actor_name, namespace=namespace))
+    except ValueError:
+        pass
     actor_class = ray.remote(num_cpus=0)(CoordinatorCore)
-    handle = actor_class.options(name=actor_name, namespace=namespace, get_if_exists=True).remote(
-        list(shards), seed, chunk_samples, lease_timeout_s)
+    handle = _create_actor(actor_class, actor_name, namespace, list(shards), seed, chunk_samples, lease_timeout_s)
     gcs_address = ray.get_runtime_context().gcs_address
     client = CoordinatorClient(None, gcs_address, actor_name, namespace)
     # This handle keeps the actor alive exactly as long as the main rank: a named actor that is not
@@ -325,6 +330,19 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
     client._actor = handle
     client.summary()  # wait until the actor answers
     return client
+
+
+def _create_actor(actor_class, name: str, namespace: str, *args, attempts: int = 50):
+    """The named actor, once Ray has released the name of one just killed (it does so asynchronously)."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return actor_class.options(name=name, namespace=namespace).remote(*args)
+        except ValueError:  # the name is still taken
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 def connect_coordinator(cfg, rows: Sequence[Tuple[str, int]], run_dir, rank: int, world_size: int) -> CoordinatorClient:

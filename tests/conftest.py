@@ -33,6 +33,29 @@ def demo_like_dataset(tmp_path_factory) -> Path:
     return root
 
 
+_SHARED_RAY = {}
+
+
+def shared_ray_address() -> str:
+    """One Ray head for the whole session, started on first use, for the runs that are not about Ray itself: each
+    run's data coordinator is an actor in a namespace of its own run directory (data/coordinator.py), so runs never
+    share a plan. A private head costs a launch about 8 s on the 2-core machine. Tests that kill Ray, or check that
+    a run starts its own, keep the private one (no data.ray_address)."""
+    if "address" not in _SHARED_RAY:
+        from data.ray_head import start_private_head
+
+        _SHARED_RAY["process"], _SHARED_RAY["address"] = start_private_head(256 * 2 ** 20)
+    return _SHARED_RAY["address"]
+
+
+def pytest_sessionfinish(session):
+    if "process" in _SHARED_RAY:
+        from data.ray_head import stop_process_group
+
+        stop_process_group(_SHARED_RAY.pop("process"))
+        _SHARED_RAY.clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

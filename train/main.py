@@ -2,7 +2,7 @@
 
 The config is composed and validated before any process group starts; a bad
 config exits with status 2 and the offending key in the message, as does a stage whose every sample is dropped
-or a resume onto changed shards. Other statuses: 3 after
+or a resume onto changed shards or with a changed config. Other statuses: 3 after
 too many non-finite losses; 75 when stopped by a signal (with a checkpoint: run again to
 resume); 0 when finished or stopped by the scheduler's stop file (train/preemption.py).
 """
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from models.attention import BackendUnavailable
     from train.engine import init_distributed
     from train.methods import method
-    from train.trainer import DatasetChanged, NonFiniteLoss, NothingToTrain
+    from train.trainer import NonFiniteLoss, NothingToTrain, ResumeRefused
 
     env = init_distributed()
     trainer_class = method(cfg.train.method).trainer()
@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             print(f"kino: model.attention_backend: {error}", file=sys.stderr)
         return 2
-    except DatasetChanged as error:
+    except ResumeRefused as error:  # a changed config or dataset: every rank finds it, rank 0 says it
         if env.is_main:
             print(f"kino: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,14 @@
-"""Per-step record of the samples each rank trained on: RUN/provenance/rank_R.jsonl."""
-from __future__ import annotations
+"""Per-step record of the samples each rank trained on: RUN/provenance/rank_R.jsonl.
 
+One JSON line per optimizer step and reading consumer: the keys, shards and licenses of the samples the step trained,
+each sample's place in the data plan as its (epoch, chunk, offset) tag, and the samples it dropped (license gate,
+decode errors, a non-finite step), each as [epoch, chunk, offset, reason]. The tags are what lets anyone check the
+product's promise from the files alone: every sample of an epoch trained or dropped exactly once."""
 import json
 from pathlib import Path
 from typing import Dict, Iterator
+
+NONFINITE_STEP = "nonfinite_step"  # the drop reason of a step skipped for a non-finite loss
 
 
 def truncate_after(path: Path, step: int) -> None:
@@ -25,12 +30,20 @@ class ProvenanceLog:
         if self.enabled:
             truncate_after(self.path, step)
 
-    def record(self, step: int, batch: Dict) -> None:
+    def record(self, step: int, batch, trained: bool = True) -> None:
+        """`batch` (a PackedBatch) as settled by `step`: trained, or skipped whole (a non-finite step: its samples
+        are recorded as dropped, with that reason)."""
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"step": step, "keys": batch.keys, "shards": batch.shards,
-                  "licenses": [m.get("license") for m in batch.meta]}
+        dropped = [[*d.tag, d.reason] for d in batch.dropped]
+        if trained:
+            record = {"step": step, "keys": batch.keys, "shards": batch.shards,
+                      "licenses": [m.get("license") for m in batch.meta], "tags": [list(t) for t in batch.tags]}
+        else:
+            record = {"step": step, "keys": [], "shards": [], "licenses": [], "tags": []}
+            dropped += [[*tag, NONFINITE_STEP] for tag in batch.tags]
+        record["dropped"] = dropped
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -38,7 +38,7 @@ from train.sequence_parallel import (per_clip_loss, sequence_layout, sequence_lo
                                      share_rng_state)
 from train.evaluate import Evaluator, table as evaluation_table
 from train.preemption import StopRequest
-from train.provenance import ProvenanceLog
+from train.provenance import NONFINITE_STEP, ProvenanceLog
 from train.rng import RNGState, host_values
 from train.generate import generate, on_device, generation_plan, write_videos
 from train.state import Resumable, Value
@@ -55,7 +55,12 @@ class NothingToTrain(RuntimeError):
     """A stage whose every sample is dropped (too short for its buckets, no allowed license, unreadable)."""
 
 
-class DatasetChanged(RuntimeError):
+class ResumeRefused(RuntimeError):
+    """A resume the checkpoint does not allow: the config changed keys that shape training, or the curriculum no
+    longer puts the checkpoint's step in its stage. A user's mistake: one line and exit 2 (train/main.py)."""
+
+
+class DatasetChanged(ResumeRefused):
     """A resume onto shards that changed since the checkpoint, without data.allow_changed_dataset."""
 
 
@@ -222,7 +227,7 @@ class Trainer:
     def _check_resumable_config(self, saved_yaml: str) -> None:
         changed = changed_trajectory_keys(from_yaml(saved_yaml), self.cfg)
         if changed:
-            raise RuntimeError(f"cannot resume {self._resume_path}: the config changed keys that shape training: "
+            raise ResumeRefused(f"cannot resume {self._resume_path}: the config changed keys that shape training: "
                                f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
 
     def _note_saved_workers(self, num_workers) -> None:
@@ -281,7 +286,7 @@ class Trainer:
     def _check_stage(self, saved) -> None:
         expected = self.curriculum.state_dict(self.step)
         if saved["stage"] != expected["stage"]:
-            raise RuntimeError(f"checkpoint is in stage {saved['stage']!r} at step {self.step}, "
+            raise ResumeRefused(f"cannot resume {self._resume_path}: it is in stage {saved['stage']!r} at step {self.step}, "
                                f"the curriculum puts that step in {expected['stage']!r}")
 
     def _data_plan(self):
@@ -406,14 +411,14 @@ class Trainer:
             for drop in batch.dropped:
                 self.audit.record_dropped(drop.reason, drop.key)
             tags[batch.consumer] += batch.dropped_tags + batch.tags
+            self.provenance.record(self.step + 1, batch, trained)
             if trained:
-                self.provenance.record(self.step + 1, batch)
                 for clip in batch.clips:
                     meta = clip.meta
                     self.audit.record_trained(clip.shard, meta["license"], meta["rights_holder"], meta["source_url"])
             else:
                 for key in batch.keys:
-                    self.audit.record_dropped("nonfinite_step", key)
+                    self.audit.record_dropped(NONFINITE_STEP, key)
         for consumer, acknowledged in tags.items():
             self._acked_since += [list(tag) for tag in acknowledged]  # the trainer's record, for the checkpoint
             if self._coordinator_lost:

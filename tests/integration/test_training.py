@@ -1,13 +1,19 @@
-"""Real training: torchrun, 2 CPU processes, DeepSpeed ZeRO-2 over gloo, W&B offline."""
+"""Real training: torchrun, 2 CPU processes, DeepSpeed ZeRO-2 over gloo, W&B offline where a test reads it.
+
+Runs share the session's Ray head (tests/conftest.py) unless a test is about Ray itself, and W&B is off unless a
+test reads its files: on the 2-core machine each costs a launch seconds that its steps do not. Every run that
+stops, resumes, is killed or changes its world is checked with tests/exactly_once.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATED, REPO, free_port
+from tests.conftest import GATED, REPO, free_port, shared_ray_address
+from tests.exactly_once import assert_exactly_once
 from train.provenance import read_trained_keys
 
 TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
@@ -18,14 +24,49 @@ TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "
         "tracking.eval_prompts=0", "tracking.eval_clips=0"]  # evaluation has its own tests
 
 
-def torchrun(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "train", "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}", *TINY,
-               *overrides]
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def run_command(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2, module=("-m", "train"),
+                private_ray: bool = False):
+    """torchrun of `module` over TINY and `overrides`: on the session's Ray head when the run needs Ray (several
+    ranks or loader workers) and `private_ray` is not asked for; W&B off unless an override sets tracking.mode."""
+    words = list(overrides)
+    needs_ray = nproc > 1 or any(w.startswith("data.num_workers=") and w != "data.num_workers=0" for w in words)
+    if needs_ray and not private_ray and not any(w.startswith("data.ray_address=") for w in words):
+        words.append(f"data.ray_address={shared_ray_address()}")
+    if not any(w.startswith("tracking.mode=") for w in words):
+        words.append("tracking.mode=disabled")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module,
+            "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}", *TINY, *words]
+
+
+ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+
+
+def torchrun(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2, module=("-m", "train"),
+             private_ray: bool = False, status: int = 0) -> subprocess.CompletedProcess:
+    command = run_command(run_dir, dataset, *overrides, nproc=nproc, module=module, private_ray=private_ray)
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def probed(run_dir: Path, dataset: Path, out: Path, *overrides: str, nproc: int = 2):
+    """A run under tests/integration/state_probe_run.py: it also writes the engine's full fp32 state after a resume
+    (OUT.resumed.pt) and at the end (OUT.final.pt)."""
+    return torchrun(run_dir, dataset, *overrides, nproc=nproc,
+                    module=("-m", "tests.integration.state_probe_run", str(out)))
+
+
+def assert_same_engine_state(saved: Path, resumed: Path) -> None:
+    """The fp32 weights and both Adam moments a resume loaded are those the previous run ended with."""
+    import torch
+
+    a, b = torch.load(saved), torch.load(resumed)
+    assert a["step"] == b["step"]
+    for part in ("weights", "exp_avg", "exp_avg_sq"):
+        assert a[part].keys() == b[part].keys() and a[part], part
+        for name in a[part]:
+            assert torch.allclose(a[part][name], b[part][name], rtol=1e-6, atol=1e-9), (part, name)
+        assert any(bool(v.abs().sum() > 0) for v in b[part].values()), f"{part}: all zero after the resume"
 
 
 def metrics(run_dir: Path):
@@ -34,9 +75,17 @@ def metrics(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dataset):
+    """The tiny run at the defaults (ZeRO-2 on 2 ranks), W&B offline, every checkpoint kept."""
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    result = torchrun(run_dir, tiny_dataset)
+    result = torchrun(run_dir, tiny_dataset, "tracking.mode=offline", "train.keep_last=5")
     return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, tiny_dataset):
+    run_dir = tmp_path_factory.mktemp("run") / "zero3"
+    torchrun(run_dir, tiny_dataset, "zero.stage=3", "train.keep_last=5")
+    return run_dir
 
 
 def test_zero2_run_writes_the_run_directory_contract(finished_run):
@@ -58,6 +107,7 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
     assert {p.suffix for p in samples} == {".mp4", ".gif"} and all(p.stat().st_size > 0 for p in samples)
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert "kino run finished" in result.stdout
+    assert_exactly_once(run_dir)
 
 
 def test_only_licensed_samples_were_trained_and_the_audit_says_so(finished_run):
@@ -80,6 +130,8 @@ def test_a_finished_run_resumes_and_says_there_is_nothing_left(finished_run, tin
     result = torchrun(run_dir, tiny_dataset)
     assert "resuming from" in result.stdout and "step_8" in result.stdout
     assert "nothing to train" in result.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # nothing trained or logged again
+    assert_exactly_once(run_dir)
 
 
 def test_stop_and_resume_reproduces_the_straight_run_exactly(finished_run, tiny_dataset, tmp_path):
@@ -99,16 +151,20 @@ def test_stop_and_resume_reproduces_the_straight_run_exactly(finished_run, tiny_
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     trained = sorted(k for r in read_trained_keys(interrupted) for k in r["keys"])
     assert trained == sorted(k for r in read_trained_keys(straight) for k in r["keys"])
+    assert_exactly_once(interrupted)
 
 
 def test_resume_refuses_a_config_that_changes_training(finished_run, tiny_dataset):
     run_dir, _ = finished_run
     command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
-               f"train.run_dir={run_dir}", *TINY, "model.depth=3"]
+               f"train.run_dir={run_dir}", *TINY, "model.depth=3", "tracking.mode=disabled"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, MASTER_PORT="29531"))
-    assert result.returncode != 0
-    assert "model.depth" in result.stderr + result.stdout
+                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if line.startswith("kino:")]
+    assert len(said) == 1 and "the config changed keys that shape training: model.depth" in said[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"  # nothing written
 
 
 def test_bad_config_is_rejected_before_any_process_starts():
@@ -152,21 +208,21 @@ def test_a_stage_whose_every_sample_is_dropped_stops_with_the_reasons_instead_of
     assert "license_missing=" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_fresh_start_keeps_the_previous_run_aside(tiny_dataset, tmp_path):
+def test_a_fresh_start_keeps_the_previous_run_aside(finished_run, tiny_dataset, tmp_path):
     run_dir = tmp_path / "fresh"
-    torchrun(run_dir, tiny_dataset, "train.stop_after_steps=2", "tracking.mode=disabled")
-    result = torchrun(run_dir, tiny_dataset, "train.resume=false", "train.stop_after_steps=1",
-                      "tracking.mode=disabled")
+    shutil.copytree(finished_run[0], run_dir)
+    result = torchrun(run_dir, tiny_dataset, "train.resume=false", "train.stop_after_steps=1")
     assert "starting fresh" in result.stdout and "resuming" not in result.stdout
     previous = list((run_dir / "previous").iterdir())
-    assert len(previous) == 1 and (previous[0] / "checkpoints" / "step_2" / "COMPLETE").exists()
+    assert len(previous) == 1 and (previous[0] / "checkpoints" / "step_8" / "COMPLETE").exists()
+    assert [r["step"] for r in metrics(previous[0])] == list(range(1, 9))
     assert [r["step"] for r in metrics(run_dir)] == [1]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1"
+    assert_exactly_once(run_dir)  # the fresh run's own provenance: the old run's moved aside with it
 
 
-def test_the_audit_at_every_checkpoint_matches_what_the_model_saw(tiny_dataset, tmp_path):
-    run_dir = tmp_path / "audited"
-    torchrun(run_dir, tiny_dataset, "train.keep_last=5", "tracking.mode=disabled")
+def test_the_audit_at_every_checkpoint_matches_what_the_model_saw(finished_run):
+    run_dir, _ = finished_run
     records = list(read_trained_keys(run_dir))
     for step in (4, 8):
         audit = json.loads((run_dir / "checkpoints" / f"step_{step}" / "audit.json").read_text())
@@ -175,25 +231,32 @@ def test_the_audit_at_every_checkpoint_matches_what_the_model_saw(tiny_dataset, 
         assert sum(sum(c.values()) for c in audit["rights_holders"].values()) == len(seen)
         assert set(audit["dropped_examples"]["license_missing"]) <= set(GATED)
         assert set(audit["dropped"]) <= {"license_missing", "license_not_allowed", "undecodable"}
+        dropped = [d for r in records if r["step"] <= step for d in r["dropped"]]  # provenance says the same
+        assert sum(audit["dropped"].values()) == len(dropped)
 
 
 def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(tiny_dataset, tmp_path):
+    """2 ranks, then 1 (the checkpoint loads through DeepSpeed's universal format): the weights and Adam moments
+    loaded are those saved, the rest of the epoch is dealt out anew, and no sample trains twice."""
     run_dir = tmp_path / "resized"
-    torchrun(run_dir, tiny_dataset, "train.stop_after_steps=3", "tracking.mode=disabled", "data.chunk_samples=2")
-    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "data.chunk_samples=2",
-                      "train.stop_after_steps=2", nproc=1)
-    assert "dealt out anew" in result.stdout
+    probed(run_dir, tiny_dataset, tmp_path / "first", "train.stop_after_steps=3", "data.chunk_samples=2")
+    result = probed(run_dir, tiny_dataset, tmp_path / "then", "data.chunk_samples=2", "train.stop_after_steps=2",
+                    nproc=1)
+    assert "dealt out anew" in result.stdout and "universal format" in result.stdout
+    assert_same_engine_state(tmp_path / "first.final.pt", tmp_path / "then.resumed.pt")
     records = list(read_trained_keys(run_dir))
     assert [r["step"] for r in records if r["step"] > 3] == [4, 5]
+    assert_exactly_once(run_dir)
 
 
 def test_decoding_in_spawned_loader_workers_reaches_the_ray_coordinator(tiny_dataset, tmp_path):
     run_dir = tmp_path / "workers"
     torchrun(run_dir, tiny_dataset, "data.num_workers=1", "curriculum.stages.0.steps=3",
-             "curriculum.stages.1.steps=1", "tracking.mode=disabled")
+             "curriculum.stages.1.steps=1")
     keys = [k for r in read_trained_keys(run_dir) for k in r["keys"]]
     assert keys and not set(keys) & set(GATED)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    assert_exactly_once(run_dir)
 
 
 def _parent_pid(proc: Path) -> int:
@@ -208,12 +271,9 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     import time
 
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "tests.integration.slow_checkpoint_run", "8", "60",  # checkpoints from step 8 on hang before COMPLETE
-               "experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={run_dir}", *TINY,
-               "tracking.mode=disabled"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    # checkpoints from step 8 on hang before COMPLETE
+    command = run_command(run_dir, tiny_dataset, module=("-m", "tests.integration.slow_checkpoint_run", "8", "60"))
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     partial = run_dir / "checkpoints" / ".partial_step_8"
     deadline = time.time() + 300
@@ -233,38 +293,39 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
     assert not (run_dir / "checkpoints" / "step_8").exists()
 
-    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled")
+    result = torchrun(run_dir, tiny_dataset)
     assert "resuming from" in result.stdout and "step_4" in result.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # steps 5-8 trained once, logged once
     assert sorted(r["step"] for r in read_trained_keys(run_dir)) == sorted(list(range(1, 9)) * 2)  # per rank once
     assert not partial.exists()  # the stale half checkpoint was cleaned up
+    assert_exactly_once(run_dir)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_zero_stage_trains_the_tiny_model_with_decreasing_loss(tiny_dataset, tmp_path, stage):
-    run_dir = tmp_path / f"zero{stage}"
-    torchrun(run_dir, tiny_dataset, f"zero.stage={stage}", "curriculum.stages.0.steps=14",
-             "curriculum.stages.0.lr=2e-3", "curriculum.stages.1.steps=1", "tracking.mode=disabled",
-             "train.checkpoint_every=100", "tracking.sampling_steps=1")
-    losses = [r["loss"] for r in metrics(run_dir)][:14]
-    assert sum(losses[-4:]) / 4 < 0.85 * sum(losses[:4]) / 4, losses
-    assert (run_dir / "checkpoints" / "step_15" / "COMPLETE").exists()
+def test_zero_stages_1_2_and_3_train_the_same_losses(finished_run, zero3_run, tiny_dataset, tmp_path):
+    """ZeRO-1, 2 and 3 partition the same computation differently: over the same batches they must give the same
+    losses, to the summation order of their reductions (a stage that scaled its gradients differently would not)."""
+    zero1 = tmp_path / "zero1"
+    torchrun(zero1, tiny_dataset, "zero.stage=1")
+    reference = [r["loss"] for r in metrics(finished_run[0])]
+    assert len(reference) == 8 and reference[-1] != reference[0]
+    for run_dir in (zero1, zero3_run):
+        assert [r["loss"] for r in metrics(run_dir)] == pytest.approx(reference, rel=1e-5), run_dir.name
+    assert len(list((zero3_run / "checkpoints" / "step_8" / "engine").glob("zero_pp_rank_*_model_states.pt"))) == 2
 
 
-def test_zero3_stop_and_resume_is_exact_including_the_ema(tiny_dataset, tmp_path):
+def test_zero3_stop_and_resume_is_exact_including_the_ema(zero3_run, tiny_dataset, tmp_path):
     import torch
 
-    straight, interrupted = tmp_path / "z3_straight", tmp_path / "z3_interrupted"
-    common = ("zero.stage=3", "tracking.mode=disabled", "train.keep_last=5")
-    torchrun(straight, tiny_dataset, *common)
-    torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
-    torchrun(interrupted, tiny_dataset, *common)
+    straight, interrupted = zero3_run, tmp_path / "z3_interrupted"
+    torchrun(interrupted, tiny_dataset, "zero.stage=3", "train.stop_after_steps=3")
+    torchrun(interrupted, tiny_dataset, "zero.stage=3")
     assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
     a = torch.load(straight / "checkpoints" / "step_8" / "ema.pt")
     b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
     assert a["updates"] == b["updates"] == 8
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert_exactly_once(interrupted)
 
 
 def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp_path):
@@ -273,7 +334,7 @@ def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp
     import torch
 
     straight, interrupted = tmp_path / "bf16_straight", tmp_path / "bf16_interrupted"
-    common = ("zero.precision=bf16", "tracking.mode=disabled")
+    common = ("zero.precision=bf16",)
     torchrun(straight, tiny_dataset, *common)
     first = torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
     assert "stopping at step 3" in first.stdout
@@ -283,8 +344,18 @@ def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp
     assert losses == [r["loss"] for r in metrics(straight)] and all(0 < loss < 10 for loss in losses)
     ema = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
     assert all(w.dtype == torch.float32 for w in ema["weights"].values())  # the EMA stays fp32
+    assert_exactly_once(interrupted)
     samples = sorted((interrupted / "videos" / "step_8").glob("*.mp4"))
-    assert samples and all(p.stat().st_size > 0 for p in samples)
+    assert len(samples) == 3  # one per prompt, at the last stage's shapes
+    import av
+    import numpy as np
+
+    for path in samples:  # real videos of the named shape, with pictures in them (not one flat or broken colour)
+        frames, height, width = (int(n) for n in path.stem.rsplit("-", 1)[1].split("x")[::-1])
+        with av.open(str(path)) as container:
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        assert decoded.shape == (frames, height, width, 3), (path.name, decoded.shape)
+        assert decoded.std() > 2 and len(np.unique(decoded)) > 16, path.name
 
 
 def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished_run, tmp_path):
@@ -312,36 +383,36 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
 
 def test_non_finite_losses_are_skipped_counted_and_abort_the_run_with_a_clear_message(tiny_dataset, tmp_path):
     run_dir = tmp_path / "nan"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
-               "experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={run_dir}", *TINY,
-               "curriculum.stages.0.lr=1e30", "curriculum.stages.0.warmup_steps=0", "optim.grad_clip=0",
-               "train.max_nonfinite_in_row=3", "tracking.mode=disabled"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode != 0
-    assert "training stopped: 3 non-finite losses in a row" in result.stderr
+    result = torchrun(run_dir, tiny_dataset, "curriculum.stages.0.lr=1e30", "curriculum.stages.0.warmup_steps=0",
+                      "optim.grad_clip=0", "train.max_nonfinite_in_row=3", status=1)  # torchrun's, for a failed rank
+    assert "exitcode  : 3" in result.stderr, result.stderr[-3000:]  # each rank's documented status for this stop
+    said = [line for line in result.stderr.splitlines() if line.startswith("kino:")]
+    assert said == [said[0]] and "training stopped: 3 non-finite losses in a row" in said[0], result.stderr[-3000:]
     assert "raise NonFiniteLoss" not in result.stderr  # a message, not our traceback (torchrun adds its own)
     rows = metrics(run_dir)
     skipped = [r for r in rows if r["loss"] is None]  # the third aborts the run before it is logged
     assert len(skipped) == 2 and skipped[-1]["nonfinite_steps"] == 2
     assert "step skipped" in result.stdout
+    # The skipped steps' samples are recorded as dropped for that reason, each once.
+    nonfinite = [d for r in read_trained_keys(run_dir) for d in r["dropped"] if d[3] == "nonfinite_step"]
+    assert nonfinite and len({tuple(d[:3]) for d in nonfinite}) == len(nonfinite)
 
 
-def _weights_after_poison(tmp_path, dataset, poisoned: str, stage: int):
-    """Two steps at gradient accumulation 2 with the chosen forward passes made non-finite; the final weights."""
-    label = poisoned.replace(",", "-") or "clean"
-    out, run_dir = tmp_path / f"weights-{label}.pt", tmp_path / f"run-{label}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "tests.integration.nonfinite_run", str(out), poisoned, "experiment=demo", f"data.root={dataset}",
-               f"train.run_dir={run_dir}", *TINY, f"zero.stage={stage}", "zero.gradient_accumulation_steps=2",
-               "train.stop_after_steps=2",
-               "tracking.mode=disabled", "tracking.video_every=0"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port())))
+def _weights_after_poison(tmp_path, dataset, stage: int, patterns):
+    """Two steps at gradient accumulation 2 with the chosen forward passes made non-finite, one run per pattern in
+    one launch; each run's final weights and metrics."""
+    out = tmp_path / f"poison-zero{stage}"
+    out.mkdir()
+    command = run_command(out / "unused", dataset, f"zero.stage={stage}", "zero.gradient_accumulation_steps=2",
+                          "train.stop_after_steps=2", "tracking.video_every=0",
+                          module=("-m", "tests.integration.nonfinite_run", str(out), ";".join(patterns)))
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     import torch
 
-    return torch.load(out), metrics(run_dir)
+    from tests.integration.nonfinite_run import label
+
+    return [(torch.load(out / f"{label(p)}.pt"), metrics(out / f"run-{label(p)}")) for p in patterns]
 
 
 @pytest.mark.parametrize("stage", [2, 3])  # DeepSpeed's ZeRO-1/2 and ZeRO-3 optimizers each skip on their own
@@ -351,9 +422,7 @@ def test_a_non_finite_micro_batch_skips_its_whole_step_and_nothing_leaks_into_th
     # step 2 by a shifted accumulation boundary), step 2 trained on its own two micro-batches.
     import torch
 
-    one, one_rows = _weights_after_poison(tmp_path, tiny_dataset, "1", stage)
-    both, _ = _weights_after_poison(tmp_path, tiny_dataset, "0,1", stage)
-    clean, _ = _weights_after_poison(tmp_path, tiny_dataset, "", stage)
+    (one, one_rows), (both, _), (clean, _) = _weights_after_poison(tmp_path, tiny_dataset, stage, ["1", "0,1", ""])
     assert all(torch.equal(one[name], both[name]) for name in both)
     assert [r["loss"] is None for r in one_rows] == [True, False] and one_rows[-1]["nonfinite_steps"] == 1
     assert not all(torch.equal(clean[name], both[name]) for name in both)  # step 1 would have changed them

@@ -1,0 +1,60 @@
+"""Test-only entry (under torchrun): `python -m train`, which also writes the engine's full fp32 weights and Adam
+moments, gathered over the ranks as DeepSpeed assembles them (safe_get_full_fp32_param / _optimizer_state):
+
+    OUT.resumed.pt  right after a resume restored the checkpoint (before any step)
+    OUT.final.pt    after the run's last step and final checkpoint
+
+A test compares a run's final state with the next run's resumed one: a resume onto another world size goes through
+DeepSpeed's universal format, and what it loads must be what was saved. Nothing of this is a switch in Kino.
+
+    python -m torch.distributed.run ... -m tests.integration.state_probe_run OUT key=value ...
+"""
+import sys
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def engine_state(trainer):
+    """Collective: {"step", "weights", "exp_avg", "exp_avg_sq"}, each {name: fp32 tensor} (rank 0; None elsewhere)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state = {"step": trainer.step, "weights": {}, **{key: {} for key in MOMENTS}}
+    for name, param in trainer.engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        weight = safe_get_full_fp32_param(param)
+        assert weight is not None, f"{name}: DeepSpeed keeps no fp32 copy of it"
+        state["weights"][name] = weight.detach().float().cpu().clone()
+        for key in MOMENTS:
+            state[key][name] = safe_get_full_optimizer_state(param, key).detach().float().cpu().clone()
+    return state if trainer.env.is_main else None
+
+
+def main() -> int:
+    out, overrides = sys.argv[1], sys.argv[2:]
+    from train.main import main as train_main
+    from train.trainer import Trainer
+
+    prepare, summary = Trainer.prepare_run_dir, Trainer.summary
+
+    def probed_prepare(self, resumed):
+        if resumed:
+            state = engine_state(self)
+            if state is not None:
+                torch.save(state, f"{out}.resumed.pt")
+        return prepare(self, resumed)
+
+    def probed_summary(self, videos):
+        state = engine_state(self)
+        if state is not None:
+            torch.save(state, f"{out}.final.pt")
+        return summary(self, videos)
+
+    Trainer.prepare_run_dir, Trainer.summary = probed_prepare, probed_summary
+    return train_main(overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
