@@ -4,9 +4,10 @@ Every rank builds the same tiny model. The reference is one process's plain forw
 packed micro-batch (clips of mixed shapes, the first longer than a rank's share), averaged over the groups as data
 parallelism does. The sequence-parallel run splits each micro-batch over its group, with the trainer's own loss
 (`sequence_loss`), and averages gradients over all ranks: by hand, or by DeepSpeed's ZeRO-3 engine. Rank 0 writes
-the worst relative differences of the loss and of every parameter gradient to the JSON file named by argv[1].
+the worst relative differences of the loss and of every parameter gradient to the JSON file named by argv[1], for
+each degree of argv[2] (comma-separated: several degrees share one launch, which costs more than the checks).
 
-    torchrun --nproc_per_node=4 tests/integration/sequence_parallel_check.py out.json 2
+    torchrun --nproc_per_node=4 tests/integration/sequence_parallel_check.py out.json 2,4
 """
 from __future__ import annotations
 
@@ -101,8 +102,19 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    out, degree = Path(sys.argv[1]), int(sys.argv[2])
+    out, degrees = Path(sys.argv[1]), [int(d) for d in sys.argv[2].split(",")]
     env = init_distributed()
+    reports = {}
+    for degree in degrees:
+        reports[str(degree)] = {"world_size": env.world_size, "degree": degree, "ranks": check(degree, env)}
+    if env.rank == 0:
+        out.write_text(json.dumps(reports, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check(degree: int, env):
+    """Every rank's results at `degree` (collective)."""
     layout = sequence_layout(degree, env.rank, env.world_size)
     results = {}
     for conditioning in ("cross_attention", "joint", "wan"):
@@ -141,11 +153,7 @@ def main() -> None:
             }
     gathered = [None] * env.world_size
     dist.all_gather_object(gathered, results)
-    if env.rank == 0:
-        out.write_text(json.dumps({"world_size": env.world_size, "degree": degree, "ranks": gathered}, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-
+    return gathered
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -21,6 +21,9 @@ def engine_state(trainer):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     state = {"step": trainer.step, "weights": {}, **{key: {} for key in MOMENTS}}
+    link = getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 link their Adam moments to the parameters at the first step (or a universal load)
+        link()
     for name, param in trainer.engine.module.named_parameters():
         if not param.requires_grad:
             continue

@@ -16,17 +16,24 @@ TOLERANCE = 1e-5  # fp32; what is compared differs only in summation order
 GOLDEN_AT_LEAST = 1e-2  # a rank reading the wrong heads of the caption
 
 
-@pytest.mark.parametrize("processes, degree", [(2, 2), (4, 2), (4, 4)])
-def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, processes, degree):
+@pytest.mark.parametrize("processes, degrees", [(2, (2,)), (4, (2, 4))])
+def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, processes, degrees):
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(REPO / "tests" / "integration" / "sequence_parallel_check.py"), str(out), str(degree)]
+               str(REPO / "tests" / "integration" / "sequence_parallel_check.py"), str(out),
+               ",".join(map(str, degrees))]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["world_size"] == processes and len(report["ranks"]) == processes
-    for rank in report["ranks"]:
+    reports = json.loads(out.read_text())
+    assert sorted(reports) == sorted(map(str, degrees))
+    for degree, report in reports.items():
+        assert report["world_size"] == processes and len(report["ranks"]) == processes
+        assert_equivalent(report["ranks"])
+
+
+def assert_equivalent(ranks):
+    for rank in ranks:
         # Every gradient compared is non-zero in the reference (weights moved off adaLN-Zero's start), except the
         # last joint block's caption queries, which nothing reads.
         assert rank["cross_attention-zero-gradients"] == []
@@ -60,7 +67,7 @@ def one_rank_run(tmp_path_factory, tiny_dataset):
     from tests.integration.test_training import torchrun
 
     run_dir = tmp_path_factory.mktemp("sp") / "one_rank"
-    torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", nproc=1)
+    torchrun(run_dir, tiny_dataset, "zero.stage=3", nproc=1)
     return run_dir
 
 
@@ -70,7 +77,7 @@ def two_rank_run(tmp_path_factory, tiny_dataset):
 
     run_dir = tmp_path_factory.mktemp("sp") / "two_ranks"
     # With what a long run turns on besides: activation checkpointing and tiling (same math, other memory).
-    result = torchrun(run_dir, tiny_dataset, "tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2",
+    result = torchrun(run_dir, tiny_dataset, "zero.stage=3", "parallel.sequence=2",
                       "model.activation_checkpointing=true", "model.mlp_chunks=2", "model.loss_chunks=2")
     assert "1 sequence-parallel group(s) of 2" in result.stdout
     return run_dir
@@ -94,8 +101,8 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     from tests.integration.test_training import torchrun
 
     interrupted = tmp_path / "interrupted"
-    common = ("tracking.mode=disabled", "zero.stage=3", "parallel.sequence=2", "model.activation_checkpointing=true",
-              "model.mlp_chunks=2", "model.loss_chunks=2")
+    common = ("zero.stage=3", "parallel.sequence=2", "model.activation_checkpointing=true", "model.mlp_chunks=2",
+              "model.loss_chunks=2")
     torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
     second = torchrun(interrupted, tiny_dataset, *common)
     assert "resuming from" in second.stdout and "dealt out anew" not in second.stdout
@@ -104,24 +111,29 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     a = torch.load(two_rank_run / "checkpoints" / "step_8" / "ema.pt")
     b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
     assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    from tests.exactly_once import assert_exactly_once
+
+    assert_exactly_once(interrupted)
 
 
 @pytest.mark.parametrize("first, then", [((2, 2), (1, 1)), ((2, 1), (2, 2))])
 def test_a_run_resumes_onto_another_world_size_or_degree_without_repeating_data(tiny_dataset, tmp_path, first, then):
     """(processes, parallel.sequence) before and after the stop: the data plan is dealt out anew, each sample
-    still trained once per epoch, and the new groups draw one noise."""
-    from tests.integration.test_training import torchrun
+    still trained once per epoch, the new groups draw one noise, and the engine state loaded is the one saved."""
+    from tests.exactly_once import assert_exactly_once
+    from tests.integration.test_training import assert_same_engine_state, probed
 
     run_dir = tmp_path / "relaid"
-    common = ("tracking.mode=disabled", "data.chunk_samples=2")
-    torchrun(run_dir, tiny_dataset, *common, "train.stop_after_steps=3", f"parallel.sequence={first[1]}",
-             nproc=first[0])
-    result = torchrun(run_dir, tiny_dataset, *common, "train.stop_after_steps=2", f"parallel.sequence={then[1]}",
-                      nproc=then[0])
+    common = ("data.chunk_samples=2",)
+    probed(run_dir, tiny_dataset, tmp_path / "first", *common, "train.stop_after_steps=3",
+           f"parallel.sequence={first[1]}", nproc=first[0])
+    result = probed(run_dir, tiny_dataset, tmp_path / "then", *common, "train.stop_after_steps=2",
+                    f"parallel.sequence={then[1]}", nproc=then[0])
     assert "resuming from" in result.stdout and "dealt out anew" in result.stdout
+    assert_same_engine_state(tmp_path / "first.final.pt", tmp_path / "then.resumed.pt")
     records = _keys_by_step(run_dir)
     assert sorted({step for step, _ in records}) == [1, 2, 3, 4, 5]
-    assert len({key for _, keys in records for key in keys}) == 16  # the whole set, before and after
+    assert_exactly_once(run_dir)
     # The audit (the leader's alone under SP) counts what provenance recorded, each trained sample once.
     audit = json.loads((run_dir / "checkpoints" / "step_5" / "audit.json").read_text())
     assert sum(audit["license_totals"].values()) == sum(len(keys) for _, keys in records)
