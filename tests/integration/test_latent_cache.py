@@ -115,6 +115,9 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
     resumed = train(mixed, tiny_dataset, *stage1)  # stage 1's last 3 steps from the videos again
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert steps_and_keys(mixed) == steps_and_keys(videos) and len(steps_and_keys(videos)) == 12
+    from tests.exactly_once import assert_exactly_once
+
+    assert_exactly_once(mixed)
     a, b = (json.loads((d / "checkpoints" / "step_12" / "audit.json").read_text()) for d in (videos, mixed))
     assert a["dropped"] == b["dropped"] and a["license_totals"] == b["license_totals"]
     log = result.stdout + result.stderr
@@ -235,10 +238,17 @@ def test_a_cache_with_a_pretrained_text_encoder_trains_on_its_cached_embeddings(
     from data.latent_cache import load_npy
 
     assert load_npy((out / "empty_caption.npy").read_bytes()).shape[1] == 24
-    run_dir = tmp_path / "run"
-    train(run_dir, tiny_dataset, *text, f"data.latents={out}", "data.caption_dropout=0.5", "tracking.log_every=1")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 10 and all(r["loss"] is not None for r in rows)
+    cached, live = tmp_path / "cached", tmp_path / "live"
+    common = (*text, "data.caption_dropout=0.5", "tracking.log_every=1")
+    result = train(cached, tiny_dataset, *common, f"data.latents={out}")
+    assert f"latents from the cache {out}" in result.stdout + result.stderr
+    train(live, tiny_dataset, *common)  # the same run from the videos, the T5 encoding every caption as it trains
+    # The cache holds what the encoders make: the same batches give the same losses, with the cached empty-caption
+    # embedding wherever dropout took the caption (a cache that fed other embeddings would drift off at once).
+    assert steps_and_keys(cached) == steps_and_keys(live)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (cached, live)]
+    assert len(losses[0]) == 10 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_a_source_shard_cut_short_keeps_its_count_in_the_cache_with_a_stub_per_lost_sample(tiny_dataset, tmp_path):

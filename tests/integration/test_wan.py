@@ -169,10 +169,11 @@ def torchrun_train(overrides, nproc=2):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, shared_ray_address
 
+    ray = [f"data.ray_address={shared_ray_address()}"] if nproc > 1 else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "train", *overrides]
+               "-m", "train", *overrides, *ray]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -237,6 +238,9 @@ def test_a_lora_run_trains_only_adapters_under_zero3_resumes_exactly_and_exports
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (straight, interrupted)]
     assert len(losses[0]) == 8 and losses[0] == losses[1]  # across the stage change at step 5
+    from tests.exactly_once import assert_exactly_once
+
+    assert_exactly_once(interrupted)
     trained, base = ema_dit(straight, 8), load_diffusers(wan_dir, load_config(KINO, check=False).model)
     assert all(torch.equal(trained[k], base[k]) for k in base)  # the base weights never moved
     assert max(trained[k].abs().max().item() for k in trained if ".lora_B." in k) > 0  # the adapters did
