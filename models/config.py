@@ -5,6 +5,7 @@ from typing import List, Optional
 from conf.errors import ConfigError
 
 ATTENTION_BACKENDS = ("auto", "flash_attn3", "flash_attn", "torch_varlen", "cudnn", "sdpa", "reference")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 @dataclass
@@ -134,6 +135,10 @@ class ModelConfig:
     # Regional torch.compile of each repeated block (train/parallelize.py); null = on with CUDA when attention
     # runs a fused varlen kernel (bf16), off otherwise (per-clip SDPA breaks the graph at every attention).
     compile: Optional[bool] = None
+    # What compiles the traced blocks: inductor (generated kernels, the fast path), or aot_eager (Dynamo and
+    # AOTAutograd trace the blocks, forward and backward, and run them eagerly: the same graphs and graph breaks
+    # without code generation, for checking a setup's tracing quickly, e.g. on a CPU).
+    compile_backend: str = "inductor"
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     # Start from an open base model: a local diffusers WanTransformer3DModel directory (model.arch=wan), checked
@@ -173,6 +178,8 @@ class ModelConfig:
         if self.mlp_chunks < 1 or self.loss_chunks < 1:
             raise ConfigError(f"model.mlp_chunks={self.mlp_chunks} and model.loss_chunks={self.loss_chunks} "
                               f"must be >= 1 (1 = not tiled)")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"model.compile_backend={self.compile_backend!r}: supported: {', '.join(COMPILE_BACKENDS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r} is not a known backend")
         self.text.check()

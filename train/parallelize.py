@@ -14,7 +14,7 @@ load whichever of them a run turns on or off.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -91,13 +91,33 @@ def compile_wanted(cfg: KinoConfig, device_type: str) -> bool:
                                                      compute_dtype(cfg)) in FUSED_VARLEN
 
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
     """Compile each repeated block in place (`nn.Module.compile`: parameter names do not change). Returns the
     number of blocks."""
     blocks = repeated_blocks(model)
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return len(blocks)
+
+
+def compile_report() -> Dict[str, Any]:
+    """What Dynamo did in this process so far: the graphs it captured, the frames it compiled, each graph break
+    with its reason and count, and the recompilations. A block that fell back to eager captures no graph; a break
+    nobody expected shows up here by name (the trainer logs this at the end of a compiled run)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "frames_compiled": int(counters["frames"].get("ok", 0)),
+            "frames_seen": int(counters["frames"].get("total", 0)),
+            "graph_breaks": {str(reason): int(n) for reason, n in counters["graph_break"].items()},
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+
+
+def describe_compile(report: Dict[str, Any]) -> str:
+    breaks = report["graph_breaks"]
+    said = "; ".join(f"{n}x {reason.splitlines()[0][:160]}" for reason, n in sorted(breaks.items()))
+    return (f"{report['graphs']} graph(s) from {report['frames_compiled']} compiled frame(s), "
+            f"{sum(breaks.values())} graph break(s){': ' + said if said else ''}")
 
 
 def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, layout: Optional[SequenceLayout] = None,
@@ -111,5 +131,5 @@ def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, layout: Optiona
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile_wanted(cfg, env.device.type):
-        apply_compile(model)
+        apply_compile(model, cfg.model.compile_backend)
     return build_engine(model, cfg, env, load_universal=load_universal), split

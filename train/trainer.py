@@ -33,7 +33,7 @@ from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
 from train.methods import build_model
 from train.engine import DistEnv, compute_dtype, full_parameters, set_learning_rate
-from train.parallelize import parallelize
+from train.parallelize import compile_report, compile_wanted, describe_compile, parallelize
 from train.sequence_parallel import (per_clip_loss, sequence_layout, sequence_loss, share_batch, share_latents,
                                      share_rng_state)
 from train.evaluate import Evaluator, table as evaluation_table
@@ -84,6 +84,8 @@ class Trainer:
         self.model = self.model.to(env.device)
         self.engine, self.split = parallelize(self.model, cfg, env, self.layout,
                                               load_universal=self.checkpoints.universal)
+        self.compiled = compile_wanted(cfg, env.device.type)
+        self.compile_report: Optional[Dict[str, Any]] = None
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
             self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
@@ -636,6 +638,10 @@ class Trainer:
             self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} ({why}) with a checkpoint; "
                                               f"the next run resumes from it")
         self._iterator = None
+        if self.compiled and self.env.is_main:  # before sampling, which runs the blocks in eval mode
+            self.compile_report = compile_report()
+            log.info("compiled blocks (model.compile_backend=%s): %s", cfg.model.compile_backend,
+                     describe_compile(self.compile_report))
         videos = self.generate_videos() if self.step >= total else []
         summary = self.summary(videos)
         self.tracker.finish()
@@ -681,7 +687,7 @@ class Trainer:
                 "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
                 "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
                 "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
-                "base_model": self.base_model,
+                "base_model": self.base_model, "compile": self.compile_report,
                 "evaluation": self.last_evaluation}
 
 
