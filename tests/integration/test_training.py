@@ -444,3 +444,33 @@ def test_deepspeeds_own_zero_to_fp32_script_works_as_its_users_run_it(finished_r
     expected = raw_weights(checkpoint)
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[k].float(), expected[k].float()) for k in expected)
+
+
+# On the CPU, per-clip SDPA reads the clips' lengths on the host (a data-dependent break at each attention; the fused
+# varlen kernels of a CUDA run have none); under sequence parallelism the all-to-alls are kept out of the graph on
+# purpose (train/sequence_parallel.py). Any other break (a ZeRO-3 hook inside a block, a fallback to eager) is new.
+CPU_BREAKS = {"Data dependent operator"}
+SP_BREAKS = {f"Skip calling `torch.compiler.disable()`d function ({name})"
+             for name in ("to_heads", "to_sequence", "gather_heads")}
+
+
+@pytest.mark.parametrize("sequence", [1, 2])
+def test_compiled_blocks_trace_through_zero3_bf16_and_sequence_parallelism_with_only_the_expected_breaks(
+        tiny_dataset, tmp_path, sequence):
+    """What a GPU run turns on (model.compile under DeepSpeed ZeRO-3 in bf16, and SP=2), traced by Dynamo and
+    AOTAutograd on 2 CPU ranks: every block compiles, and the graph breaks are only the ones named above."""
+    import re
+
+    result = torchrun(tmp_path / "compiled", tiny_dataset, "model.compile=true", "model.compile_backend=aot_eager",
+                      "zero.stage=3", "zero.precision=bf16", f"parallel.sequence={sequence}",
+                      "curriculum.stages.0.steps=2", "curriculum.stages.1.steps=1", "tracking.video_every=0")
+    line = re.search(r"compiled blocks \(model.compile_backend=aot_eager\): (\d+) graph\(s\) from (\d+) compiled "
+                     r"frame\(s\), (\d+) graph break\(s\)(?:: (.*))?", result.stdout)
+    assert line, result.stdout[-3000:]
+    graphs, frames, breaks = (int(line.group(i)) for i in (1, 2, 3))
+    assert graphs >= 2 and frames >= 2  # each of the two blocks at least, forward and backward
+    kinds = dict(re.match(r"(\d+)x (.*)", part).group(2, 1) for part in (line.group(4) or "").split("; ") if part)
+    expected = CPU_BREAKS | (SP_BREAKS if sequence > 1 else set())
+    assert set(kinds) <= expected, f"unexpected graph breaks: {set(kinds) - expected}"
+    assert sum(int(n) for n in kinds.values()) == breaks
+    assert all(0 < r["loss"] < 10 for r in metrics(tmp_path / "compiled"))
