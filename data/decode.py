@@ -25,6 +25,11 @@ class ClipTooShort(ValueError):
     pass
 
 
+class UndecodableVideo(ValueError):
+    """The bytes are not a video the decoder can read (empty, truncated, not a container, no video stream). The
+    loader drops such a sample as `undecodable`, with this message."""
+
+
 def frames_available(num_frames: int, source_fps: float, target_fps: float) -> int:
     """How many frames at target_fps a clip of num_frames at source_fps yields."""
     if num_frames <= 0:
@@ -118,13 +123,16 @@ def decode_clip(video: bytes, shape: BucketShape, target_fps: float, rng: random
                 decoder: str = "decord") -> torch.Tensor:
     """A random temporal crop of `shape.frames` frames at target_fps, resized and cropped to the bucket."""
     if not video:
-        raise ValueError("empty video")
-    if decoder == "pyav":
-        frames = _decode_with_pyav(video, shape.frames, target_fps, rng)
-    elif decoder == "torchcodec":
-        frames = _decode_with_torchcodec(video, shape.frames, target_fps, rng)
-    else:
-        frames = _decode_with_decord(video, shape.frames, target_fps, rng)
+        raise UndecodableVideo("empty video")
+    read = {"pyav": _decode_with_pyav, "torchcodec": _decode_with_torchcodec}.get(decoder, _decode_with_decord)
+    try:
+        frames = read(video, shape.frames, target_fps, rng)
+    except ClipTooShort:
+        raise
+    except Exception as error:  # each decoder raises its own types (decord's RuntimeError, PyAV's av.error.*)
+        said = (str(error) or repr(error)).splitlines()[0][:200]
+        raise UndecodableVideo(f"{decoder} cannot decode {len(video)} bytes: {type(error).__name__}: {said}") \
+            from error
     return resize_and_crop(frames, shape.height, shape.width)
 
 

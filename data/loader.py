@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data.batch import ConsumerSnapshot, Drop, Entry, PackedBatch, PreparedClip
 from data.buckets import BucketShape, WindowPacker, assign_bucket, stage_shapes
 from data.coordinator import CoordinatorClient, Tag
-from data.decode import ClipTooShort, decode_clip, frames_available
+from data.decode import ClipTooShort, UndecodableVideo, decode_clip, frames_available
 from data.licenses import LicensePolicy
 from data.reader import ConsumerReader, read_entries, warn_once
 from data.schema import metadata_problems, parse_metadata, read_manifest
@@ -241,9 +241,8 @@ def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Opt
         video = decode_clip(raw["mp4"], shape, spec.fps, rng, spec.decoder)
     except ClipTooShort:
         return None, TOO_SHORT
-    except Exception as error:  # decord raises its own error types for broken streams
-        warn_once(key, "undecodable video %s (skipped, counted): %s", key,
-                   (str(error) or repr(error)).splitlines()[0][:200])
+    except UndecodableVideo as error:
+        warn_once(key, "undecodable video %s (skipped, counted): %s", key, error)
         return None, UNDECODABLE
     shard = Path(raw.get("__url__", "?")).name
     tokens = shape.tokens(spec.patch_size, spec.temporal_factor, spec.spatial_factor)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from data.buckets import BucketShape
-from data.decode import ClipTooShort, decode_clip, frames_available, resize_and_crop, temporal_indices
+from data.decode import (ClipTooShort, UndecodableVideo, decode_clip, frames_available, resize_and_crop,
+                         temporal_indices)
 from data.demo_set import render_clip
 from data.video_io import encode_mp4
 
@@ -23,11 +24,16 @@ def test_decode_fits_a_clip_to_its_bucket_and_keeps_the_content(width, height):
     assert len(xs) == 2 and xs[1] > xs[0]
 
 
-def test_garbage_bytes_raise_instead_of_returning_frames():
-    with pytest.raises(Exception):
-        decode_clip(bytes(range(256)) * 16, BucketShape(4, 16, 16), 8, random.Random(0))
-    with pytest.raises(ValueError):
-        decode_clip(b"", BucketShape(4, 16, 16), 8, random.Random(0))
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_garbage_bytes_raise_instead_of_returning_frames(decoder):
+    shape = BucketShape(4, 16, 16)
+    with pytest.raises(UndecodableVideo, match=rf"^{decoder} cannot decode 4096 bytes: \w+"):
+        decode_clip(bytes(range(256)) * 16, shape, 8, random.Random(0), decoder)
+    truncated = encode_mp4(render_clip("circle", "red", "black", "left", 32, 32, 12), 12)[:300]
+    with pytest.raises(UndecodableVideo, match=rf"^{decoder} cannot decode 300 bytes"):
+        decode_clip(truncated, shape, 8, random.Random(0), decoder)
+    with pytest.raises(UndecodableVideo, match="^empty video$"):
+        decode_clip(b"", shape, 8, random.Random(0), decoder)
 
 
 def test_temporal_sampling_respects_the_target_rate_and_clip_length():
