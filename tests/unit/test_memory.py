@@ -31,7 +31,7 @@ def measured_step_bytes(cfg, clips, tokens_per_clip):
     return weights + grads + state, sum(saved.values())
 
 
-def test_estimate_is_within_25_percent_of_a_measured_step_with_and_without_checkpointing():
+def test_estimate_never_falls_short_of_a_measured_step_and_overshoots_by_at_most_12_percent():
     for checkpointing in ("false", "true"):
         cfg = load_config(["experiment=demo", "zero.stage=0", f"model.activation_checkpointing={checkpointing}",
                            "model.attention_backend=sdpa"])
@@ -39,11 +39,14 @@ def test_estimate_is_within_25_percent_of_a_measured_step_with_and_without_check
         estimated = estimate(cfg, world_size=1, token_budget=3 * 512, text_tokens=13)
         model_states = estimated.parameters + estimated.gradients + estimated.optimizer
         assert abs(model_states / states - 1) < 0.01  # the ZeRO formulas are exact for the states
-        # what forward saves for backward (with checkpointing: the blocks' inputs only)
-        assert abs(estimated.saved_activations / activations - 1) < 0.25, (checkpointing, estimated, activations)
-        if checkpointing == "false":  # then the peak is exactly what forward saved
+        # What forward saves for backward (with checkpointing: the blocks' inputs only). Byte counts, not timings:
+        # measured 2026-12-01 at +10.2% without checkpointing and +6.8% with it. An estimate below the measurement
+        # would let a run that does not fit start and run out of memory.
+        over = estimated.saved_activations / activations - 1
+        assert 0 <= over < 0.12, (checkpointing, over, estimated, activations)
+        if checkpointing == "false":  # then the peak is exactly what forward saved (measured +7.7%)
             total = estimated.total - estimated.buffers  # a single process has no communication buckets
-            assert abs(total / (states + activations) - 1) < 0.25
+            assert 0 <= total / (states + activations) - 1 < 0.10
 
 
 def test_zero_stages_divide_the_states_as_the_formulas_say():
