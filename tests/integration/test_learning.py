@@ -1,8 +1,9 @@
 """Golden test of learning: a short real run must learn to follow its prompts.
 
 Trains a small DiT on procedural clips with 2 CPU ranks (ZeRO-2), then judges from the generated pixels
-alone (train/adherence.py) whether it draws the prompted background, and checks that the validation loss
-on a held-out split fell. An untrained model, judged the same way, scores far lower. Broken caption
+alone (train/adherence.py) whether it draws the prompted background and colour, checks that the validation loss
+on a held-out split fell, and that the shape and motion words steer its denoising (swapping either makes it
+worse). An untrained model, judged the same way, scores far lower. Broken caption
 conditioning, a broken sampler, a wrong loss target or a flipped timestep convention each make this fail
 (shown once by breaking each on purpose; see the issue's closing note).
 """
@@ -84,6 +85,57 @@ def test_the_model_draws_the_prompted_background_and_object_colour_and_an_untrai
         assert trained >= bar and trained >= before + 0.4, (attribute, trained, before)
     assert untrained["eval/val_loss"] > final["eval/val_loss"]
     assert "evaluation    :" in result.stdout and "held_out" in result.stdout  # the summary's table
+
+
+SWAPPED = {"shape": {"circle": "square", "square": "triangle", "triangle": "circle"},
+           "motion": {"left": "right", "right": "left", "up": "down", "down": "up"}}
+
+
+def caption_sensitivity(run_dir):
+    """How much worse the trained model denoises each held-out clip when its caption's shape word, or its motion
+    word, is swapped for another: {attribute: (mean relative loss increase, clips whose loss rose)}, at the noise
+    levels where the caption decides the layout (t 0.6 to 0.9, noise fixed per clip). A model that ignores a word
+    denoises as well with it swapped: 0 and no clip."""
+    from models.flow import noisy_pair
+    from train.evaluate import validation_clips
+    from train.generate import last_stage_shapes, load_for_generation
+
+    cfg, model, autoencoder, text, _ = load_for_generation(run_dir, None, False, "cpu")
+    clips = validation_clips(cfg, last_stage_shapes(cfg, longest=False), 8)
+
+    def loss(x0, noise, caption):
+        with torch.no_grad():
+            total = 0.0
+            for t in (0.6, 0.75, 0.9):
+                x_t, target = noisy_pair(x0, noise, t)
+                out = model([x_t], torch.tensor([t]), text.batch([caption], "cpu"))
+                total += float((out.float() - model.dit.patchify([target]).float()).pow(2).mean())
+            return total
+
+    result = {}
+    for attribute, swap in SWAPPED.items():
+        rises = []
+        for index, clip in enumerate(clips):
+            x0 = autoencoder.encode(clip.video)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index))
+            swapped = " ".join(swap.get(word, word) for word in clip.caption.split())
+            assert swapped != clip.caption
+            rises.append(loss(x0, noise, swapped) / loss(x0, noise, clip.caption) - 1)
+        result[attribute] = (sum(rises) / len(rises), sum(r > 0 for r in rises))
+    return result, len(clips)
+
+
+def test_the_shape_and_motion_words_steer_the_model(golden_run):
+    """This short run does not yet draw shapes and motions a judge can read (its pixels score them at chance; the
+    demo's 1,600 steps learn them), but it already uses both words: swapping either makes its denoising of held-out
+    clips worse. Measured 2026-12-01 at seed 0: shape +4.2% (8 of 8 clips), motion +0.85% (7 of 8). The bars sit
+    well below that and far above a model that ignores the word (exactly 0, no clip)."""
+    run_dir, _, _ = golden_run
+    sensitivity, clips = caption_sensitivity(run_dir)
+    assert clips == 8
+    (shape_rise, shape_clips), (motion_rise, motion_clips) = sensitivity["shape"], sensitivity["motion"]
+    assert shape_rise > 0.015 and shape_clips >= 6, sensitivity
+    assert motion_rise > 0.003 and motion_clips >= 5, sensitivity
 
 
 def test_sample_and_evaluate_from_the_command_line(golden_run, tmp_path):
