@@ -1,5 +1,6 @@
 """The trainer end to end on one CUDA device, as a user first runs it: `python -m train experiment=demo` in
-fp32 and in bf16, 20 steps each, stopped at step 10 and resumed, samples written at the end.
+fp32 and in bf16, 20 steps each, stopped at step 10 and resumed (6 stopped at 3 in the CPU rehearsal), samples
+written at the end.
 
 The GPU machine has no Ray and no W&B: a one-process run uses the in-process data coordinator and
 `tracking.mode=disabled`. When KINO_GPU_REPORT_DIR is set (benchmarks/gpu_check.py sets it), each run's
@@ -22,13 +23,15 @@ from tests.conftest import REPO, free_port
 REHEARSAL = os.environ.get("KINO_GPU_CHECK_REHEARSAL") == "1"
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or REHEARSAL),
                                 reason="no CUDA device on this machine")
-STEPS, STOP_AT = 20, 10
+# On a GPU, 20 steps stopped at 10; the CPU rehearsal proves the same path (stop, resume, samples) in 6 stopped at 3.
+STEPS, STOP_AT = (20, 10) if torch.cuda.is_available() else (6, 3)
 
 
 def train(run_dir: Path, dataset: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}",
                "tracking.mode=disabled", "tracking.log_every=1", "tracking.sampling_steps=8",
-               "curriculum.stages.0.steps=12", "curriculum.stages.1.steps=8", "train.checkpoint_every=100",
+               f"curriculum.stages.0.steps={STEPS * 3 // 5}", f"curriculum.stages.1.steps={STEPS - STEPS * 3 // 5}",
+               "train.checkpoint_every=100",
                "tracking.eval_prompts=2", "tracking.eval_clips=0",  # the evaluation path, on the device
                *overrides]
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
