@@ -51,6 +51,9 @@ def test_the_demo_trains_stops_resumes_and_samples_on_one_gpu(precision, tiny_da
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step trained and logged once
     assert all(r["loss"] is not None and 0 < r["loss"] < 10 for r in rows)
     assert (run_dir / "checkpoints" / f"step_{STEPS}" / "COMPLETE").exists()
+    from tests.exactly_once import assert_exactly_once
+
+    assert_exactly_once(run_dir)
     samples = sorted((run_dir / "videos" / f"step_{STEPS}").glob("*.mp4"))
     assert samples and all(p.stat().st_size > 0 for p in samples)
     if os.environ.get("KINO_GPU_REPORT_DIR"):
