@@ -10,6 +10,7 @@ import torch
 from data.batch import ConsumerSnapshot, PackedBatch, PreparedClip
 from data.coordinator import CoordinatorClient, CoordinatorCore
 from data.licenses import Audit
+from train.provenance import ProvenanceLog
 from train.trainer import Trainer
 from train.sequence_parallel import SequenceLayout
 
@@ -22,7 +23,7 @@ def batch_read_by(consumer, lease, offset):
     return PackedBatch([clip], [], consumer, ConsumerSnapshot(stage=[]))
 
 
-def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():
+def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout(tmp_path):
     clock = [0.0]
     core = CoordinatorCore([("shard-0.tar", 8), ("shard-1.tar", 8), ("shard-2.tar", 8), ("shard-3.tar", 8)],
                            seed=0, chunk_samples=4, lease_timeout_s=10.0, clock=lambda: clock[0])
@@ -30,7 +31,8 @@ def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():
     # One rank, two decode workers (slots 0 and 1 of 2), each holding a chunk it has partly trained.
     first = {w: coordinator.request(f"rank0-worker{w}", w, 2) for w in (0, 1)}
     trainer = SimpleNamespace(env=SimpleNamespace(rank=0), loader_snapshots={}, audit=Audit(), coordinator=coordinator,
-                              step=0, layout=SequenceLayout(1, 0, 1), _acked_since=[], _coordinator_lost=False)
+                              step=0, layout=SequenceLayout(1, 0, 1), _acked_since=[], _coordinator_lost=False,
+                              provenance=ProvenanceLog(tmp_path, 0, enabled=True))
     for n, now in enumerate((6.0, 12.0, 18.0)):  # each worker trains a batch every 6 s: inside the 10 s lease
         clock[0] = now
         Trainer._settle(trainer, [batch_read_by(f"rank0-worker{w}", first[w], n) for w in (0, 1)], trained=False)
@@ -38,6 +40,11 @@ def test_no_chunk_of_a_live_worker_is_dealt_again_after_the_lease_timeout():
     dealt = [coordinator.request("rank0-worker0", 0, 2) for _ in range(3)]
     held_by_worker1 = (first[1]["epoch"], first[1]["chunk"])
     assert held_by_worker1 not in [(d["epoch"], d["chunk"]) for d in dealt], "a live worker's chunk was dealt again"
+    # The skipped steps' samples are in provenance as dropped (non-finite step), each once.
+    from tests.exactly_once import provenance_records
+
+    dropped = [tuple(d[:3]) for r in provenance_records(tmp_path) for d in r["dropped"] if d[3] == "nonfinite_step"]
+    assert len(dropped) == 6 and len(set(dropped)) == 6
     assert [key for key, (holder, _, _) in core.leases.items() if holder == "rank0-worker1"] == [held_by_worker1]
 
 
