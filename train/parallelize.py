@@ -14,6 +14,7 @@ load whichever of them a run turns on or off.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -136,9 +137,9 @@ def break_kind(reason: str) -> str:
 
 
 def describe_compile(report: Dict[str, Any]) -> str:
-    breaks: Dict[str, int] = {}
+    breaks: Counter = Counter()
     for reason, n in report["graph_breaks"].items():
-        breaks[break_kind(reason)] = breaks.get(break_kind(reason), 0) + n
+        breaks[break_kind(reason)] += n
     said = "; ".join(f"{n}x {reason}" for reason, n in sorted(breaks.items()))
     return (f"{report['graphs']} graph(s) from {report['frames_compiled']} compiled frame(s), "
             f"{sum(breaks.values())} graph break(s){': ' + said if said else ''}")
