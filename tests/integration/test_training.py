@@ -1,4 +1,8 @@
-"""Real training: torchrun, 2 CPU processes, DeepSpeed ZeRO-2 over gloo, W&B offline where a test reads it.
+"""Real training: 2 CPU processes, DeepSpeed ZeRO-2 over gloo, W&B offline where a test reads it.
+
+The ranks of most runs are forked from a process that has imported torch and DeepSpeed already
+(tests/forked_ranks.py: the same entry point, arguments and rendezvous as under torchrun, without 9 s of imports
+a launch); the tests about torchrun itself (its exit summary, a killed process group) run the real one.
 
 Runs share the session's Ray head (tests/conftest.py) unless a test is about Ray itself, and W&B is off unless a
 test reads its files: on the 2-core machine each costs a launch seconds that its steps do not. Every run that
@@ -12,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATED, REPO, free_port, shared_ray_address
+from tests.conftest import GATED, REPO, shared_ray_address
+from tests.forked_ranks import run_ranks
 from tests.exactly_once import assert_exactly_once
 from train.provenance import read_trained_keys
 
@@ -42,9 +47,13 @@ ENV = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
 
 
 def torchrun(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2, module=("-m", "train"),
-             private_ray: bool = False, status: int = 0) -> subprocess.CompletedProcess:
+             private_ray: bool = False, status: int = 0, real_torchrun: bool = False) -> subprocess.CompletedProcess:
+    """The run's ranks forked (tests/forked_ranks.py), or under the real torchrun when `real_torchrun`."""
     command = run_command(run_dir, dataset, *overrides, nproc=nproc, module=module, private_ray=private_ray)
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    if real_torchrun:
+        result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    else:
+        result = run_ranks(command, cwd=REPO, env=ENV, timeout=600)
     assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -158,8 +167,7 @@ def test_resume_refuses_a_config_that_changes_training(finished_run, tiny_datase
     run_dir, _ = finished_run
     command = [sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
                f"train.run_dir={run_dir}", *TINY, "model.depth=3", "tracking.mode=disabled"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    result = run_ranks(command, cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     said = [line for line in result.stderr.splitlines() if line.startswith("kino:")]
     assert len(said) == 1 and "the config changed keys that shape training: model.depth" in said[0], result.stderr
@@ -186,10 +194,9 @@ def test_a_run_whose_data_is_not_there_is_refused_before_any_process_group_start
 
 
 def test_a_forced_attention_kernel_this_machine_cannot_run_is_refused_at_start_up(tiny_dataset, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
-                             f"train.run_dir={tmp_path / 'forced'}", *TINY, "model.attention_backend=torch_varlen",
-                             "tracking.mode=disabled"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    result = run_ranks([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+                        f"train.run_dir={tmp_path / 'forced'}", *TINY, "model.attention_backend=torch_varlen",
+                        "tracking.mode=disabled"], cwd=REPO, timeout=300)
     assert result.returncode == 2
     assert "model.attention_backend" in result.stderr and "fp16/bf16 on CUDA only" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "forced" / "metrics.jsonl").exists()
@@ -198,11 +205,9 @@ def test_a_forced_attention_kernel_this_machine_cannot_run_is_refused_at_start_u
 def test_a_stage_whose_every_sample_is_dropped_stops_with_the_reasons_instead_of_looping(tiny_dataset, tmp_path):
     """Every clip of the tiny dataset lasts 1 s; a stage of 4 s clips drops them all as too short. The run once
     read epoch after epoch without a word."""
-    result = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
-                             f"train.run_dir={tmp_path / 'empty'}", *TINY, "curriculum.stages.0.frame_counts=[32]",
-                             "curriculum.stages.0.token_budget=4096", "tracking.mode=disabled"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, MASTER_PORT=str(free_port())))
+    result = run_ranks([sys.executable, "-m", "train", "experiment=demo", f"data.root={tiny_dataset}",
+                        f"train.run_dir={tmp_path / 'empty'}", *TINY, "curriculum.stages.0.frame_counts=[32]",
+                        "curriculum.stages.0.token_budget=4096", "tracking.mode=disabled"], cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "stage 'main' can train on nothing" in result.stderr and "too_short=" in result.stderr
     assert "license_missing=" in result.stderr and "Traceback" not in result.stderr
@@ -384,7 +389,8 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
 def test_non_finite_losses_are_skipped_counted_and_abort_the_run_with_a_clear_message(tiny_dataset, tmp_path):
     run_dir = tmp_path / "nan"
     result = torchrun(run_dir, tiny_dataset, "curriculum.stages.0.lr=1e30", "curriculum.stages.0.warmup_steps=0",
-                      "optim.grad_clip=0", "train.max_nonfinite_in_row=3", status=1)  # torchrun's, for a failed rank
+                      "optim.grad_clip=0", "train.max_nonfinite_in_row=3", status=1,  # torchrun's, for a failed rank
+                      real_torchrun=True)
     assert "exitcode  : 3" in result.stderr, result.stderr[-3000:]  # each rank's documented status for this stop
     said = [line for line in result.stderr.splitlines() if line.startswith("kino:")]
     assert said == [said[0]] and "training stopped: 3 non-finite losses in a row" in said[0], result.stderr[-3000:]
@@ -406,7 +412,7 @@ def _weights_after_poison(tmp_path, dataset, stage: int, patterns):
     command = run_command(out / "unused", dataset, f"zero.stage={stage}", "zero.gradient_accumulation_steps=2",
                           "train.stop_after_steps=2", "tracking.video_every=0",
                           module=("-m", "tests.integration.nonfinite_run", str(out), ";".join(patterns)))
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    result = run_ranks(command, cwd=REPO, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     import torch
 
