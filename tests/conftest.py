@@ -100,3 +100,40 @@ def tiny_t5(tmp_path_factory):
     torch.manual_seed(0)
     transformers.T5EncoderModel(config).save_pretrained(path)
     return path
+
+
+SHARED_SCOPES = ("module", "class", "package")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two pytest-xdist workers (--dist loadgroup). Tests that share a module- or class-scoped
+    fixture (a finished run, a SLURM cluster, a trained golden model) get one xdist_group, so they run on one worker
+    and the fixture is built once; every other test is scheduled on its own. Runs before xdist's own hook, which
+    turns the marks into groups."""
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_user = {}
+    for index, item in enumerate(items):
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        for name, definitions in fixtures.items():
+            if definitions and str(definitions[-1].scope) in SHARED_SCOPES:
+                key = (item.nodeid.split("::")[0], name)
+                if key in first_user:
+                    parent[root(index)] = root(first_user[key])
+                else:
+                    first_user[key] = index
+    members = {}
+    for index in range(len(items)):
+        members.setdefault(root(index), []).append(index)
+    for group in members.values():
+        if len(group) > 1:
+            name = items[group[0]].nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+            for index in group:
+                items[index].add_marker(pytest.mark.xdist_group(f"{name}-{group[0]}"))

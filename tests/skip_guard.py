@@ -14,26 +14,27 @@ import pytest
 CUDA_WORDS = ("cuda", "gpu")
 
 
-def _expected(item_path: str, keywords, reason: str) -> bool:
-    cuda_only = "/tests/gpu/" in item_path.replace("\\", "/") or "cuda_only" in keywords
+def _expected(nodeid: str, keywords, reason: str) -> bool:
+    cuda_only = "/tests/gpu/" in "/" + nodeid.replace("\\", "/") or "cuda_only" in keywords
     return cuda_only and any(word in reason.lower() for word in CUDA_WORDS)
 
 
 class SkipGuard:
+    """Counts skips from test reports, where the run is summed up: in the one pytest process, or in pytest-xdist's
+    controller (`make test` runs two workers), which receives every worker's reports."""
+
     def __init__(self) -> None:
         self.unexpected: List[Tuple[str, str]] = []
         self.expected = 0
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(self, item, call):
-        outcome = yield
-        report = outcome.get_result()
-        if report.skipped and not hasattr(report, "wasxfail"):
-            reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
-            if _expected(str(item.path), item.keywords, reason):
-                self.expected += 1
-            else:
-                self.unexpected.append((item.nodeid, reason.removeprefix("Skipped: ")))
+    def pytest_runtest_logreport(self, report):
+        if not report.skipped or hasattr(report, "wasxfail"):
+            return
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if _expected(report.nodeid, report.keywords, reason):
+            self.expected += 1
+        else:
+            self.unexpected.append((report.nodeid.split("@")[0], reason.removeprefix("Skipped: ")))
 
     def pytest_sessionfinish(self, session):
         if self.unexpected and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
@@ -52,4 +53,5 @@ class SkipGuard:
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda_only: a test that can run only with a CUDA device (its skip is expected "
                                        "where none is)")
-    config.pluginmanager.register(SkipGuard(), "kino-skip-guard")
+    if not hasattr(config, "workerinput"):  # an xdist worker sends its reports to the controller, which counts
+        config.pluginmanager.register(SkipGuard(), "kino-skip-guard")

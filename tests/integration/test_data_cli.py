@@ -153,11 +153,12 @@ def test_takedown_removes_a_rights_holder_everywhere_and_a_fresh_run_never_sees_
     import sys
 
     from tests.conftest import REPO
+    from tests.forked_ranks import run_ranks
     from tests.integration.test_training import TINY
 
-    refused = subprocess.run([sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}",
-                              f"train.run_dir={trained}", *TINY, *common], cwd=REPO, capture_output=True, text=True,
-                             timeout=600, env=dict(os.environ, WANDB_MODE="offline"))
+    refused = run_ranks([sys.executable, "-m", "train", "experiment=demo", f"data.root={dataset}",
+                         f"train.run_dir={trained}", *TINY, *common], cwd=REPO, timeout=600,
+                        env=dict(os.environ, WANDB_MODE="offline"))
     assert refused.returncode == 2 and "changed since" in refused.stderr and "allow_changed_dataset" in refused.stderr
     resumed = torchrun(trained, dataset, *common, "data.allow_changed_dataset=true", nproc=1)
     assert "starts a new epoch over the current shards" in resumed.stdout + resumed.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.forked_ranks import run_ranks
 
 MODEL = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
          "model.text.heads=2"]
@@ -43,7 +44,7 @@ def train(run_dir: Path, dataset: Path, *overrides: str):
     """`python -m train` on one process, with the demo's buckets (the cache's) for both stages."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "train",
                "experiment=demo", f"data.root={dataset}", f"train.run_dir={run_dir}", *MODEL, *RUN, *overrides]
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    result = run_ranks(command, cwd=REPO, env=ENV, timeout=600)  # forked ranks: tests/forked_ranks.py
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, free_port
+from tests.forked_ranks import run_ranks
 
 GOLDEN = ["model.dim=96", "model.depth=3", "model.heads=4", "model.text.dim=96", "model.text.depth=1",
           "model.text.heads=4", "model.text.tokenizer=words",
@@ -48,7 +49,7 @@ def golden_run(golden_dataset, tmp_path_factory):
                "experiment=demo", f"data.root={golden_dataset}", f"data.validation_root={golden_dataset / 'validation'}",
                f"train.run_dir={run_dir}", *GOLDEN]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_ranks(command, cwd=REPO, env=env, timeout=600)  # forked ranks: tests/forked_ranks.py
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, [r for r in rows if "eval/val_loss" in r], result

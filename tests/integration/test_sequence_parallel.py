@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.forked_ranks import run_ranks
 
 TOLERANCE = 1e-5  # fp32; what is compared differs only in summation order
 GOLDEN_AT_LEAST = 1e-2  # a rank reading the wrong heads of the caption
@@ -22,8 +23,7 @@ def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, p
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(REPO / "tests" / "integration" / "sequence_parallel_check.py"), str(out),
                ",".join(map(str, degrees))]
-    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                            text=True, timeout=600)
+    result = run_ranks(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = json.loads(out.read_text())
     assert sorted(reports) == sorted(map(str, degrees))

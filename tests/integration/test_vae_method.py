@@ -7,12 +7,12 @@ import sys
 import torch
 
 from tests.conftest import REPO
+from tests.forked_ranks import run_ranks
 
 
 def run_train(*overrides, port):
     env = dict(os.environ, WANDB_MODE="offline", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "train", *overrides], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = run_ranks([sys.executable, "-m", "train", *overrides], cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

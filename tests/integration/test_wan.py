@@ -166,16 +166,16 @@ def run_overrides(dataset, wan_dir, text_dir, vae_dir, run_dir, *extra, steps=(1
 
 def torchrun_train(overrides, nproc=2):
     import os
-    import subprocess
     import sys
 
     from tests.conftest import REPO, shared_ray_address
+    from tests.forked_ranks import run_ranks
 
     ray = [f"data.ray_address={shared_ray_address()}"] if nproc > 1 else []
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "train", *overrides, *ray]
-    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1"),
-                            capture_output=True, text=True, timeout=900)
+    result = run_ranks(command, cwd=REPO, env=dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1"),
+                       timeout=900)  # forked ranks: tests/forked_ranks.py
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

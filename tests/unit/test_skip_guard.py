@@ -4,20 +4,24 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
 
 
-def run_pytest(root, files):
+def run_pytest(root, files, *options):
     for name, text in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.skip_guard", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(root), "-c", os.devnull, str(root)], cwd=root, capture_output=True,
+                           "--rootdir", str(root), "-c", os.devnull, *options, str(root)], cwd=root, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def test_a_skipped_slurm_test_fails_the_run_and_is_named(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_a_skipped_slurm_test_fails_the_run_and_is_named(tmp_path, workers):
+    """Also under pytest-xdist, as `make test` runs: the workers' skips reach the controller's count."""
     result = run_pytest(tmp_path, {"integration/test_cluster.py": """
         import pytest
 
@@ -26,7 +30,7 @@ def test_a_skipped_slurm_test_fails_the_run_and_is_named(tmp_path):
 
         def test_two_slurm_nodes():
             pytest.skip("slurm-wlm and munge are not installed and apt-get cannot run here (needs root)")
-        """})
+        """}, *workers)
     assert result.returncode == 1, result.stdout
     assert "SKIPPED (not allowed) integration/test_cluster.py::test_two_slurm_nodes: slurm-wlm and munge" in result.stdout
     assert "1 unexpected skip(s): the run fails" in result.stdout
