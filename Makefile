@@ -26,10 +26,14 @@ demo-data: install
 demo: demo-data
 	$(PY) -m launch local experiment=demo $(if $(FRESH),train.resume=false,)
 
-# The whole suite, about 15 minutes of pytest on the 2-core machine. It fails when a test that is not CUDA-only
-# skips (tests/skip_guard.py: a skipped SLURM or Ray test is a check that did not run), and ends with the 25
-# slowest tests (BENCHMARKS.md keeps the table).
-PYTEST_ALL := -p tests.skip_guard --durations=25 tests/unit tests/integration tests/gpu
+# The whole suite, at most 15 minutes of pytest on the 2-core machine: two pytest-xdist workers (most tests wait on
+# subprocesses, gloo peers, Ray or SLURM: one worker left a core idle a quarter of the time), each module whole on
+# one worker, the longest dealt first (tests/conftest.py). It fails when a test that is not CUDA-only skips
+# (tests/skip_guard.py: a skipped SLURM or Ray test is a check that did not run), and ends with the 25 slowest
+# tests (BENCHMARKS.md keeps the table). WORKERS=1 runs it in one process.
+WORKERS ?= 2
+PYTEST_ALL := -p tests.skip_guard $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscope-reorder) \
+	--durations=25 tests/integration tests/unit tests/gpu
 test: install
 	$(PY) -m pytest $(PYTEST_ALL)
 

@@ -29,7 +29,8 @@ setup(
         # Loading pretrained autoencoders (diffusers) and text encoders (transformers) from local paths.
         "encoders": ["diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0", "tokenizers>=0.21",
                      "sentencepiece>=0.2", "peft>=0.13"],
-        "dev": ["pytest>=8", "av>=12", "imageio>=2.34", "moviepy>=1.0", "diffusers>=0.35", "transformers>=4.50",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "av>=12", "imageio>=2.34", "moviepy>=1.0", "diffusers>=0.35",
+                "transformers>=4.50",
                 "accelerate>=1.0", "tokenizers>=0.21", "sentencepiece>=0.2", "peft>=0.13", "jsonschema>=4",
                 "kubernetes-validate>=1.30",
                 # The last torchcodec whose registry wheel is a CPU build (later ones need a CUDA torch): with the

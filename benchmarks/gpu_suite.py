@@ -136,10 +136,12 @@ def model_step(size: Dict, tokens: int, text_path: Path, device, *, modulation: 
 
 
 # -- (e): the longest clip one GPU trains -------------------------------------------------------------------------
-def longest_clip(size: Dict, text_path: Path, device, *, tiling: bool, start: int, budget_s: float) -> Dict:
+def longest_clip(size: Dict, text_path: Path, device, *, tiling: bool, start: int, budget_s: float,
+                 min_sizes: int = 1) -> Dict:
     """One training step on one clip of `start`, 2 x `start`, ... tokens (eager; activation checkpointing on), until
     one runs out of memory or the next would not finish inside `budget_s` (a step's time is extrapolated
-    quadratically). Reports every size tried and the estimator's largest fitting budget for this GPU."""
+    quadratically; the first `min_sizes` are tried whatever the time). Reports every size tried and the
+    estimator's largest fitting budget for this GPU."""
     from conf.schema import load_config
     from model_step import latent_grid
     from models.dit import TextToVideoModel
@@ -191,7 +193,8 @@ def longest_clip(size: Dict, text_path: Path, device, *, tiling: bool, start: in
             latent = None
         tried.append(row)
         elapsed = time.perf_counter() - started
-        if row.get("out_of_memory") or elapsed + 4 * 1.2 * row["step_s"] > budget_s:
+        out_of_time = len(tried) >= min_sizes and elapsed + 4 * 1.2 * row["step_s"] > budget_s
+        if row.get("out_of_memory") or out_of_time:
             break
         tokens *= 2
     trained = [r for r in tried if not r.get("out_of_memory")]
@@ -330,7 +333,8 @@ def guarded(function, *args, **kwargs) -> Dict:
 def plan(rehearse: bool) -> Dict:
     if rehearse:  # toy sizes on the CPU: every part runs, in well under a minute
         return {"size": {"model": "tiny", "text_tokens": 8}, "tokens": [64, 128], "backend_tokens": 64,
-                "longest": {"start": 64, "budget_s": 3},
+                # two sizes at least: on a loaded 2-core machine the first step alone can outlast a budget
+                "longest": {"start": 64, "budget_s": 3, "min_sizes": 2},
                 "wan": {"model": "wan_1.3B", "overrides": ["model.depth=2", "model.dim=96", "model.heads=4",
                                                              "model.ffn_dim=160"], "tokens": 256, "text_tokens": 16,
                         "dtype": "fp32"},

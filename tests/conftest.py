@@ -102,38 +102,18 @@ def tiny_t5(tmp_path_factory):
     return path
 
 
-SHARED_SCOPES = ("module", "class", "package")
+
+# `make test` runs two pytest-xdist workers with --dist loadfile: each module runs whole on one worker (its
+# module-scoped runs, a SLURM cluster, the golden model are built once), modules dealt in collection order. Dealt
+# longest first (seconds of one module on the 2-core machine, BENCHMARKS.md), the two workers finish together; the
+# many short modules come last and fill the gaps. The order is all this changes: it never skips or merges a test.
+LONGEST_FIRST = ("test_slurm", "test_training", "test_latent_cache", "test_sequence_parallel", "test_launch_local",
+                 "test_learning", "test_gpu_check", "test_gpu_suite", "test_data_cli", "test_wan", "test_k8s_manifests")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs two pytest-xdist workers (--dist loadgroup). Tests that share a module- or class-scoped
-    fixture (a finished run, a SLURM cluster, a trained golden model) get one xdist_group, so they run on one worker
-    and the fixture is built once; every other test is scheduled on its own. Runs before xdist's own hook, which
-    turns the marks into groups."""
-    parent = list(range(len(items)))
+    def rank(item) -> int:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_user = {}
-    for index, item in enumerate(items):
-        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        for name, definitions in fixtures.items():
-            if definitions and str(definitions[-1].scope) in SHARED_SCOPES:
-                key = (item.nodeid.split("::")[0], name)
-                if key in first_user:
-                    parent[root(index)] = root(first_user[key])
-                else:
-                    first_user[key] = index
-    members = {}
-    for index in range(len(items)):
-        members.setdefault(root(index), []).append(index)
-    for group in members.values():
-        if len(group) > 1:
-            name = items[group[0]].nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
-            for index in group:
-                items[index].add_marker(pytest.mark.xdist_group(f"{name}-{group[0]}"))
+    items.sort(key=rank)  # stable: a module's tests keep pytest's order, each module stays together
