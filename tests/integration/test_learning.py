@@ -129,14 +129,18 @@ def caption_sensitivity(run_dir):
 def test_the_shape_and_motion_words_steer_the_model(golden_run):
     """This short run does not yet draw shapes and motions a judge can read (its pixels score them at chance; the
     demo's 1,600 steps learn them), but it already uses both words: swapping either makes its denoising of held-out
-    clips worse. Measured 2026-12-01 at seed 0: shape +4.2% (8 of 8 clips), motion +0.85% (7 of 8). The bars sit
-    well below that and far above a model that ignores the word (exactly 0, no clip)."""
+    clips worse. A model that ignores a word denoises exactly as well with it swapped (0, and no clip worse).
+
+    Bars from the spread of five runs of this config (train.seed 0-4, 2026-12-02; the test runs seed 0):
+    shape +4.3%, +2.2%, +4.8%, +4.5%, +4.7% (8, 5, 8, 8, 7 of 8 clips worse); motion +0.76%, +1.2%, -0.16%, +0.85%,
+    +3.7% (7, 6, 5, 7, 8 of 8). Motion's mean is within the spread of zero at this length, so its bar is the count
+    of clips: every seed had at least 5 of 8 worse, an ignoring model has none."""
     run_dir, _, _ = golden_run
     sensitivity, clips = caption_sensitivity(run_dir)
     assert clips == 8
     (shape_rise, shape_clips), (motion_rise, motion_clips) = sensitivity["shape"], sensitivity["motion"]
-    assert shape_rise > 0.015 and shape_clips >= 6, sensitivity
-    assert motion_rise > 0.003 and motion_clips >= 5, sensitivity
+    assert shape_rise > 0.01 and shape_clips >= 5, sensitivity
+    assert motion_clips >= 4, sensitivity
 
 
 def test_sample_and_evaluate_from_the_command_line(golden_run, tmp_path):
