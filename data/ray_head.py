@@ -53,12 +53,14 @@ def start_ray_process(command: List[str], timeout: float, stop_with_parent: bool
     return process
 
 
-def start_private_head(object_store_bytes: int, timeout: float = 120.0) -> Tuple[subprocess.Popen, str]:
-    """A one-CPU Ray head on a free local port, stopped when this process exits (or dies)."""
+def start_private_head(object_store_bytes: int, timeout: float = 120.0, num_cpus: int = 1
+                       ) -> Tuple[subprocess.Popen, str]:
+    """A Ray head of `num_cpus` CPUs (the data coordinator's actor needs none) on a free local port, stopped when
+    this process exits (or dies)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [tool_beside_python("ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+    command = [tool_beside_python("ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                "--include-dashboard=false", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1"]
     process = start_ray_process(command, timeout, stop_with_parent=True)

@@ -44,7 +44,8 @@ def shared_ray_address() -> str:
     if "address" not in _SHARED_RAY:
         from data.ray_head import start_private_head
 
-        _SHARED_RAY["process"], _SHARED_RAY["address"] = start_private_head(256 * 2 ** 20)
+        # 2 CPUs: room for `data encode --workers 2`'s encoder actors (test_latent_cache); coordinators take none
+        _SHARED_RAY["process"], _SHARED_RAY["address"] = start_private_head(256 * 2 ** 20, num_cpus=2)
     return _SHARED_RAY["address"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, shared_ray_address
 from tests.forked_ranks import run_ranks
 
 MODEL = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
@@ -24,9 +24,11 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
 def encode(dataset: Path, out: Path, *overrides: str, workers: int = 1, wait: bool = True):
     command = [sys.executable, "-m", "data", "encode", str(dataset), "--out", str(out), "--workers", str(workers),
                "experiment=demo", *MODEL, *overrides]
-    if not wait:
+    if not wait:  # to be killed: its own local Ray cluster, which dies with it
         return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
+    # on the session's Ray head: a local Ray cluster costs each encode about 8 s to start
+    command.append(f"data.ray_address={shared_ray_address()}")
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
