@@ -57,13 +57,17 @@ class _Epoch:
         self.done: Dict[int, Set[int]] = {}
 
     def deal(self, slots: int) -> None:
-        """Split what is left round-robin over `slots` consumers: the same data for the same world."""
+        """Split what is left round-robin over `slots` consumers: the same data for the same world. Each epoch's
+        deal starts where the one before it ended (at slot epoch x chunks, mod slots): a slot dealt one chunk fewer
+        goes first in the next epoch, and with fewer chunks than consumers every consumer has a share within
+        slots / chunks epochs. With chunks a multiple of slots, every deal starts at slot 0."""
         if self.slots == slots:
             return
         remaining = [c for q in sorted(self.queues) for c in self.queues[q]] + self.undealt
         remaining.sort(key=self.order.index)
+        first = (self.epoch * len(self.order)) % slots
         self.slots, self.undealt = slots, []
-        self.queues = {slot: deque(remaining[slot::slots]) for slot in range(slots)}
+        self.queues = {slot: deque(remaining[(slot - first) % slots::slots]) for slot in range(slots)}
 
     def complete(self, chunks: List[Chunk]) -> bool:
         return all(len(self.done.get(c.id, ())) >= c.size for c in chunks)
@@ -91,18 +95,22 @@ class CoordinatorCore:
         already acknowledged. Orphaned chunks first, then the slot's own deal, oldest epoch first."""
         self._expire_stale_leases()
         self.slot_of[consumer] = slot
-        for epoch_id in sorted(self.epochs):
-            epoch = self.epochs[epoch_id]
-            epoch.deal(slots)
-            for queue in (epoch.orphans, epoch.queues[slot]):
-                while queue:
-                    chunk_id = queue.popleft()
-                    if len(epoch.done.get(chunk_id, ())) < self.chunks[chunk_id].size:
-                        return self._lease(epoch, chunk_id, consumer, slot)
-        # This slot's share of every open epoch is out: begin its share of the next epoch.
-        new_id = max(self.epochs) + 1
-        self.epochs[new_id] = _Epoch(new_id, self.chunks, self.seed)
-        return self.request(consumer, slot, slots)
+        # Fewer chunks than consumers leave a slot without a share in some epochs: it opens the next until one
+        # deals it a chunk, which the rotating deal (_Epoch.deal) does within slots / chunks epochs.
+        for _ in range(slots + 1):
+            for epoch_id in sorted(self.epochs):
+                epoch = self.epochs[epoch_id]
+                epoch.deal(slots)
+                for queue in (epoch.orphans, epoch.queues[slot]):
+                    while queue:
+                        chunk_id = queue.popleft()
+                        if len(epoch.done.get(chunk_id, ())) < self.chunks[chunk_id].size:
+                            return self._lease(epoch, chunk_id, consumer, slot)
+            # This slot's share of every open epoch is out: begin its share of the next epoch.
+            new_id = max(self.epochs) + 1
+            self.epochs[new_id] = _Epoch(new_id, self.chunks, self.seed)
+        raise RuntimeError(f"data coordinator: slot {slot} of {slots} got no chunk in {slots + 1} new epochs "
+                           f"({len(self.chunks)} chunk(s)); this is a bug in Kino")
 
     def _lease(self, epoch: _Epoch, chunk_id: int, consumer: str, slot: int) -> Dict[str, Any]:
         chunk = self.chunks[chunk_id]

@@ -480,3 +480,22 @@ def test_compiled_blocks_trace_through_zero3_bf16_and_sequence_parallelism_with_
     assert set(kinds) <= expected, f"unexpected graph breaks: {set(kinds) - expected}"
     assert sum(int(n) for n in kinds.values()) == breaks
     assert all(0 < r["loss"] < 10 for r in metrics(tmp_path / "compiled"))
+
+
+def test_a_dataset_of_one_shard_trains_on_two_ranks_with_a_decode_worker_each_and_resumes(tmp_path):
+    """A user's first dataset is small: 21 clips make one shard, one chunk, for 2 consumers (2 ranks, a decode
+    worker each; 2 x 2 workers: tests/unit/test_small_data.py). A consumer with no share of an epoch serves the
+    next one (it once recursed until Python gave up); stopped and resumed, every finished epoch trains each sample
+    exactly once, an open one at most once."""
+    from data.demo_set import build
+
+    dataset = tmp_path / "one_shard"
+    build(dataset, procedural=16, real=False, samples_per_shard=64, seed=0)
+    assert len(json.loads((dataset / "manifest.json").read_text())["shards"]) == 1
+    run_dir = tmp_path / "run"
+    first = torchrun(run_dir, dataset, "data.num_workers=1", "train.stop_after_steps=3")
+    assert "stopping at step 3" in first.stdout
+    second = torchrun(run_dir, dataset, "data.num_workers=1")
+    assert "resuming from" in second.stdout and "step_3" in second.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
+    assert_exactly_once(run_dir)
