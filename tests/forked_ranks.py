@@ -7,7 +7,8 @@ run. `run_ranks(command, ...)` takes the very command a test would give `subproc
 torch.distributed.run --standalone --nproc_per_node=N -m MODULE ARGS...`, or `python -m MODULE ARGS...` for a
 world of one) and runs the same entry point with the same arguments, environment and working directory, in N
 real processes that rendezvous over gloo on a free port exactly as torchrun's ranks do (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...). Like torchrun, when one rank fails the others are stopped.
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...). Like torchrun, when one rank fails the others are stopped. Unlike
+torchrun, the output comes back rank by rank (rank 0's lines, then rank 1's, ...), never interleaved.
 
 What this does not run is torchrun itself: its agent, its restarts, its signal forwarding and its error summary
 ("exitcode : 3"). Tests about those keep the real command (the launch, SLURM, SIGTERM and exit-code tests), and
@@ -123,12 +124,14 @@ def _run_group(entry: List[str], nproc: int, torchrun: bool, env: Dict[str, str]
     os.setpgrp()
     port = _free_port()
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    out, err = os.open(out_path, flags, 0o644), os.open(err_path, flags, 0o644)
+    err = os.open(err_path, flags, 0o644)  # the agent's own lines
     ranks = []
     for rank in range(nproc):
         pid = os.fork()
         if pid == 0:
-            _rank_process(entry, env, cwd, rank, nproc, torchrun, port, out, err)
+            # a file per rank: unbuffered ranks writing to one file interleave word by word
+            _rank_process(entry, env, cwd, rank, nproc, torchrun, port, os.open(f"{out_path}.{rank}", flags, 0o644),
+                          os.open(f"{err_path}.{rank}", flags, 0o644))
         ranks.append(pid)
     codes: Dict[int, int] = {}
     stop_at = None
@@ -246,10 +249,15 @@ def run_ranks(command: Sequence[str], cwd, env: Optional[Dict[str, str]] = None,
             agent = connection.recv()
             if not connection.poll(timeout):
                 os.killpg(agent, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(list(command), timeout, Path(out_path).read_text())
+                raise subprocess.TimeoutExpired(list(command), timeout, _joined(out_path, nproc))
             code = connection.recv()
-        return subprocess.CompletedProcess(list(command), code, Path(out_path).read_text(errors="replace"),
-                                           Path(err_path).read_text(errors="replace"))
+        return subprocess.CompletedProcess(list(command), code, _joined(out_path, nproc), _joined(err_path, nproc))
+
+
+def _joined(path: str, nproc: int) -> str:
+    """Every rank's output, rank 0 first (then the agent's own lines): each rank's lines whole and in order."""
+    parts = [Path(f"{path}.{rank}") for rank in range(nproc)] + [Path(path)]
+    return "".join(part.read_text(errors="replace") for part in parts if part.exists())
 
 
 if __name__ == "__main__":

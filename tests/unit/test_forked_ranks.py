@@ -17,8 +17,11 @@ RANK_SCRIPT = """
     total = torch.tensor([dist.get_rank() + 1])
     dist.all_reduce(total)
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR")
-    print("rank", dist.get_rank(), "of", dist.get_world_size(), "sum", int(total), "args", sys.argv[1:],
-          "env", [os.environ[k] != "" for k in keys], "cwd", os.getcwd() == os.environ["EXPECTED_CWD"], flush=True)
+    line = " ".join(map(str, ("rank", dist.get_rank(), "of", dist.get_world_size(), "sum", int(total), "args",
+                              sys.argv[1:], "env", [os.environ[k] != "" for k in keys], "cwd",
+                              os.getcwd() == os.environ["EXPECTED_CWD"])))
+    sys.stdout.write(line + "\n")  # one write: unbuffered ranks sharing torchrun's pipe cannot interleave it
+    sys.stdout.flush()
     dist.destroy_process_group()
     """
 
