@@ -20,7 +20,7 @@ RANK_SCRIPT = """
     line = " ".join(map(str, ("rank", dist.get_rank(), "of", dist.get_world_size(), "sum", int(total), "args",
                               sys.argv[1:], "env", [os.environ[k] != "" for k in keys], "cwd",
                               os.getcwd() == os.environ["EXPECTED_CWD"])))
-    sys.stdout.write(line + "\n")  # one write: unbuffered ranks sharing torchrun's pipe cannot interleave it
+    sys.stdout.write(line + "\\n")  # one write: unbuffered ranks sharing torchrun's pipe cannot interleave it
     sys.stdout.flush()
     dist.destroy_process_group()
     """
