@@ -88,12 +88,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     weights = work / "vae.safetensors"
     save_file(CausalVideoVAE(16, 32, (1, 2, 2), (False, True, True)).state_dict(), str(weights))
-    import socket
-
-    with socket.socket() as probe:  # a plain `python -m train` rendezvous on MASTER_PORT: take a free one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", MASTER_PORT=str(port))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")  # a world of one takes a free port itself
     config = overrides(weights, args.steps)
     encode_s, steady = {}, {}
     for workers in (1, 2):

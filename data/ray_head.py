@@ -53,13 +53,18 @@ def start_ray_process(command: List[str], timeout: float, stop_with_parent: bool
     return process
 
 
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it), for a server about to bind it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start_private_head(object_store_bytes: int, timeout: float = 120.0, num_cpus: int = 1
                        ) -> Tuple[subprocess.Popen, str]:
     """A Ray head of `num_cpus` CPUs (the data coordinator's actor needs none) on a free local port, stopped when
     this process exits (or dies)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_local_port()
     command = [tool_beside_python("ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                "--include-dashboard=false", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1"]

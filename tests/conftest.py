@@ -1,5 +1,4 @@
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -58,9 +57,9 @@ def pytest_sessionfinish(session):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from data.ray_head import free_local_port
+
+    return free_local_port()
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +100,6 @@ def tiny_t5(tmp_path_factory):
     torch.manual_seed(0)
     transformers.T5EncoderModel(config).save_pretrained(path)
     return path
-
 
 
 # `make test` runs two pytest-xdist workers with --dist loadfile: each module runs whole on one worker (its

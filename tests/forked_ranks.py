@@ -58,14 +58,6 @@ def parse(command: Sequence[str]) -> Optional[Tuple[int, List[str], bool]]:
 # ----------------------------------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _rank_process(entry: List[str], env: Dict[str, str], cwd: str, rank: int, nproc: int, torchrun: bool,
                   port: int, out: int, err: int) -> None:
     """In the forked rank: torchrun's environment, then the entry point as `python -m`/`python script` runs it."""
@@ -122,7 +114,9 @@ def _run_group(entry: List[str], nproc: int, torchrun: bool, env: Dict[str, str]
     """The agent: fork the ranks, wait for them, stop the rest when one fails (as torchrun does); torchrun's exit
     status (0, or 1 when a rank failed)."""
     os.setpgrp()
-    port = _free_port()
+    from data.ray_head import free_local_port
+
+    port = free_local_port()
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     err = os.open(err_path, flags, 0o644)  # the agent's own lines
     ranks = []
@@ -242,8 +236,8 @@ def run_ranks(command: Sequence[str], cwd, env: Optional[Dict[str, str]] = None,
     nproc, entry, torchrun = parsed
     with tempfile.TemporaryDirectory(prefix="kino-ranks-") as folder:
         out_path, err_path = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        request = dict(entry=entry, nproc=nproc, torchrun=torchrun, env=dict(os.environ if env is None else env), cwd=str(cwd),
-                       out_path=out_path, err_path=err_path)
+        request = dict(entry=entry, nproc=nproc, torchrun=torchrun, env=dict(os.environ if env is None else env),
+                       cwd=str(cwd), out_path=out_path, err_path=err_path)
         with Client(_server_address(), family="AF_UNIX") as connection:
             connection.send(request)
             agent = connection.recv()

@@ -34,7 +34,7 @@ class SkipGuard:
         if _expected(report.nodeid, report.keywords, reason):
             self.expected += 1
         else:
-            self.unexpected.append((report.nodeid.split("@")[0], reason.removeprefix("Skipped: ")))
+            self.unexpected.append((report.nodeid, reason.removeprefix("Skipped: ")))
 
     def pytest_sessionfinish(self, session):
         if self.unexpected and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):

@@ -25,14 +25,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_local_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def init_distributed() -> DistEnv:
     """One process group for torchrun, SLURM (srun + torchrun) and Kubernetes alike: nccl on GPU, gloo on CPU."""
     use_cuda = torch.cuda.is_available()
@@ -41,7 +33,9 @@ def init_distributed() -> DistEnv:
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         # A plain `python -m train` is a world of one and agrees on its port with no one: a free port, so two
         # such runs on one machine never collide over a fixed default.
-        os.environ["MASTER_PORT"] = str(_free_local_port())
+        from data.ray_head import free_local_port
+
+        os.environ["MASTER_PORT"] = str(free_local_port())
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     import deepspeed
