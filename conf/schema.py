@@ -22,6 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conf.errors import ConfigError
+from conf.keys import check_override_keys
 from data.config import DataConfig
 from launch.config import LauncherConfig
 from models.config import ModelConfig
@@ -167,14 +168,11 @@ def check_lora_targets(cfg: KinoConfig) -> None:
         return
     import torch
 
-    from models.dit import TextToVideoModel
+    from models.dit import TextToVideoModel, planned_context_dim
     from models.lora import lora_layers
 
-    try:
-        with torch.device("meta"):
-            model = TextToVideoModel(cfg.model, with_lora=False)
-    except OSError as error:  # the pretrained text encoder's config.json, for its width
-        raise ConfigError(f"model.text.path={cfg.model.text.path}: {error}") from error
+    with torch.device("meta"):  # from the config alone: validate reads no files
+        model = TextToVideoModel(cfg.model, with_lora=False, context=planned_context_dim(cfg.model))
     if not lora_layers(model.dit, cfg.model.lora.targets):
         names = sorted({name.rsplit(".", 1)[-1] for name, m in model.dit.named_modules()
                         if isinstance(m, torch.nn.Linear)})
@@ -189,17 +187,33 @@ def _register() -> None:
 def load_config(overrides: List[str], check: bool = True, world_size: Optional[int] = None) -> KinoConfig:
     """Compose conf/config.yaml with command-line overrides into a KinoConfig, validated unless check=False
     (for tools that read one section only, e.g. `python -m models`)."""
+    check_override_keys(list(overrides), KinoConfig)
     _register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="conf", version_base="1.3"):
             composed = compose(config_name="config", overrides=list(overrides))
-    except Exception as error:  # Hydra/OmegaConf name the offending key in their message.
-        raise ConfigError(f"invalid configuration: {error}") from error
+    except Exception as error:  # Hydra/OmegaConf name the offending key in their message
+        raise ConfigError(f"invalid configuration: {hydra_reason(error)}") from error
     cfg: KinoConfig = OmegaConf.to_object(composed)
     if check:
         validate(cfg, world_size)
     return cfg
+
+
+def hydra_reason(error: BaseException) -> str:
+    """Hydra's message in one line, with the reason it keeps in the chained error ("Error merging override
+    curriculum.stages.0.steps=abc" says which override, its cause why: the value is not an int)."""
+    lines = [str(error).strip().splitlines()[0]]
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause).strip():
+        reason = str(cause).strip().splitlines()[0]
+        if reason not in lines[0]:
+            lines.append(reason)
+    # Unknown schema keys never get here (conf/keys.py): Hydra's "use +key=value" is then about a mapping
+    # (launcher.env), where adding the key is what the user wants.
+    hint = [line.strip() for line in str(error).splitlines() if line.strip().startswith("To append")]
+    return ": ".join(lines).rstrip(".") + (f" ({hint[0]})" if hint else "")
 
 
 def to_yaml(cfg: KinoConfig) -> str:

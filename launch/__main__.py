@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = [a for a in rest if not a.startswith("--")]
     dry_run = "--dry-run" in flags
     try:
-        plan = make_plan(scheduler, overrides)
+        plan = make_plan(scheduler, overrides, dry_run)
         # The summary goes to stderr under --dry-run, so stdout is exactly the script or manifests.
         print(plan.describe(), file=sys.stderr if dry_run else sys.stdout, flush=True)
         if scheduler == "local":

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
+from conf.errors import UserError
 from conf.schema import ConfigError, KinoConfig, load_config
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launch that cannot work; the message says which setting to change."""
 
 
@@ -58,10 +59,11 @@ class LaunchPlan:
         gpus = f", {launcher.gpus_per_node} GPU(s) per node" if launcher.gpus_per_node else ", no GPUs"
         return (f"kino launch ({self.scheduler}): experiment {self.cfg.train.experiment!r}, {self.nodes} node(s) x "
                 f"{self.procs_per_node} process(es) = {self.world_size} rank(s){gpus}; {self.cfg.total_steps} steps "
-                f"in {len(self.cfg.curriculum.stages)} stage(s); run dir {self.run_dir}\n{self.memory_report}")
+                f"in {len(self.cfg.curriculum.stages)} stage(s); run dir {self.run_dir}\n{self.memory_report}"
+                + "".join(f"\nnote: {note}" for note in self.notes))
 
 
-def make_plan(scheduler: str, overrides: List[str]) -> LaunchPlan:
+def make_plan(scheduler: str, overrides: List[str], dry_run: bool = False) -> LaunchPlan:
     try:
         cfg = load_config(overrides)
     except ConfigError as error:
@@ -81,7 +83,23 @@ def make_plan(scheduler: str, overrides: List[str]) -> LaunchPlan:
 
         launcher.nodes = len(read_hostfile(launcher.hostfile))  # DeepSpeed starts on every host listed
     plan.memory_report = check_memory(cfg, plan.world_size)
+    check_tracking_login(plan, dry_run)
     return plan
+
+
+def check_tracking_login(plan: LaunchPlan, dry_run: bool) -> None:
+    """tracking.mode=online: the ranks log in with what the launching shell has (its environment, ~/.netrc on a
+    shared home), so a missing login is refused here, before anything starts. Kubernetes pods read the key from
+    the Secret launcher.k8s.wandb_secret instead, which only the cluster can check."""
+    if plan.scheduler == "k8s":
+        return
+    from train.tracking import wandb_credentials_problem
+
+    problem = wandb_credentials_problem(plan.cfg.tracking)
+    if problem and dry_run:
+        plan.notes.append(problem)
+    elif problem:
+        raise LaunchError(problem)
 
 
 def _visible_gpus() -> int:

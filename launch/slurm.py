@@ -19,7 +19,7 @@ from typing import List
 from launch.plan import LaunchError, LaunchPlan, python_on_nodes, shell_join, workdir
 
 TEMPLATE = """#!/bin/bash
-# Rendered by `python -m launch slurm` on {date}. Submit again with: sbatch {script}
+# {rendered}
 {sbatch}
 cd {workdir}
 # launcher.slurm.setup (before `set -u`: module systems and activate scripts read unset variables)
@@ -91,7 +91,7 @@ def sbatch_options(plan: LaunchPlan, log_dir: Path) -> List[str]:
     return options + list(slurm.extra_sbatch)
 
 
-def render(plan: LaunchPlan, script_path: Path, log_dir: Path) -> str:
+def render(plan: LaunchPlan, script_path: Path, log_dir: Path, dry_run: bool = False) -> str:
     launcher, slurm = plan.cfg.launcher, plan.cfg.launcher.slurm
     srun_extra = ""
     if slurm.container_image:
@@ -103,7 +103,10 @@ def render(plan: LaunchPlan, script_path: Path, log_dir: Path) -> str:
     requeue = 'scontrol requeue "$SLURM_JOB_ID"' if slurm.requeue else 'echo "kino: launcher.slurm.requeue=false"'
     python = "python" if slurm.container_image else python_on_nodes(plan.cfg)
     return TEMPLATE.format(
-        date=time.strftime("%Y-%m-%d %H:%M:%S"), script=script_path,
+        rendered=(f"Rendered by `python -m launch slurm --dry-run` on {time.strftime('%Y-%m-%d %H:%M:%S')}: not written "
+                  f"or submitted; without --dry-run it is written to {script_path} and submitted" if dry_run else
+                  f"Rendered by `python -m launch slurm` on {time.strftime('%Y-%m-%d %H:%M:%S')}. Submit again "
+                  f"with: sbatch {script_path}"),
         sbatch="\n".join(f"#SBATCH {option}" for option in sbatch_options(plan, log_dir)),
         workdir=shlex.quote(workdir(plan.cfg)), setup="\n".join(slurm.setup), env=env,
         run_dir=shlex.quote(str(Path(workdir(plan.cfg)) / plan.run_dir)), requeue=requeue,
@@ -124,7 +127,7 @@ def paths(plan: LaunchPlan):
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
     script_path, log_dir = paths(plan)
-    script = render(plan, script_path, log_dir)
+    script = render(plan, script_path, log_dir, dry_run)
     if dry_run:
         print(script)
         return 0

@@ -19,6 +19,8 @@ class TextEncoderConfig:
     # pretrained: pad each caption's embeddings with zero vectors to this many tokens (Wan was trained on UMT5
     # embeddings zero-padded to 512, and its cross-attention reads the padding); null = the real tokens only.
     pad_to: Optional[int] = None
+    # builtin: the encoder's width. pretrained: the width the encoder has (its config.json's d_model, which the run
+    # reads), used only by estimates made where its files are not (train.memory, the launchers on a submit host).
     dim: int = 128
     depth: int = 2
     heads: int = 4

@@ -9,7 +9,8 @@ cross-attention to caption tokens.
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -333,14 +334,15 @@ class TextToVideoModel(nn.Module):
     Knows nothing about distribution. With a frozen pretrained text encoder, the caller passes its
     embeddings in the TextBatch (`text_conditioner` builds either kind)."""
 
-    def __init__(self, cfg: ModelConfig, with_lora: bool = True):
+    def __init__(self, cfg: ModelConfig, with_lora: bool = True, context: Optional[int] = None):
+        """`context`: the caption width, when the caller knows it without the encoder's files (estimates)."""
         super().__init__()
         self.cfg = cfg
         if cfg.text.name not in ("builtin", "pretrained"):
             raise ValueError(f"model.text.name={cfg.text.name!r}: supported: builtin, pretrained")
         self.text_encoder = TextEncoder(cfg.text, backend=cfg.attention_backend) if cfg.text.name == "builtin" \
             else None
-        context = context_dim(cfg)
+        context = context or context_dim(cfg)
         if cfg.arch == "wan":
             from models.wan import WanDiT  # models/wan.py builds on this module's pieces
 
@@ -363,6 +365,14 @@ class TextToVideoModel(nn.Module):
 def context_dim(cfg: ModelConfig) -> int:
     """Width of the caption tokens the DiT reads: the built-in encoder's, or the pretrained one's."""
     return cfg.text.dim if cfg.text.name == "builtin" else pretrained_text_dim(cfg.text.path)
+
+
+def planned_context_dim(cfg: ModelConfig) -> int:
+    """context_dim for estimates made before the run, possibly where the pretrained encoder's files are not (a
+    submit host): its config.json when it is here, else model.text.dim, the width the config says it has."""
+    if cfg.text.name == "pretrained" and cfg.text.path and (Path(cfg.text.path) / "config.json").is_file():
+        return pretrained_text_dim(cfg.text.path)
+    return cfg.text.dim
 
 
 def text_conditioner(cfg: ModelConfig):

@@ -25,8 +25,29 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(ours).setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def usage() -> str:
+    from conf.keys import config_groups, group_options
+
+    groups = "\n".join(f"  {group:<11} {', '.join(group_options(group))}" for group in config_groups())
+    return f"""usage: python -m train [--dry-run] [GROUP=OPTION ...] [KEY=VALUE ...]
+       torchrun --nproc_per_node=N -m train ...   (python -m launch local|slurm|k8s starts it for you)
+
+Trains the run the composed config describes (conf/config.yaml, then the groups, then KEY=VALUE overrides),
+resuming from RUN/checkpoints/latest. --dry-run validates the config, prints it and exits.
+
+config groups (GROUP=OPTION picks conf/GROUP/OPTION.yaml):
+{groups}
+
+every key, its type, default and meaning: docs/configuration.md; the resolved config: python -m train --dry-run ...
+exit status: 0 done, 2 a mistake in the config or data (one line says which), 3 non-finite losses, 75 stopped by a
+signal with a checkpoint (run again to resume)."""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(usage())
+        return 0
     dry_run = "--dry-run" in args
     overrides = [a for a in args if a != "--dry-run"]
     rank = int(os.environ.get("RANK", "0"))
@@ -38,8 +59,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kino: {error}", file=sys.stderr)
         return 2
     if not dry_run:
+        from train.tracking import wandb_credentials_problem
+
         try:
             check_data(cfg)  # the datasets, caches and base weights it names, here where the run starts
+            problem = wandb_credentials_problem(cfg.tracking)
+            if problem:
+                raise ConfigError(problem)
         except ConfigError as error:
             if rank == 0:
                 print(f"kino: {error}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 ACTIVATION_VALUES_PER_TOKEN = 42  # x model.dim, per DiT block, without checkpointing
 OUTSIDE_BLOCKS_VALUES_PER_TOKEN = 8  # patch embedding, final layer, loss, x model.dim
 HEAD_VALUES_PER_TOKEN = 3  # of those, the output head's norm and modulation (what model.loss_chunks tiles)
-GPU_MEMORY_GIB = {"A100-40": 40, "A100-80": 80, "H100": 80, "H200": 141}
+GPU_MEMORY_GIB = {"A100-40": 40, "A100-80": 80, "H100": 80, "H200": 141, "L40S": 48, "RTX4090": 24}
 
 
 @dataclass
@@ -46,10 +46,11 @@ class MemoryEstimate:
 
 
 def trainable_parameters(model_cfg) -> int:
-    from models.dit import TextToVideoModel
+    """From the config alone: a launcher estimates on the submit host, where the weights need not be."""
+    from models.dit import TextToVideoModel, planned_context_dim
 
     with torch.device("meta"):
-        model = TextToVideoModel(model_cfg)
+        model = TextToVideoModel(model_cfg, context=planned_context_dim(model_cfg))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -77,7 +78,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     buffers = (cfg.zero.reduce_bucket_size + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
     buffers = min(buffers, 2 * psi * value_bytes)  # buckets never exceed the model
     if sequence < 1 or world_size % sequence:
-        raise ValueError(f"a sequence-parallel degree of {sequence} must divide the world size {world_size}")
+        from conf.errors import ConfigError
+
+        raise ConfigError(f"a sequence-parallel degree of {sequence} must divide the world size {world_size}")
     tokens = (token_budget or max(s.token_budget for s in cfg.curriculum.stages)) / sequence  # per rank
     m = cfg.model
     text = text_tokens if text_tokens is not None else m.text.max_tokens
@@ -93,13 +96,32 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
                           saved + (recompute + all_to_all) * value_bytes, saved)
 
 
+def gpu_memory_gib(gpu: str) -> float:
+    """--gpu: a kind of GPU_MEMORY_GIB, or its memory in GiB."""
+    from conf.errors import UserError, did_you_mean
+
+    if gpu in GPU_MEMORY_GIB:
+        return float(GPU_MEMORY_GIB[gpu])
+    try:
+        gib = float(gpu)
+    except ValueError:
+        raise UserError(f"--gpu {gpu}: not a GPU kind Kino knows ({', '.join(GPU_MEMORY_GIB)}){did_you_mean(gpu, GPU_MEMORY_GIB)}; "
+                        f"or give its memory in GiB, e.g. --gpu 24") from None
+    if gib <= 0:
+        raise UserError(f"--gpu {gpu}: the GPU's memory in GiB must be positive")
+    return gib
+
+
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.memory", description=__doc__.splitlines()[0])
+    from conf.errors import ArgumentParser, at_least
+
+    parser = ArgumentParser(prog="python -m train.memory", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=1B zero.stage=3")
-    parser.add_argument("--world-size", type=int, default=8)
+    parser.add_argument("--world-size", type=at_least(1, "the number of GPUs"), default=8)
     parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPU_MEMORY_GIB)} or GiB as a number")
-    parser.add_argument("--tokens", type=int, default=None, help="micro-batch tokens (default: largest stage budget)")
-    parser.add_argument("--sequence", type=int, default=None,
+    parser.add_argument("--tokens", type=at_least(1, "a micro-batch's tokens"), default=None,
+                        help="micro-batch tokens (default: largest stage budget)")
+    parser.add_argument("--sequence", type=at_least(1, "the sequence-parallel degree"), default=None,
                         help="sequence-parallel degree: N ranks share each micro-batch (docs/scaling.md); "
                              "default parallel.sequence")
     args = parser.parse_args(argv)
@@ -107,7 +129,7 @@ def main(argv: List[str] = None) -> int:
 
     cfg = load_config(args.overrides, check=False)
     sequence = cfg.parallel.sequence if args.sequence is None else args.sequence
-    gib = float(GPU_MEMORY_GIB.get(args.gpu, args.gpu))
+    gib = gpu_memory_gib(args.gpu)
     result = estimate(cfg, args.world_size, args.tokens, sequence=sequence)
     print(f"model {cfg.model.name}: {trainable_parameters(cfg.model) / 1e9:.2f}B trainable parameters; "
           f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs"
@@ -125,4 +147,6 @@ def main(argv: List[str] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from conf.errors import run_command
+
+    sys.exit(run_command("kino", main))

@@ -110,6 +110,39 @@ def console_line(m: Dict[str, Any], total_steps: int) -> str:
     return " | ".join(parts)
 
 
+def wandb_credentials_problem(cfg: TrackingConfig) -> Optional[str]:
+    """Why tracking.mode=online cannot log in from this machine (None: it can, or the mode needs no account).
+    The places wandb itself reads a key from: WANDB_API_KEY, an identity token file, its settings file, and the
+    netrc entry `wandb login` writes for the API host. Whether the key is valid only the server can say."""
+    if cfg.mode != "online":
+        return None
+    env = os.environ
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    import configparser
+    import netrc
+    from urllib.parse import urlparse
+
+    settings = Path(env.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb") / "settings"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(settings)
+        if parser.get("default", "api_key", fallback=None):
+            return None
+    except configparser.Error:
+        pass
+    host = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    for path in ([env["NETRC"]] if env.get("NETRC") else [Path.home() / ".netrc", Path.home() / "_netrc"]):
+        try:
+            entry = netrc.netrc(str(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return None
+    return ("tracking.mode=online needs a W&B login on this machine and none was found: run `wandb login` (or set "
+            "WANDB_API_KEY), or train with tracking.mode=offline and `wandb sync` the run's wandb/ folder later")
+
+
 class Tracker:
     """Lives on the main rank; other ranks hold a disabled one so calls need no rank checks."""
 
