@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from benchmarks.model_step import one_clip_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python3 benchmarks/profile_step.py` from anywhere
+from model_step import one_clip_step  # noqa: E402
 
 
 def group_of(name: str) -> str:

@@ -27,7 +27,9 @@ class ConfigError(UserError, ValueError):
 def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """' (did you mean X?)' for the nearest of `choices`, or ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
-    return f" (did you mean {close[0]}?)" if close else ""
+    if not close:
+        return ""
+    return f" (did you mean {close[0]!r}?)" if any(c.isspace() for c in close[0]) else f" (did you mean {close[0]}?)"
 
 
 def report(prog: str, error: BaseException) -> int:
@@ -65,16 +67,6 @@ def at_least(minimum: int, what: str = "a number") -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be positive")
-    return value
 
 
 def one_of(value: str, choices: Sequence[str], what: str) -> str:

@@ -257,7 +257,7 @@ def flatten(cfg: KinoConfig) -> Dict[str, Any]:
 # Keys a resumed run may change: they affect bookkeeping, not the training trajectory.
 RESUMABLE_KEYS = (
     "train.resume", "train.checkpoint_every", "train.keep_last", "train.run_dir",
-    "train.record_sample_keys", "train.stop_after_steps", "tracking", "data.num_workers", "data.root",
+    "train.record_sample_keys", "train.stop_after_steps", "train.cpu_threads", "tracking", "data.num_workers", "data.root",
     "data.coordinator", "data.ray_address", "data.validation_root", "data.latents", "data.lease_timeout_s", "data.allow_changed_dataset",
     "model.attention_backend", "model.activation_checkpointing", "model.compile", "model.compile_backend", "model.mlp_chunks",
     "model.loss_chunks", "model.init_sha256", "parallel", "launcher",

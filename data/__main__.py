@@ -2,10 +2,11 @@
 encode licensed video datasets."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from conf.errors import ArgumentParser, UserError, at_least, did_you_mean, run_command
 
 
 def _table(title: str, counts, total: int) -> None:
@@ -15,30 +16,45 @@ def _table(title: str, counts, total: int) -> None:
 
 
 def cmd_ingest(args) -> int:
-    from data.ingest import Progress, ingest_rows, rows_from_table, rows_from_video2dataset
+    from data.ingest import (Progress, check_table, ingest_rows, parse_mapping, prepare_output, read_table,
+                             rows_from_table, rows_from_video2dataset)
 
-    mapping = dict(item.split("=", 1) for item in args.map)
-    progress = Progress()
+    # Every mistake is found before the output folder is touched.
+    mapping = parse_mapping(args.map)
+    if bool(args.video2dataset) == bool(args.videos or args.metadata) or (args.videos is None) != (args.metadata is None):
+        raise UserError("ingest needs --videos DIR --metadata TABLE, or --video2dataset DIR")
+    progress = Progress("ingest", unit="rows")
     if args.video2dataset:
+        if not args.video2dataset.is_dir():
+            raise UserError(f"--video2dataset {args.video2dataset}: no such folder")
         rows = rows_from_video2dataset(args.video2dataset, mapping, progress)
-    elif args.videos and args.metadata:
-        rows = rows_from_table(args.videos, args.metadata, mapping)
     else:
-        print("ingest needs --videos DIR --metadata TABLE, or --video2dataset DIR", file=sys.stderr)
-        return 2
-    report = ingest_rows(rows, args.out, args.samples_per_shard, args.shard_bytes, progress)
-    print(f"ingested {report['accepted']} samples into {args.out} ({report['manifest']})")
+        if not args.videos.is_dir():
+            raise UserError(f"--videos {args.videos}: no such folder")
+        records = read_table(args.metadata)
+        check_table(records, mapping, args.metadata)
+        rows = rows_from_table(args.videos, records, mapping, progress)
+    output = prepare_output(args.out, args.append, args.force)
+    report = ingest_rows(rows, output, args.samples_per_shard, args.shard_bytes, progress)
+    where = f"a new shard set ({output.prefix}-*.tar) beside its {len(output.earlier_rows)} shards" \
+        if output.earlier_rows else args.out
+    print(f"ingested {report['accepted']} samples into {where} ({report['manifest']})")
     if report["rejected"]:
-        print(f"REJECTED {report['rejected']} rows (details in {args.out / 'ingest_report.json'}):")
+        print(f"REJECTED {report['rejected']} rows (details in {report['report']}):")
         for rejection in report["rejections"][:20]:
             print(f"  {rejection['key']}: {'; '.join(rejection['reasons'])}")
+    if not report["accepted"]:
+        print(f"kino: nothing ingested: every row was rejected (reasons above and in {report['report']})",
+              file=sys.stderr)
+        return 1
     return 1 if report["rejected"] and args.strict else 0
 
 
 def cmd_verify(args) -> int:
     from data.inspect import scan
+    from data.progress import Progress
 
-    result = scan(args.root)
+    result = scan(args.root, Progress("verify"))
     print(f"{result['samples']} samples checked in {args.root}, {result['good']} good")
     for problem in result["manifest_problems"]:
         print(f"  MANIFEST {problem}")
@@ -52,8 +68,9 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     from data.inspect import scan
+    from data.progress import Progress
 
-    result = scan(args.root)
+    result = scan(args.root, Progress("inspect"))
     print(f"{result['samples']} samples in {args.root}, {result['good']} good")
     for item in result["corrupt"]:  # what the tables below leave out, and why
         print(f"  {item['kind']} {item['shard']} {item['key']}: {item['problem']}")
@@ -70,8 +87,12 @@ def cmd_audit(args) -> int:
         hits = takedown(args.run, args.rights_holder, args.source)
         who = args.rights_holder or args.source
         if not hits:
-            print(f"no checkpoint of {args.run} trained on samples of {who!r}")
-            return 0
+            field = "rights_holders" if args.rights_holder else "sources"
+            known = {name for audit in checkpoint_audits(args.run) for counts in audit.get(field, {}).values()
+                     for name in counts}
+            print(f"no checkpoint of {args.run} trained on samples of {who!r}{did_you_mean(who, known)}",
+                  file=sys.stderr)
+            return 1
         print(f"checkpoints of {args.run} that trained on samples of {who!r}:")
         for hit in hits:
             shards = ", ".join(f"{s} ({n})" for s, n in sorted(hit["shards"].items()))
@@ -152,7 +173,7 @@ def cmd_encode(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data", description=__doc__.split("\n\n")[0].replace("\n", " "))
     verbs = parser.add_subparsers(dest="verb", required=True)
     ingest = verbs.add_parser("ingest", help="videos + metadata (or video2dataset output) -> shards + manifest")
     ingest.add_argument("--videos", type=Path, help="folder of video files named in the table's `video` column")
@@ -162,8 +183,12 @@ def main(argv=None) -> int:
     ingest.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
                       help="take contract FIELD from SOURCE (a column, or a dotted path in the json)")
     ingest.add_argument("--out", type=Path, required=True)
-    ingest.add_argument("--samples-per-shard", type=int, default=64)
-    ingest.add_argument("--shard-bytes", type=int, default=None, help="also close a shard at this size")
+    ingest.add_argument("--samples-per-shard", type=at_least(1, "samples per shard"), default=64)
+    ingest.add_argument("--shard-bytes", type=at_least(1, "a shard's bytes"), default=None,
+                        help="also close a shard at this size")
+    ingest.add_argument("--append", action="store_true",
+                        help="--out is a dataset: add these samples to it as a new shard set (one manifest)")
+    ingest.add_argument("--force", action="store_true", help="--out is a dataset: replace it")
     ingest.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
     ingest.set_defaults(handler=cmd_ingest)
     verify = verbs.add_parser("verify", help="re-read shards, check the manifest, probe every video")
@@ -194,7 +219,7 @@ def main(argv=None) -> int:
     encode.add_argument("dataset", type=Path)
     encode.add_argument("--out", type=Path, required=True)
     encode.add_argument("--stage", default=None, help="the curriculum stage whose buckets to fit (default: the last)")
-    encode.add_argument("--workers", type=int, default=1, help="encoder actors in the Ray pool")
+    encode.add_argument("--workers", type=at_least(1, "encoder actors"), default=1, help="encoder actors in the Ray pool")
     encode.add_argument("overrides", nargs="*", help="config overrides, as for python -m train (model encoders, "
                                                      "curriculum, data.fps, data.decoder, ...)")
     encode.set_defaults(handler=cmd_encode)
@@ -207,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("kino", main))

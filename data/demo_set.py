@@ -185,7 +185,7 @@ def open_video_samples(cache: Path, width: int = 128, height: int = 72) -> Itera
             meta = {"license": entry["license"], "source_url": entry["source_url"],
                     "attribution": entry["attribution"], "rights_holder": entry["rights_holder"],
                     "width": width, "height": height, "fps": fps, "num_frames": len(clip),
-                    "clip_span": [start, round(last / fps, 3)]}
+                    "source_clip_span": [start, round(last / fps, 3)]}
             yield f"{entry['name']}-{n:02d}", encode_mp4(clip, fps), caption, meta
 
 

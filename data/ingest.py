@@ -11,25 +11,75 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from data.schema import REQUIRED_FIELDS, metadata_problems
+from conf.errors import UserError, did_you_mean
+from data.schema import (MANIFEST_NAME, OPTIONAL_FIELDS, REQUIRED_FIELDS, ROW_FIELDS, metadata_problems,
+                         read_manifest)
+from data.progress import Progress
 from data.shards import ShardSetWriter
+
+# What a table must give for any row to be written; the rest (width, height, fps, num_frames) can be probed.
+TABLE_FIELDS = ("video", "caption", "license", "source_url", "attribution", "rights_holder")
+REPORT_NAME = "ingest_report.json"
+
+
+def parse_mapping(items: Sequence[str]) -> Dict[str, str]:
+    """--map FIELD=SOURCE items; a FIELD outside the sample contract is refused, never ignored."""
+    fields = (*ROW_FIELDS, *REQUIRED_FIELDS, *OPTIONAL_FIELDS)
+    mapping = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise UserError(f"--map {item}: write FIELD=SOURCE, e.g. --map license=license_id")
+        if name not in fields:
+            raise UserError(f"--map {item}: {name!r} is not a field of the sample contract"
+                            f"{did_you_mean(name, fields)}; the fields: {', '.join(fields)}")
+        mapping[name] = source
+    return mapping
 
 
 def read_table(path: Path) -> List[Dict[str, Any]]:
     """Rows of a CSV, JSONL or Parquet metadata table."""
+    if not path.is_file():
+        raise UserError(f"--metadata {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with open(path, newline="") as handle:
             return [dict(row) for row in csv.DictReader(handle)]
     if suffix in (".jsonl", ".ndjson"):
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"--metadata {path}: line {number} is not JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"--metadata {path}: line {number} is not a JSON object")
+            rows.append(row)
+        return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: metadata must be .csv, .jsonl or .parquet")
+    raise UserError(f"--metadata {path}: a metadata table must be .csv, .jsonl or .parquet")
+
+
+def check_table(records: List[Dict[str, Any]], mapping: Dict[str, str], path: Path) -> None:
+    """Refuse a table from which no row could be written: no rows, or a field every row lacks (most often a
+    column under another name, which would otherwise reject every row one by one)."""
+    if not records:
+        raise UserError(f"--metadata {path}: the table has no rows")
+    missing = [name for name in TABLE_FIELDS
+               if all(_lookup(record, mapping.get(name, name)) in (None, "") for record in records)]
+    if missing:
+        columns = sorted({str(key) for record in records[:1000] for key in record})
+        named = ", ".join(f"{name} (from {mapping[name]!r})" if name in mapping else name for name in missing)
+        raise UserError(f"--metadata {path}: no row has {named}; its columns are {', '.join(columns)}: rename "
+                        f"them, or name them with --map FIELD=COLUMN")
 
 
 def _lookup(record: Dict[str, Any], dotted: str) -> Any:
@@ -91,33 +141,69 @@ def cut(video: bytes, start: float, end: float) -> Tuple[bytes, Dict[str, Any]]:
     return data, {"width": clip.shape[2], "height": clip.shape[1], "fps": fps, "num_frames": len(clip)}
 
 
-class Progress:
-    """A progress line on stderr every few seconds: samples/s and, when the input's size is known, an ETA."""
+@dataclass
+class Output:
+    """Where an ingest writes: a new dataset, or a new shard set beside an existing one's (--append)."""
 
-    def __init__(self, every_s: float = 5.0):
-        self.every_s, self.started, self.last = every_s, time.monotonic(), time.monotonic()
-        self.fraction: Optional[float] = None  # of the input read, set by the row source when it knows
-
-    def update(self, accepted: int, rejected: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            return
-        self.last = now
-        done = accepted + rejected
-        rate = done / max(now - self.started, 1e-9)
-        eta = ""
-        if self.fraction:
-            eta = f", ETA {int((now - self.started) * (1 - self.fraction) / self.fraction)} s"
-        print(f"ingest: {done} rows ({accepted} written, {rejected} rejected), {rate:.1f} samples/s{eta}",
-              file=sys.stderr, flush=True)
+    root: Path
+    prefix: str = "shard"
+    earlier_rows: List[Dict[str, Any]] = field(default_factory=list)  # the existing shards, kept as they are
+    earlier_keys: Set[str] = field(default_factory=set)
+    extra: Dict[str, Any] = field(default_factory=dict)  # the manifest's other fields
+    report: str = REPORT_NAME
 
 
-def ingest_rows(rows: Iterator[Tuple], out: Path, samples_per_shard: int, shard_bytes: Optional[int],
+def prepare_output(out: Path, append: bool = False, force: bool = False) -> Output:
+    """Check --out before anything is read or written: an existing dataset is refused unless --append (a new shard
+    set beside the old, one manifest) or --force (replaced); a folder holding anything else is never written."""
+    if append and force:
+        raise UserError("--append and --force: give one (add to the dataset, or replace it)")
+    manifest_path = out / MANIFEST_NAME
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if manifest_path.exists():
+        manifest = read_manifest(out)
+        shards = manifest["shards"]
+        held = f"{sum(int(r['num_samples']) for r in shards)} samples in {len(shards)} shards"
+        if not (append or force):
+            raise UserError(f"--out {out} already holds a dataset ({held}): give a new folder, --append to add "
+                            f"these videos to it as a new shard set, or --force to replace it")
+        if force:
+            manifest_path.unlink()  # first: a replacement cut short is no dataset, never a mix of the two
+            for row in shards:
+                (out / row["path"]).unlink(missing_ok=True)
+            for report in out.glob("ingest_report*.json"):
+                report.unlink()
+            return Output(out)
+        extra = {k: v for k, v in manifest.items() if k not in ("version", "shards")}
+        number = len(extra.get("appended", [])) + 1
+        return Output(out, prefix=f"shard-a{number}", earlier_rows=list(shards), earlier_keys=_keys(out, shards),
+                      extra=extra, report=f"ingest_report-a{number}.json")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is a folder with other files in it and no dataset: give a new or empty folder")
+    return Output(out)
+
+
+def _keys(root: Path, rows: List[Dict[str, Any]]) -> Set[str]:
+    """The sample keys of a dataset's shards, from the tars' member names (no video read)."""
+    import tarfile
+
+    keys = set()
+    for row in rows:
+        with tarfile.open(root / row["path"]) as tar:
+            keys.update(name.rsplit(".", 1)[0] for name in tar.getnames())
+    return keys
+
+
+def ingest_rows(rows: Iterator[Tuple], out, samples_per_shard: int, shard_bytes: Optional[int],
                 progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Validate each (key, video bytes, caption, metadata[, problems found reading it]) row and write the accepted
-    ones. A row whose key is only a tar offset (a break in a tar) is reported as it is."""
-    writer = ShardSetWriter(out, samples_per_shard=samples_per_shard, max_bytes=shard_bytes)
-    progress = progress or Progress()
+    ones. A row whose key is only a tar offset (a break in a tar) is reported as it is. `out`: an Output
+    (prepare_output), or a folder for a new dataset."""
+    target = out if isinstance(out, Output) else Output(Path(out))
+    out = target.root
+    writer = ShardSetWriter(out, prefix=target.prefix, samples_per_shard=samples_per_shard, max_bytes=shard_bytes)
+    progress = progress or Progress("ingest", unit="rows")
     accepted, rejected, keys, aborted = 0, [], set(), None
     try:
         for row in rows:
@@ -125,6 +211,8 @@ def ingest_rows(rows: Iterator[Tuple], out: Path, samples_per_shard: int, shard_
             problems = list(row[4]) if len(row) > 4 else []
             if key in keys:
                 problems.append(f"duplicate key: an earlier row has {key!r}; the first is kept")
+            elif key in target.earlier_keys:
+                problems.append(f"duplicate key: the dataset already holds {key!r}; it is kept")
             if not problems:
                 problems = _check_row(video, caption, meta)
             if problems:
@@ -133,14 +221,20 @@ def ingest_rows(rows: Iterator[Tuple], out: Path, samples_per_shard: int, shard_
                 writer.write(key, video, caption, meta)
                 keys.add(key)
                 accepted += 1
-            progress.update(accepted, len(rejected))
+            progress.update(accepted + len(rejected), f"{accepted} written, {len(rejected)} rejected")
     except Exception as error:  # a fault of ingest itself: what was written so far is still recorded
         aborted = f"{type(error).__name__}: {error}"
-    manifest = writer.close({"name": out.name, "builder": "data.ingest"})
+    extra = dict(target.extra) or {"name": out.name, "builder": "data.ingest"}
+    if target.earlier_rows:
+        extra["appended"] = [*extra.get("appended", []), {"prefix": target.prefix, "samples": accepted,
+                                                          "report": target.report,
+                                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+    manifest = writer.close(extra, earlier_rows=target.earlier_rows)
     report = {"accepted": accepted, "rejected": len(rejected), "rejections": rejected, "manifest": str(manifest)}
     if aborted:
         report["aborted"] = aborted
-    (out / "ingest_report.json").write_text(json.dumps(report, indent=1))
+    (out / target.report).write_text(json.dumps(report, indent=1))
+    report["report"] = str(out / target.report)
     if aborted:
         raise RuntimeError(f"ingest stopped: {aborted} ({accepted} samples written and recorded in "
                            f"{manifest}; see ingest_report.json)")
@@ -161,7 +255,7 @@ def _check_row(video: Optional[bytes], caption: Any, meta: Dict[str, Any]) -> Li
         try:
             if span is not None:
                 video, probed = cut(video, *span)
-                meta["clip_span"] = list(span)
+                meta["source_clip_span"] = list(span)  # done: a re-ingest of these shards must not cut it again
                 meta.update(probed)
             else:
                 probed = probe(video)
@@ -179,9 +273,12 @@ def _check_row(video: Optional[bytes], caption: Any, meta: Dict[str, Any]) -> Li
     return problems
 
 
-def rows_from_table(videos: Path, table: Path, mapping: Dict[str, str]) -> Iterator[Tuple]:
-    """Rows of a metadata table whose `video` column names a file under `videos`."""
-    for n, record in enumerate(read_table(table)):
+def rows_from_table(videos: Path, records: List[Dict[str, Any]], mapping: Dict[str, str],
+                    progress: Optional[Progress] = None) -> Iterator[Tuple]:
+    """Rows of a metadata table (read_table, check_table) whose `video` column names a file under `videos`."""
+    for n, record in enumerate(records):
+        if progress is not None:
+            progress.fraction = n / len(records) if n else None  # of the rows before this one
         get = lambda field: _lookup(record, mapping.get(field, field))  # noqa: E731
         name = get("video")
         path = videos / str(name) if name else None
@@ -201,7 +298,11 @@ def rows_from_video2dataset(source: Path, mapping: Dict[str, str], progress: Opt
     data/tar_samples.py: a break in one is a row of its own (keyed tar@offset), the samples around it are kept."""
     from data.tar_samples import TarBreak, decode_sample, read_tar
 
+    kino_shards = (source / MANIFEST_NAME).exists()  # a Kino dataset: a clip_span there is a cut already made
+
     def apply_mapping(meta):
+        if kino_shards and "clip_span" in meta:
+            meta["source_clip_span"] = meta.pop("clip_span")
         for field, source_field in mapping.items():
             if field == "caption":
                 continue

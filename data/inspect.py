@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from data.progress import Progress
 from data.schema import metadata_problems, read_manifest
 from data.shards import verify_shards
 
@@ -27,7 +28,7 @@ def probe_with_decord(video: bytes) -> int:
     return count
 
 
-def scan(root) -> Dict[str, Any]:
+def scan(root, progress: Optional[Progress] = None) -> Dict[str, Any]:
     """Every sample of every shard: counts per license, shapes, durations, and what is broken. A break in a tar
     (corrupt or truncated data, a repeated key or member: data/tar_samples.py) is one problem, with its offset;
     the samples around it are still read and counted."""
@@ -38,6 +39,7 @@ def scan(root) -> Dict[str, Any]:
     licenses, resolutions, durations = Counter(), Counter(), Counter()
     corrupt: List[Dict[str, str]] = []
     samples = good = 0
+    total = max(1, sum(int(row["num_samples"]) for row in manifest["shards"]))
     for row in manifest["shards"]:
         path = root / row["path"]
         if not path.exists():
@@ -49,6 +51,9 @@ def scan(root) -> Dict[str, Any]:
                                 "problem": f"tar: {item.reason} (byte {item.offset})"})
                 continue
             seen += 1
+            if progress is not None:
+                progress.fraction = min(1.0, (samples + seen) / total)
+                progress.update(samples + seen, f"{len(corrupt)} problem(s)")
             key = item.key
             video, _, meta, problems = decode_sample(item)
             if problems:

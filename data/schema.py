@@ -8,10 +8,19 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
+from conf.errors import UserError
+
 REQUIRED_FIELDS = ("license", "source_url", "attribution", "rights_holder", "width", "height", "fps", "num_frames")
 POSITIVE_NUMBER_FIELDS = ("width", "height", "fps", "num_frames")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+# Fields of the contract beside the required ones, and the columns ingest reads for a row's file, caption and key.
+OPTIONAL_FIELDS = ("clip_span", "source_clip_span", "aesthetic")
+ROW_FIELDS = ("video", "caption", "key")
+
+
+class NotADataset(UserError, FileNotFoundError):
+    """A folder given as a dataset holds no manifest."""
 
 
 def metadata_problems(meta: Dict[str, Any]) -> List[str]:
@@ -36,7 +45,7 @@ def read_manifest(root) -> Dict[str, Any]:
 
     path = Path(root) / MANIFEST_NAME
     if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: not a dataset (build one with `python -m data ingest`, "
+        raise NotADataset(f"no {MANIFEST_NAME} in {root}: not a dataset (build one with `python -m data ingest`, "
                                 f"or the demo's with `python -m data.demo_set {root}`)")
     manifest = json.loads(path.read_text())
     if manifest.get("version") != MANIFEST_VERSION:

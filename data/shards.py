@@ -5,7 +5,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import webdataset as wds
 
@@ -65,9 +65,11 @@ class ShardSetWriter:
         })
         self._writer, self._count, self._bytes, self._licenses = None, 0, 0, Counter()
 
-    def close(self, extra: Optional[Dict[str, Any]] = None) -> Path:
+    def close(self, extra: Optional[Dict[str, Any]] = None, earlier_rows: Sequence[Dict[str, Any]] = ()) -> Path:
+        """Write the manifest: `earlier_rows` (shards already in the folder, kept) and this writer's."""
         self._close_shard()
-        write_manifest(self.root, {"version": MANIFEST_VERSION, "shards": self.rows, **(extra or {})})
+        write_manifest(self.root, {"version": MANIFEST_VERSION, "shards": [*earlier_rows, *self.rows],
+                                   **(extra or {})})
         return self.root / MANIFEST_NAME
 
 

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
+from conf.errors import UserError, did_you_mean
 from data.schema import read_manifest, write_manifest
 from data.shards import sha256_file
 from data.tar_samples import TarSample, add_sample, decode_sample, read_tar
@@ -35,6 +36,20 @@ class Criteria:
         if self.rights_holder is not None:
             return meta.get("rights_holder") == self.rights_holder
         return meta.get("source_url") == self.source
+
+    def field(self) -> Optional[str]:
+        """The metadata field a rights holder or source criterion compares (None for keys)."""
+        if self.keys is not None:
+            return None
+        return "rights_holder" if self.rights_holder is not None else "source_url"
+
+    def nothing_matched(self, seen: Set[str]) -> str:
+        """Why a takedown that matched no sample is refused, with the nearest value the datasets hold."""
+        if self.keys is not None:
+            return f"none of the {len(self.keys)} keys listed is a sample of these datasets: nothing to remove"
+        wanted = self.rights_holder if self.rights_holder is not None else self.source
+        flag = "--rights-holder" if self.rights_holder is not None else "--source"
+        return f"{flag} {wanted!r} matches no sample of these datasets{did_you_mean(wanted, seen)}: nothing to remove"
 
     def describe(self) -> Dict[str, Any]:
         if self.keys is not None:
@@ -63,6 +78,7 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
     manifest = read_manifest(root)
     removed: List[Dict[str, Any]] = []
     files: List[Dict[str, Any]] = []
+    seen: Set[str] = set()  # the values of the criterion's field, for a hint when nothing matches
     rows = []
     for row in manifest["shards"]:
         path = root / row["path"]
@@ -70,6 +86,8 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
         kept, hits = [], []
         for sample in samples:
             meta = decode_sample(sample)[2]
+            if criteria.field() and meta.get(criteria.field()):
+                seen.add(str(meta[criteria.field()]))
             (hits if criteria.matches(sample.key, meta) else kept).append((sample, meta))
         if not hits:
             rows.append(row)
@@ -106,7 +124,7 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
             cache["dropped"] = {reason: len(keys) for reason, keys in cache["dropped_keys"].items() if keys}
             cache["dropped_keys"] = {reason: keys for reason, keys in cache["dropped_keys"].items() if keys}
         write_manifest(root, manifest)
-    return {"removed": removed, "files": files}
+    return {"removed": removed, "files": files, "seen": seen}
 
 
 def follow_sources(datasets: Sequence[Path], before: Dict[str, str]) -> None:
@@ -152,10 +170,14 @@ def takedown(datasets: Sequence[Path], criteria: Criteria, runs: Sequence[Path] 
     from data.loader import dataset_fingerprint
 
     before = {str(root): dataset_fingerprint(root) for root in datasets}
+    seen: Set[str] = set()
     for root in datasets:
         part = remove_from_dataset(root, criteria, dry_run, when)
         report["removed"] += part["removed"]
         report["files"] += part["files"]
+        seen |= part["seen"]
+    if not report["removed"]:  # nothing was changed: most often a misspelt name, which must not pass as done
+        raise UserError(criteria.nothing_matched(seen))
     if not dry_run:
         follow_sources(datasets, before)
     keys = {item["key"] for item in report["removed"]}

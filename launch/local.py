@@ -15,7 +15,7 @@ STOP_GRACE_S = 600  # after SIGTERM, torchrun waits this long for the ranks' che
 
 
 def command(plan: LaunchPlan) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [sys.executable, "-m", "launch.torchrun", "--standalone",
             f"--nproc-per-node={plan.procs_per_node}", *shutdown_timeout_args(STOP_GRACE_S), *plan.train_command()]
 
 
@@ -23,10 +23,15 @@ def run(plan: LaunchPlan, dry_run: bool) -> int:
     if not dry_run:  # the paths are this machine's: the data they name is checked before torchrun starts
         from conf.schema import ConfigError, check_data
 
+        from train.checkpoint import resume_refusal
+
         try:
             check_data(plan.cfg)
         except ConfigError as error:
             raise LaunchError(str(error)) from error
+        refusal = resume_refusal(plan.cfg)  # the run directory is this machine's too
+        if refusal:
+            raise LaunchError(refusal)
     return run_in_foreground(command(plan), plan, dry_run)
 
 

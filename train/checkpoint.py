@@ -74,6 +74,29 @@ def latest_checkpoint(root) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
+def changed_config_refusal(checkpoint: Path, saved_yaml: str, cfg) -> Optional[str]:
+    """Why `checkpoint` (its config.yaml: `saved_yaml`) cannot be resumed with `cfg`: the keys that shape training
+    and changed (None: none did)."""
+    from conf.schema import changed_trajectory_keys, from_yaml
+
+    changed = changed_trajectory_keys(from_yaml(saved_yaml), cfg)
+    if not changed:
+        return None
+    return (f"cannot resume {checkpoint}: the config changed keys that shape training: {', '.join(changed)} "
+            f"(start fresh with train.resume=false or a new train.run_dir)")
+
+
+def resume_refusal(cfg) -> Optional[str]:
+    """The same check before any process starts (`python -m train`, `launch local`), from the run directory's
+    latest checkpoint; the trainer checks again when it loads it."""
+    if not cfg.train.resume:
+        return None
+    latest = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if latest is None or not (latest / "config.yaml").is_file():
+        return None
+    return changed_config_refusal(latest, (latest / "config.yaml").read_text(), cfg)
+
+
 class CheckpointManager:
     """Saves and restores a run's resumable pieces (train/state.py) and owns the cadence: every
     `every` steps, at the last step, and once more when a run stops between them; keep-last-N."""

@@ -10,6 +10,25 @@ from typing import List, Optional
 from conf.errors import ConfigError
 
 
+def frame_count_problem(frames: int, model) -> Optional[str]:
+    """Why a clip of `frames` frames cannot go through the model's autoencoder and temporal patches (None: it can)."""
+    pt, ae = model.patch_size[0], model.autoencoder
+    if frames < 1:
+        return f"{frames} frames: a clip has at least 1"
+    if ae.temporal_factor > 1 and (frames - 1) % ae.temporal_factor:
+        return (f"{frames} frames; a causal autoencoder with temporal factor {ae.temporal_factor} needs "
+                f"1 + {ae.temporal_factor}k frames")
+    latent_frames = 1 + (frames - 1) // ae.temporal_factor if ae.temporal_factor > 1 else frames
+    if latent_frames % pt:
+        return f"{frames} frames do not divide into temporal patches of {pt}"
+    return None
+
+
+def spatial_multiple(model) -> int:
+    """What every frame side must be a multiple of: the patch size times the autoencoder's spatial factor."""
+    return model.autoencoder.spatial_factor * max(model.patch_size[1], model.patch_size[2])
+
+
 @dataclass
 class StageConfig:
     name: str = "stage"
@@ -45,13 +64,10 @@ class StageConfig:
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"{key}.schedule={self.schedule!r}: must be constant or cosine")
         for frames in self.frame_counts:
-            if ae.temporal_factor > 1 and (frames - 1) % ae.temporal_factor:
-                raise ConfigError(f"{key}.frame_counts: {frames} frames; a causal autoencoder with temporal factor "
-                                  f"{ae.temporal_factor} needs 1 + {ae.temporal_factor}k frames")
-            latent_frames = 1 + (frames - 1) // ae.temporal_factor if ae.temporal_factor > 1 else frames
-            if frames < 1 or latent_frames % pt:
-                raise ConfigError(f"{key}.frame_counts: {frames} frames do not divide into temporal patches of {pt}")
-        multiple = ae.spatial_factor * max(ph, pw)
+            problem = frame_count_problem(frames, model)
+            if problem:
+                raise ConfigError(f"{key}.frame_counts: {problem}")
+        multiple = spatial_multiple(model)
         for side in self.resolutions:
             if side <= 0 or side % multiple:
                 raise ConfigError(f"{key}.resolutions: {side} is not a positive multiple of {multiple} "
@@ -186,6 +202,10 @@ class TrainConfig:
     # Write every trained sample key per step to RUN/provenance/ (the license audit trail).
     record_sample_keys: bool = True
     max_nonfinite_in_row: int = 5
+    # CPU runs: torch's intra-op threads per process. null = OMP_NUM_THREADS when set (torchrun sets 1 for several
+    # processes), else the cores this process may use, less one and one per data worker (train/engine.py
+    # cpu_threads: two compute threads on a 2-core machine with one core taken fell from 3.7k to 1.7k tok/s).
+    cpu_threads: Optional[int] = None
     # Stop (with a checkpoint) after this many steps in this invocation; null = run to the end.
     # For jobs with a wall-clock limit: the next invocation resumes from `latest`.
     stop_after_steps: Optional[int] = None
@@ -203,3 +223,5 @@ class TrainConfig:
             raise ConfigError(f"train.keep_last={self.keep_last}: must be >= 1")
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every={self.checkpoint_every}: must be >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"train.cpu_threads={self.cpu_threads}: must be >= 1 (or null for the default)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -53,6 +53,23 @@ def init_distributed() -> DistEnv:
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def cpu_threads(cfg: KinoConfig, env: DistEnv) -> Optional[int]:
+    """Set torch's intra-op threads for a CPU run (train.cpu_threads); the count set, or None when left as it is
+    (a GPU run, or OMP_NUM_THREADS given). torch's own default, every core, leaves nothing for the data
+    coordinator, decode workers and the OS: on a busy machine its threads wait on each other at every op."""
+    if env.device.type != "cpu":
+        return None
+    threads = cfg.train.cpu_threads
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        threads = max(1, per_process - 1 - cfg.data.num_workers)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_universal: bool = False) -> Dict[str, Any]:

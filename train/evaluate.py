@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-import argparse
+from conf.errors import ArgumentParser, at_least
 import itertools
 import json
 import math
@@ -171,13 +171,13 @@ def table(metrics: Dict[str, float]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
-    parser.add_argument("--prompts", type=int, default=None,
+    parser.add_argument("--prompts", type=at_least(0, "prompts"), default=None,
                         help="prompts per split (default: tracking.eval_prompts, else 8)")
-    parser.add_argument("--clips", type=int, default=None,
+    parser.add_argument("--clips", type=at_least(0, "clips"), default=None,
                         help="validation clips (default: tracking.eval_clips, else 16)")
     parser.add_argument("--validation-root", default=None,
                         help="held-out split (default: data.validation_root, else DATA_ROOT/validation if present)")
@@ -201,4 +201,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from conf.errors import run_command
+
+    raise SystemExit(run_command("kino", main))

@@ -11,13 +11,13 @@ Consolidated weights of a run, fp32, one file whatever the ZeRO stage. --ema (de
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 from typing import Dict
 
 import torch
 
+from conf.errors import ArgumentParser, UserError
 from train.checkpoint import ENGINE_TAG, latest_checkpoint
 
 
@@ -25,7 +25,8 @@ def checkpoint_path(run_dir: Path, step: int = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     path = root / f"step_{step}" if step is not None else latest_checkpoint(root)
     if path is None or not (path / "COMPLETE").exists():
-        raise SystemExit(f"no complete checkpoint {'step_' + str(step) if step is not None else ''} in {root}")
+        raise UserError(f"no complete checkpoint{' step_' + str(step) if step is not None else ''} in {root} (a run "
+                        f"directory holds checkpoints/step_N/COMPLETE)")
     return path
 
 
@@ -63,7 +64,7 @@ def export_diffusers(run_dir, use_ema: bool = True, step: int = None, out: Path 
     checkpoint = checkpoint_path(Path(run_dir), step)
     cfg = from_yaml((checkpoint / "config.yaml").read_text())
     if cfg.model.arch != "wan":
-        raise SystemExit(f"--format diffusers writes a WanTransformer3DModel: this run has model.arch={cfg.model.arch}")
+        raise UserError(f"--format diffusers writes a WanTransformer3DModel: this run has model.arch={cfg.model.arch}")
     weights = ema_weights(checkpoint) if use_ema else raw_weights(checkpoint)
     dit = {name[len("dit."):]: tensor.float() for name, tensor in weights.items() if name.startswith("dit.")}
     out = Path(out or Path(run_dir) / "export" / f"{checkpoint.name}-diffusers")
@@ -94,7 +95,7 @@ def load_exported(directory) -> tuple:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--ema", action="store_true", default=True, help="export EMA weights (default)")
@@ -116,4 +117,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from conf.errors import run_command
+
+    raise SystemExit(run_command("kino", main))

@@ -6,7 +6,6 @@ longest clips) unless --width/--height/--frames say otherwise. Files: NN-<prompt
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from pathlib import Path
@@ -112,7 +111,9 @@ def load_for_generation(run_dir, step: Optional[int] = None, raw: bool = False, 
     checkpoint = checkpoint_path(Path(run_dir), step)
     cfg = from_yaml((checkpoint / "config.yaml").read_text())
     if cfg.train.method != "dit":
-        raise SystemExit(f"{run_dir} trains {cfg.train.method!r}, not a text-to-video model")
+        from conf.errors import UserError
+
+        raise UserError(f"{run_dir} trains {cfg.train.method!r}, not a text-to-video model")
     model = TextToVideoModel(cfg.model)
     model.load_state_dict(raw_weights(checkpoint) if raw else ema_weights(checkpoint))
     model = model.to(device, compute_dtype(cfg)).eval()
@@ -126,19 +127,43 @@ def on_device(component, device):
     return component.to(device) if hasattr(component, "to") else component
 
 
+def requested_shape(cfg, default: BucketShape, width: Optional[int], height: Optional[int],
+                    frames: Optional[int]) -> BucketShape:
+    """--width/--height/--frames (each defaulting to the bucket's), checked against the run's model."""
+    from conf.errors import UserError
+    from train.config import frame_count_problem, spatial_multiple
+
+    shape = BucketShape(default.frames if frames is None else frames, default.height if height is None else height,
+                        default.width if width is None else width)
+    multiple = spatial_multiple(cfg.model)
+    for flag, side in (("--width", shape.width), ("--height", shape.height)):
+        if side < multiple or side % multiple:
+            near = max(multiple, round(side / multiple) * multiple)
+            raise UserError(f"{flag} {side}: this model's frames are multiples of {multiple} pixels a side "
+                            f"(patch x autoencoder factor); {near} would do")
+    problem = frame_count_problem(shape.frames, cfg.model)
+    if problem:
+        raise UserError(f"--frames {shape.frames}: {problem}")
+    return shape
+
+
 def main(argv=None) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
+    from conf.errors import ArgumentParser, at_least
+
+    parser = ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--step", type=at_least(0, "a checkpoint step"), default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: tracking.sampling_steps)")
+    parser.add_argument("--width", type=at_least(1, "a width"))
+    parser.add_argument("--height", type=at_least(1, "a height"))
+    parser.add_argument("--frames", type=at_least(1, "a clip's frames"))
+    parser.add_argument("--steps", type=at_least(1, "sampler steps"), default=None,
+                        help="sampler steps (default: tracking.sampling_steps)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -147,10 +172,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, autoencoder, text, checkpoint = load_for_generation(args.run_dir, args.step, args.raw, device)
     shapes = last_stage_shapes(cfg)
-    if args.width or args.height or args.frames:
-        default = shapes[0]
-        shapes = [BucketShape(args.frames or default.frames, args.height or default.height,
-                              args.width or default.width)]
+    if args.width is not None or args.height is not None or args.frames is not None:
+        shapes = [requested_shape(cfg, shapes[0], args.width, args.height, args.frames)]
     prompts = [p for p in args.prompt for _ in shapes]
     plan = [s for _ in args.prompt for s in shapes]
     videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sampling_steps,
@@ -165,4 +188,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from conf.errors import run_command
+
+    raise SystemExit(run_command("kino", main))

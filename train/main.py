@@ -63,7 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         try:
             check_data(cfg)  # the datasets, caches and base weights it names, here where the run starts
-            problem = wandb_credentials_problem(cfg.tracking)
+            from train.checkpoint import resume_refusal
+
+            problem = wandb_credentials_problem(cfg.tracking) or resume_refusal(cfg)
             if problem:
                 raise ConfigError(problem)
         except ConfigError as error:
@@ -76,11 +78,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from models.attention import BackendUnavailable
-    from train.engine import init_distributed
+    from train.engine import cpu_threads, init_distributed
     from train.methods import method
     from train.trainer import NonFiniteLoss, NothingToTrain, ResumeRefused
 
     env = init_distributed()
+    threads = cpu_threads(cfg, env)
+    if threads is not None and env.is_main:
+        logging.getLogger("kino").info("CPU: %d intra-op thread(s) per process (train.cpu_threads)", threads)
     trainer_class = method(cfg.train.method).trainer()
     try:
         summary = trainer_class(cfg, env).train()

@@ -26,9 +26,9 @@ from models.autoencoder import build_autoencoder
 from models.dit import parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
-from train.checkpoint import CheckpointManager, latest_checkpoint
+from train.checkpoint import CheckpointManager, changed_config_refusal, latest_checkpoint
 from train.collectives import all_ranks_finite, all_reduce_values, gather_objects
-from conf.schema import KinoConfig, changed_trajectory_keys, from_yaml, to_yaml, trajectory_hash
+from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from train.curriculum import Curriculum, stage_shapes
 from train.ema import EMA
 from train.methods import build_model
@@ -227,10 +227,9 @@ class Trainer:
         return pieces
 
     def _check_resumable_config(self, saved_yaml: str) -> None:
-        changed = changed_trajectory_keys(from_yaml(saved_yaml), self.cfg)
-        if changed:
-            raise ResumeRefused(f"cannot resume {self._resume_path}: the config changed keys that shape training: "
-                               f"{', '.join(changed)} (start fresh with train.resume=false or a new train.run_dir)")
+        refusal = changed_config_refusal(self._resume_path, saved_yaml, self.cfg)
+        if refusal:
+            raise ResumeRefused(refusal)
 
     def _note_saved_workers(self, num_workers) -> None:
         self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)

@@ -104,7 +104,7 @@ def test_apply_without_kubectl_says_where_the_manifest_is(tmp_path, monkeypatch,
 
 def test_local_and_deepspeed_commands(tmp_path):
     words = local.command(make_plan("local", ["experiment=demo"]))
-    assert words[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    assert words[1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node=2",
                          "--shutdown-timeout=600", "-m", "train",
                          "experiment=demo"]
     hosts = tmp_path / "hostfile"
