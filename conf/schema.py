@@ -114,7 +114,7 @@ def check_data(cfg: KinoConfig) -> None:
     on a cluster the paths are the nodes', and need not exist where `launch slurm|k8s` renders the job."""
     missing = missing_manifests(cfg)
     if missing:
-        raise ConfigError("\n  ".join(["the run's data is not there:", *missing]))
+        raise ConfigError("the run's data is not there: " + "; ".join(missing))
     check_base_weights(cfg)
     if cfg.data.latents or any(stage.latents for stage in cfg.curriculum.stages):
         from data.latent_cache import check_sources

@@ -124,6 +124,9 @@ def cmd_takedown(args) -> int:
     keys = None
     if args.keys:
         keys = {line.strip() for line in args.keys.read_text().splitlines() if line.strip()}
+    for run in args.run:
+        if not (run / "checkpoints").is_dir():
+            raise UserError(f"--run {run}: not a run directory (it holds no checkpoints/)")
     try:
         criteria = Criteria(args.rights_holder, args.source, keys)
     except ValueError as error:

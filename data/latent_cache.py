@@ -183,9 +183,9 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     from data.buckets import stage_shapes
 
     source, out = Path(source), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = [{"path": row["path"], "index": n, "count": int(row["num_samples"])}
-            for n, row in enumerate(read_manifest(source)["shards"])]
+            for n, row in enumerate(read_manifest(source)["shards"])]  # first: a source that is no dataset
+    out.mkdir(parents=True, exist_ok=True)                                 # leaves no cache folder behind
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=ray_address or "local", num_cpus=None if ray_address else max(workers, 1),

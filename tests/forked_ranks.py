@@ -89,6 +89,7 @@ def _rank_process(entry: List[str], env: Dict[str, str], cwd: str, rank: int, np
     try:
         if entry[0] == "-m":
             sys.argv = [entry[1], *entry[2:]]
+            sys.modules.pop(entry[1], None)  # a fresh interpreter has not imported it (runpy warns if it is)
             runpy.run_module(entry[1], run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(entry)

@@ -62,10 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from train.tracking import wandb_credentials_problem
 
         try:
-            check_data(cfg)  # the datasets, caches and base weights it names, here where the run starts
             from train.checkpoint import resume_refusal
 
-            problem = wandb_credentials_problem(cfg.tracking) or resume_refusal(cfg)
+            problem = wandb_credentials_problem(cfg.tracking)
+            if problem:
+                raise ConfigError(problem)
+            check_data(cfg)  # the datasets, caches and base weights it names, here where the run starts
+            problem = resume_refusal(cfg)
             if problem:
                 raise ConfigError(problem)
         except ConfigError as error:

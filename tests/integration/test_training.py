@@ -483,15 +483,19 @@ def test_compiled_blocks_trace_through_zero3_bf16_and_sequence_parallelism_with_
 
 
 def test_a_dataset_of_one_shard_trains_on_two_ranks_with_a_decode_worker_each_and_resumes(tmp_path):
-    """A user's first dataset is small: 21 clips make one shard, one chunk, for 2 consumers (2 ranks, a decode
-    worker each; 2 x 2 workers: tests/unit/test_small_data.py). A consumer with no share of an epoch serves the
-    next one (it once recursed until Python gave up); stopped and resumed, every finished epoch trains each sample
-    exactly once, an open one at most once."""
-    from data.demo_set import build
+    """A user's first dataset is small: 22 clips of their own, ingested from a table, make one shard (64 samples a
+    shard), one chunk, for 2 consumers (2 ranks, a decode worker each; 2 x 2 workers: tests/unit/test_small_data.py).
+    A consumer with no share of an epoch serves the next one (it once recursed until Python gave up); stopped and
+    resumed, every finished epoch trains each sample exactly once, an open one at most once."""
+    from data.__main__ import main as data_main
+    from tests.integration.first_hour import write_table
 
+    write_table(tmp_path / "videos", tmp_path / "meta.csv", count=22)
     dataset = tmp_path / "one_shard"
-    build(dataset, procedural=16, real=False, samples_per_shard=64, seed=0)
-    assert len(json.loads((dataset / "manifest.json").read_text())["shards"]) == 1
+    assert data_main(["ingest", "--videos", str(tmp_path / "videos"), "--metadata", str(tmp_path / "meta.csv"),
+                      "--out", str(dataset)]) == 0
+    shards = json.loads((dataset / "manifest.json").read_text())["shards"]
+    assert len(shards) == 1 and shards[0]["num_samples"] == 22
     run_dir = tmp_path / "run"
     first = torchrun(run_dir, dataset, "data.num_workers=1", "train.stop_after_steps=3")
     assert "stopping at step 3" in first.stdout

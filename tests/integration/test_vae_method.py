@@ -40,6 +40,12 @@ def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp
 
     ema = torch.load(vae_run / "checkpoints" / "step_3" / "ema.pt")["weights"]
     assert all(torch.equal(load_file(str(weights))[k], v) for k, v in ema.items())
+    # README: benchmarks/vae_psnr.py on the export, over the run's held-out clips
+    scored = subprocess.run([sys.executable, "benchmarks/vae_psnr.py", str(weights.parent), "--clips", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    report = json.loads(scored.stdout)
+    assert report["held_out_clips"] == 3 and report["vae_psnr_db"] > 0 and report["down_up_baseline_psnr_db"] > 0
 
     dit_run = tmp_path / "dit"
     run_train("experiment=demo", f"data.root={tiny_dataset}", f"train.run_dir={dit_run}",
