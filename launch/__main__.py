@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from launch.plan import LaunchError, make_plan
+from conf.errors import UserError
+from launch.plan import make_plan
 
 SCHEDULERS = ("local", "slurm", "k8s", "deepspeed")
 
@@ -53,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return k8s.run(plan, dry_run, apply="--apply" in flags)
         from launch import hostfile
         return hostfile.run(plan, dry_run)
-    except LaunchError as error:
+    except UserError as error:  # a LaunchError, or a mistake found reading the run's files
         print(f"kino launch: {error}", file=sys.stderr)
         return 2
 

@@ -44,7 +44,8 @@ def test_ingest_from_a_table_cuts_spans_and_rejects_incomplete_rows_with_a_repor
 
     sample = next(iter(wds.tarfile_samples([{"url": str(out / manifest["shards"][0]["path"])}])))
     meta = json.loads(sample["json"])
-    assert meta["clip_span"] == [0.5, 2.0] and meta["num_frames"] == 18 and meta["fps"] == 12
+    assert meta["source_clip_span"] == [0.5, 2.0] and "clip_span" not in meta  # the cut, recorded as done
+    assert meta["num_frames"] == 18 and meta["fps"] == 12
     assert meta["aesthetic"] == 5.5 and meta["width"] == 64  # extra fields kept, probed fields filled
     assert run("ingest", "--videos", str(videos), "--metadata", str(tmp_path / "meta.csv"), "--out",
                str(tmp_path / "strict"), "--strict").returncode == 1
