@@ -10,7 +10,6 @@ Writes WebDataset shards + manifest.json following the sample contract of docs/d
 """
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import subprocess
@@ -264,13 +263,15 @@ def remove_demo_dataset(out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.demo_set", description=__doc__.splitlines()[0])
+    from conf.errors import ArgumentParser, at_least
+
+    parser = ArgumentParser(prog="python -m data.demo_set", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory for the shards and manifest.json")
-    parser.add_argument("--procedural", type=int, default=480, help="number of procedural clips")
+    parser.add_argument("--procedural", type=at_least(0, "procedural clips"), default=480, help="number of procedural clips")
     parser.add_argument("--no-real", action="store_true", help="skip fetching openly licensed real videos")
-    parser.add_argument("--samples-per-shard", type=int, default=8)
+    parser.add_argument("--samples-per-shard", type=at_least(1, "samples per shard"), default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--validation", type=int, default=16,
+    parser.add_argument("--validation", type=at_least(0, "held-out clips"), default=16,
                         help="procedural clips in the held-out split OUT/validation (0: none)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a manifest exists")
     args = parser.parse_args(argv)

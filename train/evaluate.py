@@ -173,7 +173,8 @@ def table(metrics: Dict[str, float]) -> str:
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--step", type=at_least(0, "a checkpoint step"), default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
     parser.add_argument("--prompts", type=at_least(0, "prompts"), default=None,
                         help="prompts per split (default: tracking.eval_prompts, else 8)")

@@ -17,7 +17,7 @@ from typing import Dict
 
 import torch
 
-from conf.errors import ArgumentParser, UserError
+from conf.errors import ArgumentParser, UserError, at_least
 from train.checkpoint import ENGINE_TAG, latest_checkpoint
 
 
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--ema", action="store_true", default=True, help="export EMA weights (default)")
     which.add_argument("--raw", action="store_true", help="export the trained (non-EMA) weights")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--step", type=at_least(0, "a checkpoint step"), default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--format", choices=("kino", "diffusers"), default="kino")
     parser.add_argument("--lora", choices=("merged", "adapters"), default="merged",
