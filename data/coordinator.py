@@ -5,22 +5,33 @@ same object as a named Ray actor that every rank and loader worker talks to.
 
 Work is handed out in chunks (a sample range of one shard) from a seeded per-epoch plan.
 Trainers acknowledge every sample they trained on (or dropped) after each optimizer step,
-and a checkpoint saves `state()`: the acknowledged samples of the open epochs, nothing
+and a checkpoint saves `state()`: what the open epochs have finished and dealt, nothing
 else. `restore(state)` on any number of ranks hands out exactly the rest: no sample is
 trained twice in an epoch, none is skipped, and samples that were in flight when the
 checkpoint was taken are replayed. A consumer that dies has its unfinished chunks handed to
 others (`release`, or lease expiry). Epochs overlap: a consumer that runs out of work in
 epoch e starts epoch e+1 rather than waiting (waiting would stall every rank's all-reduce).
+
+Every step costs at most O(log n) in chunks and consumers, and a deal O(chunks log chunks), so the same core
+serves a demo and a billion clips (BENCHMARKS.md, "Data coordinator at scale"): chunks are numpy columns, an
+epoch's plan a permutation array, each slot's share a stride over one array with a cursor at each end, finished
+chunks a bitmap with a count, leases indexed by consumer, and stale leases found from a heap ordered by when
+their consumer was last heard from.
 """
 from __future__ import annotations
 
-import random
+import base64
+import heapq
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
+
 Tag = Tuple[int, int, int]  # (epoch, chunk id, sample offset within the shard)
+STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -35,49 +46,219 @@ class Chunk:
         return self.stop - self.start
 
 
+class ChunkTable:
+    """Every chunk of a dataset as numpy columns (shard index, start, stop): 10M chunks are 240 MB of arrays,
+    not 10M Python objects. Indexing gives a Chunk."""
+
+    def __init__(self, shards: Sequence[Tuple[str, int]], chunk_samples: Optional[int]):
+        rows = sorted(shards)
+        self.shard_names = [str(name) for name, _ in rows]
+        counts = np.array([int(count) for _, count in rows], dtype=np.int64)
+        steps = np.full(len(rows), int(chunk_samples), dtype=np.int64) if chunk_samples else np.maximum(counts, 1)
+        per_shard = -(-counts // steps)  # ceil; an empty shard has no chunk
+        self.shard = np.repeat(np.arange(len(rows), dtype=np.int64), per_shard)
+        first_of_shard = np.repeat(np.cumsum(per_shard) - per_shard, per_shard)
+        within = np.arange(len(self.shard), dtype=np.int64) - first_of_shard
+        step = np.repeat(steps, per_shard)
+        self.start = within * step
+        self.stop = np.minimum(self.start + step, np.repeat(counts, per_shard))
+        self.sizes = self.stop - self.start
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, index: int) -> Chunk:
+        return Chunk(int(index), self.shard_names[self.shard[index]], int(self.start[index]), int(self.stop[index]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def rows(self) -> List[List[Any]]:
+        return [[self.shard_names[s], int(a), int(b)] for s, a, b in zip(self.shard, self.start, self.stop)]
+
+    def fingerprint(self) -> str:
+        """Identifies the plan's chunks (shards, their order and sizes) without listing them."""
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(self.shard_names).encode())
+        for column in (self.shard, self.start, self.stop):
+            digest.update(np.ascontiguousarray(column).tobytes())
+        return digest.hexdigest()
+
+
 def make_chunks(shards: Sequence[Tuple[str, int]], chunk_samples: Optional[int]) -> List[Chunk]:
     """Split (shard, sample count) rows into chunks of at most `chunk_samples` (None: one per shard)."""
-    chunks: List[Chunk] = []
-    for shard, count in sorted(shards):
-        step = chunk_samples or max(count, 1)
-        for start in range(0, count, step):
-            chunks.append(Chunk(len(chunks), shard, start, min(count, start + step)))
-    return chunks
+    return list(ChunkTable(shards, chunk_samples))
+
+
+def _pack_bits(mask: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.packbits(mask).tobytes(), 6)).decode()
+
+
+def _unpack_bits(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8))[:n].astype(bool)
+
+
+def _ranges(offsets: Iterable[int]) -> List[List[int]]:
+    """Sorted offsets as [start, stop) runs: a chunk read in order is one pair however many samples it holds."""
+    runs: List[List[int]] = []
+    for offset in sorted(offsets):
+        if runs and runs[-1][1] == offset:
+            runs[-1][1] += 1
+        else:
+            runs.append([offset, offset + 1])
+    return runs
 
 
 class _Epoch:
-    def __init__(self, epoch: int, chunks: List[Chunk], seed: int):
-        self.epoch = epoch
-        self.order = [c.id for c in chunks]
-        random.Random(f"{seed}/{epoch}").shuffle(self.order)
-        self.undealt: List[int] = list(self.order)  # in plan order; dealt to slots on first request
-        self.slots: Optional[int] = None
-        self.queues: Dict[int, Deque[int]] = {}
-        self.orphans: Deque[int] = deque()  # chunks of consumers that died: whoever asks first
-        self.done: Dict[int, Set[int]] = {}
+    """One epoch's plan (a seeded permutation of the chunks), its deal over the consumer slots and what of it is
+    finished. Slot s's share is the stride pool[offset_s + slots * k] for heads[s] <= k < tails[s], where the pool
+    is the plan order of what was open when it was dealt; chunks given back go to a slot's `front` or `orphans`."""
 
-    def deal(self, slots: int) -> None:
-        """Split what is left round-robin over `slots` consumers: the same data for the same world. Each epoch's
-        deal starts where the one before it ended (at slot epoch x chunks, mod slots): a slot dealt one chunk fewer
-        goes first in the next epoch, and with fewer chunks than consumers every consumer has a share within
-        slots / chunks epochs. With chunks a multiple of slots, every deal starts at slot 0."""
+    def __init__(self, epoch: int, chunks: ChunkTable, seed: int):
+        self.epoch = epoch
+        self.chunks = chunks
+        self.order = np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, epoch])).permutation(len(chunks))
+        self.finished = np.zeros(len(chunks), dtype=bool)
+        self.finished_count = 0
+        self.partial: Dict[int, Set[int]] = {}  # chunk -> acknowledged offsets, for chunks begun and not finished
+        self.slots: Optional[int] = None
+        self.pool = self.order
+        self.pool_excluded: Optional[np.ndarray] = None  # open-at-deal complement, for state(); None = nothing
+        self.first = 0
+        self.heads = self.tails = np.zeros(0, dtype=np.int64)
+        self.front: Dict[int, Deque[int]] = {}
+        self.orphans: Deque[int] = deque()
+
+    @property
+    def complete(self) -> bool:
+        return self.finished_count == len(self.chunks)
+
+    def deal(self, slots: int, leased: Set[int]) -> None:
+        """Split what is open (not finished, not leased) round-robin over `slots` consumers, in plan order: the
+        same data for the same world. Each epoch's deal starts where the one before it ended (at slot epoch x
+        chunks, mod slots): a slot dealt one chunk fewer goes first in the next epoch, and with fewer chunks than
+        consumers every consumer has a share within slots / chunks epochs. O(chunks)."""
         if self.slots == slots:
             return
-        remaining = [c for q in sorted(self.queues) for c in self.queues[q]] + self.undealt
-        remaining.sort(key=self.order.index)
-        first = (self.epoch * len(self.order)) % slots
-        self.slots, self.undealt = slots, []
-        self.queues = {slot: deque(remaining[(slot - first) % slots::slots]) for slot in range(slots)}
+        excluded = self.finished.copy()
+        if leased:
+            excluded[np.fromiter(leased, dtype=np.int64, count=len(leased))] = True
+        self._set_deal(slots, (self.epoch * len(self.chunks)) % slots, excluded if excluded.any() else None)
+        self.heads = np.zeros(slots, dtype=np.int64)
+        self.front, self.orphans = {}, deque()
 
-    def complete(self, chunks: List[Chunk]) -> bool:
-        return all(len(self.done.get(c.id, ())) >= c.size for c in chunks)
+    def _set_deal(self, slots: int, first: int, excluded: Optional[np.ndarray]) -> None:
+        self.slots, self.first, self.pool_excluded = slots, first, excluded
+        self.pool = self.order if excluded is None else self.order[~excluded[self.order]]
+        offsets = (np.arange(slots, dtype=np.int64) - first) % slots
+        self.tails = np.maximum(0, -(-(len(self.pool) - offsets) // slots))  # entries of each stride
+
+    def _offset(self, slot: int) -> int:
+        return (slot - self.first) % self.slots
+
+    def pop(self, slot: int) -> Optional[int]:
+        """The next open chunk of `slot`'s share (its given-back chunks first), or None when it has none."""
+        front = self.front.get(slot)
+        while front:
+            chunk = front.popleft()
+            if not self.finished[chunk]:
+                return chunk
+        while self.heads[slot] < self.tails[slot]:
+            chunk = int(self.pool[self._offset(slot) + self.slots * self.heads[slot]])
+            self.heads[slot] += 1
+            if not self.finished[chunk]:
+                return chunk
+        return None
+
+    def pop_orphan(self) -> Optional[int]:
+        while self.orphans:
+            chunk = self.orphans.popleft()
+            if not self.finished[chunk]:
+                return chunk
+        return None
+
+    def drain(self, slot: int) -> List[int]:
+        """Everything `slot` still holds in this epoch (a dead consumer's share), taken out of its queues."""
+        taken = list(self.front.pop(slot, ()))
+        if self.slots is not None and 0 <= slot < self.slots and self.heads[slot] < self.tails[slot]:
+            positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
+            taken += [int(c) for c in self.pool[positions]]
+            self.heads[slot] = self.tails[slot]
+        return [c for c in taken if not self.finished[c]]
+
+    def acknowledge(self, chunk: int, offset: int) -> bool:
+        """Record one sample; True when it finished its chunk."""
+        if self.finished[chunk]:
+            return False
+        done = self.partial.setdefault(chunk, set())
+        done.add(offset)
+        if len(done) < self.chunks.sizes[chunk]:
+            return False
+        del self.partial[chunk]
+        self.finished[chunk] = True
+        self.finished_count += 1
+        return True
+
+    def share(self, slot: int) -> List[int]:
+        """What `slot` would be handed next in this epoch, in order (for tests and debugging)."""
+        stride = []
+        if self.slots is not None and 0 <= slot < self.slots:
+            positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
+            stride = [int(c) for c in self.pool[positions]]
+        return [c for c in [*self.front.get(slot, ()), *stride] if not self.finished[c]]
+
+    def skip(self, chunk: int) -> List[int]:
+        if self.finished[chunk]:
+            return list(range(int(self.chunks.start[chunk]), int(self.chunks.stop[chunk])))
+        return sorted(self.partial.get(chunk, ()))
+
+    # -- checkpoint form: sized by chunks, not by samples ----------------------------------------------------------
+    def to_state(self) -> Dict[str, Any]:
+        state = {"finished": _pack_bits(self.finished), "finished_count": self.finished_count,
+                 "partial": {str(c): _ranges(s) for c, s in self.partial.items() if s}, "slots": self.slots}
+        if self.slots is not None:
+            state.update(first=self.first, heads=self.heads.tolist(), tails=self.tails.tolist(),
+                         pool_excluded=None if self.pool_excluded is None else _pack_bits(self.pool_excluded),
+                         front={str(s): list(q) for s, q in self.front.items() if q}, orphans=list(self.orphans))
+        return state
+
+    def load(self, saved: Dict[str, Any], keep_deal: bool) -> None:
+        n = len(self.chunks)
+        if "finished" in saved:
+            self.finished = _unpack_bits(saved["finished"], n)
+            self.partial = {int(c): {o for a, b in runs for o in range(a, b)} for c, runs in saved["partial"].items()}
+        else:  # a checkpoint of the first format: every acknowledged offset of every chunk
+            self.finished = np.zeros(n, dtype=bool)
+            for chunk, offsets in saved["done"].items():
+                chunk = int(chunk)
+                if len(offsets) >= self.chunks.sizes[chunk]:
+                    self.finished[chunk] = True
+                elif offsets:
+                    self.partial[chunk] = set(offsets)
+        self.finished_count = int(self.finished.sum())
+        if not keep_deal or saved.get("slots") is None:
+            return
+        slots = int(saved["slots"])
+        if "heads" in saved:
+            excluded = saved.get("pool_excluded")
+            self._set_deal(slots, int(saved["first"]), None if excluded is None else _unpack_bits(excluded, n))
+            self.heads = np.array(saved["heads"], dtype=np.int64)
+            self.tails = np.array(saved["tails"], dtype=np.int64)
+            self.front = {int(s): deque(q) for s, q in saved["front"].items()}
+        else:  # first format: each slot's queue as a list; they become the slots' given-back fronts
+            self._set_deal(slots, 0, np.ones(n, dtype=bool))
+            self.heads = np.zeros(slots, dtype=np.int64)
+            self.front = {int(s): deque(q) for s, q in saved["queues"].items()}
+            self.front.setdefault(0, deque()).extend(saved.get("undealt", []))
+        self.orphans = deque(saved.get("orphans", []))
 
 
 class CoordinatorCore:
     def __init__(self, shards: Sequence[Tuple[str, int]], seed: int = 0, chunk_samples: Optional[int] = None,
                  lease_timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
-        self.chunks = make_chunks(shards, chunk_samples)
-        if not self.chunks:
+        self.chunks = ChunkTable(shards, chunk_samples)
+        if not len(self.chunks):
             raise ValueError("the dataset has no samples")
         self.seed = seed
         self.chunk_samples = chunk_samples
@@ -85,8 +266,10 @@ class CoordinatorCore:
         self.clock = clock  # tests pass their own, to expire leases without waiting
         self.epochs: Dict[int, _Epoch] = {0: _Epoch(0, self.chunks, seed)}
         self.completed_epochs = 0
-        # (epoch, chunk) -> (consumer, slot, last seen)
-        self.leases: Dict[Tuple[int, int], Tuple[str, int, float]] = {}
+        self.leases: Dict[Tuple[int, int], Tuple[str, int]] = {}  # (epoch, chunk) -> (consumer, slot)
+        self.held: Dict[str, Set[Tuple[int, int]]] = {}  # consumer -> its leases
+        self.last_seen: Dict[str, float] = {}  # consumer -> when it last requested or acknowledged
+        self._expiry: List[Tuple[float, str]] = []  # heap of (last seen, consumer); stale entries skipped
         self.slot_of: Dict[str, int] = {}
 
     # -- handing out work -----------------------------------------------------------------------
@@ -95,53 +278,75 @@ class CoordinatorCore:
         already acknowledged. Orphaned chunks first, then the slot's own deal, oldest epoch first."""
         self._expire_stale_leases()
         self.slot_of[consumer] = slot
+        self._seen(consumer)
         # Fewer chunks than consumers leave a slot without a share in some epochs: it opens the next until one
         # deals it a chunk, which the rotating deal (_Epoch.deal) does within slots / chunks epochs.
         for _ in range(slots + 1):
             for epoch_id in sorted(self.epochs):
                 epoch = self.epochs[epoch_id]
-                epoch.deal(slots)
-                for queue in (epoch.orphans, epoch.queues[slot]):
-                    while queue:
-                        chunk_id = queue.popleft()
-                        if len(epoch.done.get(chunk_id, ())) < self.chunks[chunk_id].size:
-                            return self._lease(epoch, chunk_id, consumer, slot)
+                if epoch.slots != slots:  # its first deal, or a new number of consumers
+                    epoch.deal(slots, self._leased_in(epoch_id))
+                chunk = epoch.pop_orphan()
+                if chunk is None:
+                    chunk = epoch.pop(slot)
+                if chunk is not None:
+                    return self._lease(epoch, chunk, consumer, slot)
             # This slot's share of every open epoch is out: begin its share of the next epoch.
             new_id = max(self.epochs) + 1
             self.epochs[new_id] = _Epoch(new_id, self.chunks, self.seed)
         raise RuntimeError(f"data coordinator: slot {slot} of {slots} got no chunk in {slots + 1} new epochs "
                            f"({len(self.chunks)} chunk(s)); this is a bug in Kino")
 
+    def _leased_in(self, epoch_id: int) -> Set[int]:
+        """Chunks of an epoch under lease; only a deal asks (once per epoch and number of consumers)."""
+        return {chunk for (e, chunk) in self.leases if e == epoch_id}
+
     def _lease(self, epoch: _Epoch, chunk_id: int, consumer: str, slot: int) -> Dict[str, Any]:
         chunk = self.chunks[chunk_id]
-        self.leases[(epoch.epoch, chunk_id)] = (consumer, slot, self.clock())
+        key = (epoch.epoch, chunk_id)
+        self._drop_lease(key)
+        self.leases[key] = (consumer, slot)
+        self.held.setdefault(consumer, set()).add(key)
         return {"epoch": epoch.epoch, "chunk": chunk_id, "shard": chunk.shard, "start": chunk.start,
-                "stop": chunk.stop, "skip": sorted(epoch.done.get(chunk_id, ()))}
+                "stop": chunk.stop, "skip": epoch.skip(chunk_id)}
+
+    def _drop_lease(self, key: Tuple[int, int]) -> None:
+        holder = self.leases.pop(key, None)
+        if holder is not None:
+            held = self.held.get(holder[0])
+            if held is not None:
+                held.discard(key)
+
+    def _seen(self, consumer: str) -> None:
+        now = self.clock()
+        self.last_seen[consumer] = now
+        heapq.heappush(self._expiry, (now, consumer))
+        if len(self._expiry) > 4 * len(self.last_seen) + 64:  # drop the superseded entries: amortised O(log n)
+            self._expiry = [(seen, name) for name, seen in self.last_seen.items()]
+            heapq.heapify(self._expiry)
 
     # -- acknowledgements -------------------------------------------------------------------------
     def ack(self, tags: Iterable[Sequence[int]], consumer: Optional[str] = None) -> None:
-        """Samples trained on (or dropped for good) by a completed optimizer step."""
-        now = self.clock()
+        """Samples trained on (or dropped for good) by a completed optimizer step. O(samples) and no scan."""
+        closed = False
         for epoch_id, chunk_id, offset in tags:
             epoch = self.epochs.get(epoch_id)
             if epoch is None:  # an epoch already closed: nothing left to record
                 continue
-            done = epoch.done.setdefault(chunk_id, set())
-            done.add(offset)
-            if len(done) >= self.chunks[chunk_id].size:
-                self.leases.pop((epoch_id, chunk_id), None)
+            if epoch.acknowledge(chunk_id, offset):
+                self._drop_lease((epoch_id, chunk_id))
+                closed = closed or epoch.complete
         if consumer is not None:
-            for key, (holder, slot, _) in list(self.leases.items()):
-                if holder == consumer:
-                    self.leases[key] = (holder, slot, now)
-        self._close_finished_epochs()
+            self._seen(consumer)
+        if closed:
+            self._close_finished_epochs()
 
     def _close_finished_epochs(self) -> None:
         for epoch_id in sorted(self.epochs):
             epoch = self.epochs[epoch_id]
-            if not epoch.complete(self.chunks):
+            if not epoch.complete:
                 break
-            del self.epochs[epoch_id]
+            del self.epochs[epoch_id]  # every chunk finished, so none of it is leased (ack dropped each lease)
             self.completed_epochs += 1
             if not self.epochs:  # keep one epoch open, so state() always says where the data stands
                 self.epochs[epoch_id + 1] = _Epoch(epoch_id + 1, self.chunks, self.seed)
@@ -151,65 +356,69 @@ class CoordinatorCore:
         """Give back a consumer's unfinished chunks. A dead consumer's go to whoever asks next; a live
         one's (a loader rebuilt for a new curriculum stage) return to the front of its own slot."""
         released = 0
-        for (epoch_id, chunk_id), (holder, slot, _) in sorted(self.leases.items(), reverse=True):
-            if holder != consumer:
+        for key in sorted(self.held.pop(consumer, set()), reverse=True):
+            holder = self.leases.pop(key, None)
+            if holder is None or holder[0] != consumer:
                 continue
-            del self.leases[(epoch_id, chunk_id)]
+            epoch_id, chunk_id = key
+            slot = holder[1]
             epoch = self.epochs.get(epoch_id)
             if epoch is None:
                 continue
-            if dead or epoch.slots is None or slot not in epoch.queues:
+            if dead or epoch.slots is None or not 0 <= slot < epoch.slots:
                 epoch.orphans.appendleft(chunk_id)
             else:
-                epoch.queues[slot].appendleft(chunk_id)
+                epoch.front.setdefault(slot, deque()).appendleft(chunk_id)
             released += 1
         slot = self.slot_of.get(consumer)
         if dead and slot is not None:  # its share not yet handed out goes to the others too
             for epoch in self.epochs.values():
-                queue = epoch.queues.get(slot)
-                while queue:
-                    epoch.orphans.append(queue.popleft())
-                    released += 1
+                taken = epoch.drain(slot)
+                epoch.orphans.extend(taken)
+                released += len(taken)
+        if dead:
+            self.last_seen.pop(consumer, None)
         return released
 
     def _expire_stale_leases(self) -> None:
-        now = self.clock()
-        stale = {holder for holder, _, seen in self.leases.values() if now - seen > self.lease_timeout_s}
-        for holder in stale:
-            self.release(holder, dead=True)
+        """Consumers silent for longer than the lease lose their chunks: the oldest first, from the heap."""
+        cutoff = self.clock() - self.lease_timeout_s
+        while self._expiry and self._expiry[0][0] < cutoff:
+            seen, consumer = heapq.heappop(self._expiry)
+            if self.last_seen.get(consumer) != seen:
+                continue  # heard from since (a newer entry stands), or already released
+            if self.held.get(consumer):
+                self.release(consumer, dead=True)
+            else:
+                self.last_seen.pop(consumer, None)
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
-        return {
-            "seed": self.seed, "chunk_samples": self.chunk_samples, "completed_epochs": self.completed_epochs,
-            "chunks": [[c.shard, c.start, c.stop] for c in self.chunks],
-            "epochs": {str(e.epoch): {"done": {str(c): sorted(s) for c, s in e.done.items() if s},
-                                      "slots": e.slots, "undealt": list(e.undealt), "orphans": list(e.orphans),
-                                      "queues": {str(k): list(q) for k, q in e.queues.items()}}
-                       for e in self.epochs.values()},
-        }
+        """What a resume needs, sized by chunks and chunks in flight, not by samples trained: per open epoch a
+        compressed bitmap of finished chunks, the acknowledged offsets of begun ones as runs, and the deal."""
+        return {"format": STATE_FORMAT, "seed": self.seed, "chunk_samples": self.chunk_samples,
+                "completed_epochs": self.completed_epochs, "num_chunks": len(self.chunks),
+                "chunks_sha256": self.chunks.fingerprint(),
+                "epochs": {str(e.epoch): e.to_state() for e in self.epochs.values()}}
 
     def restore(self, state: Dict[str, Any], slots: Optional[int] = None) -> None:
         """Continue from a checkpoint. With the same number of consumer slots the deal is restored as it
         was (each loader resumes from its own snapshot: bit-exact); with another number, every chunk not
         fully acknowledged is dealt out again in plan order (exactly-once, not bit-exact)."""
-        saved_chunks = [tuple(c) for c in state["chunks"]]
-        if saved_chunks != [(c.shard, c.start, c.stop) for c in self.chunks]:
+        if "chunks" in state:  # the first format listed them
+            same = [tuple(c) for c in state["chunks"]] == [tuple(r) for r in self.chunks.rows()]
+        else:
+            same = state.get("chunks_sha256") == self.chunks.fingerprint()
+        if not same:
             raise ValueError("the dataset's shards differ from the checkpoint's data plan "
                              "(same data.root and data.chunk_samples are needed to resume exactly)")
         self.completed_epochs = int(state["completed_epochs"])
         self.leases.clear()
+        self.held.clear()
         self.epochs = {}
         for epoch_key, saved in sorted(state["epochs"].items(), key=lambda kv: int(kv[0])):
             epoch = _Epoch(int(epoch_key), self.chunks, self.seed)
-            epoch.done = {int(c): set(offsets) for c, offsets in saved["done"].items()}
-            if slots is not None and saved.get("slots") in (slots, None) and "queues" in saved:
-                epoch.slots = saved["slots"]
-                epoch.undealt = list(saved["undealt"])
-                epoch.orphans = deque(saved["orphans"])
-                epoch.queues = {int(k): deque(q) for k, q in saved["queues"].items()}
-            else:
-                epoch.undealt = [c for c in epoch.order if len(epoch.done.get(c, ())) < self.chunks[c].size]
+            epoch.load(saved, keep_deal=slots is not None and saved.get("slots") in (slots, None))
             self.epochs[epoch.epoch] = epoch
         if not self.epochs:
             self.epochs[0] = _Epoch(0, self.chunks, self.seed)

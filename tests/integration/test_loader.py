@@ -149,7 +149,7 @@ def test_a_dead_ranks_unacknowledged_work_goes_to_the_others(tiny_dataset):
     alive.step()
     dying.step()
     next(dying.batches)  # reads ahead, never acknowledges: then the rank dies
-    assert len(coordinator._core.epochs[0].queues[1]) > 0  # it still had work nobody had read
+    assert len(coordinator._core.epochs[0].share(1)) > 0  # it still had work nobody had read
     assert coordinator.release("rank1-worker0") >= 1
     while coordinator.summary()["completed_epochs"] < 1:
         alive.step()

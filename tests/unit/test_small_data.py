@@ -36,11 +36,11 @@ def test_the_deal_still_starts_at_slot_zero_when_chunks_divide_among_the_slots()
     core = CoordinatorCore([(f"s{i}.tar", 4) for i in range(6)], 0, None)
     for epoch_id in range(3):
         epoch = _Epoch(epoch_id, core.chunks, 0)
-        epoch.deal(2)
-        assert [list(epoch.queues[s]) for s in (0, 1)] == [epoch.order[0::2], epoch.order[1::2]]
+        epoch.deal(2, set())
+        assert [epoch.share(s) for s in (0, 1)] == [epoch.order[0::2].tolist(), epoch.order[1::2].tolist()]
     odd = CoordinatorCore([(f"s{i}.tar", 4) for i in range(3)], 0, None)
     first, second = _Epoch(0, odd.chunks, 0), _Epoch(1, odd.chunks, 0)
-    first.deal(2)
-    second.deal(2)
-    assert [len(first.queues[s]) for s in (0, 1)] == [2, 1]
-    assert [len(second.queues[s]) for s in (0, 1)] == [1, 2]  # the slot dealt one fewer goes first next epoch
+    first.deal(2, set())
+    second.deal(2, set())
+    assert [len(first.share(s)) for s in (0, 1)] == [2, 1]
+    assert [len(second.share(s)) for s in (0, 1)] == [1, 2]  # the slot dealt one fewer goes first next epoch

@@ -1,0 +1,180 @@
+"""The data coordinator's core at scale, in-process (no Ray), against the core before issue 28 (the baseline,
+benchmarks/baselines/coordinator_v1.py) in the same run.
+
+For each size (samples in shards of 1,000, chunks of 100 samples) and number of consumers, a fresh process builds
+the core and measures, on one core of this machine:
+  first deal   every consumer's first request (the epoch's plan dealt over the consumers)
+  step         one optimizer step: every consumer acknowledges 4 samples of its chunk (one call each)
+  re-deal      a resize to half the consumers: their first requests (the open epoch dealt anew)
+  state        state() as JSON at 10%, 50% and 99% of an epoch: its size, and the time to make and write it
+  peak RSS     of the process (the core and its plan)
+Up to 10M samples Kino's epoch is advanced through request and ack as training does; above, acknowledging
+hundreds of millions of samples one by one in Python would take hours, so whole chunks are marked finished in the
+epoch's bitmap directly (what acknowledging all their samples does), and the consumers' chunks stay in flight: the
+state then holds what it would at that point. The baseline's epoch is advanced the same way (its acks scan every
+lease: driving it through them takes hours at 2,048 consumers), and it is given up after --baseline-timeout s.
+
+    python benchmarks/coordinator_scale.py                       # the table in BENCHMARKS.md
+    python benchmarks/coordinator_scale.py --sizes 1e6 --consumers 64 --baseline-timeout 0   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_SAMPLES, CHUNK_SAMPLES, ACKS_PER_STEP = 1000, 100, 4
+
+
+def load_core(which: str):
+    sys.path.insert(0, str(REPO))
+    if which == "baseline":
+        sys.path.insert(0, str(REPO / "benchmarks" / "baselines"))
+        from coordinator_v1 import CoordinatorCore
+    else:
+        from data.coordinator import CoordinatorCore
+    return CoordinatorCore
+
+
+def measure(which: str, samples: int, consumers: int) -> dict:
+    CoordinatorCore = load_core(which)
+    shards = [(f"shard-{i:07d}.tar", SHARD_SAMPLES) for i in range(samples // SHARD_SAMPLES)]
+    out = {"core": which, "samples": samples, "consumers": consumers}
+    started = time.perf_counter()
+    core = CoordinatorCore(shards, seed=0, chunk_samples=CHUNK_SAMPLES)
+    out["build_s"] = time.perf_counter() - started
+    names = [f"rank{c}" for c in range(consumers)]
+    started = time.perf_counter()
+    leases = [core.request(name, slot, consumers) for slot, name in enumerate(names)]
+    out["first_deal_s"] = time.perf_counter() - started
+    cursor = [0] * consumers
+
+    def step() -> float:
+        began = time.perf_counter()
+        for c, name in enumerate(names):
+            lease = leases[c]
+            begin = lease["start"] + cursor[c]
+            tags = [(lease["epoch"], lease["chunk"], o) for o in range(begin, min(begin + ACKS_PER_STEP, lease["stop"]))]
+            cursor[c] += len(tags)
+            core.ack(tags, name)
+            if cursor[c] >= lease["stop"] - lease["start"]:
+                leases[c], cursor[c] = core.request(name, c, consumers), 0
+        return time.perf_counter() - began
+
+    out["step_s"] = min(step() for _ in range(3))
+    chunks = samples // CHUNK_SAMPLES
+    for share in (0.10, 0.50, 0.99):
+        advance(core, which, share, chunks, step, consumers)
+        began = time.perf_counter()
+        text = json.dumps(core.state())
+        out[f"state_{int(share * 100)}_s"] = time.perf_counter() - began
+        out[f"state_{int(share * 100)}_mb"] = len(text) / 1e6
+    half = max(1, consumers // 2)
+    began = time.perf_counter()
+    for slot in range(half):
+        core.release(names[slot], dead=False)
+        core.request(names[slot], slot, half)
+    out["redeal_s"] = time.perf_counter() - began
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def advance(core, which: str, share: float, chunks: int, step, consumers: int) -> None:
+    """Bring the open epoch to `share` finished: through acks while that is cheap, else by marking chunks done."""
+    import numpy as np
+
+    target = min(int(share * chunks), chunks - 2 * consumers)  # the chunks in flight stay in flight
+    if which == "kino" and chunks * CHUNK_SAMPLES <= 10_000_000:
+        while finished_chunks(core, which) < target:
+            step()
+        return
+    epoch = core.epochs[min(core.epochs)]
+    leased = {chunk for (e, chunk) in core.leases if e == epoch.epoch}
+    if which == "baseline":  # its state records every offset of a finished chunk
+        for chunk in epoch.order:
+            if finished_chunks(core, which) >= target:
+                break
+            if chunk not in leased and chunk not in epoch.done:
+                c = core.chunks[chunk]
+                epoch.done[chunk] = set(range(c.start, c.stop))
+        return
+    open_mask = ~epoch.finished
+    if leased:
+        open_mask[np.fromiter(leased, dtype=np.int64)] = False
+    candidates = epoch.order[open_mask[epoch.order]]
+    need = max(0, target - epoch.finished_count)
+    epoch.finished[candidates[:need]] = True
+    epoch.finished_count = int(epoch.finished.sum())
+
+
+def finished_chunks(core, which: str) -> int:
+    epoch = core.epochs[min(core.epochs)]
+    if which == "baseline":
+        return sum(len(s) >= CHUNK_SAMPLES for s in epoch.done.values())
+    return epoch.finished_count
+
+
+def run_one(which: str, samples: int, consumers: int, timeout: float) -> dict:
+    if timeout <= 0:
+        return {"core": which, "samples": samples, "consumers": consumers, "skipped": True}
+    command = [sys.executable, __file__, "--one", which, str(samples), str(consumers)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    except subprocess.TimeoutExpired:
+        return {"core": which, "samples": samples, "consumers": consumers, "timeout_s": timeout}
+    if done.returncode != 0:
+        return {"core": which, "samples": samples, "consumers": consumers, "error": done.stderr[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8, 1e9])
+    parser.add_argument("--consumers", nargs="+", type=int, default=[64, 2048, 16384])
+    parser.add_argument("--baseline-timeout", type=float, default=240.0)
+    parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--one", nargs=3, metavar=("CORE", "SAMPLES", "CONSUMERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
+        return
+    rows = []
+    baseline_gave_up = set()
+    for samples in (int(s) for s in args.sizes):
+        for consumers in args.consumers:
+            for which in ("kino", "baseline"):
+                if which == "baseline" and (samples in baseline_gave_up or any(s < samples for s in baseline_gave_up)):
+                    rows.append({"core": which, "samples": samples, "consumers": consumers, "skipped": True})
+                else:
+                    rows.append(run_one(which, samples, consumers,
+                                        args.baseline_timeout if which == "baseline" else args.timeout))
+                    if "timeout_s" in rows[-1]:
+                        baseline_gave_up.add(samples)
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; chunks of {CHUNK_SAMPLES} samples, shards of "
+          f"{SHARD_SAMPLES}")
+    print("| core | samples | consumers | first deal s | step ms | re-deal s | state 10/50/99% MB | state 99% s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "first_deal_s" not in r:
+            why = "not run" if r.get("skipped") else (f"> {r['timeout_s']:.0f} s (killed)" if "timeout_s" in r
+                                                      else "error")
+            print(f"| {r['core']} | {r['samples']:.0e} | {r['consumers']} | {why} | | | | | |")
+            continue
+        print(f"| {r['core']} | {r['samples']:.0e} | {r['consumers']} | {r['first_deal_s']:.2f} | "
+              f"{1000 * r['step_s']:.1f} | {r['redeal_s']:.2f} | {r['state_10_mb']:.2f} / {r['state_50_mb']:.2f} / "
+              f"{r['state_99_mb']:.2f} | {r['state_99_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
