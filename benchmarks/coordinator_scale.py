@@ -49,25 +49,32 @@ def measure(which: str, samples: int, consumers: int) -> dict:
     started = time.perf_counter()
     core = CoordinatorCore(shards, seed=0, chunk_samples=CHUNK_SAMPLES)
     out["build_s"] = time.perf_counter() - started
+    report = lambda: print(json.dumps(out), flush=True)  # noqa: E731 - each phase as it ends: a killed run keeps them
     names = [f"rank{c}" for c in range(consumers)]
     started = time.perf_counter()
     leases = [core.request(name, slot, consumers) for slot, name in enumerate(names)]
     out["first_deal_s"] = time.perf_counter() - started
+    report()
     cursor = [0] * consumers
 
     def step() -> float:
-        began = time.perf_counter()
-        for c, name in enumerate(names):
+        """One step of every consumer; the coordinator's time only (the consumers' tags are made before)."""
+        batches = []
+        for c in range(consumers):
             lease = leases[c]
             begin = lease["start"] + cursor[c]
-            tags = [(lease["epoch"], lease["chunk"], o) for o in range(begin, min(begin + ACKS_PER_STEP, lease["stop"]))]
-            cursor[c] += len(tags)
-            core.ack(tags, name)
-            if cursor[c] >= lease["stop"] - lease["start"]:
+            batches.append([(lease["epoch"], lease["chunk"], o)
+                            for o in range(begin, min(begin + ACKS_PER_STEP, lease["stop"]))])
+            cursor[c] += len(batches[-1])
+        began = time.perf_counter()
+        for c, name in enumerate(names):
+            core.ack(batches[c], name)
+            if cursor[c] >= leases[c]["stop"] - leases[c]["start"]:
                 leases[c], cursor[c] = core.request(name, c, consumers), 0
         return time.perf_counter() - began
 
     out["step_s"] = min(step() for _ in range(3))
+    report()
     chunks = samples // CHUNK_SAMPLES
     for share in (0.10, 0.50, 0.99):
         advance(core, which, share, chunks, step, consumers)
@@ -75,6 +82,7 @@ def measure(which: str, samples: int, consumers: int) -> dict:
         text = json.dumps(core.state())
         out[f"state_{int(share * 100)}_s"] = time.perf_counter() - began
         out[f"state_{int(share * 100)}_mb"] = len(text) / 1e6
+        report()
     half = max(1, consumers // 2)
     began = time.perf_counter()
     for slot in range(half):
@@ -127,8 +135,11 @@ def run_one(which: str, samples: int, consumers: int, timeout: float) -> dict:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    except subprocess.TimeoutExpired:
-        return {"core": which, "samples": samples, "consumers": consumers, "timeout_s": timeout}
+    except subprocess.TimeoutExpired as stopped:
+        lines = (stopped.stdout or b"").decode() if isinstance(stopped.stdout, bytes) else (stopped.stdout or "")
+        partial = json.loads(lines.strip().splitlines()[-1]) if lines.strip() else {
+            "core": which, "samples": samples, "consumers": consumers}
+        return dict(partial, timeout_s=timeout)
     if done.returncode != 0:
         return {"core": which, "samples": samples, "consumers": consumers, "error": done.stderr[-500:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -156,22 +167,27 @@ def main() -> None:
                 else:
                     rows.append(run_one(which, samples, consumers,
                                         args.baseline_timeout if which == "baseline" else args.timeout))
-                    if "timeout_s" in rows[-1]:
+                    if "timeout_s" in rows[-1] and "first_deal_s" not in rows[-1]:
                         baseline_gave_up.add(samples)
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; chunks of {CHUNK_SAMPLES} samples, shards of "
           f"{SHARD_SAMPLES}")
     print("| core | samples | consumers | first deal s | step ms | re-deal s | state 10/50/99% MB | state 99% s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
+    def cell(r, key, scale=1.0, digits=2):
+        return f"{scale * r[key]:.{digits}f}" if key in r else "-"
+
     for r in rows:
-        if "first_deal_s" not in r:
-            why = "not run" if r.get("skipped") else (f"> {r['timeout_s']:.0f} s (killed)" if "timeout_s" in r
-                                                      else "error")
-            print(f"| {r['core']} | {r['samples']:.0e} | {r['consumers']} | {why} | | | | | |")
+        if r.get("skipped") or "error" in r:
+            print(f"| {r['core']} | {r['samples']:.0e} | {r['consumers']} | {'not run' if r.get('skipped') else 'error'}"
+                  f" | | | | | |")
             continue
-        print(f"| {r['core']} | {r['samples']:.0e} | {r['consumers']} | {r['first_deal_s']:.2f} | "
-              f"{1000 * r['step_s']:.1f} | {r['redeal_s']:.2f} | {r['state_10_mb']:.2f} / {r['state_50_mb']:.2f} / "
-              f"{r['state_99_mb']:.2f} | {r['state_99_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        killed = f" (killed at {r['timeout_s']:.0f} s)" if "timeout_s" in r else ""
+        first = cell(r, "first_deal_s") if "first_deal_s" in r else f"> {r['timeout_s']:.0f}"
+        print(f"| {r['core']}{killed} | {r['samples']:.0e} | {r['consumers']} | {first} | "
+              f"{cell(r, 'step_s', 1000, 1)} | {cell(r, 'redeal_s')} | {cell(r, 'state_10_mb')} / "
+              f"{cell(r, 'state_50_mb')} / {cell(r, 'state_99_mb')} | {cell(r, 'state_99_s')} | "
+              f"{cell(r, 'peak_rss_mb', 1, 0)} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

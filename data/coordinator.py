@@ -21,6 +21,7 @@ their consumer was last heard from.
 from __future__ import annotations
 
 import base64
+from array import array
 import heapq
 import time
 import zlib
@@ -63,6 +64,7 @@ class ChunkTable:
         self.start = within * step
         self.stop = np.minimum(self.start + step, np.repeat(counts, per_shard))
         self.sizes = self.stop - self.start
+        self.size_of = array("q", self.sizes.tobytes())  # scalar reads at Python speed (acknowledgements)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -119,8 +121,7 @@ class _Epoch:
         self.epoch = epoch
         self.chunks = chunks
         self.order = np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, epoch])).permutation(len(chunks))
-        self.finished = np.zeros(len(chunks), dtype=bool)
-        self.finished_count = 0
+        self._set_finished(np.zeros(len(chunks), dtype=bool))
         self.partial: Dict[int, Set[int]] = {}  # chunk -> acknowledged offsets, for chunks begun and not finished
         self.slots: Optional[int] = None
         self.pool = self.order
@@ -129,6 +130,13 @@ class _Epoch:
         self.heads = self.tails = np.zeros(0, dtype=np.int64)
         self.front: Dict[int, Deque[int]] = {}
         self.orphans: Deque[int] = deque()
+
+    def _set_finished(self, mask: np.ndarray) -> None:
+        """`done` (a bytearray: a scalar read or write at Python speed, unlike a numpy element) and `finished`, a
+        numpy view of the same bytes for whole-plan operations."""
+        self.done = bytearray(np.ascontiguousarray(mask, dtype=bool).tobytes())
+        self.finished = np.frombuffer(self.done, dtype=bool)
+        self.finished_count = int(self.finished.sum())
 
     @property
     def complete(self) -> bool:
@@ -162,19 +170,19 @@ class _Epoch:
         front = self.front.get(slot)
         while front:
             chunk = front.popleft()
-            if not self.finished[chunk]:
+            if not self.done[chunk]:
                 return chunk
         while self.heads[slot] < self.tails[slot]:
             chunk = int(self.pool[self._offset(slot) + self.slots * self.heads[slot]])
             self.heads[slot] += 1
-            if not self.finished[chunk]:
+            if not self.done[chunk]:
                 return chunk
         return None
 
     def pop_orphan(self) -> Optional[int]:
         while self.orphans:
             chunk = self.orphans.popleft()
-            if not self.finished[chunk]:
+            if not self.done[chunk]:
                 return chunk
         return None
 
@@ -185,18 +193,18 @@ class _Epoch:
             positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
             taken += [int(c) for c in self.pool[positions]]
             self.heads[slot] = self.tails[slot]
-        return [c for c in taken if not self.finished[c]]
+        return [c for c in taken if not self.done[c]]
 
     def acknowledge(self, chunk: int, offset: int) -> bool:
         """Record one sample; True when it finished its chunk."""
-        if self.finished[chunk]:
+        if self.done[chunk]:
             return False
         done = self.partial.setdefault(chunk, set())
         done.add(offset)
-        if len(done) < self.chunks.sizes[chunk]:
+        if len(done) < self.chunks.size_of[chunk]:
             return False
         del self.partial[chunk]
-        self.finished[chunk] = True
+        self.done[chunk] = 1
         self.finished_count += 1
         return True
 
@@ -206,10 +214,10 @@ class _Epoch:
         if self.slots is not None and 0 <= slot < self.slots:
             positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
             stride = [int(c) for c in self.pool[positions]]
-        return [c for c in [*self.front.get(slot, ()), *stride] if not self.finished[c]]
+        return [c for c in [*self.front.get(slot, ()), *stride] if not self.done[c]]
 
     def skip(self, chunk: int) -> List[int]:
-        if self.finished[chunk]:
+        if self.done[chunk]:
             return list(range(int(self.chunks.start[chunk]), int(self.chunks.stop[chunk])))
         return sorted(self.partial.get(chunk, ()))
 
@@ -226,17 +234,17 @@ class _Epoch:
     def load(self, saved: Dict[str, Any], keep_deal: bool) -> None:
         n = len(self.chunks)
         if "finished" in saved:
-            self.finished = _unpack_bits(saved["finished"], n)
+            self._set_finished(_unpack_bits(saved["finished"], n))
             self.partial = {int(c): {o for a, b in runs for o in range(a, b)} for c, runs in saved["partial"].items()}
         else:  # a checkpoint of the first format: every acknowledged offset of every chunk
-            self.finished = np.zeros(n, dtype=bool)
+            finished = np.zeros(n, dtype=bool)
             for chunk, offsets in saved["done"].items():
                 chunk = int(chunk)
-                if len(offsets) >= self.chunks.sizes[chunk]:
-                    self.finished[chunk] = True
+                if len(offsets) >= self.chunks.size_of[chunk]:
+                    finished[chunk] = True
                 elif offsets:
                     self.partial[chunk] = set(offsets)
-        self.finished_count = int(self.finished.sum())
+            self._set_finished(finished)
         if not keep_deal or saved.get("slots") is None:
             return
         slots = int(saved["slots"])
@@ -318,12 +326,10 @@ class CoordinatorCore:
                 held.discard(key)
 
     def _seen(self, consumer: str) -> None:
-        now = self.clock()
-        self.last_seen[consumer] = now
-        heapq.heappush(self._expiry, (now, consumer))
-        if len(self._expiry) > 4 * len(self.last_seen) + 64:  # drop the superseded entries: amortised O(log n)
-            self._expiry = [(seen, name) for name, seen in self.last_seen.items()]
-            heapq.heapify(self._expiry)
+        """O(1): the heap holds one entry per consumer, moved on lazily when it comes up (_expire_stale_leases)."""
+        if consumer not in self.last_seen:
+            heapq.heappush(self._expiry, (self.clock(), consumer))
+        self.last_seen[consumer] = self.clock()
 
     # -- acknowledgements -------------------------------------------------------------------------
     def ack(self, tags: Iterable[Sequence[int]], consumer: Optional[str] = None) -> None:
@@ -340,6 +346,11 @@ class CoordinatorCore:
             self._seen(consumer)
         if closed:
             self._close_finished_epochs()
+
+    def ack_step(self, by_consumer: Dict[str, List[Sequence[int]]]) -> None:
+        """One optimizer step of one rank: each of its consumers' tags, in one call (one Ray round trip)."""
+        for consumer, tags in by_consumer.items():
+            self.ack(tags, consumer)
 
     def _close_finished_epochs(self) -> None:
         for epoch_id in sorted(self.epochs):
@@ -384,10 +395,13 @@ class CoordinatorCore:
         """Consumers silent for longer than the lease lose their chunks: the oldest first, from the heap."""
         cutoff = self.clock() - self.lease_timeout_s
         while self._expiry and self._expiry[0][0] < cutoff:
-            seen, consumer = heapq.heappop(self._expiry)
-            if self.last_seen.get(consumer) != seen:
-                continue  # heard from since (a newer entry stands), or already released
-            if self.held.get(consumer):
+            _, consumer = heapq.heappop(self._expiry)
+            seen = self.last_seen.get(consumer)
+            if seen is None:
+                continue  # released since
+            if seen >= cutoff:  # heard from since its entry was made: the entry moves on to that time
+                heapq.heappush(self._expiry, (seen, consumer))
+            elif self.held.get(consumer):
                 self.release(consumer, dead=True)
             else:
                 self.last_seen.pop(consumer, None)
@@ -499,6 +513,9 @@ class CoordinatorClient:
     def ack(self, tags: List[Sequence[int]], consumer: Optional[str] = None) -> None:
         if tags:
             self._call("ack", [list(t) for t in tags], consumer)
+
+    def ack_step(self, by_consumer: Dict[str, List[Sequence[int]]]) -> None:
+        self._call("ack_step", {consumer: [list(t) for t in tags] for consumer, tags in by_consumer.items()})
 
     def release(self, consumer: str, dead: bool = True) -> int:
         return self._call("release", consumer, dead)

@@ -420,14 +420,14 @@ class Trainer:
             else:
                 for key in batch.keys:
                     self.audit.record_dropped(NONFINITE_STEP, key)
-        for consumer, acknowledged in tags.items():
+        for acknowledged in tags.values():
             self._acked_since += [list(tag) for tag in acknowledged]  # the trainer's record, for the checkpoint
-            if self._coordinator_lost:
-                continue
-            try:
-                self.coordinator.ack(acknowledged, consumer)
-            except CoordinatorUnavailable as error:
-                self._note_coordinator_lost(error)
+        if self._coordinator_lost or not tags:
+            return
+        try:  # one call per rank and step, for all of its workers: the actor's load grows with steps
+            self.coordinator.ack_step(dict(tags))
+        except CoordinatorUnavailable as error:
+            self._note_coordinator_lost(error)
 
     # -- one step --------------------------------------------------------------------------------
     def latents(self, batch: PackedBatch) -> List[torch.Tensor]:
