@@ -49,7 +49,9 @@ def _open_epochs(run_dir: Path) -> Optional[List[int]]:
     latest = latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
         return None
-    plan = json.loads((latest / "train_state.json").read_text())["data"]
+    plan_file = latest / "data_plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else \
+        json.loads((latest / "train_state.json").read_text())["data"]
     return sorted(int(epoch) for epoch in plan["epochs"])
 
 

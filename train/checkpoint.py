@@ -6,6 +6,8 @@ renamed into place, and only then named by `latest`; a crash at any point leaves
   step_N/engine/          DeepSpeed engine (sharded under ZeRO)
   step_N/train_state.json step, stage, layout (workers, parallel.sequence), data positions, RNG of every rank,
                           tracker id, config hash
+  step_N/data_plan.json   the data coordinator's state: per open epoch, finished chunks (a compressed bitmap),
+                          begun chunks' acknowledged offsets, the deal (data/coordinator.py)
   step_N/audit.json       what was trained on, per shard and license; what was dropped and why
   step_N/ema.pt           EMA weights (fp32)
   step_N/config.yaml      the resolved config of the run
@@ -209,8 +211,10 @@ class CheckpointManager:
                 # a rank new to this world size has no saved state of its own: it keeps what it has
                 if self.rank < len(ranks) and name in ranks[self.rank]:
                     piece.state.load_state_dict(ranks[self.rank][name])
-            else:
+            elif (path / piece.file).exists():
                 piece.state.load_state_dict(_read_file(path / piece.file))
+            else:  # a checkpoint from before the piece had a file of its own kept it in train_state.json
+                piece.state.load_state_dict(state.get(name))
         self.last_saved = int(state["step"])
         return int(state["step"])
 

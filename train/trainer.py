@@ -216,7 +216,8 @@ class Trainer:
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
             "dataset": Resumable(Value(self.dataset_fingerprints, self._check_dataset), "shared"),
-            "data": Resumable(Value(self._data_plan, self._restore_data_plan), "shared"),
+            # a file of its own: sized by chunks, it stays out of train_state.json and of any Ray object
+            "data": Resumable(Value(self._data_plan, self._restore_data_plan), "file", "data_plan.json"),
             "rng": Resumable(self.rng, "rank"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
                                        self._restore_loaders), "rank"),

@@ -128,7 +128,7 @@ def test_sigterm_to_every_process_ray_and_wandb_included_still_checkpoints_at_th
     checkpoint = run_dir / "checkpoints" / f"step_{step}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == checkpoint.name
     assert (checkpoint / "COMPLETE").exists()
-    assert json.loads((checkpoint / "train_state.json").read_text())["data"]["mirrored"] is True
+    assert json.loads((checkpoint / "data_plan.json").read_text())["mirrored"] is True
 
     again = subprocess.run(launch("local", tiny_dataset, run_dir, *LONGER), cwd=REPO, env=ENV, capture_output=True,
                            text=True, timeout=600)
