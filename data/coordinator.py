@@ -10,7 +10,8 @@ else. `restore(state)` on any number of ranks hands out exactly the rest: no sam
 trained twice in an epoch, none is skipped, and samples that were in flight when the
 checkpoint was taken are replayed. A consumer that dies has its unfinished chunks handed to
 others (`release`, or lease expiry). Epochs overlap: a consumer that runs out of work in
-epoch e starts epoch e+1 rather than waiting (waiting would stall every rank's all-reduce).
+epoch e takes the last chunks of the slowest consumers' shares, and starts epoch e+1 only when nothing of epoch e
+is left to hand out (waiting would stall every rank's all-reduce), so epochs stay in step.
 
 Every step costs at most O(log n) in chunks and consumers, and a deal O(chunks log chunks), so the same core
 serves a demo and a billion clips (BENCHMARKS.md, "Data coordinator at scale"): chunks are numpy columns, an
@@ -128,6 +129,7 @@ class _Epoch:
         self.pool_excluded: Optional[np.ndarray] = None  # open-at-deal complement, for state(); None = nothing
         self.first = 0
         self.heads = self.tails = np.zeros(0, dtype=np.int64)
+        self._most_left: List[Tuple[int, int]] = []
         self.front: Dict[int, Deque[int]] = {}
         self.orphans: Deque[int] = deque()
 
@@ -155,6 +157,31 @@ class _Epoch:
         self._set_deal(slots, (self.epoch * len(self.chunks)) % slots, excluded if excluded.any() else None)
         self.heads = np.zeros(slots, dtype=np.int64)
         self.front, self.orphans = {}, deque()
+        self._index_shares()
+
+    def _index_shares(self) -> None:
+        """A max-heap of (-chunks left, slot), for work stealing; entries go stale as slots take their chunks
+        (a count only falls) and are put right when they come to the top."""
+        self._most_left = [(-int(t - h), s) for s, (h, t) in enumerate(zip(self.heads, self.tails)) if t > h]
+        heapq.heapify(self._most_left)
+
+    def steal(self) -> Optional[int]:
+        """For a consumer done with its own share: the last chunk of the slot with the most left. Done before
+        opening a new epoch, this keeps the consumers within a chunk or so of each other in every epoch, however
+        unevenly they read. O(log slots)."""
+        heap = self._most_left
+        while heap:
+            recorded, slot = heap[0]
+            left = int(self.tails[slot] - self.heads[slot])
+            if -recorded != left:  # stale: the slot took chunks since
+                heapq.heapreplace(heap, (-left, slot)) if left > 0 else heapq.heappop(heap)
+                continue
+            self.tails[slot] -= 1
+            chunk = int(self.pool[self._offset(slot) + self.slots * self.tails[slot]])
+            heapq.heapreplace(heap, (-(left - 1), slot)) if left > 1 else heapq.heappop(heap)
+            if not self.done[chunk]:
+                return chunk
+        return None
 
     def _set_deal(self, slots: int, first: int, excluded: Optional[np.ndarray]) -> None:
         self.slots, self.first, self.pool_excluded = slots, first, excluded
@@ -254,11 +281,13 @@ class _Epoch:
             self.heads = np.array(saved["heads"], dtype=np.int64)
             self.tails = np.array(saved["tails"], dtype=np.int64)
             self.front = {int(s): deque(q) for s, q in saved["front"].items()}
+            self._index_shares()
         else:  # first format: each slot's queue as a list; they become the slots' given-back fronts
             self._set_deal(slots, 0, np.ones(n, dtype=bool))
             self.heads = np.zeros(slots, dtype=np.int64)
             self.front = {int(s): deque(q) for s, q in saved["queues"].items()}
             self.front.setdefault(0, deque()).extend(saved.get("undealt", []))
+            self._index_shares()
         self.orphans = deque(saved.get("orphans", []))
 
 
@@ -283,7 +312,9 @@ class CoordinatorCore:
     # -- handing out work -----------------------------------------------------------------------
     def request(self, consumer: str, slot: int = 0, slots: int = 1) -> Dict[str, Any]:
         """The next chunk for `consumer` (slot `slot` of `slots` consumers), with the offsets inside it
-        already acknowledged. Orphaned chunks first, then the slot's own deal, oldest epoch first."""
+        already acknowledged. Oldest epoch first: its orphaned chunks, then the slot's own share, then the last
+        chunk of the slot with the most left (work stealing); a new epoch only when the open ones have nothing
+        left to hand out, so no consumer runs ahead of the others by more than what is in flight."""
         self._expire_stale_leases()
         self.slot_of[consumer] = slot
         self._seen(consumer)
@@ -297,6 +328,8 @@ class CoordinatorCore:
                 chunk = epoch.pop_orphan()
                 if chunk is None:
                     chunk = epoch.pop(slot)
+                if chunk is None:  # its share is out: help the slowest before going on to a newer epoch
+                    chunk = epoch.steal()
                 if chunk is not None:
                     return self._lease(epoch, chunk, consumer, slot)
             # This slot's share of every open epoch is out: begin its share of the next epoch.

@@ -114,3 +114,28 @@ def test_a_checkpoint_of_the_first_state_format_resumes_where_it_stood():
             trained.update(t for t in tags if t[0] == 0)
     assert trained[(0, 5, 2)] == 0 and trained[(0, 5, 3)] == 1 and (0, 3, 2) not in trained  # the saved acks hold
     assert set(trained.values()) == {1} and len(trained) == 12 - 3
+
+
+def test_a_fast_consumer_helps_the_slow_one_so_every_sample_is_trained_within_one_count_of_the_others():
+    """Two ranks that read at different speeds (one packs 3 samples a step, the other 1: clips of different
+    sizes): a rank done with its share takes the other's last chunks before opening a new epoch. Once ran 4
+    epochs apart over 120 steps."""
+    core = CoordinatorCore([(f"s{i}.tar", 2) for i in range(12)], seed=0, chunk_samples=2)  # 24 clips, 12 chunks
+    speeds = {"fast": 3, "slow": 1}
+    reading = {name: [] for name in speeds}
+    trained = Counter()
+    for _ in range(120):
+        for slot, (name, speed) in enumerate(speeds.items()):
+            tags = []
+            while len(tags) < speed:
+                if not reading[name]:
+                    lease = core.request(name, slot, 2)
+                    reading[name] = [(lease["epoch"], lease["chunk"], o) for o in range(lease["start"], lease["stop"])
+                                     if o not in lease["skip"]]
+                tags.append(reading[name].pop(0))
+            core.ack(tags, name)
+            trained.update((chunk, offset) for _, chunk, offset in tags)
+        assert max(trained.values()) - min(trained.get((c, o), 0) for c in range(12) for o in (0, 1)) <= 2
+    counts = [trained[(c, o)] for c in range(12) for o in (0, 1)]
+    assert max(counts) - min(counts) <= 1, counts
+    assert len(core.epochs) <= 2
