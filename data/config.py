@@ -47,6 +47,11 @@ class DataConfig:
     # unfinished chunks are dealt to others. Longer than the slowest step (plus a checkpoint) times the
     # batches a worker prefetches.
     lease_timeout_s: float = 600.0
+    # A consumer done with its share of an epoch takes the last chunks of the slowest ones before a new epoch opens
+    # (data/coordinator.py): epochs stay in step however unevenly ranks read. Which consumer takes which chunk then
+    # depends on timing, so two runs (or a run and its resume) no longer read the same data in the same order;
+    # off, the deal alone decides it and fast ranks may run epochs ahead (docs/data.md).
+    work_stealing: bool = False
     # A held-out licensed split (shards + manifest.json) for the validation loss; null = none.
     validation_root: Optional[str] = None
     # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.

@@ -10,8 +10,8 @@ else. `restore(state)` on any number of ranks hands out exactly the rest: no sam
 trained twice in an epoch, none is skipped, and samples that were in flight when the
 checkpoint was taken are replayed. A consumer that dies has its unfinished chunks handed to
 others (`release`, or lease expiry). Epochs overlap: a consumer that runs out of work in
-epoch e takes the last chunks of the slowest consumers' shares, and starts epoch e+1 only when nothing of epoch e
-is left to hand out (waiting would stall every rank's all-reduce), so epochs stay in step.
+epoch e starts epoch e+1 rather than waiting (waiting would stall every rank's all-reduce); with work stealing it
+first takes the last chunks of the slowest consumers' shares, so epochs stay in step.
 
 Every step costs at most O(log n) in chunks and consumers, and a deal O(chunks log chunks), so the same core
 serves a demo and a billion clips (BENCHMARKS.md, "Data coordinator at scale"): chunks are numpy columns, an
@@ -293,8 +293,10 @@ class _Epoch:
 
 class CoordinatorCore:
     def __init__(self, shards: Sequence[Tuple[str, int]], seed: int = 0, chunk_samples: Optional[int] = None,
-                 lease_timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+                 lease_timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 work_stealing: bool = False):
         self.chunks = ChunkTable(shards, chunk_samples)
+        self.work_stealing = work_stealing
         if not len(self.chunks):
             raise ValueError("the dataset has no samples")
         self.seed = seed
@@ -312,9 +314,10 @@ class CoordinatorCore:
     # -- handing out work -----------------------------------------------------------------------
     def request(self, consumer: str, slot: int = 0, slots: int = 1) -> Dict[str, Any]:
         """The next chunk for `consumer` (slot `slot` of `slots` consumers), with the offsets inside it
-        already acknowledged. Oldest epoch first: its orphaned chunks, then the slot's own share, then the last
-        chunk of the slot with the most left (work stealing); a new epoch only when the open ones have nothing
-        left to hand out, so no consumer runs ahead of the others by more than what is in flight."""
+        already acknowledged. Oldest epoch first: its orphaned chunks, then the slot's own share, then (with
+        work_stealing) the last chunk of the slot with the most left; a new epoch only when the open ones have
+        nothing left for it. Stealing keeps consumers within what is in flight of each other, at the price of a
+        data order that depends on timing."""
         self._expire_stale_leases()
         self.slot_of[consumer] = slot
         self._seen(consumer)
@@ -328,7 +331,7 @@ class CoordinatorCore:
                 chunk = epoch.pop_orphan()
                 if chunk is None:
                     chunk = epoch.pop(slot)
-                if chunk is None:  # its share is out: help the slowest before going on to a newer epoch
+                if chunk is None and self.work_stealing:  # its share is out: help the slowest first
                     chunk = epoch.steal()
                 if chunk is not None:
                     return self._lease(epoch, chunk, consumer, slot)
@@ -565,7 +568,8 @@ class CoordinatorClient:
 
 def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_samples: Optional[int],
                           actor_name: str, namespace: str, address: Optional[str] = None,
-                          object_store_bytes: int = 80 * 2 ** 20, lease_timeout_s: float = 600.0) -> CoordinatorClient:
+                          object_store_bytes: int = 80 * 2 ** 20, lease_timeout_s: float = 600.0,
+                          work_stealing: bool = False) -> CoordinatorClient:
     """On the main rank: attach to a cluster at `address` (or start a local one) and create the actor."""
     import os
 
@@ -589,7 +593,8 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
     except ValueError:
         pass
     actor_class = ray.remote(num_cpus=0)(CoordinatorCore)
-    handle = _create_actor(actor_class, actor_name, namespace, list(shards), seed, chunk_samples, lease_timeout_s)
+    handle = _create_actor(actor_class, actor_name, namespace, list(shards), seed, chunk_samples, lease_timeout_s,
+                           work_stealing=work_stealing)
     gcs_address = ray.get_runtime_context().gcs_address
     client = CoordinatorClient(None, gcs_address, actor_name, namespace)
     # This handle keeps the actor alive exactly as long as the main rank: a named actor that is not
@@ -599,13 +604,13 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
     return client
 
 
-def _create_actor(actor_class, name: str, namespace: str, *args, attempts: int = 50):
+def _create_actor(actor_class, name: str, namespace: str, *args, attempts: int = 50, **kwargs):
     """The named actor, once Ray has released the name of one just killed (it does so asynchronously)."""
     import time
 
     for attempt in range(attempts):
         try:
-            return actor_class.options(name=name, namespace=namespace).remote(*args)
+            return actor_class.options(name=name, namespace=namespace).remote(*args, **kwargs)
         except ValueError:  # the name is still taken
             if attempt == attempts - 1:
                 raise
@@ -626,12 +631,14 @@ def connect_coordinator(cfg, rows: Sequence[Tuple[str, int]], run_dir, rank: int
     if mode == "auto":
         mode = "ray" if world_size > 1 or cfg.num_workers > 0 or cfg.ray_address else "local"
     if mode == "local":
-        return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples, cfg.lease_timeout_s))
+        return CoordinatorClient(CoordinatorCore(rows, cfg.seed, cfg.chunk_samples, cfg.lease_timeout_s,
+                                                 work_stealing=cfg.work_stealing))
     # One actor per run directory, so two runs on one Ray cluster never share a data plan.
     namespace = "kino-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
     name = "data-coordinator"
     client = [start_ray_coordinator(rows, cfg.seed, cfg.chunk_samples, name, namespace, cfg.ray_address,
-                                    lease_timeout_s=cfg.lease_timeout_s) if rank == 0 else None]
+                                    lease_timeout_s=cfg.lease_timeout_s, work_stealing=cfg.work_stealing)
+              if rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(client, src=0)  # carries the cluster address, not the actor
     if rank == 0:

@@ -19,13 +19,13 @@ class Consumer:
         self.name, self.slot, self.reading = name, slot, []  # leases being read: [lease, next offset]
 
 
-def run_chaos(seed: int, operations: int = OPERATIONS):
+def run_chaos(seed: int, operations: int = OPERATIONS, work_stealing: bool = False):
     rng = random.Random(seed)
     shards = [(f"s{i}.tar", rng.randint(1, 30)) for i in range(rng.randint(1, 8))]
     chunk_samples = rng.choice([None, 1, 2, 3, 7])
     clock = [0.0]
     core = CoordinatorCore(shards, seed=seed, chunk_samples=chunk_samples, lease_timeout_s=50.0,
-                           clock=lambda: clock[0])
+                           clock=lambda: clock[0], work_stealing=work_stealing)
     slots = rng.randint(1, 6)
     consumers = [Consumer(f"c{n}", n) for n in range(slots)]
     acked = Counter()
@@ -65,7 +65,7 @@ def run_chaos(seed: int, operations: int = OPERATIONS):
             state = json.loads(json.dumps(core.state()))
             slots = rng.randint(1, 6)
             core = CoordinatorCore(shards, seed=seed, chunk_samples=chunk_samples, lease_timeout_s=50.0,
-                                   clock=lambda: clock[0])
+                                   clock=lambda: clock[0], work_stealing=work_stealing)
             core.restore(state, slots if rng.random() < 0.5 else None)
             born += slots
             consumers = [Consumer(f"c{born}-{n}", n) for n in range(slots)]
@@ -75,9 +75,9 @@ def run_chaos(seed: int, operations: int = OPERATIONS):
     return core, shards, chunk_samples, acked
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_every_sample_is_acknowledged_once_per_epoch_under_chaos(seed):
-    core, shards, chunk_samples, acked = run_chaos(seed)
+@pytest.mark.parametrize("seed, work_stealing", [(s, s % 2 == 1) for s in range(6)])
+def test_every_sample_is_acknowledged_once_per_epoch_under_chaos(seed, work_stealing):
+    core, shards, chunk_samples, acked = run_chaos(seed, work_stealing=work_stealing)
     from data.coordinator import make_chunks
 
     samples = {(c.id, o) for c in make_chunks(shards, chunk_samples) for o in range(c.start, c.stop)}
@@ -118,9 +118,10 @@ def test_a_checkpoint_of_the_first_state_format_resumes_where_it_stood():
 
 def test_a_fast_consumer_helps_the_slow_one_so_every_sample_is_trained_within_one_count_of_the_others():
     """Two ranks that read at different speeds (one packs 3 samples a step, the other 1: clips of different
-    sizes): a rank done with its share takes the other's last chunks before opening a new epoch. Once ran 4
-    epochs apart over 120 steps."""
-    core = CoordinatorCore([(f"s{i}.tar", 2) for i in range(12)], seed=0, chunk_samples=2)  # 24 clips, 12 chunks
+    sizes): with data.work_stealing a rank done with its share takes the other's last chunks before opening a new
+    epoch. Without it they ran 4 epochs apart over 120 steps."""
+    core = CoordinatorCore([(f"s{i}.tar", 2) for i in range(12)], seed=0, chunk_samples=2,  # 24 clips, 12 chunks
+                           work_stealing=True)
     speeds = {"fast": 3, "slow": 1}
     reading = {name: [] for name in speeds}
     trained = Counter()

@@ -7,10 +7,14 @@ from data.coordinator import CoordinatorCore, _Epoch
 
 def test_a_consumer_with_no_share_of_the_first_epoch_starts_the_next_instead_of_recursing():
     core = CoordinatorCore([("a.tar", 22)], 0, None)  # the issue's reproduction: one shard, one chunk
-    lease = core.request("r1", 1, 2)  # slot 1 has no share of epoch 0: it takes slot 0's (work stealing)
-    assert (lease["epoch"], lease["chunk"], lease["start"], lease["stop"]) == (0, 0, 0, 22)
-    assert core.request("r0", 0, 2)["epoch"] == 1  # nothing of epoch 0 is left: the next one opens
+    lease = core.request("r1", 1, 2)
+    assert (lease["epoch"], lease["chunk"], lease["start"], lease["stop"]) == (1, 0, 0, 22)
     assert sorted(core.epochs) == [0, 1]  # not 994 epochs
+    assert core.request("r0", 0, 2)["epoch"] == 0
+    stealing = CoordinatorCore([("a.tar", 22)], 0, None, work_stealing=True)
+    lease = stealing.request("r1", 1, 2)  # slot 1 has no share of epoch 0: it takes slot 0's
+    assert (lease["epoch"], lease["chunk"]) == (0, 0)
+    assert stealing.request("r0", 0, 2)["epoch"] == 1 and sorted(stealing.epochs) == [0, 1]
 
 
 def test_one_chunk_on_two_ranks_with_two_workers_each_trains_every_epoch_exactly_once():
