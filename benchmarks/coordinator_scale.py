@@ -16,6 +16,11 @@ lease: driving it through them takes hours at 2,048 consumers), and it is given 
 
     python benchmarks/coordinator_scale.py                       # the table in BENCHMARKS.md
     python benchmarks/coordinator_scale.py --sizes 1e6 --consumers 64 --baseline-timeout 0   # a quick look
+    python benchmarks/coordinator_scale.py --ray --sizes 1e8 --consumers 64 2048 16384       # through Ray
+
+--ray measures the same core as the named Ray actor training uses (data/coordinator.py start_ray_coordinator, a
+private local head), the consumers simulated by this process: all their calls of a phase in flight at once, as
+thousands of ranks would send them, timed until the last answer.
 """
 from __future__ import annotations
 
@@ -93,6 +98,39 @@ def measure(which: str, samples: int, consumers: int) -> dict:
     return out
 
 
+def measure_ray(samples: int, consumers: int) -> dict:
+    """First deal, one step of acknowledgements (one ack_step per consumer) and state(), through the actor."""
+    sys.path.insert(0, str(REPO))
+    import ray
+
+    from data.coordinator import start_ray_coordinator
+
+    shards = [(f"shard-{i:07d}.tar", SHARD_SAMPLES) for i in range(samples // SHARD_SAMPLES)]
+    out = {"core": "kino via Ray", "samples": samples, "consumers": consumers}
+    client = start_ray_coordinator(shards, 0, CHUNK_SAMPLES, "coordinator-scale", "kino-bench",
+                                   object_store_bytes=512 * 2 ** 20)
+    actor = client._actor
+    names = [f"rank{c}" for c in range(consumers)]
+    began = time.perf_counter()
+    leases = ray.get([actor.request.remote(name, slot, consumers) for slot, name in enumerate(names)])
+    out["first_deal_s"] = time.perf_counter() - began
+    steps = []
+    for n in range(3):
+        calls = [{name: [(lease["epoch"], lease["chunk"], lease["start"] + 4 * n + k) for k in range(4)]}
+                 for name, lease in zip(names, leases)]
+        began = time.perf_counter()
+        ray.get([actor.ack_step.remote(call) for call in calls])
+        steps.append(time.perf_counter() - began)
+    out["step_s"] = min(steps)
+    began = time.perf_counter()
+    text = json.dumps(ray.get(actor.state.remote()))
+    out["state_10_s"] = time.perf_counter() - began  # at the epoch's start; the in-process rows give the rest
+    out["state_10_mb"] = len(text) / 1e6
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process, not the actor
+    ray.shutdown()
+    return out
+
+
 def advance(core, which: str, share: float, chunks: int, step, consumers: int) -> None:
     """Bring the open epoch to `share` finished: through acks while that is cheap, else by marking chunks done."""
     import numpy as np
@@ -152,16 +190,18 @@ def main() -> None:
     parser.add_argument("--baseline-timeout", type=float, default=240.0)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--ray", action="store_true", help="through the Ray actor instead (no baseline)")
     parser.add_argument("--one", nargs=3, metavar=("CORE", "SAMPLES", "CONSUMERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]))))
+        which, samples, consumers = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(measure_ray(samples, consumers) if which == "ray" else measure(which, samples, consumers)))
         return
     rows = []
     baseline_gave_up = set()
     for samples in (int(s) for s in args.sizes):
         for consumers in args.consumers:
-            for which in ("kino", "baseline"):
+            for which in (("ray",) if args.ray else ("kino", "baseline")):
                 if which == "baseline" and (samples in baseline_gave_up or any(s < samples for s in baseline_gave_up)):
                     rows.append({"core": which, "samples": samples, "consumers": consumers, "skipped": True})
                 else:
