@@ -28,7 +28,7 @@ from launch.config import LauncherConfig
 from models.config import ModelConfig
 from train.config import CurriculumConfig, OptimConfig, ParallelConfig, TrackingConfig, TrainConfig, ZeroConfig
 
-__all__ = ["ConfigError", "KinoConfig", "load_config", "validate", "check_data", "to_yaml", "from_yaml", "flatten",
+__all__ = ["ConfigError", "KinoConfig", "load_config", "validate", "to_yaml", "from_yaml", "flatten",
            "trajectory_hash", "changed_trajectory_keys", "is_resumable_key"]
 
 
@@ -74,7 +74,8 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.mlp_chunks and model.loss_chunks tile the DiT; train.method={cfg.train.method} "
                           f"has none (set them to 1)")
     check_base_model(cfg)
-    check_lora_targets(cfg)
+    if cfg.train.method == "dit":
+        cfg.model.check_lora_targets()
     if world_size is None:
         world_size = cfg.launcher.nodes * cfg.launcher.processes_per_node()
     check_sequence_parallel(cfg, world_size)
@@ -100,84 +101,11 @@ def check_sequence_parallel(cfg: KinoConfig, world_size: int) -> None:
 
 
 def check_base_model(cfg: KinoConfig) -> None:
-    """model.init_from: its license allowed (its files are checked where the run starts: `check_data`)."""
+    """model.init_from: its license allowed (its files are checked where the run starts: train/preflight.py)."""
     model = cfg.model
     if model.init_from and model.init_license not in cfg.data.licenses.allow_weights:
         raise ConfigError(f"model.init_license={model.init_license!r} is not in data.licenses.allow_weights="
                           f"{list(cfg.data.licenses.allow_weights)}: these base weights may not be trained from")
-
-
-def check_data(cfg: KinoConfig) -> None:
-    """What the config names on disk, before any process group starts: every dataset the run reads holds a
-    manifest, each latent cache matches the run and its sources hold the same samples, and the base weights have
-    the configured architecture. Run where the run starts (`python -m train`, `launch local`), not in `validate`:
-    on a cluster the paths are the nodes', and need not exist where `launch slurm|k8s` renders the job."""
-    missing = missing_manifests(cfg)
-    if missing:
-        raise ConfigError("the run's data is not there: " + "; ".join(missing))
-    check_base_weights(cfg)
-    if cfg.data.latents or any(stage.latents for stage in cfg.curriculum.stages):
-        from data.latent_cache import check_sources
-
-        try:
-            check_sources(cfg)
-        except (ValueError, OSError) as error:
-            raise ConfigError(str(error)) from error
-
-
-def missing_manifests(cfg: KinoConfig) -> List[str]:
-    """The datasets this run reads that hold no manifest, each with its key."""
-    from pathlib import Path
-
-    from data.latent_cache import run_roots
-    from data.schema import MANIFEST_NAME
-
-    wanted = []
-    if cfg.data.root in run_roots(cfg) or cfg.tracking.eval_prompts:  # videos, or the prompts' captions
-        wanted.append(("data.root", cfg.data.root))
-    if cfg.data.validation_root and (cfg.tracking.eval_clips or cfg.train.method == "vae"):
-        wanted.append(("data.validation_root", cfg.data.validation_root))
-    return [f"{key}={root}: no {MANIFEST_NAME} (build a dataset with python -m data ingest, or the demo's with "
-            f"python -m data.demo_set)" for key, root in wanted if not (Path(root) / MANIFEST_NAME).exists()]
-
-
-def check_base_weights(cfg: KinoConfig) -> None:
-    """model.init_from against the configured architecture, key by key (the files' headers only; the weights are
-    read when the run starts)."""
-    model = cfg.model
-    if not model.init_from:
-        return
-    from pathlib import Path
-
-    from models.dit import context_dim
-    from models.wan_weights import WeightsMismatch, check_matches
-
-    if not Path(model.init_from).is_dir():
-        raise ConfigError(f"model.init_from={model.init_from} is not a directory (a diffusers WanTransformer3DModel)")
-    if model.text.name == "pretrained" and not (Path(model.text.path) / "config.json").exists():
-        raise ConfigError(f"model.text.path={model.text.path} holds no config.json (a T5/UMT5 encoder directory)")
-    try:
-        check_matches(model.init_from, model, context_dim(model))
-    except WeightsMismatch as error:
-        raise ConfigError(str(error)) from error
-
-
-def check_lora_targets(cfg: KinoConfig) -> None:
-    """model.lora.targets must name linear layers of the configured DiT (a model on the meta device)."""
-    if not cfg.model.lora.rank or cfg.train.method != "dit":
-        return
-    import torch
-
-    from models.dit import TextToVideoModel, planned_context_dim
-    from models.lora import lora_layers
-
-    with torch.device("meta"):  # from the config alone: validate reads no files
-        model = TextToVideoModel(cfg.model, with_lora=False, context=planned_context_dim(cfg.model))
-    if not lora_layers(model.dit, cfg.model.lora.targets):
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.dit.named_modules()
-                        if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"model.lora.targets={list(cfg.model.lora.targets)} name no linear layer of "
-                          f"model.arch={cfg.model.arch}; its layers end in: {', '.join(names)}")
 
 
 def _register() -> None:

@@ -21,7 +21,8 @@ def command(plan: LaunchPlan) -> List[str]:
 
 def run(plan: LaunchPlan, dry_run: bool) -> int:
     if not dry_run:  # the paths are this machine's: the data they name is checked before torchrun starts
-        from conf.schema import ConfigError, check_data
+        from conf.schema import ConfigError
+        from train.preflight import check_data
 
         from train.checkpoint import resume_refusal
 

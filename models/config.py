@@ -192,3 +192,21 @@ class ModelConfig:
         if self.init_from and not self.init_license:
             raise ConfigError("model.init_from needs model.init_license: the base weights' declared license "
                               "(e.g. Apache-2.0 for Wan 2.1), recorded with every checkpoint")
+
+    def check_lora_targets(self) -> None:
+        """model.lora.targets must name linear layers of the configured DiT (built on the meta device, from the
+        config alone: no files are read). For the DiT method only (conf/schema.py validate)."""
+        if not self.lora.rank:
+            return
+        import torch
+
+        from models.dit import TextToVideoModel, planned_context_dim
+        from models.lora import lora_layers
+
+        with torch.device("meta"):
+            model = TextToVideoModel(self, with_lora=False, context=planned_context_dim(self))
+        if not lora_layers(model.dit, self.lora.targets):
+            names = sorted({name.rsplit(".", 1)[-1] for name, m in model.dit.named_modules()
+                            if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(f"model.lora.targets={list(self.lora.targets)} name no linear layer of "
+                              f"model.arch={self.arch}; its layers end in: {', '.join(names)}")

@@ -9,6 +9,10 @@ from typing import List, Optional
 
 from conf.errors import ConfigError
 
+# What a run can train: the keys of train/methods.py's registry (which checks it), named here so that reading a
+# config imports no trainer.
+METHOD_NAMES = ("dit", "vae")
+
 
 def frame_count_problem(frames: int, model) -> Optional[str]:
     """Why a clip of `frames` frames cannot go through the model's autoencoder and temporal patches (None: it can)."""
@@ -215,10 +219,8 @@ class TrainConfig:
     shift_reference_tokens: int = 256
 
     def check(self) -> None:
-        from train.methods import METHODS
-
-        if self.method not in METHODS:
-            raise ConfigError(f"train.method={self.method!r}: must be {' or '.join(METHODS)}")
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"train.method={self.method!r}: must be {' or '.join(METHOD_NAMES)}")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last={self.keep_last}: must be >= 1")
         if self.checkpoint_every < 0:

@@ -14,7 +14,8 @@ import os
 import sys
 from typing import List, Optional
 
-from conf.schema import ConfigError, check_data, load_config, to_yaml
+from conf.schema import ConfigError, load_config, to_yaml
+from train.preflight import check_data
 
 
 def _setup_logging(rank: int) -> None:

@@ -10,6 +10,8 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from train.config import METHOD_NAMES
+
 
 @dataclass(frozen=True)
 class Method:
@@ -47,6 +49,7 @@ METHODS: Dict[str, Method] = {
     "dit": Method("the text-to-video diffusion transformer", _text_to_video_model, _dit_trainer),
     "vae": Method("the built-in causal video VAE (experiment=vae_demo)", _causal_vae, _vae_trainer),
 }
+assert tuple(METHODS) == METHOD_NAMES, "train/config.py METHOD_NAMES must list the methods registered here"
 
 
 def method(name: str) -> Method:

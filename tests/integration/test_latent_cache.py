@@ -126,7 +126,8 @@ def test_each_stage_reads_its_own_source_and_the_epoch_goes_on_across_them(tiny_
     log = result.stdout + result.stderr
     assert f"videos from {tiny_dataset}" in log and f"latents from the cache {out}" in log
 
-    from conf.schema import ConfigError, check_data, load_config
+    from conf.schema import ConfigError, load_config
+    from train.preflight import check_data
 
     # No held-out split: check_data reads every dataset the run names, and a fresh clone has no datasets/demo.
     common = ["experiment=demo", f"data.root={tiny_dataset}", "tracking.eval_clips=0", *MODEL, *stage1]
@@ -168,7 +169,8 @@ def test_a_cache_of_other_encoder_weights_or_buckets_is_refused_by_name(tmp_path
     import torch
     from safetensors.torch import save_file
 
-    from conf.schema import ConfigError, check_data, load_config
+    from conf.schema import ConfigError, load_config
+    from train.preflight import check_data
     from models.vae import CausalVideoVAE
 
     weights = []

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from conf.schema import ConfigError, check_data, load_config
+from conf.schema import ConfigError, load_config
+from train.preflight import check_data
 from models.dit import TextToVideoModel
 from models.layers import cu_seqlens_from_lengths
 from models.text_encoder import TextBatch

@@ -47,3 +47,59 @@ def test_models_know_nothing_about_distribution():
         text = path.read_text()
         found += [str(path.relative_to(REPO))] if "torch.distributed" in text or "deepspeed" in text else []
     assert found == []
+
+
+PACKAGES = ("conf", "models", "data", "train", "launch")
+CONFIG_SECTIONS = {"models.config", "data.config", "train.config", "launch.config"}
+
+
+def module_imports(repo):
+    """Every Kino module -> the Kino modules it imports anywhere in its file (function bodies too)."""
+    modules = {".".join(p.relative_to(repo).with_suffix("").parts): p for package in PACKAGES
+               for p in (repo / package).rglob("*.py")}
+    modules = {name.removesuffix(".__init__"): path for name, path in modules.items()}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if target in modules:
+                    found.add(target)
+                    break
+        graph[name] = found - {name}
+    return graph
+
+
+def import_cycle_through(graph, start):
+    """A path start -> ... -> start in the import graph, or None."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in graph.get(node, ()):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return None
+
+
+def test_conf_reads_only_the_config_sections_and_no_import_leads_back_to_it():
+    """conf/ is the configuration: it imports conf modules and the four typed sections, nothing that reads data or
+    builds models (those checks run where the run starts: train/preflight.py), and no chain of imports, function
+    bodies included, leads from it back to it (it once went conf.schema -> data.latent_cache -> conf.schema)."""
+    graph = module_imports(REPO)
+    for name in (n for n in graph if n.startswith("conf")):
+        assert graph[name] <= CONFIG_SECTIONS | {n for n in graph if n.startswith("conf")}, (name, graph[name])
+    assert import_cycle_through(graph, "conf.schema") is None, import_cycle_through(graph, "conf.schema")
+
+
+def test_the_cycle_check_sees_a_cycle():
+    graph = {"conf.schema": {"data.config"}, "data.config": {"data.latent_cache"}, "data.latent_cache": {"conf.schema"}}
+    assert import_cycle_through(graph, "conf.schema") == ["conf.schema", "data.config", "data.latent_cache",
+                                                          "conf.schema"]
