@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional
 
 USER_ERROR_STATUS = 2
 
@@ -67,9 +67,3 @@ def at_least(minimum: int, what: str = "a number") -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
-
-
-def one_of(value: str, choices: Sequence[str], what: str) -> str:
-    if value not in choices:
-        raise UserError(f"{what} {value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
-    return value

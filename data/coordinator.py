@@ -215,12 +215,11 @@ class _Epoch:
 
     def drain(self, slot: int) -> List[int]:
         """Everything `slot` still holds in this epoch (a dead consumer's share), taken out of its queues."""
-        taken = list(self.front.pop(slot, ()))
-        if self.slots is not None and 0 <= slot < self.slots and self.heads[slot] < self.tails[slot]:
-            positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
-            taken += [int(c) for c in self.pool[positions]]
+        taken = self.share(slot)
+        self.front.pop(slot, None)
+        if self._has_slot(slot):
             self.heads[slot] = self.tails[slot]
-        return [c for c in taken if not self.done[c]]
+        return taken
 
     def acknowledge(self, chunk: int, offset: int) -> bool:
         """Record one sample; True when it finished its chunk."""
@@ -235,10 +234,13 @@ class _Epoch:
         self.finished_count += 1
         return True
 
+    def _has_slot(self, slot: int) -> bool:
+        return self.slots is not None and 0 <= slot < self.slots
+
     def share(self, slot: int) -> List[int]:
-        """What `slot` would be handed next in this epoch, in order (for tests and debugging)."""
+        """What `slot` would be handed next in this epoch, in order: its given-back chunks, then its stride."""
         stride = []
-        if self.slots is not None and 0 <= slot < self.slots:
+        if self._has_slot(slot):
             positions = self._offset(slot) + self.slots * np.arange(self.heads[slot], self.tails[slot])
             stride = [int(c) for c in self.pool[positions]]
         return [c for c in [*self.front.get(slot, ()), *stride] if not self.done[c]]
