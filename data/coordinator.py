@@ -482,7 +482,7 @@ class CoordinatorCore:
 
 class CoordinatorUnavailable(RuntimeError):
     """The coordinator's actor cannot be reached (its Ray cluster stopped, e.g. a preemption signalled every
-    process). The trainer keeps what its checkpoint needs without it (train/trainer.py, `mirrored_state`)."""
+    process). The trainer keeps what its checkpoint needs without it (train/data_plane.py, `mirrored_state`)."""
 
 
 def mirrored_state(shards: Sequence[Tuple[str, int]], seed: int, chunk_samples: Optional[int],

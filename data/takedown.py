@@ -5,7 +5,7 @@ updated; a shard left empty is deleted. The manifest keeps a history of takedown
 dataset's `takedowns/` folder, lists every removed sample, every rewritten file with its sha256 before and after,
 the time, and the checkpoints of the given runs that had trained on the removed samples. A run started afterwards
 never sees them; a run resumed afterwards refuses a dataset whose shards changed under its checkpoint unless
-`data.allow_changed_dataset=true` (train/trainer.py).
+`data.allow_changed_dataset=true` (train/data_plane.py).
 """
 from __future__ import annotations
 

@@ -38,6 +38,12 @@ TRAIN_STATE = "train_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class ResumeRefused(RuntimeError):
+    """A resume the checkpoint does not allow: the config changed keys that shape training, the curriculum no
+    longer puts the checkpoint's step in its stage, or the data changed. A user's mistake: one line and exit 2
+    (train/main.py)."""
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -264,3 +270,17 @@ def ensure_universal(path: Path) -> Path:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def archive_previous_run(run_dir: Path) -> Optional[Path]:
+    """Move an earlier run's outputs aside so a fresh start can neither mix with nor lose them."""
+    outputs = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "provenance", "videos")]
+    present = [p for p in outputs if p.exists()]
+    if not present:
+        return None
+    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        path.rename(target / path.name)
+    return target
+

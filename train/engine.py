@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -148,3 +149,13 @@ def full_parameters(module: torch.nn.Module):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def global_grad_norm(engine) -> Optional[float]:
+    """The last step's gradient norm, None where DeepSpeed has none or it is not finite."""
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if norm is None:
+        return None
+    norm = float(norm)
+    return norm if math.isfinite(norm) else None
+

@@ -84,7 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from models.attention import BackendUnavailable
     from train.engine import cpu_threads, init_distributed
     from train.methods import method
-    from train.trainer import NonFiniteLoss, NothingToTrain, ResumeRefused
+    from train.checkpoint import ResumeRefused
+    from train.data_plane import NothingToTrain
+    from train.trainer import NonFiniteLoss
 
     env = init_distributed()
     threads = cpu_threads(cfg, env)

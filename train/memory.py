@@ -14,7 +14,6 @@ Frozen encoders (a pretrained VAE or T5) are not included.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import List

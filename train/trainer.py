@@ -1,46 +1,42 @@
-"""One Trainer with named steps: build, resume, data_step, forward_backward_step, train_step,
-checkpoint, generate_videos. Every resumable piece (config check, engine, data plan and loader positions,
-curriculum, RNG, tracker, audit, EMA) is listed in `resumable_state`, one dict of Stateful objects that
-train/checkpoint.py's CheckpointManager saves and restores (train/state.py says where each lives)."""
+"""One Trainer with named steps, and only the loop: build, resume, forward_backward_step, train_step, checkpoint,
+evaluate, generate_videos. The data side (coordinator, loaders, acknowledgements, audit, dataset checks) is one
+component, train/data_plane.py: the trainer asks it for the next batch and tells it which batches trained. Every
+resumable piece (config check, engine, curriculum, RNG, tracker, EMA and the data plane's own) is listed in
+`resumable_state`, one dict of Stateful objects that train/checkpoint.py's CheckpointManager saves and restores
+(train/state.py says where each lives)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from data.batch import ConsumerSnapshot, PackedBatch
-from data.licenses import Audit, LicensePolicy
-from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
-from data.latent_cache import run_roots, stage_root
-from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_spec
+from conf.schema import KinoConfig, to_yaml, trajectory_hash
+from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
 from models.dit import parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
-from train.checkpoint import CheckpointManager, changed_config_refusal, latest_checkpoint
-from train.collectives import all_ranks_finite, all_reduce_values, gather_objects
-from conf.schema import KinoConfig, to_yaml, trajectory_hash
+from train.base_model import initialize_from_base
+from train.checkpoint import (CheckpointManager, ResumeRefused, archive_previous_run, changed_config_refusal,
+                              latest_checkpoint)
+from train.collectives import all_ranks_finite, all_reduce_values
 from train.curriculum import Curriculum, stage_shapes
+from train.data_plane import DataPlane
 from train.ema import EMA
-from train.methods import build_model
-from train.engine import DistEnv, compute_dtype, full_parameters, set_learning_rate
-from train.parallelize import compile_report, compile_wanted, describe_compile, parallelize
-from train.sequence_parallel import (per_clip_loss, sequence_layout, sequence_loss, share_batch, share_latents,
-                                     share_rng_state)
+from train.engine import DistEnv, compute_dtype, full_parameters, global_grad_norm, set_learning_rate
 from train.evaluate import Evaluator, table as evaluation_table
+from train.generate import generate, generation_plan, on_device, write_videos
+from train.methods import build_model
+from train.parallelize import compile_report, compile_wanted, describe_compile, parallelize
 from train.preemption import StopRequest
-from train.provenance import NONFINITE_STEP, ProvenanceLog
 from train.rng import RNGState, host_values
-from train.generate import generate, on_device, generation_plan, write_videos
+from train.sequence_parallel import per_clip_loss, sequence_layout, sequence_loss, share_latents, share_rng_state
 from train.state import Resumable, Value
 from train.tracking import StepOutcome, StepResult, StepTotals, Tracker, step_metrics
 
@@ -49,19 +45,6 @@ log = logging.getLogger("kino")
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class NothingToTrain(RuntimeError):
-    """A stage whose every sample is dropped (too short for its buckets, no allowed license, unreadable)."""
-
-
-class ResumeRefused(RuntimeError):
-    """A resume the checkpoint does not allow: the config changed keys that shape training, or the curriculum no
-    longer puts the checkpoint's step in its stage. A user's mistake: one line and exit 2 (train/main.py)."""
-
-
-class DatasetChanged(ResumeRefused):
-    """A resume onto shards that changed since the checkpoint, without data.allow_changed_dataset."""
 
 
 class Trainer:
@@ -80,7 +63,8 @@ class Trainer:
         # Found before the engine is built: a checkpoint from another world size loads through the universal format.
         self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
         # The base model's identity (model.init_from): recorded in config.yaml, each checkpoint and audit.json.
-        self.base_model = self.initialize_from_base(load=self._resume_path is None)
+        self.base_model = initialize_from_base(self.model, cfg.model, env.is_main,
+                                               load=self._resume_path is None)
         self.model = self.model.to(env.device)
         self.engine, self.split = parallelize(self.model, cfg, env, self.layout,
                                               load_universal=self.checkpoints.universal)
@@ -89,35 +73,14 @@ class Trainer:
         with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
             self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
         self.curriculum = Curriculum(cfg.curriculum)
-        self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
-        self.audit = Audit(policy=sorted(self.policy.allow))
-        # One consumer per data-parallel group: only a group's leader reads (train/sequence_parallel.py).
-        # The shards the data plan deals, read once: the coordinator's plan, the trainer's own record of it and the
-        # checkpoint's fingerprint all stand on these rows.
-        self.plan_rows = dataset_rows(self.plan_root)
-        self.dataset_samples = sum(count for _, count in self.plan_rows)
-        self.coordinator = connect_coordinator(cfg.data, self.plan_rows, self.run_dir, env.rank,
-                                               self.layout.data_world)
-        self.stop_request.install()  # after ray.init, which takes SIGTERM over
-        self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
-        self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
-        self._saved_sequence: Optional[int] = None
-        self._dataset_changed = False
-        # The acknowledged data state lives here too, not only in the coordinator's actor: the plan as of the last
-        # checkpoint (rank 0) and what each rank acknowledged since. A final checkpoint needs no live actor.
-        self._plan_base: Optional[Dict[str, Any]] = None
-        self._acked_since: List[List[int]] = []
-        self._coordinator_lost = False
-        self._plan_mirrored = False
-        self._empty_captions: Dict[str, torch.Tensor] = {}  # each latent cache's, loaded on first use
+        self.data = DataPlane(cfg, env.rank, self.layout, self.curriculum, self.run_dir, self.checkpoints,
+                              self._resume_path, pin_memory=env.device.type == "cuda")
+        self.stop_request.install()  # after ray.init (in the data plane), which takes SIGTERM over
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.is_main, cfg.train.experiment,
                                self.curriculum.total_steps)
-        self.provenance = ProvenanceLog(self.run_dir, env.rank, cfg.train.record_sample_keys)
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._recent_step_time: Optional[float] = None
-        self._iterator = None
-        self._iterator_stage: Optional[int] = None
         self._evaluator: Optional[Evaluator] = None
         self.last_evaluation: Dict[str, float] = {}
         peak = cfg.tracking.peak_flops or (peak_flops(torch.cuda.get_device_name(env.device))
@@ -145,37 +108,6 @@ class Trainer:
         self.flop_groups = parameter_groups(model)
         return model
 
-    def initialize_from_base(self, load: bool) -> Optional[Dict[str, str]]:
-        """model.init_from: the base weights into the DiT (a fresh start only: a resume reads its checkpoint) and
-        their identity {name, path, sha256, license}. Rank 0 hashes the files; every rank gets its answer."""
-        m = self.cfg.model
-        if not m.init_from:
-            return None
-        from models.wan_weights import load_diffusers, read_config
-        from models.weights import weights_sha256
-
-        identity = [None]
-        if self.env.is_main:
-            saved = read_config(m.init_from)
-            identity = [{"name": saved.get("_name_or_path") or Path(m.init_from).resolve().name,
-                         "path": str(Path(m.init_from).resolve()), "sha256": weights_sha256(m.init_from),
-                         "license": m.init_license}]
-        if dist.is_initialized():
-            dist.broadcast_object_list(identity, src=0)
-        identity = identity[0]
-        if m.init_sha256 and m.init_sha256 != identity["sha256"]:
-            raise ValueError(f"model.init_from={m.init_from}: its weights hash to {identity['sha256']}, "
-                             f"model.init_sha256 pins {m.init_sha256}")
-        m.init_sha256 = identity["sha256"]
-        if load:
-            missing, unexpected = self.model.dit.load_state_dict(load_diffusers(m.init_from, m), strict=False)
-            missing = [name for name in missing if ".lora_A." not in name and ".lora_B." not in name]
-            if missing or unexpected:  # check_matches passed at start-up: the files changed since
-                raise ValueError(f"model.init_from={m.init_from}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            log.info("base model: %s (sha256 %s, %s) from %s", identity["name"], identity["sha256"][:16],
-                     identity["license"], identity["path"])
-        return identity
-
     def describe_model(self) -> str:
         text = self.model.text_encoder
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -185,22 +117,6 @@ class Trainer:
                 f"{parameter_count(text) / 1e6 if text is not None else 0:.2f}M), {trainable / 1e6:.2f}M trainable"
                 + (f" ({100 * trainable / total:.2f}%: LoRA rank {lora.rank})" if lora.rank else ""))
 
-    @property
-    def plan_root(self) -> str:
-        """The source whose shard rows the data plan deals: the first stage's (every source the run reads holds the
-        same shards and sample counts, checked before start: data/latent_cache.py check_sources)."""
-        return run_roots(self.cfg)[0]
-
-    def stage_root(self, stage_index: int) -> str:
-        """Where a stage reads: its latent cache, the run's (data.latents), or the videos (data.root)."""
-        return stage_root(self.cfg, self.curriculum.stages[stage_index])
-
-    def dataset_fingerprints(self) -> Dict[str, Any]:
-        """The shards the data plan deals (names and counts) and each source's files: a takedown or rebuild of any
-        of them changes these."""
-        return {"plan": hashlib.sha256(json.dumps(sorted(self.plan_rows)).encode()).hexdigest(),
-                "sources": {root: dataset_fingerprint(root) for root in run_roots(self.cfg)}}
-
     # -- resumable state ---------------------------------------------------------------------------
     def resumable_state(self) -> Dict[str, Resumable]:
         """Every piece of state a checkpoint holds, in the order a resume restores it (collectives in
@@ -208,20 +124,14 @@ class Trainer:
         pieces = {
             "config": Resumable(Value(lambda: to_yaml(self.cfg), self._check_resumable_config), "file", "config.yaml"),
             "engine": Resumable(self.engine, "engine"),
-            "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
-            "sequence": Resumable(Value(lambda: self.layout.degree, self._note_saved_sequence), "shared"),
             "nonfinite_total": Resumable(Value(lambda: self.nonfinite_total, self._set_nonfinite_total), "shared"),
             "curriculum": Resumable(Value(lambda: self.curriculum.state_dict(self.step), self._check_stage), "shared"),
             "tracker": Resumable(self.tracker, "shared"),
             "config_hash": Resumable(Value(lambda: trajectory_hash(self.cfg)), "shared"),
             "base_model": Resumable(Value(lambda: self.base_model, self._restore_base_model), "shared"),
-            "dataset": Resumable(Value(self.dataset_fingerprints, self._check_dataset), "shared"),
-            # a file of its own: sized by chunks, it stays out of train_state.json and of any Ray object
-            "data": Resumable(Value(self._data_plan, self._restore_data_plan), "file", "data_plan.json"),
             "rng": Resumable(self.rng, "rank"),
-            "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
-                                       self._restore_loaders), "rank"),
-            "audit": Resumable(Value(self._audit_so_far, self._restore_audit), "file", "audit.json"),
+            # the data plan, loader positions, dataset check and audit (train/data_plane.py)
+            **self.data.resumable_state(lambda: {"step": self.step, "base_model": self.base_model}),
         }
         if self.ema is not None:  # rank 0's alone
             pieces["ema"] = Resumable(self.ema, "file", "ema.pt")
@@ -232,55 +142,10 @@ class Trainer:
         if refusal:
             raise ResumeRefused(refusal)
 
-    def _note_saved_workers(self, num_workers) -> None:
-        self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)
-
     def _restore_base_model(self, identity) -> None:
         if identity:  # the weights came from the checkpoint; their origin is the one it recorded
             self.base_model = identity
             self.cfg.model.init_sha256 = identity["sha256"]
-
-    def _check_dataset(self, saved) -> None:
-        """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
-        if saved is None:
-            return
-        current = self.dataset_fingerprints()
-        now = current["sources"]
-        if isinstance(saved, str):  # written when a run read one source: one of today's must be it
-            changed = [] if saved in now.values() else list(now)
-        else:
-            # A source read then must be as it was. A video root under a new path (data.root may move) must be one
-            # of the sources read then; a cache new to the run holds the plan's shards (below) and was checked
-            # against its videos before start.
-            was = saved["sources"]
-            changed = [root for root, print_ in now.items()
-                       if was.get(root, print_) != print_
-                       or (root not in was and root == self.cfg.data.root and print_ not in was.values())]
-            if not changed and saved.get("plan", current["plan"]) != current["plan"]:
-                changed = list(now)  # the data plan's shards or counts differ
-        if not changed:
-            return
-        if not self.cfg.data.allow_changed_dataset:
-            raise DatasetChanged(
-                f"the dataset {', '.join(changed)} changed since {self._resume_path} was written (its shards differ: "
-                f"a takedown or a rebuild). Resume with data.allow_changed_dataset=true to re-plan the epoch over "
-                f"the current shards, or start fresh (train.resume=false)")
-        self._dataset_changed = True
-        if self.env.is_main:
-            log.warning("the dataset %s changed since %s was written (data.allow_changed_dataset=true): the data "
-                        "plan starts a new epoch over the current shards; samples trained earlier in the "
-                        "interrupted epoch may be trained again, removed ones never", ", ".join(changed),
-                        self._resume_path)
-
-    def _note_saved_sequence(self, degree) -> None:
-        self._saved_sequence = 1 if degree is None else int(degree)  # written before sequence parallelism: 1
-
-    def _same_data_layout(self) -> bool:
-        """Same ranks, sequence-parallel groups and loader workers as the checkpoint: each loader continues
-        exactly where it stood."""
-        return (not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
-                and self._saved_sequence == self.layout.degree and not self._dataset_changed
-                and not self._plan_mirrored)
 
     def _set_nonfinite_total(self, total) -> None:
         self.nonfinite_total = int(total or 0)
@@ -290,61 +155,6 @@ class Trainer:
         if saved["stage"] != expected["stage"]:
             raise ResumeRefused(f"cannot resume {self._resume_path}: it is in stage {saved['stage']!r} at step {self.step}, "
                                f"the curriculum puts that step in {expected['stage']!r}")
-
-    def _data_plan(self):
-        """Collective. The acknowledged samples of every rank. Rank 0 asks the coordinator; when it cannot be
-        reached (a stop signal took its Ray cluster down too) the plan is rebuilt from the trainer's own record:
-        the plan at the last checkpoint plus every rank's acknowledgements since (`mirrored_state`)."""
-        gathered = gather_objects(list(self._acked_since))
-        self._acked_since = []
-        if not self.env.is_main:
-            return None
-        state = None
-        if not self._coordinator_lost:
-            try:
-                state = self.coordinator.state()
-            except CoordinatorUnavailable as error:
-                self._note_coordinator_lost(error)
-        if state is None:
-            data = self.cfg.data
-            state = mirrored_state(self.plan_rows, data.seed, data.chunk_samples, self._plan_base,
-                                   [tag for tags in gathered for tag in tags])
-            log.warning("data plan for the checkpoint at step %d rebuilt by the trainer (the coordinator is gone): "
-                        "a resume deals the rest of the epoch out anew, each sample still trained once", self.step)
-        self._plan_base = state
-        return state
-
-    def _note_coordinator_lost(self, error) -> None:
-        if not self._coordinator_lost:
-            log.warning("%s: the trainer's own record of acknowledged samples stands in for it", error)
-        self._coordinator_lost = True
-
-    def _restore_data_plan(self, state) -> None:
-        # A plan the trainer rebuilt has no deal: every loader starts over on what is left (all ranks must know).
-        self._plan_mirrored = bool(state and state.get("mirrored"))
-        if not self.env.is_main or self._dataset_changed:  # changed shards: the fresh plan over them stands
-            return
-        self._plan_base = state
-        same = self._same_data_layout()
-        consumers = self.layout.data_world * max(1, self.cfg.data.num_workers)
-        self.coordinator.restore(state, consumers if same else None)
-        if not same:
-            log.info("resuming on %d data-parallel group(s) of %d rank(s) x %d worker(s) where the checkpoint had "
-                     "another layout: the rest of the epoch is dealt out anew (each sample still trained once)",
-                     self.layout.data_world, self.layout.degree, max(1, self.cfg.data.num_workers))
-
-    def _restore_loaders(self, snapshots) -> None:
-        if self._same_data_layout():  # each loader continues exactly where it stood: bit-exact
-            self.loader_snapshots = {k: ConsumerSnapshot.from_dict(v) for k, v in (snapshots or {}).items()}
-
-    def _audit_so_far(self):
-        """Collective: the audit of all ranks, merged (rank 0 writes it)."""
-        return dict(self.merged_audit().state_dict(), step=self.step, dataset=str(self.cfg.data.root),
-                    base_model=self.base_model)
-
-    def _restore_audit(self, state) -> None:
-        if self.env.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
-            self.audit = Audit.from_state(state)
 
     # -- resume ----------------------------------------------------------------------------------
     def resume(self) -> Optional[Path]:
@@ -356,79 +166,8 @@ class Trainer:
         self.step = self.checkpoints.saved_step(path)
         self.checkpoints.load(path, self.resumable_state())
         share_rng_state(self.rng, self.layout)  # a group draws one noise, whatever layout wrote the checkpoint
-        self.provenance.resume(self.step)
+        self.data.resume(self.step)
         return path
-
-    # -- data ------------------------------------------------------------------------------------
-    def _loader_for_stage(self, stage_index: int):
-        cfg, stage = self.cfg, self.curriculum.stages[stage_index]
-        spec = stage_spec(cfg, stage, self.stage_root(stage_index), self.policy, self.coordinator,
-                          rank=self.layout.data_rank, world_size=self.layout.data_world,
-                          num_workers=cfg.data.num_workers, pack_window=cfg.data.pack_window,
-                          pack_tolerance=cfg.data.pack_tolerance, image_fraction=stage.image_fraction,
-                          resume=dict(self.loader_snapshots), pin_memory=self.env.device.type == "cuda")
-        return iter(make_loader(spec))
-
-    def data_step(self) -> PackedBatch:
-        """The next non-empty micro-batch of the current stage. Drops reported on the way are settled
-        (audited and acknowledged) together with the step that trains the batch. Under sequence parallelism the
-        group's leader reads it and the other members receive its clips' metadata (their pixels stay with the
-        leader, which encodes them: `latents`)."""
-        if not self.layout.is_leader:
-            return share_batch(None, self.layout)
-        stage_index = self.curriculum.stage_index(self.step)
-        if self._iterator is None or self._iterator_stage != stage_index:
-            # A new stage re-buckets: its loader starts from the old one's snapshots, re-reading what
-            # was buffered (now fitted to the new buckets) and continuing the same chunks.
-            self._iterator = None
-            self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
-        dropped, distinct = [], set()
-        while True:
-            batch = next(self._iterator)
-            dropped += batch.dropped
-            distinct.update(d.tag[1:] for d in batch.dropped)  # (chunk, offset): one sample of the data
-            if batch.clips:
-                batch.dropped = dropped
-                return share_batch(batch, self.layout)
-            # Every sample of the data dropped in a row, each seen at least once (a rank reads a share of each
-            # epoch: only distinct samples prove the stage can train on nothing, not a run of bad chunks).
-            if len(distinct) >= self.dataset_samples:
-                stage = self.curriculum.stages[stage_index]
-                reasons = Counter(d.reason for d in dropped)
-                raise NothingToTrain(
-                    f"stage {stage.name!r} can train on nothing: every sample was dropped, {len(dropped)} in a row "
-                    f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; the data holds "
-                    f"{self.dataset_samples}). Check the stage's buckets against the clips' durations and sizes "
-                    f"(python -m data inspect {self.cfg.data.root}) and data.licenses.allow")
-
-    def _settle(self, batches: List[PackedBatch], trained: bool) -> None:
-        """After an optimizer step: audit, provenance, and acknowledgement to the coordinator, each batch in
-        the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases alive.
-        Under sequence parallelism a group's leader read its batches and settles them."""
-        if not self.layout.is_leader:
-            return
-        tags = defaultdict(list)
-        for batch in batches:
-            self.loader_snapshots[batch.consumer] = batch.snapshot
-            for drop in batch.dropped:
-                self.audit.record_dropped(drop.reason, drop.key)
-            tags[batch.consumer] += batch.dropped_tags + batch.tags
-            self.provenance.record(self.step + 1, batch, trained)
-            if trained:
-                for clip in batch.clips:
-                    meta = clip.meta
-                    self.audit.record_trained(clip.shard, meta["license"], meta["rights_holder"], meta["source_url"])
-            else:
-                for key in batch.keys:
-                    self.audit.record_dropped(NONFINITE_STEP, key)
-        for acknowledged in tags.values():
-            self._acked_since += [list(tag) for tag in acknowledged]  # the trainer's record, for the checkpoint
-        if self._coordinator_lost or not tags:
-            return
-        try:  # one call per rank and step, for all of its workers: the actor's load grows with steps
-            self.coordinator.ack_step(dict(tags))
-        except CoordinatorUnavailable as error:
-            self._note_coordinator_lost(error)
 
     # -- one step --------------------------------------------------------------------------------
     def latents(self, batch: PackedBatch) -> List[torch.Tensor]:
@@ -453,12 +192,8 @@ class Trainer:
         from models.layers import cu_seqlens_from_lengths
         from models.text_encoder import TextBatch
 
-        cache = self.stage_root(self.curriculum.stage_index(self.step))
-        if cache not in self._empty_captions:
-            from data.latent_cache import load_npy
-
-            self._empty_captions[cache] = torch.from_numpy(load_npy((Path(cache) / "empty_caption.npy").read_bytes()))
-        pieces = [e if caption else self._empty_captions[cache] for e, caption in zip(cached, captions)]
+        empty = self.data.empty_caption(self.curriculum.stage_index(self.step))
+        pieces = [e if caption else empty for e, caption in zip(cached, captions)]
         lengths = [len(p) for p in pieces]
         device = self.env.device
         return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
@@ -500,7 +235,7 @@ class Trainer:
         data_time, results, batches = 0.0, [], []
         for _ in range(self.cfg.zero.gradient_accumulation_steps):
             start = time.perf_counter()
-            batch = self.data_step()
+            batch = self.data.next_batch(self.step)
             data_time += time.perf_counter() - start
             result = self.forward_backward_step(batch)
             results.append(result)
@@ -513,7 +248,7 @@ class Trainer:
         if not finite and self.engine.was_step_applied():
             raise RuntimeError(f"step {self.step}: a micro-batch's loss was not finite, yet DeepSpeed applied the "
                                f"optimizer step (its overflow check did not see a non-finite gradient)")
-        self._settle(batches, trained=finite)
+        self.data.settle(self.step + 1, batches, trained=finite)
         if finite:
             self.nonfinite_in_row = 0
             with full_parameters(self.model):  # collective under ZeRO-3; rank 0 keeps the fp32 EMA
@@ -540,21 +275,13 @@ class Trainer:
             lr=self.curriculum.lr(self.step - 1), step_time=step_time, world_size=self.env.world_size,
             data_parallel=self.layout.data_world,
             accumulation=self.cfg.zero.gradient_accumulation_steps, peak_flops=self.peak_flops,
-            grad_norm=_grad_norm(self.engine), nonfinite_total=self.nonfinite_total,
-            eta_s=self._recent_step_time * (self.curriculum.total_steps - self.step), dropped=self.audit.dropped)
+            grad_norm=global_grad_norm(self.engine), nonfinite_total=self.nonfinite_total,
+            eta_s=self._recent_step_time * (self.curriculum.total_steps - self.step), dropped=self.data.dropped)
         if self.env.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2 ** 30
         return metrics
 
     # -- checkpoint and videos -------------------------------------------------------------------
-    def merged_audit(self) -> Audit:
-        """Collective: the audit of all ranks together."""
-        audits = gather_objects(self.audit.state_dict())
-        merged = Audit(policy=sorted(self.policy.allow))
-        for state in audits:
-            merged = merged.merge(Audit.from_state(state))
-        return merged
-
     def checkpoint(self, last_step: bool = False, stopping: bool = False) -> Optional[Path]:
         """Collective. A checkpoint when the cadence asks for one (or, when stopping, unless this step has one)."""
         pieces = self.resumable_state()
@@ -637,7 +364,7 @@ class Trainer:
                 "train.stop_after_steps"
             self.tracker.log_event(self.step, f"stopping at step {self.step} of {total} ({why}) with a checkpoint; "
                                               f"the next run resumes from it")
-        self._iterator = None
+        self.data.close()
         if self.compiled and self.env.is_main:  # before sampling, which runs the blocks in eval mode
             self.compile_report = compile_report()
             log.info("compiled blocks (model.compile_backend=%s): %s", cfg.model.compile_backend,
@@ -667,11 +394,7 @@ class Trainer:
         buckets = ", ".join(f"{b.frames}x{b.height}x{b.width}" for b in stage_shapes(self.cfg, stage))
         self.tracker.log_event(self.step, f"stage {stage.name!r} ({stage_index + 1}/{len(self.curriculum.stages)}) "
                                           f"from step {self.step}: buckets (frames x height x width) {buckets}; "
-                                          f"token budget {stage.token_budget}; {self.describe_source(stage_index)}")
-
-    def describe_source(self, stage_index: int) -> str:
-        root = self.stage_root(stage_index)
-        return f"videos from {root}" if root == self.cfg.data.root else f"latents from the cache {root}"
+                                          f"token budget {stage.token_budget}; {self.data.describe_source(stage_index)}")
 
     def evaluation_due(self, total: int) -> bool:
         tracking = self.cfg.tracking
@@ -686,27 +409,7 @@ class Trainer:
                 "exit_status": self.stop_request.exit_status() if preempted else 0,
                 "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
                 "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
-                "audit": self.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
+                "audit": self.data.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
                 "base_model": self.base_model, "compile": self.compile_report,
                 "evaluation": self.last_evaluation}
 
-
-def archive_previous_run(run_dir: Path) -> Optional[Path]:
-    """Move an earlier run's outputs aside so a fresh start can neither mix with nor lose them."""
-    outputs = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "provenance", "videos")]
-    present = [p for p in outputs if p.exists()]
-    if not present:
-        return None
-    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    for path in present:
-        path.rename(target / path.name)
-    return target
-
-
-def _grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-    if norm is None:
-        return None
-    norm = float(norm)
-    return norm if math.isfinite(norm) else None

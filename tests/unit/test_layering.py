@@ -103,3 +103,13 @@ def test_the_cycle_check_sees_a_cycle():
     graph = {"conf.schema": {"data.config"}, "data.config": {"data.latent_cache"}, "data.latent_cache": {"conf.schema"}}
     assert import_cycle_through(graph, "conf.schema") == ["conf.schema", "data.config", "data.latent_cache",
                                                           "conf.schema"]
+
+
+def test_the_trainer_reaches_the_data_only_through_the_data_plane():
+    """train/trainer.py is the loop: the coordinator, loaders, licenses, caches and provenance are the data plane's
+    (train/data_plane.py). The trainer may name the batch's types and nothing else of data/."""
+    graph = module_imports(REPO)
+    data_side = {name for name in graph["train.trainer"]
+                 if name.startswith("data.") or name in ("train.provenance", "train.collectives.gather_objects")}
+    assert data_side <= {"data.batch"}, data_side
+    assert "train.data_plane" in graph["train.trainer"]

@@ -1,0 +1,302 @@
+"""The trainer's one door to the data. `DataPlane.next_batch` hands out the next micro-batch of a stage and
+`DataPlane.settle` is told which batches an optimizer step trained. Between the two it owns everything the data
+side keeps: the coordinator client, the loaders and their snapshots, acknowledgements and the trainer's own record
+of them (the plan mirror), provenance, the license audit and the dataset checks of a resume. Its resumable pieces
+come from `resumable_state`, saved and restored by the CheckpointManager with the trainer's own."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from conf.schema import KinoConfig
+from data.batch import ConsumerSnapshot, PackedBatch
+from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
+from data.latent_cache import run_roots, stage_root
+from data.licenses import Audit, LicensePolicy
+from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_spec
+from train.checkpoint import ResumeRefused
+from train.collectives import gather_objects
+from train.curriculum import Curriculum
+from train.provenance import NONFINITE_STEP, ProvenanceLog
+from train.sequence_parallel import SequenceLayout, share_batch
+from train.state import Resumable, Value
+
+log = logging.getLogger("kino")
+
+
+class NothingToTrain(RuntimeError):
+    """A stage whose every sample is dropped (too short for its buckets, no allowed license, unreadable)."""
+
+
+class DatasetChanged(ResumeRefused):
+    """A resume onto shards that changed since the checkpoint, without data.allow_changed_dataset."""
+
+
+class DataPlane:
+    def __init__(self, cfg: KinoConfig, rank: int, layout: SequenceLayout, curriculum: Curriculum, run_dir: Path,
+                 checkpoints, resume_path: Optional[Path], pin_memory: bool):
+        self.cfg, self.rank, self.layout, self.curriculum = cfg, rank, layout, curriculum
+        self.is_main = rank == 0
+        self.checkpoints = checkpoints  # its `universal`: the checkpoint resumed from came from another world size
+        self.resume_path = resume_path
+        self.pin_memory = pin_memory
+        self.policy = LicensePolicy.from_ids(cfg.data.licenses.allow)
+        self.audit = Audit(policy=sorted(self.policy.allow))
+        # The shards the plan deals, read once: the coordinator's plan, the mirror of it and the checkpoint's
+        # fingerprint all stand on these rows. One consumer per data-parallel group: only its leader reads.
+        self.plan_rows = dataset_rows(self.plan_root)
+        self.dataset_samples = sum(count for _, count in self.plan_rows)
+        self.coordinator = connect_coordinator(cfg.data, self.plan_rows, run_dir, rank, layout.data_world)
+        self.provenance = ProvenanceLog(run_dir, rank, cfg.train.record_sample_keys)
+        self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
+        self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
+        self._saved_sequence: Optional[int] = None
+        self._dataset_changed = False
+        # The acknowledged data state lives here too, not only in the coordinator's actor: the plan as of the last
+        # checkpoint (rank 0) and what each rank acknowledged since. A final checkpoint needs no live actor.
+        self._plan_base: Optional[Dict[str, Any]] = None
+        self._acked_since: List[List[int]] = []
+        self._coordinator_lost = False
+        self._plan_mirrored = False
+        self._iterator = None
+        self._iterator_stage: Optional[int] = None
+        self._empty_captions: Dict[str, Any] = {}  # each latent cache's, loaded on first use
+
+    # -- where a stage reads -----------------------------------------------------------------------
+    @property
+    def plan_root(self) -> str:
+        """The source whose shard rows the plan deals: the first stage's (every source the run reads holds the
+        same shards and sample counts, checked before start: data/latent_cache.py check_sources)."""
+        return run_roots(self.cfg)[0]
+
+    def stage_root(self, stage_index: int) -> str:
+        """Where a stage reads: its latent cache, the run's (data.latents), or the videos (data.root)."""
+        return stage_root(self.cfg, self.curriculum.stages[stage_index])
+
+    def describe_source(self, stage_index: int) -> str:
+        root = self.stage_root(stage_index)
+        return f"videos from {root}" if root == self.cfg.data.root else f"latents from the cache {root}"
+
+    def empty_caption(self, stage_index: int):
+        """The empty caption's text embedding in the stage's latent cache: what a dropped caption trains on."""
+        cache = self.stage_root(stage_index)
+        if cache not in self._empty_captions:
+            import torch
+            from data.latent_cache import load_npy
+
+            self._empty_captions[cache] = torch.from_numpy(load_npy((Path(cache) / "empty_caption.npy").read_bytes()))
+        return self._empty_captions[cache]
+
+    @property
+    def dropped(self) -> Dict[str, int]:
+        return self.audit.dropped
+
+    # -- batches -----------------------------------------------------------------------------------
+    def next_batch(self, step: int) -> PackedBatch:
+        """The next non-empty micro-batch of `step`'s stage. Drops reported on the way are settled (audited and
+        acknowledged) with the step that trains the batch. Under sequence parallelism the group's leader reads it
+        and the other members receive its clips' metadata (their pixels stay with the leader, which encodes)."""
+        if not self.layout.is_leader:
+            return share_batch(None, self.layout)
+        stage_index = self.curriculum.stage_index(step)
+        if self._iterator is None or self._iterator_stage != stage_index:
+            # A new stage re-buckets: its loader starts from the old one's snapshots, re-reading what was
+            # buffered (now fitted to the new buckets) and continuing the same chunks.
+            self._iterator = None
+            self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
+        dropped, distinct = [], set()
+        while True:
+            batch = next(self._iterator)
+            dropped += batch.dropped
+            distinct.update(d.tag[1:] for d in batch.dropped)  # (chunk, offset): one sample of the data
+            if batch.clips:
+                batch.dropped = dropped
+                return share_batch(batch, self.layout)
+            # Every sample of the data dropped in a row, each seen at least once (a rank reads a share of each
+            # epoch: only distinct samples prove the stage can train on nothing, not a run of bad chunks).
+            if len(distinct) >= self.dataset_samples:
+                stage = self.curriculum.stages[stage_index]
+                reasons = Counter(d.reason for d in dropped)
+                raise NothingToTrain(
+                    f"stage {stage.name!r} can train on nothing: every sample was dropped, {len(dropped)} in a row "
+                    f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; the data holds "
+                    f"{self.dataset_samples}). Check the stage's buckets against the clips' durations and sizes "
+                    f"(python -m data inspect {self.cfg.data.root}) and data.licenses.allow")
+
+    def _loader_for_stage(self, stage_index: int):
+        cfg, stage = self.cfg, self.curriculum.stages[stage_index]
+        spec = stage_spec(cfg, stage, self.stage_root(stage_index), self.policy, self.coordinator,
+                          rank=self.layout.data_rank, world_size=self.layout.data_world,
+                          num_workers=cfg.data.num_workers, pack_window=cfg.data.pack_window,
+                          pack_tolerance=cfg.data.pack_tolerance, image_fraction=stage.image_fraction,
+                          resume=dict(self.loader_snapshots), pin_memory=self.pin_memory)
+        return iter(make_loader(spec))
+
+    def close(self) -> None:
+        """Stop the loaders (their workers exit)."""
+        self._iterator = None
+
+    def settle(self, step: int, batches: List[PackedBatch], trained: bool) -> None:
+        """After optimizer step `step` (1-based): audit, provenance, and acknowledgement to the coordinator, each
+        batch in the name of the consumer (rank x loader worker) that read it, which keeps that consumer's leases
+        alive. Under sequence parallelism a group's leader read its batches and settles them."""
+        if not self.layout.is_leader:
+            return
+        tags = defaultdict(list)
+        for batch in batches:
+            self.loader_snapshots[batch.consumer] = batch.snapshot
+            for drop in batch.dropped:
+                self.audit.record_dropped(drop.reason, drop.key)
+            tags[batch.consumer] += batch.dropped_tags + batch.tags
+            self.provenance.record(step, batch, trained)
+            if trained:
+                for clip in batch.clips:
+                    meta = clip.meta
+                    self.audit.record_trained(clip.shard, meta["license"], meta["rights_holder"], meta["source_url"])
+            else:
+                for key in batch.keys:
+                    self.audit.record_dropped(NONFINITE_STEP, key)
+        for acknowledged in tags.values():
+            self._acked_since += [list(tag) for tag in acknowledged]  # the mirror's record, for the checkpoint
+        if self._coordinator_lost or not tags:
+            return
+        try:  # one call per rank and step, for all of its workers: the actor's load grows with steps
+            self.coordinator.ack_step(dict(tags))
+        except CoordinatorUnavailable as error:
+            self._note_coordinator_lost(error)
+
+    def merged_audit(self) -> Audit:
+        """Collective: the audit of all ranks together."""
+        merged = Audit(policy=sorted(self.policy.allow))
+        for state in gather_objects(self.audit.state_dict()):
+            merged = merged.merge(Audit.from_state(state))
+        return merged
+
+    # -- resumable state ---------------------------------------------------------------------------
+    def resumable_state(self, audit_context: Callable[[], Dict[str, Any]]) -> Dict[str, Resumable]:
+        """The data side's pieces of a checkpoint, in the order a resume restores them: the layout that wrote
+        it and the dataset check come before the plan, which decides whether the loaders continue where they stood.
+        `audit_context()`: what the trainer adds to audit.json (its step, the base model)."""
+        return {
+            "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
+            "sequence": Resumable(Value(lambda: self.layout.degree, self._note_saved_sequence), "shared"),
+            "dataset": Resumable(Value(self.dataset_fingerprints, self.check_dataset), "shared"),
+            # a file of its own: sized by chunks, it stays out of train_state.json and of any Ray object
+            "data": Resumable(Value(self._data_plan, self._restore_data_plan), "file", "data_plan.json"),
+            "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
+                                       self._restore_loaders), "rank"),
+            "audit": Resumable(Value(lambda: self._audit_so_far(audit_context()), self._restore_audit), "file", "audit.json"),
+        }
+
+    def resume(self, step: int) -> None:
+        """After a checkpoint's pieces are restored: provenance past its step will be trained again."""
+        self.provenance.resume(step)
+
+    def dataset_fingerprints(self) -> Dict[str, Any]:
+        """The shards the plan deals (names and counts) and each source's files: a takedown or rebuild of any of
+        them changes these."""
+        return {"plan": hashlib.sha256(json.dumps(sorted(self.plan_rows)).encode()).hexdigest(),
+                "sources": {root: dataset_fingerprint(root) for root in run_roots(self.cfg)}}
+
+    def check_dataset(self, saved) -> None:
+        """Every rank: the same shards as the checkpoint's, or data.allow_changed_dataset."""
+        if saved is None:
+            return
+        current = self.dataset_fingerprints()
+        now = current["sources"]
+        if isinstance(saved, str):  # written when a run read one source: one of today's must be it
+            changed = [] if saved in now.values() else list(now)
+        else:
+            # A source read then must be as it was. A video root under a new path (data.root may move) must be one
+            # of the sources read then; a cache new to the run holds the plan's shards (below) and was checked
+            # against its videos before start.
+            was = saved["sources"]
+            changed = [root for root, print_ in now.items()
+                       if was.get(root, print_) != print_
+                       or (root not in was and root == self.cfg.data.root and print_ not in was.values())]
+            if not changed and saved.get("plan", current["plan"]) != current["plan"]:
+                changed = list(now)  # the data plan's shards or counts differ
+        if not changed:
+            return
+        if not self.cfg.data.allow_changed_dataset:
+            raise DatasetChanged(
+                f"the dataset {', '.join(changed)} changed since {self.resume_path} was written (its shards differ: "
+                f"a takedown or a rebuild). Resume with data.allow_changed_dataset=true to re-plan the epoch over "
+                f"the current shards, or start fresh (train.resume=false)")
+        self._dataset_changed = True
+        if self.is_main:
+            log.warning("the dataset %s changed since %s was written (data.allow_changed_dataset=true): the data "
+                        "plan starts a new epoch over the current shards; samples trained earlier in the "
+                        "interrupted epoch may be trained again, removed ones never", ", ".join(changed),
+                        self.resume_path)
+
+    def _note_saved_workers(self, num_workers) -> None:
+        self._saved_num_workers = self.cfg.data.num_workers if num_workers is None else int(num_workers)
+
+    def _note_saved_sequence(self, degree) -> None:
+        self._saved_sequence = 1 if degree is None else int(degree)  # written before sequence parallelism: 1
+
+    def _same_data_layout(self) -> bool:
+        """Same ranks, sequence-parallel groups and loader workers as the checkpoint: each loader continues
+        exactly where it stood."""
+        return (not self.checkpoints.universal and self._saved_num_workers == self.cfg.data.num_workers
+                and self._saved_sequence == self.layout.degree and not self._dataset_changed
+                and not self._plan_mirrored)
+
+    def _data_plan(self):
+        """Collective. The acknowledged samples of every rank. Rank 0 asks the coordinator; when it cannot be
+        reached (a stop signal took its Ray cluster down too) the plan is rebuilt from the mirror: the plan at the
+        last checkpoint plus every rank's acknowledgements since (`mirrored_state`)."""
+        gathered = gather_objects(list(self._acked_since))
+        self._acked_since = []
+        if not self.is_main:
+            return None
+        state = None
+        if not self._coordinator_lost:
+            try:
+                state = self.coordinator.state()
+            except CoordinatorUnavailable as error:
+                self._note_coordinator_lost(error)
+        if state is None:
+            data = self.cfg.data
+            state = mirrored_state(self.plan_rows, data.seed, data.chunk_samples, self._plan_base,
+                                   [tag for tags in gathered for tag in tags])
+            log.warning("data plan for this checkpoint rebuilt by the trainer (the coordinator is gone): a resume "
+                        "deals the rest of the epoch out anew, each sample still trained once")
+        self._plan_base = state
+        return state
+
+    def _note_coordinator_lost(self, error) -> None:
+        if not self._coordinator_lost:
+            log.warning("%s: the trainer's own record of acknowledged samples stands in for it", error)
+        self._coordinator_lost = True
+
+    def _restore_data_plan(self, state) -> None:
+        # A plan the trainer rebuilt has no deal: every loader starts over on what is left (all ranks must know).
+        self._plan_mirrored = bool(state and state.get("mirrored"))
+        if not self.is_main or self._dataset_changed:  # changed shards: the fresh plan over them stands
+            return
+        self._plan_base = state
+        same = self._same_data_layout()
+        workers = max(1, self.cfg.data.num_workers)
+        self.coordinator.restore(state, self.layout.data_world * workers if same else None)
+        if not same:
+            log.info("resuming on %d data-parallel group(s) of %d rank(s) x %d worker(s) where the checkpoint had "
+                     "another layout: the rest of the epoch is dealt out anew (each sample still trained once)",
+                     self.layout.data_world, self.layout.degree, workers)
+
+    def _restore_loaders(self, snapshots) -> None:
+        if self._same_data_layout():  # each loader continues exactly where it stood: bit-exact
+            self.loader_snapshots = {k: ConsumerSnapshot.from_dict(v) for k, v in (snapshots or {}).items()}
+
+    def _audit_so_far(self, context: Dict[str, Any]):
+        """Collective: the audit of all ranks, merged (rank 0 writes it)."""
+        return dict(self.merged_audit().state_dict(), dataset=str(self.cfg.data.root), **context)
+
+    def _restore_audit(self, state) -> None:
+        if self.is_main:  # the audit so far, merged over the old ranks, continues on rank 0
+            self.audit = Audit.from_state(state)
