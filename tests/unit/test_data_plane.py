@@ -62,16 +62,18 @@ def test_an_epoch_trains_every_licensed_sample_once_and_reports_every_drop(tiny_
     assert {"license_missing", "license_not_allowed"} <= set(audit["dropped"])
 
 
-def test_a_resume_on_the_same_layout_continues_bit_exact(tiny_dataset, tmp_path):
-    straight = plane_for(tiny_dataset, tmp_path / "straight")
+def test_a_resume_on_the_same_layout_continues_bit_exact(demo_like_dataset, tmp_path):
+    """Clips of every duration and aspect: the packer holds read clips back for later batches, and the resume
+    re-creates them from the loader's snapshot, in order."""
+    straight = plane_for(demo_like_dataset, tmp_path / "straight")
     expected = train(straight, 0, STEPS)
-    first = plane_for(tiny_dataset, tmp_path / "run")
-    before = train(first, 0, 10)
-    path = save(first, 10)
+    first = plane_for(demo_like_dataset, tmp_path / "run")
+    before = train(first, 0, 7)
+    path = save(first, 7)
     first.close()
-    second = plane_for(tiny_dataset, tmp_path / "run", resume_path=path)
+    second = plane_for(demo_like_dataset, tmp_path / "run", resume_path=path)
     restore(second, path)
-    assert before + train(second, 10, STEPS) == expected
+    assert before + train(second, 7, STEPS) == expected
     assert second.merged_audit().state_dict() == straight.merged_audit().state_dict()  # the audit continues too
 
 
