@@ -22,10 +22,14 @@ setup(
         "numpy>=1.26",
         "safetensors>=0.4",
         "pyyaml>=6.0",
+        # Dataset roots that are URLs (s3://, gs://, az://): Path-like objects over fsspec (data/storage.py).
+        "universal_pathlib>=0.2",
     ],
     extras_require={
         # Encoding sample videos (mp4 via PyAV, gif via imageio) and W&B video logging.
         "media": ["av>=12", "imageio>=2.34", "moviepy>=1.0"],
+        # Datasets in S3 or an S3-compatible store (gcsfs / adlfs for gs:// and az://).
+        "s3": ["s3fs>=2024.1"],
         # Loading pretrained autoencoders (diffusers) and text encoders (transformers) from local paths.
         "encoders": ["diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0", "tokenizers>=0.21",
                      "sentencepiece>=0.2", "peft>=0.13"],
@@ -35,7 +39,9 @@ setup(
                 "kubernetes-validate>=1.30",
                 # The last torchcodec whose registry wheel is a CPU build (later ones need a CUDA torch): with the
                 # FFmpeg libraries PyAV's wheel bundles, the decoder test runs it here (tests/unit/test_decoders.py).
-                "torchcodec==0.13.0"],
+                "torchcodec==0.13.0",
+                # object storage, tested against a real S3 API server on 127.0.0.1 (moto in server mode)
+                "s3fs>=2024.1", "moto[server]>=5"],
         # Needs CUDA to build; install on GPU machines only.
         "gpu": ["flash-attn>=2.6", "torchcodec>=0.2"],
     },

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from conf.errors import ArgumentParser, UserError, at_least, did_you_mean, run_command
+from data.storage import location
 
 
 def _table(title: str, counts, total: int) -> None:
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     ingest.add_argument("--video2dataset", type=Path, help="video2dataset output (tars or KEY.mp4/txt/json)")
     ingest.add_argument("--map", action="append", default=[], metavar="FIELD=SOURCE",
                       help="take contract FIELD from SOURCE (a column, or a dotted path in the json)")
-    ingest.add_argument("--out", type=Path, required=True)
+    ingest.add_argument("--out", type=location, required=True)
     ingest.add_argument("--samples-per-shard", type=at_least(1, "samples per shard"), default=64)
     ingest.add_argument("--shard-bytes", type=at_least(1, "a shard's bytes"), default=None,
                         help="also close a shard at this size")
@@ -195,10 +196,10 @@ def main(argv=None) -> int:
     ingest.add_argument("--strict", action="store_true", help="exit 1 if any row was rejected")
     ingest.set_defaults(handler=cmd_ingest)
     verify = verbs.add_parser("verify", help="re-read shards, check the manifest, probe every video")
-    verify.add_argument("root", type=Path)
+    verify.add_argument("root", type=location)
     verify.set_defaults(handler=cmd_verify)
     inspect = verbs.add_parser("inspect", help="counts per license, resolution and duration histograms")
-    inspect.add_argument("root", type=Path)
+    inspect.add_argument("root", type=location)
     inspect.set_defaults(handler=cmd_inspect)
     audit = verbs.add_parser("audit", help="what a run trained on; which checkpoints used a rights holder/source")
     audit.add_argument("run", type=Path)
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     audit.set_defaults(handler=cmd_audit)
     takedown = verbs.add_parser("takedown", help="remove a rights holder's (or a source's, or listed) samples from "
                                                  "datasets; report files, hashes and the checkpoints that used them")
-    takedown.add_argument("datasets", type=Path, nargs="+")
+    takedown.add_argument("datasets", type=location, nargs="+")
     who = takedown.add_mutually_exclusive_group(required=True)
     who.add_argument("--rights-holder")
     who.add_argument("--source", help="a source URL")
@@ -219,8 +220,8 @@ def main(argv=None) -> int:
     takedown.set_defaults(handler=cmd_takedown)
     encode = verbs.add_parser("encode", help="a latent cache: shards -> license gate -> decode -> buckets -> frozen "
                                              "encoders (a Ray Data job) -> latent shards + manifest")
-    encode.add_argument("dataset", type=Path)
-    encode.add_argument("--out", type=Path, required=True)
+    encode.add_argument("dataset", type=location)
+    encode.add_argument("--out", type=location, required=True)
     encode.add_argument("--stage", default=None, help="the curriculum stage whose buckets to fit (default: the last)")
     encode.add_argument("--workers", type=at_least(1, "encoder actors"), default=1, help="encoder actors in the Ray pool")
     encode.add_argument("overrides", nargs="*", help="config overrides, as for python -m train (model encoders, "

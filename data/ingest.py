@@ -18,6 +18,7 @@ from data.schema import (MANIFEST_NAME, OPTIONAL_FIELDS, REQUIRED_FIELDS, ROW_FI
                          read_manifest)
 from data.progress import Progress
 from data.shards import ShardSetWriter
+from data.storage import location, open_read, remove, write_text
 
 # What a table must give for any row to be written; the rest (width, height, fps, num_frames) can be probed.
 TABLE_FIELDS = ("video", "caption", "license", "source_url", "attribution", "rights_holder")
@@ -168,11 +169,12 @@ def prepare_output(out: Path, append: bool = False, force: bool = False) -> Outp
             raise UserError(f"--out {out} already holds a dataset ({held}): give a new folder, --append to add "
                             f"these videos to it as a new shard set, or --force to replace it")
         if force:
-            manifest_path.unlink()  # first: a replacement cut short is no dataset, never a mix of the two
+            remove(manifest_path)  # first: a replacement cut short is no dataset, never a mix of the two
             for row in shards:
-                (out / row["path"]).unlink(missing_ok=True)
+                if (out / row["path"]).exists():
+                    remove(out / row["path"])
             for report in out.glob("ingest_report*.json"):
-                report.unlink()
+                remove(report)
             return Output(out)
         extra = {k: v for k, v in manifest.items() if k not in ("version", "shards")}
         number = len(extra.get("appended", [])) + 1
@@ -189,7 +191,7 @@ def _keys(root: Path, rows: List[Dict[str, Any]]) -> Set[str]:
 
     keys = set()
     for row in rows:
-        with tarfile.open(root / row["path"]) as tar:
+        with open_read(root / row["path"]) as stream, tarfile.open(fileobj=stream) as tar:
             keys.update(name.rsplit(".", 1)[0] for name in tar.getnames())
     return keys
 
@@ -199,7 +201,7 @@ def ingest_rows(rows: Iterator[Tuple], out, samples_per_shard: int, shard_bytes:
     """Validate each (key, video bytes, caption, metadata[, problems found reading it]) row and write the accepted
     ones. A row whose key is only a tar offset (a break in a tar) is reported as it is. `out`: an Output
     (prepare_output), or a folder for a new dataset."""
-    target = out if isinstance(out, Output) else Output(Path(out))
+    target = out if isinstance(out, Output) else Output(location(out))
     out = target.root
     writer = ShardSetWriter(out, prefix=target.prefix, samples_per_shard=samples_per_shard, max_bytes=shard_bytes)
     progress = progress or Progress("ingest", unit="rows")
@@ -232,7 +234,7 @@ def ingest_rows(rows: Iterator[Tuple], out, samples_per_shard: int, shard_bytes:
     report = {"accepted": accepted, "rejected": len(rejected), "rejections": rejected, "manifest": str(manifest)}
     if aborted:
         report["aborted"] = aborted
-    (out / target.report).write_text(json.dumps(report, indent=1))
+    write_text(out / target.report, json.dumps(report, indent=1))
     report["report"] = str(out / target.report)
     if aborted:
         raise RuntimeError(f"ingest stopped: {aborted} ({accepted} samples written and recorded in "

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 from data.progress import Progress
 from data.schema import metadata_problems, read_manifest
 from data.shards import verify_shards
+from data.storage import location
 
 
 def probe_with_decord(video: bytes) -> int:
@@ -34,7 +35,7 @@ def scan(root, progress: Optional[Progress] = None) -> Dict[str, Any]:
     the samples around it are still read and counted."""
     from data.tar_samples import TarBreak, decode_sample, read_tar
 
-    root = Path(root)
+    root = location(root)
     manifest = read_manifest(root)
     licenses, resolutions, durations = Counter(), Counter(), Counter()
     corrupt: List[Dict[str, str]] = []

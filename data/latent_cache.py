@@ -38,6 +38,7 @@ import numpy as np
 
 from data.schema import MANIFEST_NAME, MANIFEST_VERSION, read_manifest, write_manifest
 from data.shards import sha256_file
+from data.storage import location, make_folder, staged, write_text
 from models.weights import weights_sha256
 
 # Keys of an encoder's config that do not change what it computes (where its weights live, how many clips a call
@@ -113,7 +114,7 @@ class ShardEncoder:
         self.spec = stage_spec(cfg, cfg.curriculum.stages[stage_index], source,
                                LicensePolicy.from_ids(cfg.data.licenses.allow), coordinator=None)
         self.identity_hash = identity_hash(encoder_identity(cfg.model))
-        self.source, self.out = Path(source), Path(out)
+        self.source, self.out = location(source), location(out)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         summaries = [self.encode_shard(str(path), int(index), int(count))
@@ -133,12 +134,11 @@ class ShardEncoder:
             return dict(json.loads(done.read_text()), resumed=True)
         dropped: Dict[str, List[str]] = {}
         written, licenses = 0, Counter()
-        tmp = target.with_name(f".{target.name}.partial")
         # Read as training reads (one chunk of the whole shard): offset n of the cache is offset n of the source,
         # so a run can take some stages from the videos and others from caches and continue the same epoch.
         reader = ConsumerReader(self.source, None, "encode", 0, 1)
         work = {"epoch": 0, "chunk": index, "start": 0, "stop": count, "shard": shard, "skip": []}
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        with staged(target) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for raw, tag, error in reader.read_chunk(work):
                 # A sample the shard could not give keeps its place under a key without dots (WebDataset splits a
                 # member's name at the first dot: "shard-00000.tar@5" would merge every such stub into one).
@@ -165,11 +165,10 @@ class ShardEncoder:
                     written += 1
                     licenses[str(meta.get("license"))] += 1
                 add_sample(tar, key, members)
-        os.replace(tmp, target)
         summary = {"source_shard": shard, "path": shard, "num_samples": count, "encoded": written,
                    "bytes": target.stat().st_size, "sha256": sha256_file(target), "licenses": dict(licenses),
                    "dropped": dropped}
-        done.write_text(json.dumps(summary))
+        write_text(done, json.dumps(summary))
         return summary
 
 
@@ -182,10 +181,10 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     from data.loader import dataset_fingerprint
     from data.buckets import stage_shapes
 
-    source, out = Path(source), Path(out)
+    source, out = location(source), location(out)
     rows = [{"path": row["path"], "index": n, "count": int(row["num_samples"])}
             for n, row in enumerate(read_manifest(source)["shards"])]  # first: a source that is no dataset
-    out.mkdir(parents=True, exist_ok=True)                                 # leaves no cache folder behind
+    make_folder(out)                                                       # leaves no cache folder behind
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=ray_address or "local", num_cpus=None if ray_address else max(workers, 1),
@@ -218,7 +217,7 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     manifest = {"version": MANIFEST_VERSION, "name": out.name, "builder": "data.encode",
                 "shards": [{k: s[k] for k in ("path", "num_samples", "encoded", "bytes", "sha256", "licenses")}
                            for s in summaries],
-                "cache": {"format": CACHE_FORMAT, "source": str(source.resolve()), "source_fingerprint": dataset_fingerprint(source),
+                "cache": {"format": CACHE_FORMAT, "source": str(source.resolve() if isinstance(source, Path) else source), "source_fingerprint": dataset_fingerprint(source),
                           "stage": stage.name, "fps": cfg.data.fps, "patch_size": list(cfg.model.patch_size),
                           "buckets": [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)],
                           "encoder": encoder_identity(cfg.model), "dropped": dict(dropped),
@@ -228,7 +227,8 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
         from models.dit import text_conditioner
 
         empty = text_conditioner(cfg.model).batch([""]).embeddings.float().numpy()
-        (out / "empty_caption.npy").write_bytes(_npy(empty))
+        with staged(out / "empty_caption.npy") as tmp:
+            tmp.write_bytes(_npy(empty))
     write_manifest(out, manifest)
     return manifest
 
@@ -305,7 +305,7 @@ def check_sources(cfg) -> None:
             continue
         users = [n for n, stage in enumerate(stages) if stage_root(cfg, stage) == root]
         key = (f"curriculum.stages[{users[0]}].latents" if stages[users[0]].latents else "data.latents")
-        if not (Path(root) / MANIFEST_NAME).exists():
+        if not (location(root) / MANIFEST_NAME).exists():
             raise ValueError(f"{key}={root}: no {MANIFEST_NAME} (build the cache with python -m data encode)")
         problems = cache_problems(read_manifest(root), cfg, users, videos)
         if problems:

@@ -4,13 +4,11 @@ shard could not give (a truncated or corrupt tar), with the shard's name as the 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
-
-import webdataset as wds
 
 from data.batch import ChunkPosition, ConsumerSnapshot, Entry
 from data.coordinator import CoordinatorClient, CoordinatorUnavailable, Tag
+from data.storage import join, tar_samples
 
 log = logging.getLogger(__name__)
 _warned: set = set()
@@ -32,8 +30,7 @@ def read_entries(root, entries: List[Entry]) -> Iterator[RawRead]:
         wanted.setdefault(shard, {}).setdefault(offset, []).append((epoch, chunk, offset))
     found: Dict[Tag, Dict[str, Any]] = {}
     for shard, offsets in wanted.items():
-        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / shard)}],
-                                                         handler=lambda error: False)):
+        for offset, raw in enumerate(tar_samples(join(root, shard), handler=lambda error: False)):
             for tag in offsets.get(offset, ()):
                 found[tag] = raw
             if offset >= max(offsets):
@@ -84,7 +81,7 @@ class ConsumerReader:
         begin = max(start, first)
         self.position = ChunkPosition(work, begin)
         offset = 0
-        for raw in wds.tarfile_samples([{"url": str(Path(self.root) / work["shard"])}], handler=note):
+        for raw in tar_samples(join(self.root, work["shard"]), handler=note):
             if offset >= stop:
                 break
             if offset >= begin and offset not in skip:

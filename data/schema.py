@@ -41,9 +41,9 @@ def parse_metadata(raw: bytes) -> Dict[str, Any]:
 
 
 def read_manifest(root) -> Dict[str, Any]:
-    from pathlib import Path
+    from data.storage import location
 
-    path = Path(root) / MANIFEST_NAME
+    path = location(root) / MANIFEST_NAME
     if not path.exists():
         raise NotADataset(f"no {MANIFEST_NAME} in {root}: not a dataset (build one with `python -m data ingest`, "
                                 f"or the demo's with `python -m data.demo_set {root}`)")
@@ -55,9 +55,6 @@ def read_manifest(root) -> Dict[str, Any]:
 
 def write_manifest(root, manifest: Dict[str, Any]) -> None:
     """Replace a dataset's manifest atomically: a reader sees the old one or the new one, never part of either."""
-    from pathlib import Path
+    from data.storage import location, write_text
 
-    target = Path(root) / MANIFEST_NAME
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(target)
+    write_text(location(root) / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))

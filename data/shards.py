@@ -10,22 +10,23 @@ from typing import Any, Dict, List, Optional, Sequence
 import webdataset as wds
 
 from data.schema import MANIFEST_NAME, MANIFEST_VERSION, write_manifest
+from data.storage import location, make_folder, open_read, staged
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_read(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 class ShardSetWriter:
-    """Writes samples into numbered tars of at most `samples_per_shard` and records the manifest."""
+    """Writes samples into numbered tars of at most `samples_per_shard` and records the manifest. Into object
+    storage, each tar is written locally and uploaded whole when it closes (one local shard at a time)."""
 
     def __init__(self, root, prefix: str = "shard", samples_per_shard: int = 16, max_bytes: Optional[int] = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_folder(root)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
         self.max_bytes = max_bytes
@@ -41,7 +42,9 @@ class ShardSetWriter:
         if self._writer is None or (full and self._count):
             self._close_shard()
             self._path = self.root / f"{self.prefix}-{len(self.rows):05d}.tar"
-            self._writer = wds.TarWriter(str(self._path))
+            self._staging = staged(self._path)
+            self._local = self._staging.__enter__()
+            self._writer = wds.TarWriter(str(self._local))
         self._writer.write({
             "__key__": key,
             "mp4": video,
@@ -59,10 +62,11 @@ class ShardSetWriter:
         self.rows.append({
             "path": self._path.name,
             "num_samples": self._count,
-            "bytes": self._path.stat().st_size,
-            "sha256": sha256_file(self._path),
+            "bytes": self._local.stat().st_size,
+            "sha256": sha256_file(self._local),
             "licenses": dict(self._licenses),
         })
+        self._staging.__exit__(None, None, None)  # published whole: the local copy goes
         self._writer, self._count, self._bytes, self._licenses = None, 0, 0, Counter()
 
     def close(self, extra: Optional[Dict[str, Any]] = None, earlier_rows: Sequence[Dict[str, Any]] = ()) -> Path:
@@ -77,15 +81,16 @@ def verify_shards(root) -> List[str]:
     """Problems found comparing shards with the manifest (sizes, hashes); empty when all match."""
     from data.schema import read_manifest
 
-    root = Path(root)
+    root = location(root)
     problems = []
     for row in read_manifest(root)["shards"]:
         path = root / row["path"]
         if not path.exists():
             problems.append(f"{row['path']}: missing")
             continue
-        if path.stat().st_size != row["bytes"]:
-            problems.append(f"{row['path']}: {path.stat().st_size} bytes, manifest says {row['bytes']}")
+        size = path.stat().st_size
+        if size != row["bytes"]:
+            problems.append(f"{row['path']}: {size} bytes, manifest says {row['bytes']}")
         elif sha256_file(path) != row["sha256"]:
             problems.append(f"{row['path']}: sha256 differs from the manifest")
     return problems

@@ -10,7 +10,6 @@ never sees them; a run resumed afterwards refuses a dataset whose shards changed
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 from conf.errors import UserError, did_you_mean
 from data.schema import read_manifest, write_manifest
 from data.shards import sha256_file
+from data.storage import join, location, remove, staged, write_text
 from data.tar_samples import TarSample, add_sample, decode_sample, read_tar
 
 
@@ -57,12 +57,10 @@ class Criteria:
         return {"rights_holder": self.rights_holder} if self.rights_holder is not None else {"source": self.source}
 
 
-def _write_tar(path: Path, samples: Sequence[TarSample]) -> None:
-    tmp = path.with_name(f".{path.name}.takedown")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+def _write_tar(path, samples: Sequence[TarSample]) -> None:
+    with staged(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             add_sample(tar, sample.key, sample.members)
-    os.replace(tmp, path)
 
 
 def _license_counts(samples: Sequence[TarSample]) -> Dict[str, int]:
@@ -74,7 +72,7 @@ def _license_counts(samples: Sequence[TarSample]) -> Dict[str, int]:
 
 def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> Dict[str, Any]:
     """Rewrite one dataset without the matching samples; what was removed and each file's hashes."""
-    root = Path(root)
+    root = location(root)
     manifest = read_manifest(root)
     removed: List[Dict[str, Any]] = []
     files: List[Dict[str, Any]] = []
@@ -107,7 +105,7 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
                 if "encoded" in row:  # a latent cache's shard: samples that hold latents (the rest are stubs)
                     rows[-1]["encoded"] = sum("latent.npy" in s.members for s, _ in kept)
             else:
-                path.unlink()  # nothing left in it: the file and its manifest row go
+                remove(path)  # nothing left in it: the file and its manifest row go
         else:
             rows.append(row)
         files.append({"dataset": str(root), "path": row["path"], "sha256_before": before, "sha256_after": after,
@@ -140,7 +138,7 @@ def follow_sources(datasets: Sequence[Path], before: Dict[str, str]) -> None:
         if cache is None or cache.get("source_fingerprint") not in renamed:
             continue
         cache["source_fingerprint"] = renamed[cache["source_fingerprint"]]
-        write_manifest(Path(root), manifest)
+        write_manifest(root, manifest)
 
 
 def checkpoints_that_trained_on(run_dir, criteria: Criteria, removed_keys: Set[str]) -> List[Dict[str, Any]]:
@@ -186,7 +184,5 @@ def takedown(datasets: Sequence[Path], criteria: Criteria, runs: Sequence[Path] 
     if not dry_run:
         stamp = when.replace(":", "").replace("-", "")
         for root in datasets:
-            folder = Path(root) / "takedowns"
-            folder.mkdir(exist_ok=True)
-            (folder / f"takedown-{stamp}.json").write_text(json.dumps(report, indent=1))
+            write_text(join(root, "takedowns", f"takedown-{stamp}.json"), json.dumps(report, indent=1))
     return report

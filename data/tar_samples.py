@@ -12,7 +12,6 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 BLOCK = 512
@@ -66,12 +65,13 @@ def _valid_header(block: bytes) -> Optional[tarfile.TarInfo]:
 
 def read_tar(path) -> Iterator[Union[TarSample, TarBreak]]:
     """Samples in file order, and a TarBreak wherever something could not be read."""
-    path = Path(path)
-    size = path.stat().st_size
+    from data.storage import open_read, size_of
+
+    size = size_of(path)
     seen_keys = set()
     pending: Optional[_Pending] = None
     long_name: Optional[str] = None
-    with open(path, "rb") as handle:
+    with open_read(path) as handle:
         position = 0
         while position + BLOCK <= size:
             handle.seek(position)

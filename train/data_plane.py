@@ -18,6 +18,7 @@ from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirror
 from data.latent_cache import run_roots, stage_root
 from data.licenses import Audit, LicensePolicy
 from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_spec
+from data.storage import location
 from train.checkpoint import ResumeRefused
 from train.collectives import gather_objects
 from train.curriculum import Curriculum
@@ -88,7 +89,7 @@ class DataPlane:
             import torch
             from data.latent_cache import load_npy
 
-            self._empty_captions[cache] = torch.from_numpy(load_npy((Path(cache) / "empty_caption.npy").read_bytes()))
+            self._empty_captions[cache] = torch.from_numpy(load_npy((location(cache) / "empty_caption.npy").read_bytes()))
         return self._empty_captions[cache]
 
     @property

@@ -35,13 +35,11 @@ VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 def _raw_samples(root) -> Iterator[Tuple[int, int, Dict]]:
     """(shard index, offset, raw WebDataset sample) of every sample a dataset's manifest lists, in order."""
-    import webdataset as wds
-
     from data.schema import read_manifest
+    from data.storage import join, tar_samples
 
     for shard_index, row in enumerate(read_manifest(root)["shards"]):
-        for offset, raw in enumerate(wds.tarfile_samples([{"url": str(Path(root) / row["path"])}],
-                                                         handler=lambda error: False)):
+        for offset, raw in enumerate(tar_samples(join(root, row["path"]), handler=lambda error: False)):
             yield shard_index, offset, raw
 
 
@@ -189,7 +187,9 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, autoencoder, text, checkpoint = load_for_generation(args.run_dir, args.step, args.raw, device)
     cfg.tracking.eval_prompts = args.prompts if args.prompts is not None else (cfg.tracking.eval_prompts or 8)
-    default_split = Path(cfg.data.root) / "validation"
+    from data.storage import location
+
+    default_split = location(cfg.data.root) / "validation"
     cfg.data.validation_root = args.validation_root or cfg.data.validation_root or \
         (str(default_split) if (default_split / "manifest.json").exists() else None)
     clips = args.clips if args.clips is not None else (cfg.tracking.eval_clips or 16)

@@ -7,6 +7,7 @@ from typing import List
 
 from conf.errors import ConfigError
 from conf.schema import KinoConfig
+from data.storage import location
 
 
 def check_data(cfg: KinoConfig) -> None:
@@ -29,7 +30,6 @@ def check_data(cfg: KinoConfig) -> None:
 
 def missing_manifests(cfg: KinoConfig) -> List[str]:
     """The datasets this run reads that hold no manifest, each with its key."""
-    from pathlib import Path
 
     from data.latent_cache import run_roots
     from data.schema import MANIFEST_NAME
@@ -40,7 +40,7 @@ def missing_manifests(cfg: KinoConfig) -> List[str]:
     if cfg.data.validation_root and (cfg.tracking.eval_clips or cfg.train.method == "vae"):
         wanted.append(("data.validation_root", cfg.data.validation_root))
     return [f"{key}={root}: no {MANIFEST_NAME} (build a dataset with python -m data ingest, or the demo's with "
-            f"python -m data.demo_set)" for key, root in wanted if not (Path(root) / MANIFEST_NAME).exists()]
+            f"python -m data.demo_set)" for key, root in wanted if not (location(root) / MANIFEST_NAME).exists()]
 
 
 def check_base_weights(cfg: KinoConfig) -> None:
