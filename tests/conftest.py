@@ -107,9 +107,8 @@ def tiny_t5(tmp_path_factory):
 # longest first (seconds of one module on the 2-core machine, BENCHMARKS.md), the two workers finish together; the
 # many short modules come last and fill the gaps. The order is all this changes: it never skips or merges a test.
 LONGEST_FIRST = ("test_slurm", "test_training", "test_latent_cache", "test_sequence_parallel", "test_launch_local",
-                 "test_learning", "test_gpu_check", "test_gpu_suite", "test_first_hour", "test_object_storage", "test_data_cli",
-                 "test_wan",
-                 "test_k8s_manifests")
+                 "test_learning", "test_gpu_check", "test_gpu_suite", "test_first_hour", "test_object_storage",
+                 "test_data_cli", "test_wan", "test_k8s_manifests")
 
 
 def pytest_collection_modifyitems(config, items):
