@@ -171,8 +171,7 @@ def prepare_output(out: Path, append: bool = False, force: bool = False) -> Outp
         if force:
             remove(manifest_path)  # first: a replacement cut short is no dataset, never a mix of the two
             for row in shards:
-                if (out / row["path"]).exists():
-                    remove(out / row["path"])
+                remove(out / row["path"], missing_ok=True)
             for report in out.glob("ingest_report*.json"):
                 remove(report)
             return Output(out)

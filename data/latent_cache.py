@@ -138,35 +138,37 @@ class ShardEncoder:
         # so a run can take some stages from the videos and others from caches and continue the same epoch.
         reader = ConsumerReader(self.source, None, "encode", 0, 1)
         work = {"epoch": 0, "chunk": index, "start": 0, "stop": count, "shard": shard, "skip": []}
-        with staged(target) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for raw, tag, error in reader.read_chunk(work):
-                # A sample the shard could not give keeps its place under a key without dots (WebDataset splits a
-                # member's name at the first dot: "shard-00000.tar@5" would merge every such stub into one).
-                key = raw.get("__key__") if raw else f"{shard.replace('.', '_')}@{tag[2]}"
-                clip, reason = (None, CORRUPT_SHARD) if error else prepare_sample(raw, tag, self.spec)
-                if clip is None:
-                    # A stub keeps the sample's place and says why it was dropped (training reports it as the
-                    # videos would); the source's metadata stays with it, so a takedown finds it as in the source.
-                    dropped.setdefault(reason, []).append(key)
-                    members = {"drop": reason.encode("utf-8")}
-                    if raw and "json" in raw:
-                        members["json"] = raw["json"]
-                else:
-                    with torch.no_grad():
-                        latent = self.autoencoder.encode_batch([clip.video.to(self.device)])[0].float().cpu()
-                    members = {"latent.npy": _npy(latent.numpy()), "txt": clip.caption.encode("utf-8")}
-                    if self.text is not None:
-                        embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
-                        members["text.npy"] = _npy(embeddings)
-                    bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
-                    meta = dict(clip.meta, source_shard=shard, source_key=key, bucket=bucket,
-                                encoder=self.identity_hash)
-                    members["json"] = json.dumps(meta, sort_keys=True).encode()
-                    written += 1
-                    licenses[str(meta.get("license"))] += 1
-                add_sample(tar, key, members)
+        with staged(target) as tmp:
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for raw, tag, error in reader.read_chunk(work):
+                    # A sample the shard could not give keeps its place under a key without dots (WebDataset splits a
+                    # member's name at the first dot: "shard-00000.tar@5" would merge every such stub into one).
+                    key = raw.get("__key__") if raw else f"{shard.replace('.', '_')}@{tag[2]}"
+                    clip, reason = (None, CORRUPT_SHARD) if error else prepare_sample(raw, tag, self.spec)
+                    if clip is None:
+                        # A stub keeps the sample's place and says why it was dropped (training reports it as the
+                        # videos would); the source's metadata stays with it, so a takedown finds it as in the source.
+                        dropped.setdefault(reason, []).append(key)
+                        members = {"drop": reason.encode("utf-8")}
+                        if raw and "json" in raw:
+                            members["json"] = raw["json"]
+                    else:
+                        with torch.no_grad():
+                            latent = self.autoencoder.encode_batch([clip.video.to(self.device)])[0].float().cpu()
+                        members = {"latent.npy": _npy(latent.numpy()), "txt": clip.caption.encode("utf-8")}
+                        if self.text is not None:
+                            embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
+                            members["text.npy"] = _npy(embeddings)
+                        bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
+                        meta = dict(clip.meta, source_shard=shard, source_key=key, bucket=bucket,
+                                    encoder=self.identity_hash)
+                        members["json"] = json.dumps(meta, sort_keys=True).encode()
+                        written += 1
+                        licenses[str(meta.get("license"))] += 1
+                    add_sample(tar, key, members)
+            size, digest = tmp.stat().st_size, sha256_file(tmp)  # before upload: storage is not read back
         summary = {"source_shard": shard, "path": shard, "num_samples": count, "encoded": written,
-                   "bytes": target.stat().st_size, "sha256": sha256_file(target), "licenses": dict(licenses),
+                   "bytes": size, "sha256": digest, "licenses": dict(licenses),
                    "dropped": dropped}
         write_text(done, json.dumps(summary))
         return summary
@@ -217,7 +219,9 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
     manifest = {"version": MANIFEST_VERSION, "name": out.name, "builder": "data.encode",
                 "shards": [{k: s[k] for k in ("path", "num_samples", "encoded", "bytes", "sha256", "licenses")}
                            for s in summaries],
-                "cache": {"format": CACHE_FORMAT, "source": str(source.resolve() if isinstance(source, Path) else source), "source_fingerprint": dataset_fingerprint(source),
+                "cache": {"format": CACHE_FORMAT,
+                          "source": str(source.resolve() if isinstance(source, Path) else source),
+                          "source_fingerprint": dataset_fingerprint(source),
                           "stage": stage.name, "fps": cfg.data.fps, "patch_size": list(cfg.model.patch_size),
                           "buckets": [[s.frames, s.height, s.width] for s in stage_shapes(cfg, stage)],
                           "encoder": encoder_identity(cfg.model), "dropped": dict(dropped),

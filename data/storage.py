@@ -38,10 +38,6 @@ def join(root, *names: str) -> str:
     return str(location(root).joinpath(*names))
 
 
-def name_of(path) -> str:
-    return str(path).rstrip("/").rsplit("/", 1)[-1]
-
-
 def open_read(path, block_size: int = READ_BLOCK):
     """A binary file object: a local file, or a remote object read in ranged requests of `block_size`."""
     path = location(path)
@@ -102,9 +98,9 @@ def make_folder(root) -> Location:
     return root
 
 
-def remove(path) -> None:
+def remove(path, missing_ok: bool = False) -> None:
     path = location(path)
     if isinstance(path, Path):
-        path.unlink()
-    else:
+        path.unlink(missing_ok=missing_ok)
+    elif not missing_ok or path.exists():
         path.fs.rm_file(path.path)

@@ -14,7 +14,7 @@ import tarfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from conf.errors import UserError, did_you_mean
 from data.schema import read_manifest, write_manifest
@@ -57,10 +57,14 @@ class Criteria:
         return {"rights_holder": self.rights_holder} if self.rights_holder is not None else {"source": self.source}
 
 
-def _write_tar(path, samples: Sequence[TarSample]) -> None:
-    with staged(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in samples:
-            add_sample(tar, sample.key, sample.members)
+def _write_tar(path, samples: Sequence[TarSample]) -> Tuple[int, str]:
+    """Replace `path` with a tar of `samples`; its size and sha256, taken from the local copy before it is
+    published (an object in storage is not read back)."""
+    with staged(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                add_sample(tar, sample.key, sample.members)
+        return tmp.stat().st_size, sha256_file(tmp)
 
 
 def _license_counts(samples: Sequence[TarSample]) -> Dict[str, int]:
@@ -98,9 +102,8 @@ def remove_from_dataset(root, criteria: Criteria, dry_run: bool, when: str) -> D
         after = None
         if not dry_run:
             if kept:
-                _write_tar(path, [s for s, _ in kept])
-                after = sha256_file(path)
-                rows.append(dict(row, num_samples=len(kept), bytes=path.stat().st_size, sha256=after,
+                size, after = _write_tar(path, [s for s, _ in kept])
+                rows.append(dict(row, num_samples=len(kept), bytes=size, sha256=after,
                                  licenses=_license_counts([s for s, _ in kept if "drop" not in s.members])))
                 if "encoded" in row:  # a latent cache's shard: samples that hold latents (the rest are stubs)
                     rows[-1]["encoded"] = sum("latent.npy" in s.members for s, _ in kept)

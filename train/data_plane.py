@@ -40,7 +40,7 @@ class DatasetChanged(ResumeRefused):
 class DataPlane:
     def __init__(self, cfg: KinoConfig, rank: int, layout: SequenceLayout, curriculum: Curriculum, run_dir: Path,
                  checkpoints, resume_path: Optional[Path], pin_memory: bool):
-        self.cfg, self.rank, self.layout, self.curriculum = cfg, rank, layout, curriculum
+        self.cfg, self.layout, self.curriculum = cfg, layout, curriculum
         self.is_main = rank == 0
         self.checkpoints = checkpoints  # its `universal`: the checkpoint resumed from came from another world size
         self.resume_path = resume_path
@@ -89,7 +89,8 @@ class DataPlane:
             import torch
             from data.latent_cache import load_npy
 
-            self._empty_captions[cache] = torch.from_numpy(load_npy((location(cache) / "empty_caption.npy").read_bytes()))
+            raw = (location(cache) / "empty_caption.npy").read_bytes()
+            self._empty_captions[cache] = torch.from_numpy(load_npy(raw))
         return self._empty_captions[cache]
 
     @property
@@ -190,7 +191,8 @@ class DataPlane:
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "file", "data_plan.json"),
             "loaders": Resumable(Value(lambda: {k: v.to_dict() for k, v in self.loader_snapshots.items()},
                                        self._restore_loaders), "rank"),
-            "audit": Resumable(Value(lambda: self._audit_so_far(audit_context()), self._restore_audit), "file", "audit.json"),
+            "audit": Resumable(Value(lambda: self._audit_so_far(audit_context()), self._restore_audit), "file",
+                               "audit.json"),
         }
 
     def resume(self, step: int) -> None:
