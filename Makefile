@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install demo demo-data test unit integration clean gpu-check gpu-suite
+.PHONY: install demo demo-data demo-s3 test unit integration clean gpu-check gpu-suite
 install: $(VENV)/.installed
 
 demo-data: install
@@ -25,6 +25,12 @@ demo-data: install
 # A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
 demo: demo-data
 	$(PY) -m launch local experiment=demo $(if $(FRESH),train.resume=false,)
+
+# The demo with its data in a bucket of a local S3-compatible server (moto, started and stopped by the script):
+# upload, train, stop halfway, resume, take down a rights holder, check exactly-once and that no secret was written
+# (tests/integration/s3_demo.py). SHORT=1 trains 60 steps instead of 1600. The run goes to runs/demo-s3.
+demo-s3: demo-data
+	$(PY) tests/integration/s3_demo.py $(if $(SHORT),--short,)
 
 # The whole suite, at most 15 minutes of pytest on the 2-core machine: two pytest-xdist workers (most tests wait on
 # subprocesses, gloo peers, Ray or SLURM: one worker left a core idle a quarter of the time), each module whole on

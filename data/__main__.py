@@ -1,5 +1,5 @@
-"""`python -m data ingest | verify | inspect | audit | takedown | encode` — build, check, question, act on and
-encode licensed video datasets."""
+"""`python -m data ingest | verify | inspect | audit | takedown | manifest | encode` — build, check, question, act
+on and encode licensed video datasets."""
 from __future__ import annotations
 
 import json
@@ -176,6 +176,25 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_manifest(args) -> int:
+    """Rewrite a manifest in the other form: a 1M-shard inline manifest is about 170 MB of JSON that every rank would
+    parse at start; split, it is a small header and a Parquet table of the shards (data/schema.py)."""
+    from data.schema import SPLIT_VERSION, read_manifest, read_manifest_header, write_manifest
+
+    header = read_manifest_header(args.root)
+    form = "split (a header and a Parquet shard table)" if header["version"] == SPLIT_VERSION else "inline"
+    if not (args.split or args.inline):
+        shards = header["num_shards"] if "num_shards" in header else len(header["shards"])
+        print(f"{args.root}: manifest version {header['version']}, {form}, {shards} shards")
+        return 0
+    manifest = read_manifest(args.root)
+    write_manifest(args.root, manifest, split_above=0 if args.split else len(manifest["shards"]))
+    after = read_manifest_header(args.root)
+    print(f"{args.root}: {len(manifest['shards'])} shards, manifest version {header['version']} -> {after['version']}"
+          + (f" (shard table {after['shard_table']})" if "shard_table" in after else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m data", description=__doc__.split("\n\n")[0].replace("\n", " "))
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -218,6 +237,14 @@ def main(argv=None) -> int:
                           help="a run directory whose checkpoints to check (repeatable)")
     takedown.add_argument("--dry-run", action="store_true", help="report what would be removed; change nothing")
     takedown.set_defaults(handler=cmd_takedown)
+    manifest = verbs.add_parser("manifest", help="say which form a dataset's manifest is in; --split or --inline "
+                                                 "rewrites it (datasets above 10,000 shards are written split)")
+    manifest.add_argument("root", type=location)
+    form = manifest.add_mutually_exclusive_group()
+    form.add_argument("--split", action="store_true", help="a header and a Parquet table of the shards")
+    form.add_argument("--inline", action="store_true", help="every shard listed in manifest.json")
+    manifest.set_defaults(handler=cmd_manifest)
+
     encode = verbs.add_parser("encode", help="a latent cache: shards -> license gate -> decode -> buckets -> frozen "
                                              "encoders (a Ray Data job) -> latent shards + manifest")
     encode.add_argument("dataset", type=location)

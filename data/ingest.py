@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from conf.errors import UserError, did_you_mean
-from data.schema import (MANIFEST_NAME, OPTIONAL_FIELDS, REQUIRED_FIELDS, ROW_FIELDS, metadata_problems,
-                         read_manifest)
+from data.schema import (MANIFEST_NAME, OPTIONAL_FIELDS, REQUIRED_FIELDS, ROW_FIELDS, SPLIT_ONLY_KEYS,
+                         metadata_problems, read_manifest)
 from data.progress import Progress
 from data.shards import ShardSetWriter
 from data.storage import location, open_read, remove, write_text
@@ -170,12 +170,12 @@ def prepare_output(out: Path, append: bool = False, force: bool = False) -> Outp
                             f"these videos to it as a new shard set, or --force to replace it")
         if force:
             remove(manifest_path)  # first: a replacement cut short is no dataset, never a mix of the two
-            for row in shards:
-                remove(out / row["path"], missing_ok=True)
+            for name in [row["path"] for row in shards] + ([manifest["shard_table"]] if "shard_table" in manifest else []):
+                remove(out / name, missing_ok=True)
             for report in out.glob("ingest_report*.json"):
                 remove(report)
             return Output(out)
-        extra = {k: v for k, v in manifest.items() if k not in ("version", "shards")}
+        extra = {k: v for k, v in manifest.items() if k not in ("version", "shards", *SPLIT_ONLY_KEYS)}
         number = len(extra.get("appended", [])) + 1
         return Output(out, prefix=f"shard-a{number}", earlier_rows=list(shards), earlier_keys=_keys(out, shards),
                       extra=extra, report=f"ingest_report-a{number}.json")

@@ -22,7 +22,8 @@ from data.coordinator import CoordinatorClient, Tag
 from data.decode import ClipTooShort, UndecodableVideo, decode_clip, frames_available
 from data.licenses import LicensePolicy
 from data.reader import ConsumerReader, read_entries, warn_once
-from data.schema import metadata_problems, parse_metadata, read_manifest
+from data.schema import (metadata_problems, parse_metadata, read_manifest_header, shard_columns,
+                         shards_fingerprint)
 
 METADATA_INVALID = "metadata_invalid"
 UNDECODABLE = "undecodable"
@@ -72,17 +73,19 @@ def stage_spec(cfg, stage, root, policy: LicensePolicy, coordinator, **more) -> 
 
 
 def dataset_fingerprint(root) -> str:
-    """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does."""
-    import hashlib
-    import json
-
-    rows = sorted((row["path"], int(row["num_samples"]), row.get("sha256")) for row in read_manifest(root)["shards"])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does. A split
+    manifest carries it in its header."""
+    header = read_manifest_header(root)
+    if header.get("shards_fingerprint"):
+        return header["shards_fingerprint"]
+    columns = shard_columns(root, ("path", "num_samples", "sha256"))
+    return shards_fingerprint(columns["path"], columns["num_samples"], columns["sha256"])
 
 
 def dataset_rows(root) -> List[Tuple[str, int]]:
     """(shard file, sample count) for every shard of a dataset's manifest."""
-    return [(row["path"], int(row["num_samples"])) for row in read_manifest(root)["shards"]]
+    columns = shard_columns(root, ("path", "num_samples"))
+    return [(path, int(count)) for path, count in zip(columns["path"], columns["num_samples"])]
 
 
 class ClipStream(IterableDataset):

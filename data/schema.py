@@ -5,15 +5,19 @@ with video2dataset output; extra json fields are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 from conf.errors import UserError
 
 REQUIRED_FIELDS = ("license", "source_url", "attribution", "rights_holder", "width", "height", "fps", "num_frames")
 POSITIVE_NUMBER_FIELDS = ("width", "height", "fps", "num_frames")
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1  # the shards listed inline
+SPLIT_VERSION = 2  # a header, and the shards in a Parquet table beside it (large datasets: write_manifest)
+SPLIT_ABOVE = 10_000  # shards; a 10,000-shard inline manifest is about 1.7 MB of JSON
+SPLIT_ONLY_KEYS = ("shard_table", "num_shards", "num_samples", "shards_fingerprint")
 # Fields of the contract beside the required ones, and the columns ingest reads for a row's file, caption and key.
 OPTIONAL_FIELDS = ("clip_span", "source_clip_span", "aesthetic")
 ROW_FIELDS = ("video", "caption", "key")
@@ -41,6 +45,21 @@ def parse_metadata(raw: bytes) -> Dict[str, Any]:
 
 
 def read_manifest(root) -> Dict[str, Any]:
+    """The whole manifest, `shards` as a list of row dicts, whichever form it is stored in (for the tools that go
+    through every shard: verify, inspect, takedown, encode, ingest --append). Training reads only the columns it
+    needs (`shard_columns`)."""
+    manifest = read_manifest_header(root)
+    if manifest["version"] == SPLIT_VERSION:
+        table = _read_table(root, manifest, None)
+        columns = {name: table.column(name).to_pylist() for name in table.column_names}
+        licenses = [json.loads(text) for text in columns.pop("licenses")]
+        manifest["shards"] = [dict(zip(columns, values), licenses=lic)
+                              for values, lic in zip(zip(*columns.values()), licenses)]
+    return manifest
+
+
+def read_manifest_header(root) -> Dict[str, Any]:
+    """manifest.json as stored: a split manifest's header names its shard table instead of listing the shards."""
     from data.storage import location
 
     path = location(root) / MANIFEST_NAME
@@ -48,13 +67,76 @@ def read_manifest(root) -> Dict[str, Any]:
         raise NotADataset(f"no {MANIFEST_NAME} in {root}: not a dataset (build one with `python -m data ingest`, "
                                 f"or the demo's with `python -m data.demo_set {root}`)")
     manifest = json.loads(path.read_text())
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: manifest version {manifest.get('version')} is not {MANIFEST_VERSION}")
+    if manifest.get("version") not in (MANIFEST_VERSION, SPLIT_VERSION):
+        raise ValueError(f"{path}: manifest version {manifest.get('version')} is neither {MANIFEST_VERSION} "
+                         f"(shards inline) nor {SPLIT_VERSION} (a shard table beside it)")
     return manifest
 
 
-def write_manifest(root, manifest: Dict[str, Any]) -> None:
-    """Replace a dataset's manifest atomically: a reader sees the old one or the new one, never part of either."""
-    from data.storage import location, write_text
+def shard_columns(root, names: Sequence[str]) -> Dict[str, list]:
+    """Some columns of the shard rows (path, num_samples, sha256, bytes), read without the rest: from a split
+    manifest's Parquet table, a 1M-shard dataset's plan is two columns, read in well under a second."""
+    manifest = read_manifest_header(root)
+    if manifest["version"] == SPLIT_VERSION:
+        table = _read_table(root, manifest, list(names))
+        return {name: table.column(name).to_pylist() for name in names}
+    rows = manifest["shards"]
+    return {name: [row.get(name) for row in rows] for name in names}
 
-    write_text(location(root) / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))
+
+def shards_fingerprint(paths: Sequence[str], counts: Sequence[int], hashes: Sequence[Optional[str]]) -> str:
+    """sha256 over the shards (name, sample count, file sha256), in name order: changes when any shard does, and
+    is the same whichever form the manifest is stored in."""
+    rows = sorted((str(p), int(n), h) for p, n, h in zip(paths, counts, hashes))
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def write_manifest(root, manifest: Dict[str, Any], split_above: Optional[int] = None) -> None:
+    """Replace a dataset's manifest atomically: a reader sees the old one or the new one, never part of either.
+    Up to `split_above` shards (SPLIT_ABOVE) they are listed inline (version 1, readable by eye); above, they go
+    to a Parquet table named by its content, written first, and manifest.json (version 2) is a small header that
+    names it; the table it replaced is removed after."""
+    from data.storage import location, remove, staged, write_text
+
+    header = {k: v for k, v in manifest.items() if k not in SPLIT_ONLY_KEYS}
+    rows = header.pop("shards")
+    limit = SPLIT_ABOVE if split_above is None else split_above
+    previous = _current_table(root)
+    if len(rows) <= limit:
+        write_text(location(root) / MANIFEST_NAME, json.dumps({**header, "version": MANIFEST_VERSION, "shards": rows},
+                                                             indent=1, sort_keys=True))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {"path": [str(r["path"]) for r in rows], "num_samples": [int(r["num_samples"]) for r in rows],
+                   "sha256": [r.get("sha256") for r in rows], "bytes": [r.get("bytes") for r in rows],
+                   "licenses": [json.dumps(r.get("licenses") or {}, sort_keys=True) for r in rows]}
+        fingerprint = shards_fingerprint(columns["path"], columns["num_samples"], columns["sha256"])
+        table_name = f"shards-{fingerprint[:16]}.parquet"
+        with staged(location(root) / table_name) as tmp:
+            pq.write_table(pa.table(columns), tmp, compression="zstd")
+        write_text(location(root) / MANIFEST_NAME, json.dumps(
+            {**header, "version": SPLIT_VERSION, "shard_table": table_name, "num_shards": len(rows),
+             "num_samples": sum(columns["num_samples"]), "shards_fingerprint": fingerprint}, indent=1, sort_keys=True))
+        if previous == table_name:
+            previous = None
+    if previous is not None:
+        remove(location(root) / previous, missing_ok=True)
+
+
+def _current_table(root) -> Optional[str]:
+    try:
+        header = read_manifest_header(root)
+    except (NotADataset, ValueError):
+        return None
+    return header.get("shard_table")
+
+
+def _read_table(root, manifest: Dict[str, Any], columns: Optional[List[str]]):
+    import pyarrow.parquet as pq
+
+    from data.storage import location, open_read
+
+    with open_read(location(root) / manifest["shard_table"]) as stream:
+        return pq.read_table(stream, columns=columns)

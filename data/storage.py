@@ -71,6 +71,7 @@ def staged(target) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=local_dir)
     os.close(handle)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared dataset from the other users and pods
     try:
         yield tmp
         if isinstance(target, Path):
@@ -79,6 +80,12 @@ def staged(target) -> Iterator[Path]:
             target.fs.put_file(str(tmp), target.path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target, text: str) -> None:

@@ -53,6 +53,9 @@ class K8sConfig:
     # is never written into a manifest or printed.
     wandb_secret: str = "wandb"
     wandb_secret_key: str = "api-key"
+    # Object-storage credentials (s3:// data): every key of this Secret becomes an environment variable of the
+    # pods (envFrom), e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL. null: none (a pod role).
+    storage_secret: Optional[str] = None
     max_restarts: int = 20  # whole-job restarts (each resumes from `latest`)
     termination_grace_s: int = 600  # time to checkpoint after SIGTERM (eviction, preemption)
     service_account: Optional[str] = None

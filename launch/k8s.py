@@ -6,7 +6,8 @@ or an eviction restarts the whole set of pods (JobSet failurePolicy / PyTorchJob
 restart resumes from `latest` on the shared volume. On eviction the pods get SIGTERM and
 `termination_grace_s` to checkpoint (train/preemption.py).
 
-Secrets: the W&B key reaches pods through a secretKeyRef; no secret value is ever read here.
+Secrets: the W&B key reaches pods through a secretKeyRef, object-storage credentials through envFrom a Secret
+(launcher.k8s.storage_secret); no secret value is ever read here.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def pod_template(plan: LaunchPlan, head: str, rank_env: str, rdzv_port_name: str
     container = {"name": CONTAINER, "image": k8s.image, "imagePullPolicy": k8s.image_pull_policy,
                  "workingDir": k8s.mount_path, "command": _node_command(plan, head, rank_env), "env": _env(plan),
                  "ports": ports, "resources": resources,
+                 **({"envFrom": [{"secretRef": {"name": k8s.storage_secret}}]} if k8s.storage_secret else {}),
                  "volumeMounts": [{"name": "workspace", "mountPath": k8s.mount_path},
                                   {"name": "dshm", "mountPath": "/dev/shm"}]}
     spec: Dict[str, Any] = {

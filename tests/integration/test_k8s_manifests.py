@@ -26,7 +26,7 @@ CLUSTER = ["launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.memory=500G
            "launcher.k8s.image=registry.example.com/kino:0.1.0", "launcher.k8s.volume_claim=kino-shared",
            "launcher.k8s.namespace=video", "launcher.k8s.service_account=trainer",
            "+launcher.k8s.node_selector.gpu=h100", "launcher.k8s.priority_class=preemptible",
-           "tracking.mode=online", "train.experiment=t2v_b"]
+           "launcher.k8s.storage_secret=kino-s3", "tracking.mode=online", "train.experiment=t2v_b"]
 needs_crds = pytest.mark.skipif(not all((CRD_DIR / f).exists() for f in CRD_FILES.values()),
                                 reason=f"CRD schemas not found in {CRD_DIR} (set KINO_K8S_CRDS to their directory)")
 
@@ -138,6 +138,8 @@ def test_no_secret_value_reaches_a_rendered_file_or_the_log(tmp_path):
         text = path.read_text()
         assert key not in text, path
         assert "secretKeyRef" in text  # the key travels by reference only
+        if path.suffix == ".yaml":  # the bucket's credentials too: every key of the Secret, by reference
+            assert "secretRef:\n" in text and "name: kino-s3" in text, path
     assert all(key not in output for output in outputs)
 
 

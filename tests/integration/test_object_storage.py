@@ -5,16 +5,15 @@ refuses the change until allowed, a latent cache is encoded into the bucket and 
 answers. Credentials come from the environment only: the secret appears in no file of the run or the bucket."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 from tests.exactly_once import assert_exactly_once
+from tests.s3_server import files_under, local_s3, make_bucket
 from tests.integration.first_hour import HOLDERS, write_table
 
 SECRET = "kino-test-secret-7f3a9c"  # what must never be written anywhere
@@ -22,52 +21,29 @@ SECRET = "kino-test-secret-7f3a9c"  # what must never be written anywhere
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """moto_server on a free port, a bucket, and the environment a user would set (AWS_ENDPOINT_URL: botocore
-    reads it, so nothing in Kino's config names the server)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "kino-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
+    """moto_server on a free port (tests/s3_server.py), a bucket, and the environment a user would set, in this
+    process and the commands it starts."""
     import tests.integration.test_latent_cache as latent_cache
     import tests.integration.test_training as training
 
-    environments = (os.environ, training.ENV, latent_cache.ENV)  # this process and the commands it starts
-    saved = [{key: where.get(key) for key in env} for where in environments]
-    for where in environments:
-        where.update(env)
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("kino-test")
-    yield "s3://kino-test"
-    server.terminate()
-    server.wait(timeout=30)
-    for where, before in zip(environments, saved):
-        for key, value in before.items():
-            if value is None:
-                where.pop(key, None)
-            else:
-                where[key] = value
+    with local_s3(tmp_path_factory.mktemp("moto") / "moto.log", SECRET) as env:
+        environments = (os.environ, training.ENV, latent_cache.ENV)
+        saved = [{key: where.get(key) for key in env} for where in environments]
+        for where in environments:
+            where.update(env)
+        make_bucket("kino-test")
+        yield "s3://kino-test"
+        for where, before in zip(environments, saved):
+            for key, value in before.items():
+                if value is None:
+                    where.pop(key, None)
+                else:
+                    where[key] = value
 
 
 def data_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO, env=dict(os.environ),
                           capture_output=True, text=True, timeout=600)
-
-
-def bucket_files(url: str):
-    from upath import UPath
-
-    return [p for p in UPath(url).rglob("*") if p.is_file()]
 
 
 def test_ingest_train_resume_takedown_and_audit_with_the_data_in_object_storage(s3, tmp_path):
@@ -95,7 +71,7 @@ def test_ingest_train_resume_takedown_and_audit_with_the_data_in_object_storage(
     assert taken.returncode == 0, taken.stderr
     assert "removed 8 samples" in taken.stdout and "checkpoints/step_4 (step 4)" in taken.stdout
     assert data_cli("verify", dataset).returncode == 0
-    assert any(p.name.startswith("takedown-") for p in bucket_files(f"{dataset}/takedowns"))
+    assert any(p.name.startswith("takedown-") for p in files_under(f"{dataset}/takedowns"))
 
     # Resuming the earlier checkpoint onto the changed bucket is refused, then allowed.
     import shutil
@@ -129,5 +105,5 @@ def test_ingest_train_resume_takedown_and_audit_with_the_data_in_object_storage(
         for path in folder.rglob("*"):
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
-    for path in bucket_files(s3):
+    for path in files_under(s3):
         assert SECRET.encode() not in path.read_bytes(), path
