@@ -19,6 +19,7 @@ from data.latent_cache import run_roots, stage_root
 from data.licenses import Audit, LicensePolicy
 from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_spec
 from data.storage import location
+from train.ack_relay import AckRelay
 from train.checkpoint import ResumeRefused
 from train.collectives import gather_objects
 from train.curriculum import Curriculum
@@ -52,7 +53,10 @@ class DataPlane:
         self.plan_rows = dataset_rows(self.plan_root)
         self.dataset_samples = sum(count for _, count in self.plan_rows)
         self.coordinator = connect_coordinator(cfg.data, self.plan_rows, run_dir, rank, layout.data_world)
-        self.provenance = ProvenanceLog(run_dir, rank, cfg.train.record_sample_keys)
+        # An in-process coordinator has one rank and no calls to save; a Ray actor hears from each node once a step.
+        self.ack_relay = AckRelay(rank, layout.world_size, layout.degree, enabled=self.coordinator.uses_ray)
+        self.ack_calls = 0
+        self.provenance = ProvenanceLog(run_dir, rank, cfg.train.record_sample_keys, layout.world_size)
         self.loader_snapshots: Dict[str, ConsumerSnapshot] = {}  # consumer -> after its last trained batch
         self._saved_num_workers: Optional[int] = None  # of the checkpoint resumed from
         self._saved_sequence: Optional[int] = None
@@ -164,12 +168,26 @@ class DataPlane:
                     self.audit.record_dropped(NONFINITE_STEP, key)
         for acknowledged in tags.values():
             self._acked_since += [list(tag) for tag in acknowledged]  # the mirror's record, for the checkpoint
-        if self._coordinator_lost or not tags:
+        node_tags = self.ack_relay.gather(dict(tags))  # collective over the node's leaders, every step
+        if self._coordinator_lost or not node_tags:
             return
-        try:  # one call per rank and step, for all of its workers: the actor's load grows with steps
-            self.coordinator.ack_step(dict(tags))
+        try:  # one call per node and step, for all of its ranks and workers: the actor's load grows with steps
+            self.coordinator.ack_step(node_tags)
+            self.ack_calls += 1
         except CoordinatorUnavailable as error:
             self._note_coordinator_lost(error)
+
+    def coordinator_report(self) -> Optional[str]:
+        """Collective. What the data plan did, for the run's closing summary (None if the coordinator is gone)."""
+        calls = sum(gather_objects(self.ack_calls))
+        if not self.is_main or self._coordinator_lost:
+            return None
+        try:
+            summary = self.coordinator.summary()
+        except CoordinatorUnavailable:
+            return None
+        return (f"{summary['completed_epochs']} epoch(s) completed, open {summary['open_epochs']}; "
+                f"{calls} acknowledgement call(s) this launch ({len(self.ack_relay.members)} rank(s) a call)")
 
     def merged_audit(self) -> Audit:
         """Collective: the audit of all ranks together."""

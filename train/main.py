@@ -129,6 +129,8 @@ def _print_summary(summary: dict) -> None:
         print(f"stopped       : at step {summary['step']} of {summary['total_steps']} on request; "
               f"the next run resumes from the checkpoint (exit status {summary['exit_status']})")
     print(f"checkpoint    : {summary['checkpoint']}")
+    if summary.get("data_plan"):
+        print(f"data plan     : {summary['data_plan']}")
     print(f"videos        : {', '.join(summary['videos']) or '-'}")
     print(f"W&B files     : {summary['wandb_dir'] or 'tracking disabled'}")
     print(f"trained on    : {json.dumps(audit['license_totals'], sort_keys=True)} samples per license")

@@ -22,13 +22,20 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class ProvenanceLog:
-    def __init__(self, run_dir: Path, rank: int, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, rank: int, enabled: bool, world_size: int = 1):
+        self.enabled, self.rank, self.world_size = enabled, rank, world_size
         self.path = Path(run_dir) / "provenance" / f"rank_{rank}.jsonl"
 
     def resume(self, step: int) -> None:
-        if self.enabled:
-            truncate_after(self.path, step)
+        """Every rank drops its own records past the checkpoint's step; rank 0 also those of ranks this world does
+        not have (a resume on fewer ranks): what they trained after the checkpoint was lost with them."""
+        if not self.enabled:
+            return
+        truncate_after(self.path, step)
+        if self.rank == 0:
+            for path in self.path.parent.glob("rank_*.jsonl"):
+                if int(path.stem.split("_")[1]) >= self.world_size:
+                    truncate_after(path, step)
 
     def record(self, step: int, batch, trained: bool = True) -> None:
         """`batch` (a PackedBatch) as settled by `step`: trained, or skipped whole (a non-finite step: its samples

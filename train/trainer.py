@@ -409,7 +409,8 @@ class Trainer:
                 "exit_status": self.stop_request.exit_status() if preempted else 0,
                 "run_dir": str(self.run_dir), "videos": [str(p) for p in videos],
                 "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
-                "audit": self.data.merged_audit().state_dict(), "wandb_dir": self.tracker.wandb_dir,
+                "audit": self.data.merged_audit().state_dict(), "data_plan": self.data.coordinator_report(),
+                "wandb_dir": self.tracker.wandb_dir,
                 "base_model": self.base_model, "compile": self.compile_report,
                 "evaluation": self.last_evaluation}
 

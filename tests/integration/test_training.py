@@ -116,6 +116,8 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
     assert {p.suffix for p in samples} == {".mp4", ".gif"} and all(p.stat().st_size > 0 for p in samples)
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert "kino run finished" in result.stdout
+    # both ranks' acknowledgements reached the Ray coordinator through one call a step (train/ack_relay.py)
+    assert "8 acknowledgement call(s) this launch (2 rank(s) a call)" in result.stdout, result.stdout[-2000:]
     assert_exactly_once(run_dir)
 
 
