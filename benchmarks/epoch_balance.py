@@ -2,7 +2,8 @@
 training counts drift, with and without kills and a resize.
 
 Each scenario is a real `torchrun -m train` (experiment=demo, 2 CPU ranks, ZeRO-2, the demo's packing curriculum)
-over 24 procedural clips (and the demo set's 5 bad samples, dropped every epoch) in chunks of 2, for --steps optimizer steps (two thirds in the main stage, a third in the anneal), checkpointing every 10:
+over 24 procedural clips (and the demo set's 5 bad samples, dropped every epoch) in chunks of 2, for --steps
+optimizer steps (two thirds in the main stage, a third in the anneal), checkpointing every 10:
   straight      one run
   kills         three kill -9 of the last rank along the way (at steps 25, 55 and 85), each followed by a resume
   kills+resize  as `kills`, with the second resume on 1 rank (its one rank killed) and the third back on 2

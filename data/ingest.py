@@ -170,7 +170,8 @@ def prepare_output(out: Path, append: bool = False, force: bool = False) -> Outp
                             f"these videos to it as a new shard set, or --force to replace it")
         if force:
             remove(manifest_path)  # first: a replacement cut short is no dataset, never a mix of the two
-            for name in [row["path"] for row in shards] + ([manifest["shard_table"]] if "shard_table" in manifest else []):
+            table = [manifest["shard_table"]] if "shard_table" in manifest else []  # a split manifest's
+            for name in [row["path"] for row in shards] + table:
                 remove(out / name, missing_ok=True)
             for report in out.glob("ingest_report*.json"):
                 remove(report)

@@ -37,7 +37,8 @@ def test_a_split_manifest_holds_the_same_rows_and_fingerprint_as_the_inline_one(
     split = split_copy(tiny_dataset, tmp_path)
     header = json.loads((split / MANIFEST_NAME).read_text())
     assert header["version"] == SPLIT_VERSION and "shards" not in header
-    assert (split / header["shard_table"]).exists() and header["num_shards"] == len(read_manifest(tiny_dataset)["shards"])
+    assert (split / header["shard_table"]).exists()
+    assert header["num_shards"] == len(read_manifest(tiny_dataset)["shards"])
     inline = read_manifest(tiny_dataset)
     assert read_manifest(split)["shards"] == inline["shards"]  # every field, licenses included
     assert dataset_rows(split) == dataset_rows(tiny_dataset)
@@ -45,8 +46,8 @@ def test_a_split_manifest_holds_the_same_rows_and_fingerprint_as_the_inline_one(
     for verb in ("verify", "inspect"):  # the same findings (the tiny set holds bad samples on purpose)
         on_split, on_inline = data_cli(verb, str(split)), data_cli(verb, str(tiny_dataset))
         assert on_split.returncode == on_inline.returncode, on_split.stderr
-        assert same(on_split.stdout, split).splitlines()[-1] == same(on_inline.stdout, tiny_dataset).splitlines()[-1]
-        assert sorted(same(on_split.stdout, split).splitlines()) == sorted(same(on_inline.stdout, tiny_dataset).splitlines())
+        lines, expected = same(on_split.stdout, split).splitlines(), same(on_inline.stdout, tiny_dataset).splitlines()
+        assert lines[-1] == expected[-1] and sorted(lines) == sorted(expected)
 
 
 def test_rewriting_a_split_manifest_replaces_its_table_and_the_verb_converts_both_ways(tiny_dataset, tmp_path):
@@ -69,7 +70,8 @@ def test_a_dataset_is_written_world_readable_like_any_file_a_user_writes(tiny_da
     """Shards and manifests are staged through a temp file: not with its private 0600 mode, which would hide a
     shared dataset from other users and pods."""
     split = split_copy(tiny_dataset, tmp_path)
-    for path in [split / MANIFEST_NAME, split / read_manifest_header(split)["shard_table"], *tiny_dataset.glob("*.tar")]:
+    table = split / read_manifest_header(split)["shard_table"]
+    for path in [split / MANIFEST_NAME, table, *tiny_dataset.glob("*.tar")]:
         assert os.stat(path).st_mode & 0o044 == 0o044, path
 
 
@@ -90,3 +92,25 @@ def test_a_data_plane_trains_an_epoch_exactly_once_from_a_split_manifest(tiny_da
     first = {tag: n for tag, n in trained.items() if tag[0] == 0}
     assert len(first) == GOOD_SAMPLES and set(first.values()) == {1}
     plane.close()
+
+
+def test_ingest_appends_to_and_replaces_a_split_dataset(tiny_dataset, tmp_path):
+    from tests.integration.first_hour import write_table
+
+    split = split_copy(tiny_dataset, tmp_path)
+    table = read_manifest_header(split)["shard_table"]
+    before = len(dataset_rows(split))
+    write_table(tmp_path / "videos", tmp_path / "meta.csv", count=4)
+    for video in (tmp_path / "videos").iterdir():  # new keys: the tiny set holds procedural-0000... already
+        video.rename(video.with_name("extra-" + video.name))
+    meta = tmp_path / "meta.csv"
+    meta.write_text(meta.read_text().replace("\nprocedural-", "\nextra-procedural-"))
+    ingest = ("ingest", "--videos", str(tmp_path / "videos"), "--metadata", str(tmp_path / "meta.csv"),
+              "--out", str(split), "--samples-per-shard", "2")
+    appended = data_cli(*ingest, "--append")
+    assert appended.returncode == 0, appended.stderr
+    assert len(dataset_rows(split)) == before + 2 and read_manifest(split)["appended"]
+    replaced = data_cli(*ingest, "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(dataset_rows(split)) == 2 and not (split / table).exists()
+    assert sorted(p.name for p in split.glob("*.tar")) == sorted(p for p, _ in dataset_rows(split))
