@@ -22,7 +22,7 @@ from data.coordinator import CoordinatorClient, Tag
 from data.decode import ClipTooShort, UndecodableVideo, decode_clip, frames_available
 from data.licenses import LicensePolicy
 from data.reader import ConsumerReader, read_entries, warn_once
-from data.schema import (metadata_problems, parse_metadata, read_manifest_header, shard_columns,
+from data.schema import (SPLIT_VERSION, metadata_problems, parse_metadata, read_manifest_header, shard_columns,
                          shards_fingerprint)
 
 METADATA_INVALID = "metadata_invalid"
@@ -76,7 +76,7 @@ def dataset_fingerprint(root) -> str:
     """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does. A split
     manifest carries it in its header."""
     header = read_manifest_header(root)
-    if header.get("shards_fingerprint"):
+    if header["version"] == SPLIT_VERSION:
         return header["shards_fingerprint"]
     columns = shard_columns(root, ("path", "num_samples", "sha256"))
     return shards_fingerprint(columns["path"], columns["num_samples"], columns["sha256"])

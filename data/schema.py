@@ -18,6 +18,7 @@ MANIFEST_VERSION = 1  # the shards listed inline
 SPLIT_VERSION = 2  # a header, and the shards in a Parquet table beside it (large datasets: write_manifest)
 SPLIT_ABOVE = 10_000  # shards; a 10,000-shard inline manifest is about 1.7 MB of JSON
 SPLIT_ONLY_KEYS = ("shard_table", "num_shards", "num_samples", "shards_fingerprint")
+TABLE_COLUMNS = ("path", "num_samples")  # a split table's own columns; each row's other fields are its `row` JSON
 # Fields of the contract beside the required ones, and the columns ingest reads for a row's file, caption and key.
 OPTIONAL_FIELDS = ("clip_span", "source_clip_span", "aesthetic")
 ROW_FIELDS = ("video", "caption", "key")
@@ -48,14 +49,28 @@ def read_manifest(root) -> Dict[str, Any]:
     """The whole manifest, `shards` as a list of row dicts, whichever form it is stored in (for the tools that go
     through every shard: verify, inspect, takedown, encode, ingest --append). Training reads only the columns it
     needs (`shard_columns`)."""
-    manifest = read_manifest_header(root)
-    if manifest["version"] == SPLIT_VERSION:
+    def rows(manifest):
+        if manifest["version"] != SPLIT_VERSION:
+            return manifest["shards"]
         table = _read_table(root, manifest, None)
-        columns = {name: table.column(name).to_pylist() for name in table.column_names}
-        licenses = [json.loads(text) for text in columns.pop("licenses")]
-        manifest["shards"] = [dict(zip(columns, values), licenses=lic)
-                              for values, lic in zip(zip(*columns.values()), licenses)]
-    return manifest
+        return [{"path": path, "num_samples": count, **json.loads(rest)} for path, count, rest in
+                zip(table.column("path").to_pylist(), table.column("num_samples").to_pylist(),
+                    table.column("row").to_pylist())]
+
+    manifest, shards = _with_header(root, rows)
+    return {**manifest, "shards": shards}
+
+
+def _with_header(root, read):
+    """(header, read(header)): read again from a fresh header when the table it named is gone (a rewrite replaced
+    it between the two reads), so a reader sees the old manifest or the new one."""
+    for attempt in range(3):
+        header = read_manifest_header(root)
+        try:
+            return header, read(header)
+        except FileNotFoundError:
+            if attempt == 2 or header["version"] != SPLIT_VERSION:
+                raise
 
 
 def read_manifest_header(root) -> Dict[str, Any]:
@@ -74,14 +89,22 @@ def read_manifest_header(root) -> Dict[str, Any]:
 
 
 def shard_columns(root, names: Sequence[str]) -> Dict[str, list]:
-    """Some columns of the shard rows (path, num_samples, sha256, bytes), read without the rest: from a split
-    manifest's Parquet table, a 1M-shard dataset's plan is two columns, read in well under a second."""
-    manifest = read_manifest_header(root)
-    if manifest["version"] == SPLIT_VERSION:
-        table = _read_table(root, manifest, list(names))
-        return {name: table.column(name).to_pylist() for name in names}
-    rows = manifest["shards"]
-    return {name: [row.get(name) for row in rows] for name in names}
+    """Some fields of the shard rows, read without the rest where the form allows: from a split manifest's
+    Parquet table `path` and `num_samples` are columns of their own (a 1M-shard dataset's plan, read in well under
+    a second); any other field comes out of each row's JSON."""
+    def read(manifest):
+        if manifest["version"] != SPLIT_VERSION:
+            return {name: [row.get(name) for row in manifest["shards"]] for name in names}
+        own = [name for name in names if name in TABLE_COLUMNS]
+        rest = [name for name in names if name not in TABLE_COLUMNS]
+        table = _read_table(root, manifest, own + (["row"] if rest else []))
+        columns = {name: table.column(name).to_pylist() for name in own}
+        if rest:
+            parsed = [json.loads(text) for text in table.column("row").to_pylist()]
+            columns.update({name: [row.get(name) for row in parsed] for name in rest})
+        return columns
+
+    return _with_header(root, read)[1]
 
 
 def shards_fingerprint(paths: Sequence[str], counts: Sequence[int], hashes: Sequence[Optional[str]]) -> str:
@@ -94,11 +117,14 @@ def shards_fingerprint(paths: Sequence[str], counts: Sequence[int], hashes: Sequ
 def write_manifest(root, manifest: Dict[str, Any], split_above: Optional[int] = None) -> None:
     """Replace a dataset's manifest atomically: a reader sees the old one or the new one, never part of either.
     Up to `split_above` shards (SPLIT_ABOVE) they are listed inline (version 1, readable by eye); above, they go
-    to a Parquet table named by its content, written first, and manifest.json (version 2) is a small header that
-    names it; the table it replaced is removed after."""
+    to a Parquet table named by its content (columns path, num_samples, and every other field of the row as JSON),
+    written first, and manifest.json (version 2) is a small header that names it; the table it replaced is removed
+    after."""
     from data.storage import location, remove, staged, write_text
 
-    header = {k: v for k, v in manifest.items() if k not in SPLIT_ONLY_KEYS}
+    # a split manifest's own header fields are made anew; an inline one's top-level fields are all the user's
+    stale = SPLIT_ONLY_KEYS if manifest.get("version") == SPLIT_VERSION else ()
+    header = {k: v for k, v in manifest.items() if k not in stale}
     rows = header.pop("shards")
     limit = SPLIT_ABOVE if split_above is None else split_above
     previous = _current_table(root)
@@ -109,19 +135,18 @@ def write_manifest(root, manifest: Dict[str, Any], split_above: Optional[int] = 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {"path": [str(r["path"]) for r in rows], "num_samples": [int(r["num_samples"]) for r in rows],
-                   "sha256": [r.get("sha256") for r in rows], "bytes": [r.get("bytes") for r in rows],
-                   "licenses": [json.dumps(r.get("licenses") or {}, sort_keys=True) for r in rows]}
-        fingerprint = shards_fingerprint(columns["path"], columns["num_samples"], columns["sha256"])
+        paths, counts = [str(r["path"]) for r in rows], [int(r["num_samples"]) for r in rows]
+        rest = [json.dumps({k: v for k, v in r.items() if k not in TABLE_COLUMNS}, sort_keys=True) for r in rows]
+        fingerprint = shards_fingerprint(paths, counts, [r.get("sha256") for r in rows])
         table_name = f"shards-{fingerprint[:16]}.parquet"
         with staged(location(root) / table_name) as tmp:
-            pq.write_table(pa.table(columns), tmp, compression="zstd")
+            pq.write_table(pa.table({"path": paths, "num_samples": counts, "row": rest}), tmp, compression="zstd")
         write_text(location(root) / MANIFEST_NAME, json.dumps(
             {**header, "version": SPLIT_VERSION, "shard_table": table_name, "num_shards": len(rows),
-             "num_samples": sum(columns["num_samples"]), "shards_fingerprint": fingerprint}, indent=1, sort_keys=True))
+             "num_samples": sum(counts), "shards_fingerprint": fingerprint}, indent=1, sort_keys=True))
         if previous == table_name:
             previous = None
-    if previous is not None:
+    if previous is not None:  # a reader that read the old header now finds its table gone, and reads again
         remove(location(root) / previous, missing_ok=True)
 
 

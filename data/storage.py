@@ -17,6 +17,16 @@ Location = Union[Path, Any]  # a Path, or a upath.UPath for a URL
 READ_BLOCK = 8 << 20  # bytes per ranged read of a streamed tar
 
 
+def _umask() -> int:
+    """The process's umask, read once at import (setting it to read it would change it for every thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def is_remote(root) -> bool:
     text = str(root)
     return "://" in text and not text.startswith("file://")
@@ -71,7 +81,7 @@ def staged(target) -> Iterator[Path]:
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=local_dir)
     os.close(handle)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared dataset from the other users and pods
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide a shared dataset from the other users and pods
     try:
         yield tmp
         if isinstance(target, Path):
@@ -80,12 +90,6 @@ def staged(target) -> Iterator[Path]:
             target.fs.put_file(str(tmp), target.path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_text(target, text: str) -> None:

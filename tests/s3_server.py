@@ -20,8 +20,9 @@ def local_s3(log: Path, secret: Optional[str] = None) -> Iterator[Dict[str, str]
     from data.ray_head import free_local_port
 
     port = free_local_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -36,7 +37,11 @@ def local_s3(log: Path, secret: Optional[str] = None) -> Iterator[Dict[str, str]
                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def make_bucket(url: str) -> None:

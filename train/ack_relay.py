@@ -7,25 +7,24 @@ the node's first leader over a gloo group of their own (local, no GPU), and that
 the actor's load becomes one call per node and step. Consumers stay named as they were (rank x loader worker), so
 each acknowledgement still renews its own consumer's leases.
 
-Ranks are dealt to nodes as torchrun and the launchers do: consecutive, LOCAL_WORLD_SIZE of them a node.
+A node is a host name: the ranks say theirs to each other once, when the relay is built (launchers differ in how
+they deal ranks to nodes, and in the variables they set for it).
 """
 from __future__ import annotations
 
-import os
+import socket
 from typing import Dict, List, Optional, Sequence
 
 import torch.distributed as dist
 
 
-def node_leaders(world_size: int, degree: int, per_node: int) -> List[List[int]]:
-    """The data-parallel leaders (first rank of each sequence-parallel group) of each node, node by node."""
-    nodes: List[List[int]] = []
-    for rank in range(0, world_size, degree):
-        node = rank // per_node
-        while len(nodes) <= node:
-            nodes.append([])
-        nodes[node].append(rank)
-    return [leaders for leaders in nodes if leaders]
+def node_leaders(hosts: Sequence[str], degree: int) -> List[List[int]]:
+    """The data-parallel leaders (first rank of each sequence-parallel group) of each node, in order of each node's
+    first rank. `hosts`: every rank's host name, by rank."""
+    nodes: Dict[str, List[int]] = {}
+    for rank in range(0, len(hosts), degree):
+        nodes.setdefault(hosts[rank], []).append(rank)
+    return list(nodes.values())
 
 
 class AckRelay:
@@ -37,8 +36,9 @@ class AckRelay:
         self.members: Sequence[int] = (rank,)
         if not enabled or not dist.is_initialized() or world_size == 1:
             return
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        for leaders in node_leaders(world_size, degree, per_node):
+        hosts: List[Optional[str]] = [None] * world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        for leaders in node_leaders(hosts, degree):
             if len(leaders) < 2:
                 continue
             group = dist.new_group(leaders, backend="gloo")

@@ -272,12 +272,14 @@ class DataPlane:
         """Collective. The acknowledged samples of every rank. Rank 0 asks the coordinator; when it cannot be
         reached (a stop signal took its Ray cluster down too) the plan is rebuilt from the mirror: the plan at the
         last checkpoint plus every rank's acknowledgements since (`mirrored_state`)."""
-        gathered = gather_objects(list(self._acked_since))
+        gathered = gather_objects((list(self._acked_since), self._coordinator_lost))
         self._acked_since = []
         if not self.is_main:
             return None
         state = None
-        if not self._coordinator_lost:
+        # A rank that lost it sent none of its (or, relaying, its node's) acknowledgements since: only the mirror
+        # holds them all.
+        if not any(lost for _, lost in gathered):
             try:
                 state = self.coordinator.state()
             except CoordinatorUnavailable as error:
@@ -285,7 +287,7 @@ class DataPlane:
         if state is None:
             data = self.cfg.data
             state = mirrored_state(self.plan_rows, data.seed, data.chunk_samples, self._plan_base,
-                                   [tag for tags in gathered for tag in tags])
+                                   [tag for tags, _ in gathered for tag in tags])
             log.warning("data plan for this checkpoint rebuilt by the trainer (the coordinator is gone): a resume "
                         "deals the rest of the epoch out anew, each sample still trained once")
         self._plan_base = state

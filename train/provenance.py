@@ -5,6 +5,7 @@ each sample's place in the data plan as its (epoch, chunk, offset) tag, and the 
 decode errors, a non-finite step), each as [epoch, chunk, offset, reason]. The tags are what lets anyone check the
 product's promise from the files alone: every sample of an epoch trained or dropped exactly once."""
 import json
+import re
 from pathlib import Path
 from typing import Dict, Iterator
 
@@ -34,7 +35,8 @@ class ProvenanceLog:
         truncate_after(self.path, step)
         if self.rank == 0:
             for path in self.path.parent.glob("rank_*.jsonl"):
-                if int(path.stem.split("_")[1]) >= self.world_size:
+                number = re.fullmatch(r"rank_(\d+)\.jsonl", path.name)
+                if number and int(number.group(1)) >= self.world_size:
                     truncate_after(path, step)
 
     def record(self, step: int, batch, trained: bool = True) -> None:

@@ -70,6 +70,7 @@ def main() -> None:
         dataset = f"{bucket}/demo"
         print(f"uploaded {args.data} to {dataset}", flush=True)
         before = run([py, "-m", "data", "verify", dataset], env, check=False)
+        assert before.returncode == 1 and len(problems(before.stdout)) == 4, before.stdout  # 3 planted + the count
 
         steps = 60 if args.short else 1150 + 450  # conf/curriculum/demo.yaml
         train = [py, "-m", "launch", "local", "experiment=demo", f"data.root={dataset}",
@@ -99,7 +100,8 @@ def main() -> None:
         # the demo set holds bad samples on purpose (no license, a corrupt video): the same problems as before the
         # takedown, and no new one
         checked = run([py, "-m", "data", "verify", dataset], env, check=False)
-        assert problems(checked.stdout) == problems(before.stdout), (checked.stdout, before.stdout)
+        assert checked.returncode == before.returncode and problems(checked.stdout) == problems(before.stdout), (
+            checked.stdout, before.stdout)
         run([py, "-m", "data", "audit", str(args.run_dir), "--rights-holder", holder], env)
 
         secret = credentials["AWS_SECRET_ACCESS_KEY"].encode()

@@ -2,6 +2,7 @@
 the shards, so that a 1M-shard dataset's ranks read two columns instead of parsing 170 MB of JSON. Both forms hold
 the same rows and the same fingerprint (a checkpoint taken on one resumes on the other), every tool reads both, and
 a data plane trains from a split one."""
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from collections import Counter
 import pytest
 
 from data.loader import dataset_fingerprint, dataset_rows
+from data.storage import UMASK
 from data.schema import MANIFEST_NAME, SPLIT_VERSION, read_manifest, read_manifest_header, write_manifest
 from tests.conftest import GOOD_SAMPLES, REPO
 
@@ -42,7 +44,10 @@ def test_a_split_manifest_holds_the_same_rows_and_fingerprint_as_the_inline_one(
     inline = read_manifest(tiny_dataset)
     assert read_manifest(split)["shards"] == inline["shards"]  # every field, licenses included
     assert dataset_rows(split) == dataset_rows(tiny_dataset)
-    assert dataset_fingerprint(split) == dataset_fingerprint(tiny_dataset)
+    # the fingerprint checkpoints have always stored: sha256 of the sorted (name, count, sha256) rows as JSON
+    rows = sorted((r["path"], int(r["num_samples"]), r.get("sha256")) for r in inline["shards"])
+    assert dataset_fingerprint(split) == dataset_fingerprint(tiny_dataset) == hashlib.sha256(
+        json.dumps(rows).encode()).hexdigest()
     for verb in ("verify", "inspect"):  # the same findings (the tiny set holds bad samples on purpose)
         on_split, on_inline = data_cli(verb, str(split)), data_cli(verb, str(tiny_dataset))
         assert on_split.returncode == on_inline.returncode, on_split.stderr
@@ -72,7 +77,43 @@ def test_a_dataset_is_written_world_readable_like_any_file_a_user_writes(tiny_da
     split = split_copy(tiny_dataset, tmp_path)
     table = split / read_manifest_header(split)["shard_table"]
     for path in [split / MANIFEST_NAME, table, *tiny_dataset.glob("*.tar")]:
-        assert os.stat(path).st_mode & 0o044 == 0o044, path
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~UMASK, path
+
+
+def test_every_field_of_a_row_and_of_the_manifest_survives_the_split_and_back(tmp_path):
+    """A latent cache's rows carry `encoded`, a manifest its own top-level fields (one named like a split header's
+    `num_samples` among them): none may be lost in either form, nor in a rewrite (a takedown)."""
+    rows = [{"path": f"s-{i}.tar", "num_samples": 2, "bytes": 10, "sha256": None, "licenses": {"CC0-1.0": 2},
+             "encoded": 2 - i % 2} for i in range(3)] + [{"path": "bare.tar", "num_samples": 1}]
+    manifest = {"version": 1, "name": "cache", "cache": {"stage": "main"}, "num_samples": "user's own", "shards": rows}
+    write_manifest(tmp_path, manifest, split_above=0)
+    split = read_manifest(tmp_path)
+    assert split["shards"] == rows and split["cache"] == {"stage": "main"}
+    assert split["num_samples"] == 7  # the header's own count, while split
+    write_manifest(tmp_path, split, split_above=0)  # a rewrite of the split form
+    assert read_manifest(tmp_path)["shards"] == rows
+    write_manifest(tmp_path, manifest, split_above=10)  # inline again: the user's field is kept as it was
+    assert read_manifest(tmp_path) == manifest and not list(tmp_path.glob("shards-*.parquet"))
+
+
+def test_a_reader_whose_table_a_rewrite_removed_reads_the_new_manifest(tiny_dataset, tmp_path, monkeypatch):
+    import data.schema as schema
+
+    split = split_copy(tiny_dataset, tmp_path)
+    real = schema.read_manifest_header
+    calls = []
+
+    def header_then_rewrite(root):
+        header = real(root)
+        if not calls:  # between this reader's header and its table, a takedown rewrites the manifest
+            calls.append(1)
+            manifest = read_manifest(split)
+            manifest["shards"] = manifest["shards"][1:]
+            write_manifest(split, manifest, split_above=0)
+        return header
+
+    monkeypatch.setattr(schema, "read_manifest_header", header_then_rewrite)
+    assert len(schema.shard_columns(split, ["path"])["path"]) == len(read_manifest(tiny_dataset)["shards"]) - 1
 
 
 def test_a_manifest_of_an_unknown_version_is_refused_with_both_known_forms(tmp_path):

@@ -39,7 +39,9 @@ def test_a_rank_leaves_the_other_present_ranks_files_to_them(tmp_path):
 def test_each_nodes_data_parallel_leaders_share_one_acknowledgement_call():
     from train.ack_relay import node_leaders
 
-    assert node_leaders(16, 1, 8) == [list(range(8)), list(range(8, 16))]
-    assert node_leaders(16, 2, 8) == [[0, 2, 4, 6], [8, 10, 12, 14]]  # sequence parallel: only leaders acknowledge
-    assert node_leaders(16, 8, 8) == [[0], [8]]  # a group per node: nothing to relay
-    assert node_leaders(2, 1, 2) == [[0, 1]]
+    two_nodes = ["a"] * 8 + ["b"] * 8
+    assert node_leaders(two_nodes, 1) == [list(range(8)), list(range(8, 16))]
+    assert node_leaders(two_nodes, 2) == [[0, 2, 4, 6], [8, 10, 12, 14]]  # sequence parallel: only leaders acknowledge
+    assert node_leaders(two_nodes, 8) == [[0], [8]]  # a group per node: nothing to relay
+    assert node_leaders(["a", "b", "a", "b"], 1) == [[0, 2], [1, 3]]  # a launcher that deals ranks round-robin
+    assert node_leaders(["x", "x"], 1) == [[0, 1]]
