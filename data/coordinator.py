@@ -504,9 +504,15 @@ def mirrored_state(shards: Sequence[Tuple[str, int]], seed: int, chunk_samples: 
     return state
 
 
+IDEMPOTENT_CALLS = ("ack", "ack_step", "state", "summary")  # the same call twice has the effect of one
+
+
 class CoordinatorClient:
     """What loaders and trainers hold: the in-process core, or a named Ray actor that every process
     (ranks and DataLoader workers, on any node) reaches by cluster address and name."""
+
+    call_timeout_s = 60.0
+    call_attempts = 3
 
     def __init__(self, core: Optional[CoordinatorCore] = None, ray_address: Optional[str] = None,
                  actor_name: Optional[str] = None, namespace: Optional[str] = None):
@@ -539,11 +545,24 @@ class CoordinatorClient:
             self._actor = ray.get_actor(self.actor_name, namespace=self.namespace)
         import ray
 
-        try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=60)
-        except ray.exceptions.RayError as error:  # the actor, or its whole cluster, is gone
-            raise CoordinatorUnavailable(f"data coordinator {self.actor_name!r} unreachable: "
-                                         f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+        # A call that times out on a live actor (busy: a deal, a state() of a large plan) is sent again when sending
+        # it twice changes nothing: giving up would mark the coordinator lost, stop this rank's (or node's)
+        # acknowledgements while its loaders go on reading, and let their leases expire into a second deal.
+        attempts = self.call_attempts if method in IDEMPOTENT_CALLS else 1
+        for attempt in range(attempts):
+            try:
+                return ray.get(getattr(self._actor, method).remote(*args), timeout=self.call_timeout_s)
+            except ray.exceptions.GetTimeoutError as error:
+                if attempt + 1 < attempts:
+                    continue
+                raise CoordinatorUnavailable(self._unreachable(error, attempts)) from error
+            except ray.exceptions.RayError as error:  # the actor, or its whole cluster, is gone
+                raise CoordinatorUnavailable(self._unreachable(error, 1)) from error
+
+    def _unreachable(self, error, attempts: int) -> str:
+        tried = f" ({attempts} attempts of {self.call_timeout_s:g} s)" if attempts > 1 else ""
+        return (f"data coordinator {self.actor_name!r} unreachable{tried}: "
+                f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
     def request(self, consumer: str, slot: int = 0, slots: int = 1) -> Dict[str, Any]:
         return self._call("request", consumer, slot, slots)

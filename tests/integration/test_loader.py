@@ -143,6 +143,51 @@ def test_restarts_on_2_then_1_then_3_ranks_train_each_sample_exactly_once(tiny_d
     assert sorted(key for tag, key in trained if tag[0] == 0) == GOOD_KEYS
 
 
+def test_an_acknowledgement_that_times_out_on_a_busy_actor_is_sent_again_and_a_dead_one_fails_at_once(
+        ray_client, tiny_dataset):
+    """A real actor on the module's Ray cluster, busy past the client's timeout on its first acknowledgement (as a
+    deal or a large state() keeps it): the step's acknowledgements arrive anyway, once. A killed actor is
+    unavailable at the first try (no retry of a call that cannot succeed)."""
+    import time
+
+    import ray
+
+    from data.coordinator import CoordinatorUnavailable
+
+    class BusyOnce(CoordinatorCore):  # by value to the worker: a class of this test only
+        busy = True
+
+        def ack_step(self, by_consumer):
+            if self.busy:
+                self.busy = False
+                time.sleep(2.5)
+            return super().ack_step(by_consumer)
+
+    actor = ray.remote(num_cpus=0)(BusyOnce).options(name="busy-once", namespace="kino-tests").remote(
+        dataset_rows(tiny_dataset), 0, 2)
+    client = CoordinatorClient(None, None, "busy-once", "kino-tests")
+    client._actor, client.call_timeout_s = actor, 1.0
+    lease = client.request("rank0-worker0", 0, 1)
+    tags = [[lease["epoch"], lease["chunk"], offset] for offset in range(lease["start"], lease["stop"])]
+    client.ack_step({"rank0-worker0": tags})  # 1 s, 1 s, then the answer: no CoordinatorUnavailable
+    state = client.state()["epochs"]["0"]
+    assert state["finished_count"] == 1 and not state["partial"]
+    ray.kill(actor)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # ray.kill returns before the actor is gone
+        try:
+            ray.get(actor.summary.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the killed actor still answers after 60 s")
+    started = time.monotonic()
+    with pytest.raises(CoordinatorUnavailable, match="unreachable: "):
+        client.ack_step({"rank0-worker0": tags})
+    assert time.monotonic() - started < client.call_timeout_s
+
+
 def test_a_dead_ranks_unacknowledged_work_goes_to_the_others(tiny_dataset):
     coordinator = local_coordinator(tiny_dataset, chunk_samples=1)
     alive, dying = (Rank(tiny_dataset, coordinator, r, 2, budget=600, window=2) for r in range(2))
