@@ -22,8 +22,7 @@ from data.coordinator import CoordinatorClient, Tag
 from data.decode import ClipTooShort, UndecodableVideo, decode_clip, frames_available
 from data.licenses import LicensePolicy
 from data.reader import ConsumerReader, read_entries, warn_once
-from data.schema import (SPLIT_VERSION, metadata_problems, parse_metadata, read_manifest_header, shard_columns,
-                         shards_fingerprint)
+from data.schema import manifest_fingerprint, metadata_problems, parse_metadata, shard_plan
 
 METADATA_INVALID = "metadata_invalid"
 UNDECODABLE = "undecodable"
@@ -73,19 +72,13 @@ def stage_spec(cfg, stage, root, policy: LicensePolicy, coordinator, **more) -> 
 
 
 def dataset_fingerprint(root) -> str:
-    """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does. A split
-    manifest carries it in its header."""
-    header = read_manifest_header(root)
-    if header["version"] == SPLIT_VERSION:
-        return header["shards_fingerprint"]
-    columns = shard_columns(root, ("path", "num_samples", "sha256"))
-    return shards_fingerprint(columns["path"], columns["num_samples"], columns["sha256"])
+    """sha256 over the manifest's shards (name, sample count, file sha256): changes when any shard does."""
+    return manifest_fingerprint(root)
 
 
 def dataset_rows(root) -> List[Tuple[str, int]]:
     """(shard file, sample count) for every shard of a dataset's manifest."""
-    columns = shard_columns(root, ("path", "num_samples"))
-    return [(path, int(count)) for path, count in zip(columns["path"], columns["num_samples"])]
+    return list(zip(*shard_plan(root)))
 
 
 class ClipStream(IterableDataset):

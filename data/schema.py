@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from conf.errors import UserError
 
@@ -48,7 +48,7 @@ def parse_metadata(raw: bytes) -> Dict[str, Any]:
 def read_manifest(root) -> Dict[str, Any]:
     """The whole manifest, `shards` as a list of row dicts, whichever form it is stored in (for the tools that go
     through every shard: verify, inspect, takedown, encode, ingest --append). Training reads only the columns it
-    needs (`shard_columns`)."""
+    needs (`shard_plan`, `manifest_fingerprint`)."""
     def rows(manifest):
         if manifest["version"] != SPLIT_VERSION:
             return manifest["shards"]
@@ -88,23 +88,27 @@ def read_manifest_header(root) -> Dict[str, Any]:
     return manifest
 
 
-def shard_columns(root, names: Sequence[str]) -> Dict[str, list]:
-    """Some fields of the shard rows, read without the rest where the form allows: from a split manifest's
-    Parquet table `path` and `num_samples` are columns of their own (a 1M-shard dataset's plan, read in well under
-    a second); any other field comes out of each row's JSON."""
+def shard_plan(root) -> Tuple[List[str], List[int]]:
+    """Every shard's name and sample count (what a run's plan is dealt from), read without the rest of the rows where
+    the form allows: from a split manifest's Parquet table two columns, a 1M-shard dataset in well under a second."""
     def read(manifest):
         if manifest["version"] != SPLIT_VERSION:
-            return {name: [row.get(name) for row in manifest["shards"]] for name in names}
-        own = [name for name in names if name in TABLE_COLUMNS]
-        rest = [name for name in names if name not in TABLE_COLUMNS]
-        table = _read_table(root, manifest, own + (["row"] if rest else []))
-        columns = {name: table.column(name).to_pylist() for name in own}
-        if rest:
-            parsed = [json.loads(text) for text in table.column("row").to_pylist()]
-            columns.update({name: [row.get(name) for row in parsed] for name in rest})
-        return columns
+            rows = manifest["shards"]
+            return [row["path"] for row in rows], [int(row["num_samples"]) for row in rows]
+        table = _read_table(root, manifest, list(TABLE_COLUMNS))
+        return table.column("path").to_pylist(), table.column("num_samples").to_pylist()
 
     return _with_header(root, read)[1]
+
+
+def manifest_fingerprint(root) -> str:
+    """`shards_fingerprint` of a dataset: from a split manifest's header, or from the inline rows (one read)."""
+    header = read_manifest_header(root)
+    if header["version"] == SPLIT_VERSION:
+        return header["shards_fingerprint"]
+    rows = header["shards"]
+    return shards_fingerprint([r["path"] for r in rows], [r["num_samples"] for r in rows],
+                              [r.get("sha256") for r in rows])
 
 
 def shards_fingerprint(paths: Sequence[str], counts: Sequence[int], hashes: Sequence[Optional[str]]) -> str:

@@ -113,7 +113,7 @@ def test_a_reader_whose_table_a_rewrite_removed_reads_the_new_manifest(tiny_data
         return header
 
     monkeypatch.setattr(schema, "read_manifest_header", header_then_rewrite)
-    assert len(schema.shard_columns(split, ["path"])["path"]) == len(read_manifest(tiny_dataset)["shards"]) - 1
+    assert len(schema.shard_plan(split)[0]) == len(read_manifest(tiny_dataset)["shards"]) - 1
 
 
 def test_a_manifest_of_an_unknown_version_is_refused_with_both_known_forms(tmp_path):
