@@ -86,7 +86,7 @@ def launch(run_dir: Path, data: Path, steps: int, nproc: int, extra, log, kill_a
     return process.wait(timeout=900)
 
 
-def balance(run_dir: Path, data: Path):
+def balance(run_dir: Path):
     from tests.exactly_once import _open_epochs, _plan_samples, assert_exactly_once, provenance_records
 
     assert_exactly_once(run_dir)
@@ -135,7 +135,7 @@ def scenario(name: str, data: Path, work: Path, steps: int, extra) -> dict:
     log.close()
     if status != 0:
         raise SystemExit(f"{name}: the last launch exited {status}; see {log.name}")
-    result = balance(run_dir, data)
+    result = balance(run_dir)
     result.update(scenario=name, seconds=round(time.time() - started))
     return result
 
