@@ -54,10 +54,33 @@ def start_ray_process(command: List[str], timeout: float, stop_with_parent: bool
 
 
 def free_local_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it), for a server about to bind it."""
-    with socket.socket() as probe:
+    """A TCP port free on 127.0.0.1 now, for a server about to bind it: below the kernel's ephemeral range where
+    there is room. A port the kernel hands out for port 0 and that is closed again can be handed to the next
+    process that binds port 0 (a Ray worker, gloo, an HTTP client) before the server binds it: EADDRINUSE, seen in
+    clean-clone runs of the suite for a rendezvous store and for a Ray head's GCS. Ports below the range are never
+    handed out that way."""
+    import random
+
+    low = _ephemeral_range_start()
+    if low > 12000:
+        for _ in range(100):
+            port = random.randrange(max(10000, low - 12000), low)
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    with socket.socket() as probe:  # no room below the range (or all taken): the kernel's pick
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def start_private_head(object_store_bytes: int, timeout: float = 120.0, num_cpus: int = 1

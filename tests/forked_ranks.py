@@ -110,31 +110,14 @@ def _rank_process(entry: List[str], env: Dict[str, str], cwd: str, rank: int, np
     os._exit(code)
 
 
-def _rendezvous_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999) for rank 0's store. A port the kernel handed out for
-    port 0 and that was closed again could be handed to the next process that binds port 0 (a Ray worker, the test
-    S3 server) before rank 0 binds it: EADDRINUSE, seen once in a clean-clone run. Ports below the range are never
-    handed out that way."""
-    import random
-    import socket
-
-    for _ in range(100):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port in 20000-32000 for the ranks' rendezvous")
-
-
 def _run_group(entry: List[str], nproc: int, torchrun: bool, env: Dict[str, str], cwd: str, out_path: str,
                err_path: str) -> int:
     """The agent: fork the ranks, wait for them, stop the rest when one fails (as torchrun does); torchrun's exit
     status (0, or 1 when a rank failed)."""
     os.setpgrp()
-    port = _rendezvous_port()
+    from data.ray_head import free_local_port
+
+    port = free_local_port()  # below the ephemeral range: no other process is handed it meanwhile
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     err = os.open(err_path, flags, 0o644)  # the agent's own lines
     ranks = []
