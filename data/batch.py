@@ -102,6 +102,9 @@ class PackedBatch:
     dropped: List[Drop]
     consumer: str  # "rank{r}-worker{w}": acknowledgements in its name renew its leases
     snapshot: ConsumerSnapshot
+    # False: this rank runs the batch through forward and backward with a zero loss weight, to keep the step's
+    # collectives in lockstep, and trains it later (data.strict_epochs: its epoch waits for an older one).
+    trains: bool = True
 
     def pin_memory(self) -> "PackedBatch":
         """Called by the DataLoader (pin_memory=True): the clips in page-locked memory, so the trainer's copy to the
@@ -137,6 +140,11 @@ class PackedBatch:
     @property
     def tokens(self) -> int:
         return sum(c.tokens for c in self.clips)
+
+    @property
+    def epoch(self) -> int:
+        """The newest epoch of its clips (with data.strict_epochs, the one epoch they all belong to)."""
+        return max(c.tag[0] for c in self.clips)
 
     @property
     def dropped_tags(self) -> List[Tag]:

@@ -105,6 +105,16 @@ class WindowPacker:
                     reachable[grown] = subset + (i,)
         return list(reachable[max(reachable)])
 
+    def close_all(self) -> List[list]:
+        """Every buffered item, out now in best-filled batches (the last ones may be underfilled): what comes
+        next must not share a batch with them (a new epoch, under data.strict_epochs)."""
+        batches = []
+        while self.buffer:
+            chosen = set(self._best_fill())
+            batches.append([self.buffer[i][0] for i in sorted(chosen)])
+            self.buffer = [entry for i, entry in enumerate(self.buffer) if i not in chosen]
+        return batches
+
     def flush(self) -> list:
         items, self.buffer = [entry[0] for entry in self.buffer], []
         return items

@@ -52,6 +52,12 @@ class DataConfig:
     # depends on timing, so two runs (or a run and its resume) no longer read the same data in the same order;
     # off, the deal alone decides it and fast ranks may run epochs ahead (docs/data.md).
     work_stealing: bool = False
+    # Epochs in lockstep over the whole run: no rank trains a sample of epoch e+1 while any sample of epoch e is
+    # still untrained anywhere, so every sample's training count stays within one of every other's at every step.
+    # A batch never mixes epochs, and a rank whose next batch belongs to a newer epoch than the oldest one any rank
+    # still trains runs it with a zero loss weight (its collectives stay in step) and trains it later
+    # (train/data_plane.py). Off: epochs overlap freely and drift apart (docs/data.md).
+    strict_epochs: bool = True
     # A held-out licensed split (shards + manifest.json) for the validation loss; null = none.
     validation_root: Optional[str] = None
     # Packing: clips buffered to choose from, and the unused fraction of the token budget accepted.

@@ -53,6 +53,7 @@ class LoaderSpec:
     num_workers: int = 0
     pack_window: int = 16
     pack_tolerance: float = 0.01
+    strict_epochs: bool = False  # data.strict_epochs: a batch never mixes epochs (a newer one closes the older)
     image_fraction: float = 0.0  # share of samples trained as one frame (the stage's image/video mix)
     decoder: str = "decord"  # data.decoder
     pin_memory: bool = False  # batches in page-locked memory (for a CUDA trainer's non-blocking copies)
@@ -130,7 +131,9 @@ class ClipStream(IterableDataset):
             if clip is None:
                 batches.dropped.append(Drop(tag, reason, raw.get("__key__", "?")))
             else:
-                closed = batches.packer.add(clip, clip.tokens)
+                closed = batches.packer.close_all() if spec.strict_epochs and _older_epoch_held(batches.packer, clip) \
+                    else []
+                closed += batches.packer.add(clip, clip.tokens)
                 for n, batch in enumerate(closed):
                     yield batches.assemble(batch, [[c.entry() for c in b] for b in closed[n + 1:]])
             if len(batches.dropped) >= DROP_FLUSH:
@@ -146,6 +149,10 @@ class ClipStream(IterableDataset):
             tokens += clip.tokens
         if clips or batches.dropped:
             yield batches.assemble(clips, [])
+
+
+def _older_epoch_held(packer: WindowPacker, clip: PreparedClip) -> bool:
+    return any(held.tag[0] < clip.tag[0] for held, _ in packer.buffer)
 
 
 class _BatchAssembler:

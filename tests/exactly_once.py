@@ -108,3 +108,34 @@ def assert_exactly_once(run_dir, min_finished_epochs: int = 0) -> Dict[int, Epoc
     finished = sum(c.finished for c in epochs.values())
     assert finished >= min_finished_epochs, f"{finished} finished epoch(s), expected at least {min_finished_epochs}"
     return epochs
+
+
+def training_spread(run_dir) -> Tuple[int, int]:
+    """(widest spread after any step, the step it came at): how far apart the training counts of the run's clips
+    drifted, over every sample the run trained at least once (a sample dropped every epoch never trains). Ranks'
+    records of one step count together."""
+    from collections import defaultdict
+
+    by_step = defaultdict(list)
+    for record in provenance_records(Path(run_dir)):
+        by_step[record["step"]].append(record)
+    trained = Counter()
+    history = []
+    for step in sorted(by_step):
+        for record in by_step[step]:
+            trained.update((chunk, offset) for _, chunk, offset in record["tags"])
+        history.append((step, Counter(trained)))
+    clips = set(trained)
+    worst, at = 0, 0
+    for step, counts in history:
+        spread = max(counts[c] for c in clips) - min(counts[c] for c in clips)
+        if spread > worst:
+            worst, at = spread, step
+    return worst, at
+
+
+def assert_epochs_in_step(run_dir) -> None:
+    """data.strict_epochs: after every step, every clip's training count is within one of every other's."""
+    worst, step = training_spread(run_dir)
+    assert worst <= 1, (f"{run_dir}: after step {step} some clip had trained {worst} times more often than another "
+                        f"(data.strict_epochs promises within one)")

@@ -12,8 +12,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import torch
+
 from conf.schema import KinoConfig
-from data.batch import ConsumerSnapshot, PackedBatch
+from data.batch import ConsumerSnapshot, Drop, PackedBatch
 from data.coordinator import CoordinatorUnavailable, connect_coordinator, mirrored_state
 from data.latent_cache import run_roots, stage_root
 from data.licenses import Audit, LicensePolicy
@@ -21,8 +23,9 @@ from data.loader import dataset_fingerprint, dataset_rows, make_loader, stage_sp
 from data.storage import location
 from train.ack_relay import AckRelay
 from train.checkpoint import ResumeRefused
-from train.collectives import gather_objects
+from train.collectives import MIN, all_reduce, gather_objects
 from train.curriculum import Curriculum
+from train.epoch_gate import NO_EPOCH, EpochGate
 from train.provenance import NONFINITE_STEP, ProvenanceLog
 from train.sequence_parallel import SequenceLayout, share_batch
 from train.state import Resumable, Value
@@ -69,6 +72,11 @@ class DataPlane:
         self._plan_mirrored = False
         self._iterator = None
         self._iterator_stage: Optional[int] = None
+        self._pending_drops: Dict[str, List[Drop]] = {}  # consumer -> drops since its last batch with clips
+        self._drops_in_row: List[Drop] = []
+        workers = max(1, cfg.data.num_workers)
+        self.gate = EpochGate(f"rank{layout.data_rank}-worker{w}" for w in range(workers)) \
+            if cfg.data.strict_epochs else None
         self._empty_captions: Dict[str, Any] = {}  # each latent cache's, loaded on first use
 
     # -- where a stage reads -----------------------------------------------------------------------
@@ -90,7 +98,6 @@ class DataPlane:
         """The empty caption's text embedding in the stage's latent cache: what a dropped caption trains on."""
         cache = self.stage_root(stage_index)
         if cache not in self._empty_captions:
-            import torch
             from data.latent_cache import load_npy
 
             raw = (location(cache) / "empty_caption.npy").read_bytes()
@@ -102,30 +109,71 @@ class DataPlane:
         return self.audit.dropped
 
     # -- batches -----------------------------------------------------------------------------------
+    def begin_step(self, step: int, device) -> None:
+        """Collective, at the start of optimizer step `step` (data.strict_epochs): the ranks agree on the oldest
+        epoch any of them still has to train; this step trains no newer one (train/epoch_gate.py)."""
+        if self.gate is None:
+            return
+        epoch = NO_EPOCH
+        if self.layout.is_leader:
+            self._switch_stage(step)
+            self._fill_gate()
+            epoch = self.gate.oldest_epoch()
+        if self.layout.world_size > 1:
+            epoch = int(all_reduce(torch.tensor([epoch], dtype=torch.int64), device, MIN).item())
+        self.gate.floor = epoch
+
     def next_batch(self, step: int) -> PackedBatch:
-        """The next non-empty micro-batch of `step`'s stage. Drops reported on the way are settled (audited and
-        acknowledged) with the step that trains the batch. Under sequence parallelism the group's leader reads it
+        """The next micro-batch of `step`'s stage, holding clips. The drops its consumer reported since its last
+        batch come with it, settled (audited and acknowledged) with the step that trains it. With
+        data.strict_epochs a batch may come marked `trains=False`: its epoch waits for an older one elsewhere, so it
+        runs with a zero loss weight and comes again later. Under sequence parallelism the group's leader reads it
         and the other members receive its clips' metadata (their pixels stay with the leader, which encodes)."""
         if not self.layout.is_leader:
             return share_batch(None, self.layout)
+        self._switch_stage(step)
+        if self.gate is None:
+            return share_batch(self._fetch(), self.layout)
+        self._fill_gate()
+        return share_batch(self.gate.take(), self.layout)
+
+    def _switch_stage(self, step: int) -> None:
         stage_index = self.curriculum.stage_index(step)
         if self._iterator is None or self._iterator_stage != stage_index:
             # A new stage re-buckets: its loader starts from the old one's snapshots, re-reading what was
-            # buffered (now fitted to the new buckets) and continuing the same chunks.
+            # buffered (now fitted to the new buckets) and continuing the same chunks. What was fetched and not
+            # trained is read again from there.
             self._iterator = None
+            self._pending_drops.clear()
+            self._drops_in_row = []
+            if self.gate is not None:
+                self.gate.clear()
             self._iterator, self._iterator_stage = self._loader_for_stage(stage_index), stage_index
-        dropped, distinct = [], set()
+
+    def _fill_gate(self) -> None:
+        """Until every consumer of this rank has a batch waiting: only then is the oldest of them known."""
+        while self.gate.wanting():
+            try:
+                self.gate.put(self._fetch())
+            except StopIteration:  # the loaders ended (no more work can be dealt): what is queued still goes out
+                return
+
+    def _fetch(self) -> PackedBatch:
+        """The loader's next batch with clips, carrying every drop its consumer reported since its last one."""
         while True:
             batch = next(self._iterator)
-            dropped += batch.dropped
-            distinct.update(d.tag[1:] for d in batch.dropped)  # (chunk, offset): one sample of the data
+            pending = self._pending_drops.setdefault(batch.consumer, [])
+            pending += batch.dropped
             if batch.clips:
-                batch.dropped = dropped
-                return share_batch(batch, self.layout)
+                batch.dropped, self._pending_drops[batch.consumer] = pending, []
+                self._drops_in_row = []
+                return batch
+            self._drops_in_row += batch.dropped
             # Every sample of the data dropped in a row, each seen at least once (a rank reads a share of each
             # epoch: only distinct samples prove the stage can train on nothing, not a run of bad chunks).
-            if len(distinct) >= self.dataset_samples:
-                stage = self.curriculum.stages[stage_index]
+            dropped = self._drops_in_row
+            if len({d.tag[1:] for d in dropped}) >= self.dataset_samples:  # (chunk, offset): one sample
+                stage = self.curriculum.stages[self._iterator_stage]
                 reasons = Counter(d.reason for d in dropped)
                 raise NothingToTrain(
                     f"stage {stage.name!r} can train on nothing: every sample was dropped, {len(dropped)} in a row "
@@ -138,7 +186,8 @@ class DataPlane:
         spec = stage_spec(cfg, stage, self.stage_root(stage_index), self.policy, self.coordinator,
                           rank=self.layout.data_rank, world_size=self.layout.data_world,
                           num_workers=cfg.data.num_workers, pack_window=cfg.data.pack_window,
-                          pack_tolerance=cfg.data.pack_tolerance, image_fraction=stage.image_fraction,
+                          pack_tolerance=cfg.data.pack_tolerance, strict_epochs=cfg.data.strict_epochs,
+                          image_fraction=stage.image_fraction,
                           resume=dict(self.loader_snapshots), pin_memory=self.pin_memory)
         return iter(make_loader(spec))
 

@@ -30,6 +30,7 @@ from train.curriculum import Curriculum, stage_shapes
 from train.data_plane import DataPlane
 from train.ema import EMA
 from train.engine import DistEnv, compute_dtype, full_parameters, global_grad_norm, set_learning_rate
+from train.epoch_gate import loss_weighted
 from train.evaluate import Evaluator, table as evaluation_table
 from train.generate import generate, generation_plan, on_device, write_videos
 from train.methods import build_model
@@ -221,7 +222,7 @@ class Trainer:
         # boundary, and at that boundary its overflow check skips the optimizer step and clears every
         # micro-batch's gradient. Skipping backward and step() instead shifted the boundary, so a step's finite
         # micro-batches leaked their gradients into the next step.
-        self.engine.backward(loss)
+        self.engine.backward(loss_weighted(loss, batch))
         # Everything below stays on the device: metrics read it at log steps only.
         per_sample = per_clip_loss(squared.detach(), tokens, self.split)
         # A rank's share of the micro-batch's tokens and FLOPs: summed over ranks, each counts once.
@@ -232,18 +233,23 @@ class Trainer:
     def train_step(self) -> StepOutcome:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         set_learning_rate(self.engine, self.curriculum.lr(self.step))
-        data_time, results, batches = 0.0, [], []
+        data_time, results, batches, finite_flags = 0.0, [], [], []
+        start = time.perf_counter()
+        self.data.begin_step(self.step, self.env.device)  # collective: the oldest epoch still to train anywhere
+        data_time += time.perf_counter() - start
         for _ in range(self.cfg.zero.gradient_accumulation_steps):
             start = time.perf_counter()
             batch = self.data.next_batch(self.step)
             data_time += time.perf_counter() - start
             result = self.forward_backward_step(batch)
-            results.append(result)
-            batches.append(batch)
+            finite_flags.append(result.finite)
+            if batch.trains:  # else it ran with a zero loss weight and comes again (train/epoch_gate.py)
+                results.append(result)
+                batches.append(batch)
             self.engine.step()  # every micro-batch, finite or not (see forward_backward_step)
         # The one host read of the step, at its boundary (DeepSpeed's own gradient-norm and overflow checks
         # synchronise here too): whether every micro-batch was finite on every rank.
-        finite = bool(torch.cat([r.finite for r in results]).all())
+        finite = bool(torch.cat(finite_flags).all())
         outcome = StepOutcome(results, batches, data_time, trained=finite)
         if not finite and self.engine.was_step_applied():
             raise RuntimeError(f"step {self.step}: a micro-batch's loss was not finite, yet DeepSpeed applied the "

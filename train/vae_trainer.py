@@ -17,6 +17,7 @@ from models.vae import psnr, vae_loss
 from train.collectives import all_ranks_finite
 from train.curriculum import stage_shapes
 from train.engine import compute_dtype
+from train.epoch_gate import loss_weighted
 from train.evaluate import validation_clips
 from train.methods import build_model
 from train.tracking import StepResult
@@ -51,7 +52,7 @@ class VAETrainer(Trainer):
             recon_sum = recon_sum + recon.detach() * x.numel()
         loss = torch.stack(losses).sum() / elements
         finite = all_ranks_finite(loss, device)
-        self.engine.backward(loss)  # even when not finite: Trainer.forward_backward_step says why
+        self.engine.backward(loss_weighted(loss, batch))  # even when not finite: Trainer.forward_backward_step says why
         # "loss" in metrics is the reconstruction error (MSE + 0.1 L1) per element, without the KL term
         return StepResult(finite=finite, tokens=batch.tokens, loss_sum=recon_sum / elements * batch.tokens)
 

@@ -162,6 +162,7 @@ def stand_in_plane(batches, samples: int):
     plane.curriculum = Curriculum(CurriculumConfig(stages=[StageConfig(name="main")]))
     plane._iterator, plane._iterator_stage = iter(batches), 0
     plane.cfg = SimpleNamespace(data=SimpleNamespace(root="datasets/x"))
+    plane._pending_drops, plane._drops_in_row, plane.gate = {}, [], None
     return plane
 
 
