@@ -8,13 +8,17 @@ optimizer steps (two thirds in the main stage, a third in the anneal), checkpoin
   kills         three kill -9 of the last rank along the way (at steps 25, 55 and 85), each followed by a resume
   kills+resize  as `kills`, with the second resume on 1 rank (its one rank killed) and the third back on 2
 After each scenario it reads what the final model trained on (each rank's provenance, truncated by every resume to
-its checkpoint) and reports, over the dataset's samples (a dropped sample counts as seen, as the coordinator counts
-it): the least and most times any sample was seen at the end, the largest spread after any step, the same counts
-with the clips the loaders hold at the end (read, packed or waiting in the packing window: the first a resume trains),
-and the epochs the last checkpoint holds open. tests/exactly_once.py checks each run.
+its checkpoint) and reports: over the clips the run trained, the least and most times any was trained at the end and
+the widest spread of those counts after any step (data.strict_epochs promises at most one); the clips trained in all
+and the mean share of the token budget left empty a step (what the epoch barrier costs: underfilled batches at an
+epoch's end, batches held for a later step); and over every sample of the data (a dropped one counts as seen, as
+the coordinator counts it) the same least, most and spread, the counts with the clips the loaders hold at the end
+(read, packed or waiting in the packing window: the first a resume trains), and the epochs the last checkpoint holds
+open. tests/exactly_once.py checks each run.
 
     python benchmarks/epoch_balance.py                                 # the table in BENCHMARKS.md
-    python benchmarks/epoch_balance.py --scenarios straight --set data.work_stealing=false
+    python benchmarks/epoch_balance.py --set data.strict_epochs=false   # the baseline: epochs overlap freely
+    python benchmarks/epoch_balance.py --scenarios straight --set data.work_stealing=true
 """
 from __future__ import annotations
 
@@ -87,7 +91,8 @@ def launch(run_dir: Path, data: Path, steps: int, nproc: int, extra, log, kill_a
 
 
 def balance(run_dir: Path):
-    from tests.exactly_once import _open_epochs, _plan_samples, assert_exactly_once, provenance_records
+    from tests.exactly_once import (_open_epochs, _plan_samples, assert_exactly_once, provenance_records,
+                                    training_spread)
 
     assert_exactly_once(run_dir)
     samples = _plan_samples(run_dir)
@@ -104,8 +109,24 @@ def balance(run_dir: Path):
     counts = [seen[s] for s in samples]
     held = seen + in_flight(run_dir)
     committed = [held[s] for s in samples]
+    trained = Counter((chunk, offset) for records in by_step.values() for record in records
+                      for _, chunk, offset in record["tags"])
+    trained_spread, _ = training_spread(run_dir)
     return {"min": min(counts), "max": max(counts), "worst_spread": worst, "steps": max(by_step),
-            "open_epochs": _open_epochs(run_dir), "committed": (min(committed), max(committed))}
+            "open_epochs": _open_epochs(run_dir), "committed": (min(committed), max(committed)),
+            "trained": (min(trained.values()), max(trained.values())), "trained_spread": trained_spread,
+            "clips_trained": sum(trained.values()), "budget_unused": budget_unused(run_dir)}
+
+
+def budget_unused(run_dir: Path) -> float:
+    """The mean share of the token budget left empty per step, over the steps the final model trained (the last
+    launch's record of a step counts): underfilled batches and batches held for a later step both leave it."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "budget_unused_frac" in row:
+            rows[row["step"]] = row["budget_unused_frac"]
+    return sum(rows.values()) / len(rows)
 
 
 def in_flight(run_dir: Path) -> Counter:
@@ -152,12 +173,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = build_dataset(work / f"data_{args.clips}", args.clips)
     print(f"runs in {work}; overrides {args.set}")
-    print("| scenario | steps | seen, least - most | worst spread after any step | seen or in the loaders' windows "
-          "at the end | open epochs at the end | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scenario | steps | trained, least - most | widest spread of trained counts after any step | clips "
+          "trained | budget unused | seen (drops too), least - most | widest spread of seen counts | seen or in the "
+          "loaders' windows at the end | open epochs at the end | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.scenarios:
         r = scenario(name, data, work, args.steps, args.set)
-        print(f"| {r['scenario']} | {r['steps']} | {r['min']} - {r['max']} | {r['worst_spread']} | "
+        print(f"| {r['scenario']} | {r['steps']} | {r['trained'][0]} - {r['trained'][1]} | {r['trained_spread']} | "
+              f"{r['clips_trained']} | {r['budget_unused']:.1%} | {r['min']} - {r['max']} | {r['worst_spread']} | "
               f"{r['committed'][0]} - {r['committed'][1]} | {r['open_epochs']} | {r['seconds']} |", flush=True)
 
 

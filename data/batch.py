@@ -3,7 +3,7 @@ that lets a consumer resume exactly where its last trained batch left it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -83,6 +83,13 @@ class ConsumerSnapshot:
         return cls(stage=state["stage"], pending=[[list(e) for e in batch] for batch in state["pending"]],
                    buffer=[list(e) for e in state["buffer"]],
                    current=None if current is None else ChunkPosition(dict(current["work"]), int(current["next"])))
+
+    def chunks(self) -> Set[Tuple[int, int]]:
+        """The (epoch, chunk)s whose unread samples this snapshot holds: a resume replays them from here."""
+        held = {(e[0], e[1]) for batch in self.pending for e in batch} | {(e[0], e[1]) for e in self.buffer}
+        if self.current is not None:
+            held.add((self.current.work["epoch"], self.current.work["chunk"]))
+        return held
 
     def rebucketed(self) -> "ConsumerSnapshot":
         """For a new stage: the closed batches go back into packing, in order, ahead of the buffer."""

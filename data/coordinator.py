@@ -5,13 +5,14 @@ same object as a named Ray actor that every rank and loader worker talks to.
 
 Work is handed out in chunks (a sample range of one shard) from a seeded per-epoch plan.
 Trainers acknowledge every sample they trained on (or dropped) after each optimizer step,
-and a checkpoint saves `state()`: what the open epochs have finished and dealt, nothing
-else. `restore(state)` on any number of ranks hands out exactly the rest: no sample is
+and a checkpoint saves `state()`: what the open epochs have finished and dealt, and the leases,
+nothing else. `restore(state)` on any number of ranks hands out exactly the rest: no sample is
 trained twice in an epoch, none is skipped, and samples that were in flight when the
-checkpoint was taken are replayed. A consumer that dies has its unfinished chunks handed to
-others (`release`, or lease expiry). Epochs overlap: a consumer that runs out of work in
-epoch e starts epoch e+1 rather than waiting (waiting would stall every rank's all-reduce); with work stealing it
-first takes the last chunks of the slowest consumers' shares, so epochs stay in step.
+checkpoint was taken are replayed (a consumer's snapshot stands at its last trained batch, the plan at the
+last chunk dealt: the chunks between are its leases, given back to it when its reader starts). A consumer
+that dies has its unfinished chunks handed to others (`release`, or lease expiry). One that runs out of work
+in epoch e is dealt from e+1 rather than made to wait (with work stealing it first takes the last chunks of the
+slowest consumers' shares); the trainer's epoch gate (data.strict_epochs) decides what trains when.
 
 Every step costs at most O(log n) in chunks and consumers, and a deal O(chunks log chunks), so the same core
 serves a demo and a billion clips (BENCHMARKS.md, "Data coordinator at scale"): chunks are numpy columns, an
@@ -308,7 +309,8 @@ class CoordinatorCore:
         self.epochs: Dict[int, _Epoch] = {0: _Epoch(0, self.chunks, seed)}
         self.completed_epochs = 0
         self.leases: Dict[Tuple[int, int], Tuple[str, int]] = {}  # (epoch, chunk) -> (consumer, slot)
-        self.held: Dict[str, Set[Tuple[int, int]]] = {}  # consumer -> its leases
+        # consumer -> its leases, in the order it was handed them (dict keys: an ordered set)
+        self.held: Dict[str, Dict[Tuple[int, int], None]] = {}
         self.last_seen: Dict[str, float] = {}  # consumer -> when it last requested or acknowledged
         self._expiry: List[Tuple[float, str]] = []  # heap of (last seen, consumer); stale entries skipped
         self.slot_of: Dict[str, int] = {}
@@ -352,7 +354,7 @@ class CoordinatorCore:
         key = (epoch.epoch, chunk_id)
         self._drop_lease(key)
         self.leases[key] = (consumer, slot)
-        self.held.setdefault(consumer, set()).add(key)
+        self.held.setdefault(consumer, {})[key] = None
         return {"epoch": epoch.epoch, "chunk": chunk_id, "shard": chunk.shard, "start": chunk.start,
                 "stop": chunk.stop, "skip": epoch.skip(chunk_id)}
 
@@ -361,7 +363,7 @@ class CoordinatorCore:
         if holder is not None:
             held = self.held.get(holder[0])
             if held is not None:
-                held.discard(key)
+                held.pop(key, None)
 
     def _seen(self, consumer: str) -> None:
         """O(1): the heap holds one entry per consumer, moved on lazily when it comes up (_expire_stale_leases)."""
@@ -403,9 +405,10 @@ class CoordinatorCore:
     # -- failures and stage changes --------------------------------------------------------------
     def release(self, consumer: str, dead: bool = True) -> int:
         """Give back a consumer's unfinished chunks. A dead consumer's go to whoever asks next; a live
-        one's (a loader rebuilt for a new curriculum stage) return to the front of its own slot."""
+        one's (a reader starting over from its snapshot: a resume, a new curriculum stage) return to the front of
+        its own slot in the order it was handed them, so it reads them again in that order."""
         released = 0
-        for key in sorted(self.held.pop(consumer, set()), reverse=True):
+        for key in reversed(list(self.held.pop(consumer, {}))):
             holder = self.leases.pop(key, None)
             if holder is None or holder[0] != consumer:
                 continue
@@ -447,8 +450,13 @@ class CoordinatorCore:
     # -- checkpointing ---------------------------------------------------------------------------
     def state(self) -> Dict[str, Any]:
         """What a resume needs, sized by chunks and chunks in flight, not by samples trained: per open epoch a
-        compressed bitmap of finished chunks, the acknowledged offsets of begun ones as runs, and the deal."""
-        return {"format": STATE_FORMAT, "seed": self.seed, "chunk_samples": self.chunk_samples,
+        compressed bitmap of finished chunks, the acknowledged offsets of begun ones as runs, and the deal; and the
+        leases, each consumer's in the order it was handed them: a consumer may have read ahead of the batch its
+        snapshot stands at (prefetching workers, batches held for an older epoch), and what it read past that
+        batch it reads again, from its leases (`release(consumer, dead=False)` when its reader starts)."""
+        leases = [[e, c, consumer, self.leases[(e, c)][1]] for consumer, held in self.held.items() for e, c in held
+                  if self.leases.get((e, c), (None,))[0] == consumer]
+        return {"leases": leases, "format": STATE_FORMAT, "seed": self.seed, "chunk_samples": self.chunk_samples,
                 "completed_epochs": self.completed_epochs, "num_chunks": len(self.chunks),
                 "chunks_sha256": self.chunks.fingerprint(),
                 "epochs": {str(e.epoch): e.to_state() for e in self.epochs.values()}}
@@ -472,6 +480,13 @@ class CoordinatorCore:
             epoch = _Epoch(int(epoch_key), self.chunks, self.seed)
             epoch.load(saved, keep_deal=slots is not None and saved.get("slots") in (slots, None))
             self.epochs[epoch.epoch] = epoch
+        for epoch_id, chunk_id, consumer, slot in state.get("leases", []):  # under the same deal only: else it
+            epoch = self.epochs.get(epoch_id)                                 # re-deals every unfinished chunk
+            if slots is not None and epoch is not None and epoch.slots == slots and not epoch.done[chunk_id]:
+                self.leases[(epoch_id, chunk_id)] = (consumer, slot)
+                self.held.setdefault(consumer, {})[(epoch_id, chunk_id)] = None
+                self.slot_of[consumer] = slot
+                self._seen(consumer)
         if not self.epochs:
             self.epochs[0] = _Epoch(0, self.chunks, self.seed)
 

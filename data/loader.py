@@ -106,6 +106,7 @@ class ClipStream(IterableDataset):
         batches = _BatchAssembler(name, self.stage_key(), WindowPacker(spec.token_budget, spec.pack_window,
                                                                        spec.pack_tolerance), reader)
         snapshot = (spec.resume or {}).get(name)
+        covered = snapshot.chunks() if snapshot is not None else frozenset()
         if snapshot is not None and snapshot.stage == self.stage_key():
             # Same stage: batches that were already closed come out again exactly as they were. Until the reader
             # starts, the consumer still stands where the snapshot says: its buffer and chunk go into each
@@ -123,7 +124,7 @@ class ClipStream(IterableDataset):
             snapshot = ConsumerSnapshot(snapshot.stage, [], snapshot.buffer, snapshot.current)
         elif snapshot is not None:
             snapshot = snapshot.rebucketed()
-        for raw, tag, error in reader.read(snapshot):
+        for raw, tag, error in reader.read(snapshot, covered):
             if error is not None:
                 batches.dropped.append(Drop(tag, CORRUPT_SHARD, error))
                 continue

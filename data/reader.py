@@ -4,7 +4,7 @@ shard could not give (a truncated or corrupt tar), with the shard's name as the 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from data.batch import ChunkPosition, ConsumerSnapshot, Entry
 from data.coordinator import CoordinatorClient, CoordinatorUnavailable, Tag
@@ -50,7 +50,17 @@ class ConsumerReader:
         self.position: Optional[ChunkPosition] = None
         self.unread_replay: List[Entry] = []
 
-    def read(self, snapshot: Optional[ConsumerSnapshot]) -> Iterator[RawRead]:
+    def read(self, snapshot: Optional[ConsumerSnapshot], covered: Set[Tuple[int, int]] = frozenset()
+             ) -> Iterator[RawRead]:
+        """`covered`: the (epoch, chunk)s whose unread samples the snapshot (and the batches replayed before it)
+        hold. The consumer first gives back the chunks it holds, to the front of its own slot in the order it got
+        them: whatever it read past its snapshot (a prefetching worker, batches an epoch gate held) comes to it
+        again, in the same order; the covered ones it passes over, as their samples are replayed."""
+        try:
+            self.coordinator.release(self.name, dead=False)
+        except CoordinatorUnavailable as error:
+            warn_once("coordinator", "%s: %s; no further chunks", self.name, error)
+            return
         if snapshot is not None:
             self.position = snapshot.current and ChunkPosition(dict(snapshot.current.work), snapshot.current.next)
             self.unread_replay = [list(e) for e in snapshot.buffer]
@@ -67,6 +77,9 @@ class ConsumerReader:
                 # ends after what was read, so the step in progress can finish and checkpoint without it.
                 warn_once("coordinator", "%s: %s; no further chunks", self.name, error)
                 return
+            if (work["epoch"], work["chunk"]) in covered:
+                covered = covered - {(work["epoch"], work["chunk"])}  # handed again once, now leased to it anew
+                continue
             yield from self.read_chunk(work)
 
     def read_chunk(self, work: Dict[str, Any], first: int = 0) -> Iterator[RawRead]:

@@ -240,8 +240,10 @@ def test_corrupt_inputs_are_skipped_counted_and_named(tmp_path):
     assert "ok-0" in keys and keys <= {f"ok-{i}" for i in range(5)}
 
 
-def run_ranks(root, steps, world_size=2, restore=None, chunk_samples=None, budget=1600):
-    """Simulated ranks over an in-process coordinator; returns (keys per step per rank, checkpoint)."""
+def run_ranks(root, steps, world_size=2, restore=None, chunk_samples=None, budget=1600, read_ahead=0):
+    """Simulated ranks over an in-process coordinator; returns (keys per step per rank, checkpoint). `read_ahead`:
+    batches each rank reads past its last step before the checkpoint, and does not train (a prefetching worker, a
+    batch an epoch gate holds)."""
     core = CoordinatorCore(dataset_rows(root), seed=0, chunk_samples=chunk_samples)
     coordinator = CoordinatorClient(core)
     snapshots = {}
@@ -268,6 +270,9 @@ def run_ranks(root, steps, world_size=2, restore=None, chunk_samples=None, budge
             snapshots[batch.consumer] = batch.snapshot
             step.append(batch.keys)
         trained.append(step)
+    for it in streams:
+        for _ in range(read_ahead):
+            next(it)
     checkpoint = json.loads(json.dumps({"data": coordinator.state(),
                                         "loaders": {name: s.to_dict() for name, s in snapshots.items()}}))
     return trained, checkpoint
@@ -278,6 +283,20 @@ def test_resuming_from_a_checkpoint_replays_exactly_what_the_straight_run_reads(
     first, checkpoint = run_ranks(tiny_dataset, 3)
     second, _ = run_ranks(tiny_dataset, 5, restore=checkpoint)
     assert first + second == straight
+
+
+def test_what_a_consumer_read_past_its_last_trained_batch_it_reads_again_after_a_resume(tiny_dataset):
+    """The checkpoint's plan stands where the coordinator dealt to, the snapshots where training stood: the chunks
+    dealt in between are the consumer's leases, which it reads again, in order. Golden: a plan without its leases
+    (as it was saved before) skips them, and the resumed run trains other samples than the straight one."""
+    straight, _ = run_ranks(tiny_dataset, 8, chunk_samples=1)
+    first, checkpoint = run_ranks(tiny_dataset, 3, chunk_samples=1, read_ahead=2)
+    assert checkpoint["data"]["leases"]
+    second, _ = run_ranks(tiny_dataset, 5, chunk_samples=1, restore=checkpoint)
+    assert first + second == straight
+    del checkpoint["data"]["leases"]
+    lost, _ = run_ranks(tiny_dataset, 5, chunk_samples=1, restore=checkpoint)
+    assert first + lost != straight
 
 
 def test_a_replayed_pending_batch_carries_the_consumers_buffer_and_chunk_in_its_snapshot(tiny_dataset):

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import GATED, REPO, shared_ray_address
 from tests.forked_ranks import run_ranks
-from tests.exactly_once import assert_exactly_once
+from tests.exactly_once import assert_epochs_in_step, assert_exactly_once
 from train.provenance import read_trained_keys
 
 TINY = ["model.dim=64", "model.depth=2", "model.heads=2", "model.text.dim=32", "model.text.depth=1",
@@ -119,6 +119,7 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
     # both ranks' acknowledgements reached the Ray coordinator through one call a step (train/ack_relay.py)
     assert "8 acknowledgement call(s) this launch (2 rank(s) a call)" in result.stdout, result.stdout[-2000:]
     assert_exactly_once(run_dir)
+    assert_epochs_in_step(run_dir)  # 4 epochs over 2 ranks (data.strict_epochs)
 
 
 def test_only_licensed_samples_were_trained_and_the_audit_says_so(finished_run):
@@ -254,6 +255,7 @@ def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(tin
     records = list(read_trained_keys(run_dir))
     assert [r["step"] for r in records if r["step"] > 3] == [4, 5]
     assert_exactly_once(run_dir)
+    assert_epochs_in_step(run_dir)
 
 
 def test_decoding_in_spawned_loader_workers_reaches_the_ray_coordinator(tiny_dataset, tmp_path):
@@ -264,6 +266,7 @@ def test_decoding_in_spawned_loader_workers_reaches_the_ray_coordinator(tiny_dat
     assert keys and not set(keys) & set(GATED)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
     assert_exactly_once(run_dir)
+    assert_epochs_in_step(run_dir)
 
 
 def _parent_pid(proc: Path) -> int:
@@ -304,9 +307,13 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(tin
     assert "resuming from" in result.stdout and "step_4" in result.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))  # steps 5-8 trained once, logged once
-    assert sorted(r["step"] for r in read_trained_keys(run_dir)) == sorted(list(range(1, 9)) * 2)  # per rank once
+    # steps 5-8 recorded once per rank that trained in them (a rank whose batch the epoch gate held records none)
+    for rank_file in sorted((run_dir / "provenance").glob("rank_*.jsonl")):
+        steps = [json.loads(line)["step"] for line in rank_file.read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps[-1] == 8, (rank_file.name, steps)
     assert not partial.exists()  # the stale half checkpoint was cleaned up
     assert_exactly_once(run_dir)
+    assert_epochs_in_step(run_dir)
 
 
 def test_zero_stages_1_2_and_3_train_the_same_losses(finished_run, zero3_run, tiny_dataset, tmp_path):

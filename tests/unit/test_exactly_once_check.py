@@ -65,3 +65,17 @@ def test_a_finished_epoch_missing_a_sample_fails(tmp_path, tiny_dataset, plan):
 def test_a_tag_outside_the_plan_fails(tmp_path, tiny_dataset, plan):
     with pytest.raises(AssertionError, match="outside the data plan"):
         assert_exactly_once(fake_run(tmp_path, tiny_dataset, [record(1, [(0, 999, 0)])], open_epochs=[0]))
+
+
+def test_epochs_in_step_passes_overlap_by_one_and_fails_a_clip_two_epochs_ahead(tmp_path, tiny_dataset, plan):
+    """assert_epochs_in_step (data.strict_epochs): epoch 1 may start while epoch 0 finishes (counts 1 and 0 side by
+    side); a clip trained for epoch 1 and again for epoch 2 while another still waits for epoch 0 is two apart."""
+    from tests.exactly_once import assert_epochs_in_step
+
+    first, rest = plan[:2], plan[2:]
+    in_step = [record(1, [(0, *s) for s in first]), record(2, [(0, *s) for s in rest] + [(1, *first[0])])]
+    assert_epochs_in_step(fake_run(tmp_path, tiny_dataset, in_step, open_epochs=[1]))
+    ahead = [record(1, [(0, *s) for s in first]), record(2, [(1, *first[0])]), record(3, [(2, *first[0])]),
+             record(4, [(0, *s) for s in rest])]
+    with pytest.raises(AssertionError, match="after step 3 some clip had trained 3 times more often"):
+        assert_epochs_in_step(fake_run(tmp_path / "ahead", tiny_dataset, ahead, open_epochs=[1]))
