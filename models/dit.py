@@ -60,11 +60,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+class _PerToken(torch.autograd.Function):
+    """index_select whose backward sums in fp32. index_select's own backward is index_add in the gradient's dtype,
+    which on CUDA is bf16 atomic adds: a bf16 sum of 32,768 equal terms stops growing at 256, so every adaLN shift,
+    scale and gate gradient (a sum over its clip's tokens) lost its tail in bf16 runs. The CPU kernel sums exactly;
+    tests/unit/test_fp32_sums.py records the backward's ops instead."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(segments)
+        ctx.rows, ctx.dtype = values.shape[0], values.dtype
+        return values.index_select(0, segments)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (segments,) = ctx.saved_tensors
+        total = torch.zeros(ctx.rows, *grad.shape[1:], dtype=torch.float32, device=grad.device)
+        return total.index_add_(0, segments, grad.float()).to(ctx.dtype), None
+
+
 def per_token(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """(clips, d) -> (tokens, d): each token reads its clip's row. Compiled, the gather fuses into the elementwise
-    op that uses it, so no (tokens, d) copy is made; the old path copied all six modulation vectors to every token
-    of every block (repeat_interleave of a (clips, 6d) tensor)."""
-    return values.index_select(0, segments)
+    """(clips, d) -> (tokens, d): each token reads its clip's row, its gradient summed over them in fp32
+    (`_PerToken`). Compiled, the gather fuses into the elementwise op that uses it, so no (tokens, d) copy is
+    made; the old path copied all six modulation vectors to every token of every block (repeat_interleave of a
+    (clips, 6d) tensor)."""
+    if not values.requires_grad or values.dtype not in (torch.bfloat16, torch.float16):  # exact enough as it is
+        return values.index_select(0, segments)
+    return _PerToken.apply(values, segments)
 
 
 def add_modulation(block: nn.Module, d: int, chunks: int, shared: bool) -> None:

@@ -1,0 +1,99 @@
+"""bf16 runs sum over tokens in fp32. A reduction that accumulates in bf16 stops growing once its sum is 256 times a
+term (8 bits of mantissa): the adaLN shift, scale and gate gradients are sums over a clip's tens of thousands of
+tokens. The CPU's index_add sums exactly whatever the dtype, so these tests cannot watch the numbers go wrong on this
+machine; they record every aten op of the backward instead (a TorchDispatchMode) and fail on an accumulating
+scatter (index_add, scatter_add, index_put with accumulate) of bf16 terms: on CUDA those are bf16 atomic adds.
+Reductions (sum, mm) are left to their kernels, which accumulate bf16 in fp32 on CPU and CUDA (probed below)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from models.dit import per_token, text_conditioner
+from tests.unit.test_model import CAPTIONS, tiny_model
+
+SCATTERS = {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_", "_index_put_impl_",
+            "_unsafe_index_put"}
+
+
+class RecordScatters(TorchDispatchMode):
+    """Every accumulating scatter of low-precision terms: (op, dtype, terms, rows they land in)."""
+
+    def __init__(self):
+        super().__init__()
+        self.low_precision = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in SCATTERS:
+            tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            indices = [t for t in tensors if not t.is_floating_point()]
+            values = [t for t in tensors if t.is_floating_point()]
+            accumulates = name.startswith(("index_add", "scatter_add")) or bool(kwargs.get("accumulate")) or \
+                (len(args) > 3 and args[3] is True)
+            # an index that repeats is a sum; one that does not only places rows (a gather's backward, 1:1)
+            repeats = any(i.numel() > i.unique().numel() for i in indices)
+            low = [v.dtype for v in values if v.dtype in (torch.bfloat16, torch.float16)]
+            if accumulates and repeats and low:
+                self.low_precision.append((name, low[0], max(i.numel() for i in indices)))
+        return func(*args, **kwargs)
+
+
+def backward_scatters(model, latents, t):
+    out = model(latents, t, text_conditioner(model.cfg).batch(CAPTIONS))
+    with RecordScatters() as recorder:
+        out.float().pow(2).mean().backward()
+    return recorder.low_precision
+
+
+def bf16_clips():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 4, 16, 16, generator=g).bfloat16(), torch.randn(3, 2, 12, 20, generator=g).bfloat16(),
+            torch.randn(3, 1, 20, 8, generator=g).bfloat16()]
+
+
+@pytest.mark.parametrize("modulation", ["per_block", "shared"])
+@pytest.mark.parametrize("conditioning", ["cross_attention", "joint"])
+def test_no_sum_over_tokens_accumulates_in_bf16_in_the_backward(modulation, conditioning):
+    model = tiny_model(dtype=torch.bfloat16, modulation=modulation, conditioning=conditioning)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16)
+    assert backward_scatters(model, bf16_clips(), t) == []
+    block = model.dit.blocks[0] if conditioning == "cross_attention" else model.dit.blocks[0].streams["video"]
+    modulation = block.modulation if modulation == "shared" else block.ada.weight
+    assert modulation.grad is not None and modulation.grad.abs().max() > 0  # the gather's backward did run
+
+
+def test_golden_the_plain_gather_accumulates_its_backward_in_bf16(monkeypatch):
+    """What the model did before: index_select, whose backward is index_add in the gradient's dtype."""
+    import models.dit
+
+    monkeypatch.setattr(models.dit, "per_token", lambda values, segments: values.index_select(0, segments))
+    model = tiny_model(dtype=torch.bfloat16)
+    found = backward_scatters(model, bf16_clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16))
+    assert found and all(op.startswith("index_add") and dtype == torch.bfloat16 for op, dtype, _ in found)
+
+
+def test_the_modulation_gather_sums_65536_tokens_a_clip_as_fp64_does():
+    tokens = 65_536
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 8, generator=g).bfloat16().requires_grad_()
+    segments = torch.arange(2).repeat_interleave(tokens)
+    grad = (torch.rand(2 * tokens, 8, generator=g) + 0.5).bfloat16()  # all positive: no cancellation hides a tail
+    per_token(values, segments).backward(grad)
+    reference = grad.double().reshape(2, tokens, 8).sum(1)
+    assert values.grad.dtype == torch.bfloat16
+    assert torch.allclose(values.grad.double(), reference, rtol=2 ** -8, atol=0)  # one bf16 rounding of the sum
+    naive = torch.zeros(2, 8, dtype=torch.bfloat16)
+    for chunk in grad.reshape(2, tokens, 8).unbind(1)[:4096]:  # what bf16 atomics do, term by term (a part)
+        naive += chunk
+    assert (naive.double() < reference * 4096 / tokens * 0.5).all()  # it stalls long before the true sum
+
+
+def test_reductions_accumulate_bf16_terms_in_fp32():
+    """The kernels the backward leaves alone (bias sums, matmuls over tokens) keep an fp32 accumulator."""
+    ones = torch.ones(65_536, 4, dtype=torch.bfloat16)
+    assert float(ones.sum(0)[0]) == 65_536.0
+    assert float((ones.T @ ones)[0, 0]) == 65_536.0
+    if torch.cuda.is_available():
+        assert float(ones.cuda().sum(0)[0]) == 65_536.0
