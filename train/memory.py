@@ -10,13 +10,20 @@ Per-GPU memory of a training run, estimated before launch:
     tensors autograd saves, see tests/unit/test_memory.py); with activation checkpointing a block keeps only
     its input, and one block is recomputed at a time. Attention scores are never stored on GPU (flash /
     fused kernels); CPU kernels keep only per-row statistics.
-Frozen encoders (a pretrained VAE or T5) are not included.
+  * what training keeps beside the ZeRO states, as today's code does: the EMA (train/ema.py: an fp32 copy of every
+    parameter, frozen ones included, on rank 0, so the figures are rank 0's, the fullest), and under ZeRO-3 the
+    whole model gathered in the compute dtype at each step to update it (`full_parameters`).
+  * frozen parameters (LoRA's base) hold weights only: no gradients, no optimizer state.
+  * the frozen pretrained encoders (UMT5/T5 text encoder, diffusers VAE) at the dtype they load in (fp32), counted
+    from their safetensors headers when `model.text.path` / `model.autoencoder.path` name a local directory, and
+    said to be not counted otherwise. A stage that reads a latent cache loads neither.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -34,23 +41,76 @@ class MemoryEstimate:
     buffers: float
     activations: float  # peak: saved_activations + one block recomputed under checkpointing
     saved_activations: float = 0.0
+    ema: float = 0.0  # rank 0's fp32 EMA
+    gathered: float = 0.0  # ZeRO-3: the whole model gathered for the EMA update, less this rank's own share
+    encoders: float = 0.0  # frozen pretrained text encoder and VAE
+    trainable: int = 0
+    frozen: int = 0
+    not_counted: Tuple[str, ...] = ()  # encoders the config names without weights on disk
+
+    ROWS = ("parameters", "gradients", "optimizer", "buffers", "activations", "ema", "gathered", "encoders")
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.buffers + self.activations
+        """The peak: the states, the EMA and the encoders always; the micro-batch's activations and buffers during
+        forward and backward, or the gathered model during the EMA update after the step, whichever is larger."""
+        held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders
+        return held + max(self.buffers + self.activations, self.gathered)
 
     def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
         """Fits with 10% left for the allocator, kernels' workspaces and fragmentation."""
         return self.total <= capacity_bytes * headroom
 
 
-def trainable_parameters(model_cfg) -> int:
-    """From the config alone: a launcher estimates on the submit host, where the weights need not be."""
+def parameter_counts(model_cfg) -> Tuple[int, int]:
+    """(trainable, frozen) parameters of the trained model, from the config alone (built on the meta device, LoRA
+    adapters attached): a launcher estimates on the submit host, where the weights need not be."""
     from models.dit import TextToVideoModel, planned_context_dim
 
     with torch.device("meta"):
         model = TextToVideoModel(model_cfg, context=planned_context_dim(model_cfg))
-    return sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def trainable_parameters(model_cfg) -> int:
+    return parameter_counts(model_cfg)[0]
+
+
+def stored_parameters(path: Optional[str]) -> Optional[int]:
+    """The parameters in a local weights directory's safetensors files, from their headers (no tensor is read);
+    None when there are none to read."""
+    from pathlib import Path
+
+    if not path or not Path(path).is_dir():
+        return None
+    files = sorted(Path(path).rglob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                total += math.prod(weights.get_slice(name).get_shape())
+    return total
+
+
+def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
+    """(parameters of the frozen pretrained encoders the config loads, the ones it names but cannot count)."""
+    counted, missing = 0, []
+    for label, part, kind in (("text encoder", model_cfg.text, "pretrained"),
+                              ("VAE", model_cfg.autoencoder, "diffusers")):
+        if part.name != kind:
+            continue
+        found = stored_parameters(part.path)
+        if found is None:
+            missing.append(f"{label} (model.{'text' if part is model_cfg.text else 'autoencoder'}.path: "
+                           f"no local weights to count)")
+        else:
+            counted += found
+    return counted, tuple(missing)
 
 
 def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None,
@@ -63,10 +123,10 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     sequence = cfg.parallel.sequence if sequence is None else sequence
     stage = cfg.zero.stage
     n = max(1, world_size)
-    psi = trainable_parameters(cfg.model)
+    psi, frozen = parameter_counts(cfg.model)
     bf16 = cfg.zero.precision == "bf16"
     weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
-    parameters = psi * weight / (n if stage >= 3 else 1)
+    parameters = (psi + frozen) * weight / (n if stage >= 3 else 1)
     gradients = psi * grad / (n if stage >= 2 else 1)
     optimizer = psi * optim / (n if stage >= 1 else 1)
     if cfg.zero.offload_optimizer:
@@ -91,8 +151,12 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     outside = (OUTSIDE_BLOCKS_VALUES_PER_TOKEN - head_values) * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
     saved = (saved_blocks + outside) * value_bytes
     all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
+    ema = 4 * (psi + frozen)  # every run keeps one (train.ema_decay)
+    gathered = (psi + frozen) * weight * (1 - 1 / n) if stage >= 3 else 0.0
+    encoder_parameters, not_counted = frozen_encoders(m)
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
-                          saved + (recompute + all_to_all) * value_bytes, saved)
+                          saved + (recompute + all_to_all) * value_bytes, saved, ema=ema, gathered=gathered,
+                          encoders=4 * encoder_parameters, trainable=psi, frozen=frozen, not_counted=not_counted)
 
 
 def gpu_memory_gib(gpu: str) -> float:
@@ -130,15 +194,21 @@ def main(argv: List[str] = None) -> int:
     sequence = cfg.parallel.sequence if args.sequence is None else args.sequence
     gib = gpu_memory_gib(args.gpu)
     result = estimate(cfg, args.world_size, args.tokens, sequence=sequence)
-    print(f"model {cfg.model.name}: {trainable_parameters(cfg.model) / 1e9:.2f}B trainable parameters; "
+    frozen = f" and {result.frozen / 1e9:.2f}B frozen" if result.frozen else ""
+    print(f"model {cfg.model.name}: {result.trainable / 1e9:.2f}B trainable{frozen} parameters; "
           f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs"
           f"{f' in sequence-parallel groups of {sequence}' if sequence > 1 else ''}, "
           f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"
           f"{f', MLP in {cfg.model.mlp_chunks} chunks' if cfg.model.mlp_chunks > 1 else ''}"
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
-    for name in ("parameters", "gradients", "optimizer", "buffers", "activations"):
-        print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB")
-    print(f"  {'total':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu})")
+    notes = {"ema": "(rank 0, fp32)", "gathered": "(ZeRO-3: the whole model, each step, for the EMA)",
+             "encoders": "(frozen, fp32)"}
+    for name in MemoryEstimate.ROWS:
+        print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB {notes.get(name, '')}".rstrip())
+    for missing in result.not_counted:
+        print(f"  not counted: {missing}")
+    print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows, with the "
+          f"gathered model or the activations and buffers, whichever is larger")
     fits = result.fits(gib * 2 ** 30)
     print("fits" if fits else "does NOT fit: raise zero.stage, turn on model.activation_checkpointing, "
                               "lower the stage token_budget, or use more GPUs")

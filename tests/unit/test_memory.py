@@ -1,4 +1,7 @@
 """The memory estimator against what a real training step holds (tiny model, CPU, fp32)."""
+from pathlib import Path
+
+import pytest
 import torch
 
 from models.dit import TextToVideoModel, text_conditioner
@@ -8,7 +11,9 @@ from train.parallelize import apply_activation_checkpointing
 
 
 def measured_step_bytes(cfg, clips, tokens_per_clip):
-    """Weights + gradients + AdamW state + every activation autograd saves, for one step."""
+    """Weights + gradients + AdamW state, the EMA, and every activation autograd saves, for one step."""
+    from train.ema import EMA
+
     torch.manual_seed(0)
     model = TextToVideoModel(cfg.model).train()
     if cfg.model.activation_checkpointing:  # applied from outside the model, as training applies it
@@ -28,17 +33,19 @@ def measured_step_bytes(cfg, clips, tokens_per_clip):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
-    return weights + grads + state, sum(saved.values())
+    ema = sum(t.numel() * t.element_size() for t in EMA(model, 0.999).shadow.values())
+    return weights + grads + state, ema, sum(saved.values())
 
 
 def test_estimate_never_falls_short_of_a_measured_step_and_overshoots_by_at_most_12_percent():
     for checkpointing in ("false", "true"):
         cfg = load_config(["experiment=demo", "zero.stage=0", f"model.activation_checkpointing={checkpointing}",
                            "model.attention_backend=sdpa"])
-        states, activations = measured_step_bytes(cfg, clips=3, tokens_per_clip=512)
+        states, ema, activations = measured_step_bytes(cfg, clips=3, tokens_per_clip=512)
         estimated = estimate(cfg, world_size=1, token_budget=3 * 512, text_tokens=13)
         model_states = estimated.parameters + estimated.gradients + estimated.optimizer
         assert abs(model_states / states - 1) < 0.01  # the ZeRO formulas are exact for the states
+        assert estimated.ema == ema and estimated.gathered == 0  # one process: nothing to gather
         # What forward saves for backward (with checkpointing: the blocks' inputs only). Byte counts, not timings:
         # measured 2026-12-01 at +10.2% without checkpointing and +6.8% with it. An estimate below the measurement
         # would let a run that does not fit start and run out of memory.
@@ -46,7 +53,7 @@ def test_estimate_never_falls_short_of_a_measured_step_and_overshoots_by_at_most
         assert 0 <= over < 0.12, (checkpointing, over, estimated, activations)
         if checkpointing == "false":  # then the peak is exactly what forward saved (measured +7.7%)
             total = estimated.total - estimated.buffers  # a single process has no communication buckets
-            assert 0 <= total / (states + activations) - 1 < 0.10
+            assert 0 <= total / (states + ema + activations) - 1 < 0.10
 
 
 def test_zero_stages_divide_the_states_as_the_formulas_say():
@@ -101,3 +108,41 @@ def test_tiling_shrinks_what_one_block_rebuilds_and_what_the_head_keeps():
     assert plain.saved_activations - tiled.saved_activations == pytest.approx(head)
     assert plain.activations - tiled.activations == pytest.approx(mlp + head)
     assert (tiled.parameters, tiled.optimizer) == (plain.parameters, plain.optimizer)
+
+
+def test_lora_counts_its_adapters_as_trainable_and_the_base_as_weights_only_with_rank_0s_ema(capsys):
+    """A rank-32 LoRA of the 14B trains about 0.15B parameters: gradients and AdamW state cover those alone, the
+    frozen base only its (sharded) weights; the EMA (fp32, every parameter, rank 0) and, under ZeRO-3, the model
+    gathered for its update, are counted (they were not, and the 14B LoRA was said to fit in 28 GiB)."""
+    from train.memory import main
+
+    cfg = load_config(["model=wan_14B", "model.lora.rank=32", "zero.stage=3", "zero.precision=bf16"], check=False)
+    result = estimate(cfg, world_size=8)
+    assert 0.1e9 < result.trainable < 0.2e9 and result.frozen > 14e9
+    assert result.gradients == 2 * result.trainable / 8 and result.optimizer == 12 * result.trainable / 8
+    assert result.parameters == 2 * (result.trainable + result.frozen) / 8
+    assert result.ema == 4 * (result.trainable + result.frozen)
+    assert result.gathered == 2 * (result.trainable + result.frozen) * 7 / 8
+    assert main(["model=wan_14B", "model.lora.rank=32", "zero.stage=3", "zero.precision=bf16", "--world-size", "8",
+                 "--gpu", "H100"]) == 1  # rank 0's fp32 EMA of 14.4B parameters alone is 54 GiB
+    out = capsys.readouterr().out
+    assert "0.15B trainable and 14.29B frozen" in out and "ema" in out and "not counted: text encoder" in out
+
+
+def test_frozen_encoders_are_counted_from_their_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    encoder = tmp_path / "umt5"
+    encoder.mkdir()
+    save_file({"a": torch.zeros(1000, 8), "b": torch.zeros(24)}, str(encoder / "model.safetensors"))
+    cfg = load_config(["model=wan_1.3B", f"model.text.path={encoder}", "zero.stage=2"], check=False)
+    assert cfg.model.text.name == "pretrained"
+    assert estimate(cfg, world_size=8).encoders == 4 * 8024
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "model").glob("*.yaml")))
+def test_every_shipped_model_config_is_estimated_without_its_weights(model, capsys):
+    from train.memory import main
+
+    assert main([f"model={model}", "zero.stage=3", "zero.precision=bf16", "--world-size", "8"]) in (0, 1)
+    assert "peak" in capsys.readouterr().out
