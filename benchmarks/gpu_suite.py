@@ -98,7 +98,7 @@ def model_step(size: Dict, tokens: int, text_path: Path, device, *, modulation: 
     exact_tokens = int(torch.tensor(kino.dit.grid(shape)).prod())
     flops = flops_per_sample(kino, exact_tokens, text_tokens)
     row = {"model": "diffusers Wan" if wan else f"Kino ({modulation})", "tokens": exact_tokens,
-           "attention": "diffusers" if wan else resolve_backend(backend, device.type, dtype), "compiled": compiled}
+           "attention": "diffusers" if wan else resolve_backend(backend, device.type, dtype, (cfg.heads, cfg.dim // cfg.heads)), "compiled": compiled}
     if wan:
         network = build_wan(cfg, width).to(device, dtype)
         blocks, hidden, context = network.blocks, latent[None], embeddings[None]

@@ -152,7 +152,7 @@ def compare_wan(args) -> dict:
               "overrides": args.set, "params": sum(p.numel() for p in kino.parameters()), "tokens": tokens,
               "text_tokens": args.text_tokens, "dtype": args.dtype, "compiled": args.compile,
               "activation_checkpointing": checkpointing,
-              "attention_backend": resolve_backend(cfg.attention_backend, device.type, dtype),
+              "attention_backend": resolve_backend(cfg.attention_backend, device.type, dtype, (cfg.heads, cfg.dim // cfg.heads)),
               "max_abs_output_difference": difference, "max_abs_output": magnitude, "flops_per_step": flops}
     for name, measured in times.items():
         seconds = min(measured)
@@ -219,7 +219,7 @@ def main() -> None:
     flops = flops_per_sample(kino, tokens, text.max_len)
     peak = args.peak_flops or (peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
     results = {"kino": timed_steps(kino_step, args.steps, args.warmup, device)}
-    backend = resolve_backend(cfg.attention_backend, device.type, dtype)
+    backend = resolve_backend(cfg.attention_backend, device.type, dtype, (cfg.heads, cfg.dim // cfg.heads))
     if not args.no_baseline:
         del optimizer
         context_dim = kino.dit.text_pool.in_features

@@ -81,13 +81,19 @@ def fastest(candidates: Sequence[str], seconds: Callable[[str], float]) -> Tuple
     return min(times, key=times.get), times
 
 
-def _time_backend(name: str, device: torch.device, dtype: torch.dtype) -> float:
-    """Forward and backward of one packed batch shaped like a video DiT's (two clips, 12 heads of 128). Resolution
-    may first happen under no_grad or inference mode (generation, evaluation): the timing needs its backward."""
+Shape = Tuple[int, int]  # (heads, head dim) of the attention that asks
+DIT_SHAPE: Shape = (12, 128)  # a video DiT's, for a caller that does not say
+
+
+def _time_backend(name: str, device: torch.device, dtype: torch.dtype, shape: Shape = DIT_SHAPE) -> float:
+    """Forward and backward of one packed batch of two clips with the asking model's heads and head dim (a kernel
+    may reject a head dim: FlashAttention takes at most 256, some builds multiples of 8 only). Resolution may first
+    happen under no_grad or inference mode (generation, evaluation): the timing needs its backward."""
+    heads, head_dim = shape
     with torch.inference_mode(False), torch.enable_grad():
         lengths = [6144, 2048]
         cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
-        q, k, v = (torch.randn(sum(lengths), 12, 128, device=device, dtype=dtype, requires_grad=True)
+        q, k, v = (torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
 
         def once():
@@ -102,36 +108,39 @@ def _time_backend(name: str, device: torch.device, dtype: torch.dtype) -> float:
         return (time.perf_counter() - start) / 5
 
 
-def resolve_backend(requested: str, device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """The backend for this request, device type and dtype: the fastest that supports them for 'auto',
-    else the one forced (checked). Decided once per combination, and logged when `auto` has to leave the
-    fused kernels on CUDA (fp32 there runs at a fraction of their speed)."""
-    key = (requested, device_type, dtype)
+def resolve_backend(requested: str, device_type: str, dtype: torch.dtype = torch.bfloat16,
+                    shape: Shape = DIT_SHAPE) -> str:
+    """The backend for this request, device type, dtype and (heads, head dim): for 'auto' the fastest that runs
+    them (on CUDA every fused kernel is tried on that shape first, so one that rejects it is left out before the
+    model's first forward), else the one forced (checked). Decided once per combination, and logged when `auto`
+    has to leave the fused kernels on CUDA (fp32 there runs at a fraction of their speed)."""
+    key = (requested, device_type, dtype, tuple(shape))
     backend = _RESOLVED.get(key)
     if backend is None:
-        backend = _resolve(requested, device_type, dtype)
+        backend = _resolve(requested, device_type, dtype, tuple(shape))
         _RESOLVED[key] = backend
     return backend
 
 
-def pin_backend(requested: str, device_type: str, dtype: torch.dtype, backend: str) -> None:
+def pin_backend(requested: str, device_type: str, dtype: torch.dtype, backend: str, shape: Shape = DIT_SHAPE) -> None:
     """Fix what `requested` resolves to (e.g. every rank takes rank 0's measured choice)."""
-    _RESOLVED[(requested, device_type, dtype)] = backend
+    _RESOLVED[(requested, device_type, dtype, tuple(shape))] = backend
 
 
-def _resolve(requested: str, device_type: str, dtype: torch.dtype) -> str:
+def _resolve(requested: str, device_type: str, dtype: torch.dtype, shape: Shape) -> str:
     if requested != "auto" and requested not in BACKENDS:
         raise BackendUnavailable(f"unknown attention backend {requested!r}; known: {', '.join(BACKENDS)}")
     found = available_backends(torch.device(device_type), dtype)
     if requested == "auto":
         fused = [name for name in found if name in FUSED_VARLEN]
-        chosen = fused[0] if fused else "sdpa"  # cudnn (per clip, one kernel only) is never auto's pick
-        if len(fused) > 1:
+        chosen = "sdpa"  # cudnn (per clip, one kernel only) is never auto's pick
+        if fused:  # even one is tried on the model's shape: a kernel may take bf16 and still reject its head dim
             device = torch.device(device_type)
-            chosen, times = fastest(fused, lambda name: _time_backend(name, device, dtype))
+            chosen, times = fastest(fused, lambda name: _time_backend(name, device, dtype, shape))
             chosen = chosen or "sdpa"
-            log.info("attention: measured %s; auto takes %s",
-                     ", ".join(f"{name} {1000 * t:.2f} ms" for name, t in times.items()) or "nothing", chosen)
+            log.info("attention: measured %s for %d heads of %d; auto takes %s",
+                     ", ".join(f"{name} {1000 * t:.2f} ms" for name, t in times.items()) or "nothing",
+                     shape[0], shape[1], chosen)
         if device_type == "cuda" and chosen not in FUSED_VARLEN:
             installed = [name for name in FUSED_VARLEN if _INSTALLED[name]]
             why = (f"the fused varlen kernels ({', '.join(installed)}) take fp16/bf16 only" if installed
@@ -173,7 +182,7 @@ def _reference(q, k, v, q_lengths, k_lengths):
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, backend: str = "auto") -> torch.Tensor:
     """Attention of each sample's queries over that sample's keys; (Nq, H, D) -> (Nq, H, D)."""
-    backend = resolve_backend(backend, q.device.type, q.dtype)
+    backend = resolve_backend(backend, q.device.type, q.dtype, (q.shape[1], q.shape[2]))
     if backend == "flash_attn3":
         from flash_attn_interface import flash_attn_varlen_func as flash_attn3_varlen
 

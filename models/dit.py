@@ -397,6 +397,14 @@ def planned_context_dim(cfg: ModelConfig) -> int:
     return cfg.text.dim
 
 
+def attention_shapes(cfg: ModelConfig) -> List[Tuple[int, int]]:
+    """(heads, head dim) of each attention the trained model runs: the DiT's, and the built-in text encoder's."""
+    shapes = [(cfg.heads, cfg.dim // cfg.heads)]
+    if cfg.text.name == "builtin" and (cfg.text.heads, cfg.text.dim // cfg.text.heads) not in shapes:
+        shapes.append((cfg.text.heads, cfg.text.dim // cfg.text.heads))
+    return shapes
+
+
 def text_conditioner(cfg: ModelConfig):
     """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
     if cfg.text.name == "pretrained":

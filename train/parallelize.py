@@ -87,9 +87,10 @@ def compile_wanted(cfg: KinoConfig, device_type: str) -> bool:
     if cfg.model.compile is not None:
         return cfg.model.compile
     from models.attention import FUSED_VARLEN, resolve_backend
+    from models.dit import attention_shapes
 
-    return device_type == "cuda" and resolve_backend(cfg.model.attention_backend, device_type,
-                                                     compute_dtype(cfg)) in FUSED_VARLEN
+    return device_type == "cuda" and resolve_backend(cfg.model.attention_backend, device_type, compute_dtype(cfg),
+                                                     attention_shapes(cfg.model)[0]) in FUSED_VARLEN
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:

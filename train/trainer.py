@@ -19,7 +19,7 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
-from models.dit import parameter_count, text_conditioner
+from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.base_model import initialize_from_base
@@ -96,13 +96,15 @@ class Trainer:
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------
     def build_model(self) -> torch.nn.Module:
         cfg, device = self.cfg, self.env.device
-        # A forced attention kernel that cannot run this device and precision fails now, not at step 1.
-        backend = resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg))
-        if cfg.model.attention_backend == "auto" and dist.is_initialized() and self.env.world_size > 1:
-            # A measured choice can differ between ranks (timing noise): every rank takes rank 0's.
-            choice = [backend]
-            dist.broadcast_object_list(choice, src=0)
-            pin_backend("auto", device.type, compute_dtype(cfg), choice[0])
+        # A forced attention kernel that cannot run this device and precision fails now, not at step 1; `auto`
+        # tries the kernels on each of the model's attention shapes now, not inside a forward.
+        for shape in attention_shapes(cfg.model):
+            backend = resolve_backend(cfg.model.attention_backend, device.type, compute_dtype(cfg), shape)
+            if cfg.model.attention_backend == "auto" and dist.is_initialized() and self.env.world_size > 1:
+                # A measured choice can differ between ranks (timing noise): every rank takes rank 0's.
+                choice = [backend]
+                dist.broadcast_object_list(choice, src=0)
+                pin_backend("auto", device.type, compute_dtype(cfg), choice[0], shape)
         self.autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
         self.text = on_device(text_conditioner(cfg.model), device)
         model = build_model(cfg)

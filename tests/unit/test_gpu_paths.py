@@ -32,6 +32,8 @@ def fused_kernels_installed(monkeypatch):
     monkeypatch.setitem(attention._INSTALLED, "flash_attn3", False)
     monkeypatch.setitem(attention._INSTALLED, "cudnn", False)
     monkeypatch.setattr(attention, "_RESOLVED", {})
+    # the GPU's timing run, standing in: every kernel runs every shape (a test sets its own outcome)
+    monkeypatch.setattr(attention, "_time_backend", lambda name, device, dtype, shape=attention.DIT_SHAPE: 1.0)
 
 
 # -- 1. attention dispatch ---------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def test_with_several_fused_kernels_auto_takes_the_fastest_measured_and_never_on
     monkeypatch.setitem(attention._INSTALLED, "flash_attn", True)
     timed = []
 
-    def seconds(name, device, dtype):  # the timing run is the GPU's; its outcome is what this test sets
+    def seconds(name, device, dtype, shape):  # the timing run is the GPU's; its outcome is what this test sets
         timed.append(name)
         return 1.0 if name == faster else 2.0
 
@@ -61,6 +63,28 @@ def test_with_several_fused_kernels_auto_takes_the_fastest_measured_and_never_on
     assert sorted(timed) == ["flash_attn", "torch_varlen"]  # each measured once, then the choice is kept
     assert attention.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
     assert attention.resolve_backend("torch_varlen", "cuda", torch.bfloat16) == "torch_varlen"
+
+
+def test_auto_tries_even_a_single_fused_kernel_on_the_models_own_heads_and_head_dim(fused_kernels_installed,
+                                                                                     monkeypatch):
+    """A kernel that takes bf16 may still reject a head dim (FlashAttention: above 256): auto tries each on the
+    asking model's shape, so the model's first forward does not fail. It used to try a fixed 12 x 128, and only
+    when two or more kernels were installed."""
+    tried = []
+
+    def seconds(name, device, dtype, shape):
+        tried.append((name, shape))
+        if shape[1] > 256:
+            raise RuntimeError(f"{name}: head dim {shape[1]} is not supported")
+        return 1.0
+
+    monkeypatch.setattr(attention, "_time_backend", seconds)
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, (40, 128)) == "torch_varlen"
+    assert attention.resolve_backend("auto", "cuda", torch.bfloat16, (4, 320)) == "sdpa"
+    assert tried == [("torch_varlen", (40, 128)), ("torch_varlen", (4, 320))]
+    q = torch.zeros(3, 4, 320, dtype=torch.bfloat16)  # a forward asks with its own shape: the decision above
+    assert attention.resolve_backend("auto", "cuda", q.dtype, (q.shape[1], q.shape[2])) == "sdpa"
+    assert len(tried) == 2
 
 
 def test_a_kernel_that_fails_its_timing_run_is_left_out():
