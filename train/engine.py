@@ -96,6 +96,10 @@ def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_un
         "zero_optimization": zero_section,
         # The overflow check is what skips a step with a non-finite micro-batch (train/trainer.py): keep it on.
         "bf16": {"enabled": zero.precision == "bf16", "check_grad_overflow": True},
+        # bf16 gradients are summed in fp32: across micro-batches (gradient accumulation) and across ranks (the
+        # reduce-scatter / all-reduce). A bf16 sum of many terms drops their tail (8 bits of mantissa).
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "optimizer": {
             "type": "AdamW",
             "params": {

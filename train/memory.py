@@ -2,8 +2,8 @@
 
 Per-GPU memory of a training run, estimated before launch:
   * parameters, gradients and optimizer state by the ZeRO formulas (Rajbhandari et al.): with Ψ
-    parameters, bf16 keeps 2Ψ weights + 2Ψ gradients + 12Ψ fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ
-    + 8Ψ. ZeRO-1 divides the optimizer state by the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
+    parameters, bf16 keeps 2Ψ weights + 4Ψ gradients (accumulated and reduced in fp32: train/engine.py) + 12Ψ
+    fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ + 8Ψ. ZeRO-1 divides the optimizer state by the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
   * DeepSpeed's communication buckets.
   * activations of one micro-batch (the stage's token budget T): each DiT block saves about
     ACTIVATION_VALUES_PER_TOKEN x d values per token for backward (counted for this architecture from the
@@ -125,7 +125,7 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     n = max(1, world_size)
     psi, frozen = parameter_counts(cfg.model)
     bf16 = cfg.zero.precision == "bf16"
-    weight, grad, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    weight, grad, optim = (2, 4, 12) if bf16 else (4, 4, 8)  # bf16 gradients accumulate in fp32
     parameters = (psi + frozen) * weight / (n if stage >= 3 else 1)
     gradients = psi * grad / (n if stage >= 2 else 1)
     optimizer = psi * optim / (n if stage >= 1 else 1)

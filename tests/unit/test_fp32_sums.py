@@ -97,3 +97,46 @@ def test_reductions_accumulate_bf16_terms_in_fp32():
     assert float((ones.T @ ones)[0, 0]) == 65_536.0
     if torch.cuda.is_available():
         assert float(ones.cuda().sum(0)[0]) == 65_536.0
+
+
+ENGINE_PROBE = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, os.getcwd())
+from conf.schema import load_config
+from train.engine import DistEnv, build_engine
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+found = {}
+for stage in (1, 2, 3):
+    cfg = load_config(["experiment=demo", "zero.precision=bf16", f"zero.stage={stage}",
+                       "zero.gradient_accumulation_steps=2"])
+    engine = build_engine(torch.nn.Linear(8, 8), cfg, env)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean())
+        engine.step()
+    optimizer = engine.optimizer
+    found[stage] = [str(engine.communication_data_type), str(getattr(optimizer, "gradient_accumulation_dtype",
+                    getattr(optimizer, "grad_acc_dtype", None))), type(optimizer).__name__]
+print(json.dumps(found))
+"""
+
+
+def test_deepspeed_accumulates_and_reduces_bf16_gradients_in_fp32():
+    """A real DeepSpeed engine (one gloo rank) for each ZeRO stage in bf16: its gradient accumulation across
+    micro-batches and its reduction across ranks are fp32 (DeepSpeed's default for both is the model's dtype)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data.ray_head import free_local_port
+
+    result = subprocess.run([sys.executable, "-c", ENGINE_PROBE, str(free_local_port())], capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for stage, (communication, accumulation, optimizer) in found.items():
+        assert communication == "torch.float32", (stage, optimizer)
+        assert accumulation == "torch.float32", (stage, optimizer)
