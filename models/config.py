@@ -28,12 +28,17 @@ class TextEncoderConfig:
     # builtin only: bytes (UTF-8 bytes, one token each) | words (each word hashed into vocab_size ids)
     tokenizer: str = "bytes"
     vocab_size: int = 4096
+    # pretrained: the dtype the frozen encoder holds its weights and computes in: auto (bf16 on CUDA, as Wan ships
+    # UMT5, fp32 elsewhere) | bf16 | fp32. Its embeddings leave it in fp32 either way.
+    dtype: str = "auto"
 
     def check(self) -> None:
         if self.dim % self.heads:
             raise ConfigError(f"model.text.dim={self.dim} is not divisible by model.text.heads={self.heads}")
         if self.name not in ("builtin", "pretrained"):
             raise ConfigError(f"model.text.name={self.name!r}: supported: builtin, pretrained")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"model.text.dtype={self.dtype!r}: supported: auto, bf16, fp32")
         if self.tokenizer not in ("bytes", "words"):
             raise ConfigError(f"model.text.tokenizer={self.tokenizer!r}: supported: bytes, words")
         if self.tokenizer == "words" and self.vocab_size < 16:

@@ -408,7 +408,8 @@ def attention_shapes(cfg: ModelConfig) -> List[Tuple[int, int]]:
 def text_conditioner(cfg: ModelConfig):
     """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
     if cfg.text.name == "pretrained":
-        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens, cfg.text.tokenizer_path, cfg.text.pad_to)
+        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens, cfg.text.tokenizer_path, cfg.text.pad_to,
+                                     cfg.text.dtype)
     return builtin_tokenizer(cfg.text)
 
 

@@ -14,7 +14,8 @@ Per-GPU memory of a training run, estimated before launch:
     parameter, frozen ones included, on rank 0, so the figures are rank 0's, the fullest), and under ZeRO-3 the
     whole model gathered in the compute dtype at each step to update it (`full_parameters`).
   * frozen parameters (LoRA's base) hold weights only: no gradients, no optimizer state.
-  * the frozen pretrained encoders (UMT5/T5 text encoder, diffusers VAE) at the dtype they load in (fp32), counted
+  * the frozen pretrained encoders (UMT5/T5 text encoder at model.text.dtype, bf16 on a GPU by default; diffusers
+    VAE in fp32), counted
     from their safetensors headers when `model.text.path` / `model.autoencoder.path` name a local directory, and
     said to be not counted otherwise. A stage that reads a latent cache loads neither.
 """
@@ -98,10 +99,14 @@ def stored_parameters(path: Optional[str]) -> Optional[int]:
 
 
 def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
-    """(parameters of the frozen pretrained encoders the config loads, the ones it names but cannot count)."""
+    """(bytes of the frozen pretrained encoders the config loads on a GPU, the ones it names but cannot count):
+    the text encoder at model.text.dtype (auto: bf16), the VAE in fp32."""
+    from models.text_encoder import frozen_dtype
+
     counted, missing = 0, []
-    for label, part, kind in (("text encoder", model_cfg.text, "pretrained"),
-                              ("VAE", model_cfg.autoencoder, "diffusers")):
+    text_bytes = frozen_dtype(model_cfg.text.dtype, "cuda").itemsize
+    for label, part, kind, width in (("text encoder", model_cfg.text, "pretrained", text_bytes),
+                                     ("VAE", model_cfg.autoencoder, "diffusers", 4)):
         if part.name != kind:
             continue
         found = stored_parameters(part.path)
@@ -109,7 +114,7 @@ def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
             missing.append(f"{label} (model.{'text' if part is model_cfg.text else 'autoencoder'}.path: "
                            f"no local weights to count)")
         else:
-            counted += found
+            counted += found * width
     return counted, tuple(missing)
 
 
@@ -153,10 +158,10 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
     ema = 4 * (psi + frozen)  # every run keeps one (train.ema_decay)
     gathered = (psi + frozen) * weight * (1 - 1 / n) if stage >= 3 else 0.0
-    encoder_parameters, not_counted = frozen_encoders(m)
+    encoder_bytes, not_counted = frozen_encoders(m)
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
                           saved + (recompute + all_to_all) * value_bytes, saved, ema=ema, gathered=gathered,
-                          encoders=4 * encoder_parameters, trainable=psi, frozen=frozen, not_counted=not_counted)
+                          encoders=encoder_bytes, trainable=psi, frozen=frozen, not_counted=not_counted)
 
 
 def gpu_memory_gib(gpu: str) -> float:
@@ -202,7 +207,7 @@ def main(argv: List[str] = None) -> int:
           f"{f', MLP in {cfg.model.mlp_chunks} chunks' if cfg.model.mlp_chunks > 1 else ''}"
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
     notes = {"ema": "(rank 0, fp32)", "gathered": "(ZeRO-3: the whole model, each step, for the EMA)",
-             "encoders": "(frozen, fp32)"}
+             "encoders": "(frozen: the text encoder at model.text.dtype, the VAE in fp32)"}
     for name in MemoryEstimate.ROWS:
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB {notes.get(name, '')}".rstrip())
     for missing in result.not_counted:

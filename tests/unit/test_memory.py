@@ -137,7 +137,9 @@ def test_frozen_encoders_are_counted_from_their_safetensors_headers(tmp_path):
     save_file({"a": torch.zeros(1000, 8), "b": torch.zeros(24)}, str(encoder / "model.safetensors"))
     cfg = load_config(["model=wan_1.3B", f"model.text.path={encoder}", "zero.stage=2"], check=False)
     assert cfg.model.text.name == "pretrained"
-    assert estimate(cfg, world_size=8).encoders == 4 * 8024
+    assert estimate(cfg, world_size=8).encoders == 2 * 8024  # model.text.dtype=auto: bf16 on a GPU
+    fp32 = load_config(["model=wan_1.3B", f"model.text.path={encoder}", "model.text.dtype=fp32"], check=False)
+    assert estimate(fp32, world_size=8).encoders == 4 * 8024
 
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "model").glob("*.yaml")))

@@ -134,3 +134,21 @@ def test_shared_modulation_replaces_each_blocks_projection_by_offsets_and_starts
     for module in modulated:
         gates = block_modulation(module, table)
         assert torch.equal(gates[2], torch.zeros(3, d)) and torch.equal(gates[5], torch.zeros(3, d))
+
+
+def test_a_frozen_pretrained_text_encoder_runs_in_the_configured_dtype_and_hands_out_fp32(tiny_t5):
+    """model.text.dtype: auto is bf16 on CUDA (half of UMT5-XXL's 23 GB in fp32) and fp32 elsewhere; either way
+    its embeddings leave it in fp32, and bf16 ones stay close to fp32 ones."""
+    from models.text_encoder import frozen_dtype
+
+    assert frozen_dtype("auto", "cuda") == torch.bfloat16 and frozen_dtype("auto", "cpu") == torch.float32
+    captions = ["a red circle moving left", "a blue square"]
+    embeddings = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = ModelConfig(text=TextEncoderConfig(name="pretrained", path=str(tiny_t5), dim=24, dtype=dtype))
+        encoder = text_conditioner(cfg).to("cpu")
+        assert next(encoder.network.parameters()).dtype == frozen_dtype(dtype, "cpu")
+        embeddings[dtype] = encoder.batch(captions).embeddings
+        assert embeddings[dtype].dtype == torch.float32
+    assert torch.allclose(embeddings["bf16"], embeddings["fp32"], atol=0.05, rtol=0.05)
+    assert not torch.equal(embeddings["bf16"], embeddings["fp32"])  # the bf16 one did run in bf16
