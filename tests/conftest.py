@@ -65,10 +65,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_wan_vae(tmp_path_factory):
     """A diffusers AutoencoderKLWan, tiny and random (2x temporal, 4x spatial, 4 latent channels)."""
+    return write_tiny_wan_vae(tmp_path_factory.mktemp("wan_vae"))
+
+
+def write_tiny_wan_vae(path):
     import diffusers
     import torch
 
-    path = tmp_path_factory.mktemp("wan_vae")
     torch.manual_seed(0)
     diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
                                temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
@@ -80,11 +83,14 @@ def tiny_wan_vae(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory):
     """A transformers T5 encoder (24 wide) and its tokenizer, tiny and random."""
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"))
+
+
+def write_tiny_t5(path):
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    path = tmp_path_factory.mktemp("t5")
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(["a red circle moving left on a black background", "a blue square moving up"],
