@@ -26,7 +26,7 @@ def packed(device="meta", dtype=torch.bfloat16, heads=2, head_dim=8):
 
 def forced(monkeypatch, backend):
     """Dispatch straight to `backend`, as a CUDA bf16 run resolves it."""
-    monkeypatch.setattr(attention, "resolve_backend", lambda requested, device_type, dtype=None: backend)
+    monkeypatch.setattr(attention, "resolve_backend", lambda requested, device_type, dtype=None, shape=None: backend)
 
 
 def flash_attn_2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
