@@ -74,10 +74,6 @@ def parameter_counts(model_cfg) -> Tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
 
-def trainable_parameters(model_cfg) -> int:
-    return parameter_counts(model_cfg)[0]
-
-
 def stored_parameters(path: Optional[str]) -> Optional[int]:
     """The parameters in a local weights directory's safetensors files, from their headers (no tensor is read);
     None when there are none to read."""
