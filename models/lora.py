@@ -41,10 +41,24 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]
         layer = layers[name]
         layer.lora_A = nn.Linear(layer.in_features, rank, bias=False, device=layer.weight.device)
         layer.lora_B = nn.Linear(rank, layer.out_features, bias=False, device=layer.weight.device)
-        nn.init.kaiming_uniform_(layer.lora_A.weight, a=5 ** 0.5)  # as peft starts A; B at zero
-        nn.init.zeros_(layer.lora_B.weight)
+        init_adapter(f"{name}.lora_A.weight", layer.lora_A.weight)
+        init_adapter(f"{name}.lora_B.weight", layer.lora_B.weight)
         layer.forward = functools.partial(_lora_forward, layer, alpha / rank)
     return len(names)
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+@torch.no_grad()
+def init_adapter(name: str, weight: torch.Tensor) -> None:
+    """An adapter's starting value, as peft starts it: A as nn.Linear's default (Kaiming uniform), B at zero, so
+    the adapted model starts as its base. Also what a model built on the meta device gets (train/materialize.py)."""
+    if ".lora_A." in name:
+        nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
+    else:
+        nn.init.zeros_(weight)
 
 
 def adapter_state(dit_state: Dict[str, torch.Tensor], rank: int, alpha: float) -> Dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def weights_sha256(path) -> str:
     """One sha256 over the bytes of the weight files at `path`, in path order. Remembered per process for files
     of unchanged size and modification time (a run checks several caches built with the same encoders)."""
     stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_paths(path))
-    return _digest(stamps)
+    return _remembered.get(stamps) or _digest(stamps)
 
 
 @functools.lru_cache(maxsize=64)
@@ -46,3 +46,60 @@ def _digest(stamps: Tuple[Tuple[str, int, int], ...]) -> str:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+# safetensors' dtype names (the header's "dtype") as torch dtypes.
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _Hashed:
+    """A file read front to back, every byte also fed to `digest` (None: not hashed)."""
+
+    def __init__(self, handle, digest):
+        self.handle, self.digest = handle, digest
+
+    def read(self, n: int) -> bytes:
+        data = self.handle.read(n)
+        if len(data) != n:
+            raise ValueError(f"{self.handle.name}: ends after {len(data)} of {n} bytes (a truncated safetensors file)")
+        if self.digest is not None:
+            self.digest.update(data)
+        return data
+
+
+def stream_safetensors(paths, digest=None):
+    """Yield (name, tensor) from safetensors files, each file read once, front to back, one tensor in memory at a
+    time; every byte read goes to `digest` (a hashlib object), so the same pass loads the weights and computes
+    `weights_sha256`. Tensors come in the order they lie in the file."""
+    import torch
+
+    for path in paths:
+        with open(path, "rb") as handle:
+            reader = _Hashed(handle, digest)
+            header_size = int.from_bytes(reader.read(8), "little")
+            header = json.loads(reader.read(header_size))
+            header.pop("__metadata__", None)
+            position = 0
+            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
+                if begin > position:  # padding between tensors: read (and hashed) all the same
+                    reader.read(begin - position)
+                dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+                data = bytearray(reader.read(end - begin))
+                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                yield name, tensor.reshape(entry["shape"])
+                position = end
+            rest = handle.read()  # trailing bytes belong to the file's identity too
+            if digest is not None:
+                digest.update(rest)
+
+
+def remember_sha256(path, sha256: str) -> None:
+    """Record a digest computed while streaming (stream_safetensors), so weights_sha256 does not read again."""
+    stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_paths(path))
+    _remembered[stamps] = sha256
+
+
+_remembered: dict = {}

@@ -56,6 +56,23 @@ def pytest_sessionfinish(session):
         _SHARED_RAY.clear()
 
 
+def assert_same_ema(a: Path, b: Path, updates=None) -> None:
+    """Two checkpoints hold the same EMA: the same number of updates and, consolidated from each one's rank
+    files (whatever world size wrote them), equal weights."""
+    import torch
+
+    from train.checkpoint import shard_files
+    from train.ema import read_ema_file
+    from train.export import ema_weights
+
+    counts = {read_ema_file(f)["updates"] for path in (a, b) for f in shard_files(path, "ema")}
+    assert len(counts) == 1 and (updates is None or counts == {updates}), counts
+    wa, wb = ema_weights(a), ema_weights(b)
+    assert sorted(wa) == sorted(wb)
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, different[:5]
+
+
 def free_port() -> int:
     from data.ray_head import free_local_port
 

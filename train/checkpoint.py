@@ -9,7 +9,7 @@ renamed into place, and only then named by `latest`; a crash at any point leaves
   step_N/data_plan.json   the data coordinator's state: per open epoch, finished chunks (a compressed bitmap),
                           begun chunks' acknowledged offsets, the deal (data/coordinator.py)
   step_N/audit.json       what was trained on, per shard and license; what was dropped and why
-  step_N/ema.pt           EMA weights (fp32)
+  step_N/ema/rank_R.pt    the EMA (fp32), each rank's pieces of the trained parameters (train/ema.py)
   step_N/config.yaml      the resolved config of the run
   step_N/COMPLETE
   step_N/latest, zero_to_fp32.py   DeepSpeed's: `python zero_to_fp32.py . out` consolidates the raw weights
@@ -166,6 +166,9 @@ class CheckpointManager:
                 shared[name] = piece.state.state_dict()
             elif piece.scope == "rank":
                 own[name] = piece.state.state_dict()
+            elif piece.scope == "sharded":
+                (partial / piece.file).mkdir(exist_ok=True)
+                torch.save(piece.state.state_dict(), partial / piece.file / shard_file_name(self.rank))
             else:
                 files[piece.file] = piece.state.state_dict()
         ranks = gather_objects(own)
@@ -217,6 +220,8 @@ class CheckpointManager:
                 # a rank new to this world size has no saved state of its own: it keeps what it has
                 if self.rank < len(ranks) and name in ranks[self.rank]:
                     piece.state.load_state_dict(ranks[self.rank][name])
+            elif piece.scope == "sharded":
+                piece.state.load_state_dict(shard_files(path, piece.file))
             elif (path / piece.file).exists():
                 piece.state.load_state_dict(_read_file(path / piece.file))
             else:  # a checkpoint from before the piece had a file of its own kept it in train_state.json
@@ -240,6 +245,21 @@ def _read_file(path: Path) -> Any:
     if path.suffix == ".json":
         return json.loads(path.read_text())
     return path.read_text()
+
+
+def shard_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def shard_files(path: Path, directory: str) -> List[Path]:
+    """Every rank's file of a sharded piece; a checkpoint from before the piece was sharded kept it whole in
+    step_N/<directory>.pt, read as one shard."""
+    files = sorted((path / directory).glob("rank_*.pt"))
+    if not files and (path / f"{directory}.pt").exists():
+        files = [path / f"{directory}.pt"]
+    if not files:
+        raise FileNotFoundError(f"{path}: no {directory}/rank_*.pt")
+    return files
 
 
 def saved_world_size(path: Path) -> int:

@@ -145,9 +145,13 @@ def set_learning_rate(engine, lr: float) -> None:
 def full_parameters(module: torch.nn.Module):
     """A context in which every parameter of `module` is whole on every rank. Under ZeRO-3 this gathers
     the partitions (collective: every rank must enter it); otherwise parameters are already whole."""
+    return gathered(list(module.parameters()))
+
+
+def gathered(params):
+    """full_parameters for a list of parameters: gather what ZeRO-3 partitioned (collective), else nothing."""
     import contextlib
 
-    params = list(module.parameters())
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed

@@ -31,7 +31,12 @@ def checkpoint_path(run_dir: Path, step: int = None) -> Path:
 
 
 def ema_weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
-    return torch.load(checkpoint / "ema.pt", map_location="cpu")["weights"]
+    """The whole EMA, assembled from each rank's pieces (train/ema.py); a frozen parameter (LoRA's base), which
+    has no EMA, as the raw weights hold it."""
+    from train.checkpoint import shard_files
+    from train.ema import consolidate_files
+
+    return consolidate_files(shard_files(checkpoint, "ema"), raw_weights(checkpoint))
 
 
 def raw_weights(checkpoint: Path) -> Dict[str, torch.Tensor]:

@@ -6,15 +6,17 @@ CheckpointManager, in that dict's order. Where a piece lives in step_N/ is its `
   shared   one value for the whole run, written by rank 0               -> step_N/train_state.json[name]
   rank     one value per rank                                           -> step_N/train_state.json["ranks"][r][name]
   file     a file of its own, written by rank 0 (.pt, .json or .yaml)   -> step_N/<file>
+  sharded  a file per rank, restored on any number of ranks             -> step_N/<file>/rank_RRRRR.pt
+           (load_state_dict gets the list of every saved rank's file: the EMA, train/ema.py)
 
-A rank restores only the pieces it passes: rank 0 alone keeps the EMA, so only rank 0 passes it.
+A rank restores only the pieces it passes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
-SCOPES = ("engine", "shared", "rank", "file")
+SCOPES = ("engine", "shared", "rank", "file", "sharded")
 
 
 class Stateful(Protocol):
@@ -27,13 +29,13 @@ class Stateful(Protocol):
 class Resumable:
     state: Stateful
     scope: str
-    file: Optional[str] = None  # scope "file" only
+    file: Optional[str] = None  # scope "file" (a file name) and "sharded" (a directory name) only
 
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"scope {self.scope!r}: one of {SCOPES}")
-        if (self.scope == "file") != (self.file is not None):
-            raise ValueError("a file name goes with scope 'file', and only with it")
+        if (self.scope in ("file", "sharded")) != (self.file is not None):
+            raise ValueError("a file name goes with scopes 'file' and 'sharded', and only with them")
 
 
 class Value:

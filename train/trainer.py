@@ -22,17 +22,17 @@ from models.autoencoder import build_autoencoder
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
-from train.base_model import initialize_from_base
 from train.checkpoint import (CheckpointManager, ResumeRefused, archive_previous_run, changed_config_refusal,
                               latest_checkpoint)
 from train.collectives import all_ranks_finite, all_reduce_values
 from train.curriculum import Curriculum, stage_shapes
 from train.data_plane import DataPlane
-from train.ema import EMA
-from train.engine import DistEnv, compute_dtype, full_parameters, global_grad_norm, set_learning_rate
+from train.ema import EMA, consolidate_into, local_pieces
+from train.engine import DistEnv, compute_dtype, global_grad_norm, set_learning_rate
 from train.epoch_gate import loss_weighted
 from train.evaluate import Evaluator, table as evaluation_table
 from train.generate import generate, generation_plan, on_device, write_videos
+from train.materialize import build_deferred, materialize
 from train.methods import build_model
 from train.parallelize import compile_report, compile_wanted, describe_compile, parallelize
 from train.preemption import StopRequest
@@ -58,21 +58,23 @@ class Trainer:
         # the generators are seeded by the group, so N ranks at SP=N draw what 1 rank at SP=1 does.
         self.layout = sequence_layout(cfg.parallel.sequence, env.rank, env.world_size)
         self.rng = RNGState(cfg.train.seed, self.layout.data_rank, env.device)
-        self.model = self.build_model()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
                                              cfg.train.checkpoint_every)
-        # Found before the engine is built: a checkpoint from another world size loads through the universal format.
+        # Found before the model is built: a resume under ZeRO-3 builds it partitioned, without initialising it,
+        # and a checkpoint from another world size loads through the universal format.
         self._resume_path = self.checkpoints.resume_point(env.world_size) if cfg.train.resume else None
-        # The base model's identity (model.init_from): recorded in config.yaml, each checkpoint and audit.json.
-        self.base_model = initialize_from_base(self.model, cfg.model, env.is_main,
-                                               load=self._resume_path is None)
-        self.model = self.model.to(env.device)
+        self.model = self.build_model()
+        # Parameters placed where training keeps them, each whole on the host for one moment at most under ZeRO-3
+        # (train/materialize.py), with the base weights (model.init_from) read once; their identity is recorded
+        # in config.yaml, each checkpoint and audit.json.
+        self.base_model = materialize(self.model, cfg, env, fresh=self._resume_path is None)
         self.engine, self.split = parallelize(self.model, cfg, env, self.layout,
                                               load_universal=self.checkpoints.universal)
         self.compiled = compile_wanted(cfg, env.device.type)
         self.compile_report: Optional[Dict[str, Any]] = None
-        with full_parameters(self.model):  # under ZeRO-3 the EMA starts from the gathered weights
-            self.ema = EMA(self.model, cfg.train.ema_decay) if env.is_main else None
+        # Each rank averages its own pieces of the fp32 master weights: no gather, 4 bytes a trained parameter /
+        # world size (train/ema.py).
+        self.ema = EMA(local_pieces(self.engine.module, env.rank, env.world_size), cfg.train.ema_decay)
         self.curriculum = Curriculum(cfg.curriculum)
         self.data = DataPlane(cfg, env.rank, self.layout, self.curriculum, self.run_dir, self.checkpoints,
                               self._resume_path, pin_memory=env.device.type == "cuda")
@@ -107,7 +109,7 @@ class Trainer:
                 pin_backend("auto", device.type, compute_dtype(cfg), choice[0], shape)
         self.autoencoder = on_device(build_autoencoder(cfg.model.autoencoder), device)
         self.text = on_device(text_conditioner(cfg.model), device)
-        model = build_model(cfg)
+        model = build_deferred(cfg, fresh=self._resume_path is None)
         self.flop_groups = parameter_groups(model)
         return model
 
@@ -136,8 +138,7 @@ class Trainer:
             # the data plan, loader positions, dataset check and audit (train/data_plane.py)
             **self.data.resumable_state(lambda: {"step": self.step, "base_model": self.base_model}),
         }
-        if self.ema is not None:  # rank 0's alone
-            pieces["ema"] = Resumable(self.ema, "file", "ema.pt")
+        pieces["ema"] = Resumable(self.ema, "sharded", "ema")
         return pieces
 
     def _check_resumable_config(self, saved_yaml: str) -> None:
@@ -259,9 +260,7 @@ class Trainer:
         self.data.settle(self.step + 1, batches, trained=finite)
         if finite:
             self.nonfinite_in_row = 0
-            with full_parameters(self.model):  # collective under ZeRO-3; rank 0 keeps the fp32 EMA
-                if self.ema is not None:
-                    self.ema.update(self.model)
+            self.ema.update()  # local: each rank's own pieces
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
@@ -299,31 +298,38 @@ class Trainer:
             self.tracker.log_event(self.step, f"checkpoint saved: {path}")
         return path
 
-    def ema_model(self) -> torch.nn.Module:
-        """A copy of the model holding the EMA weights (main rank). The EMA is kept in fp32; the copy computes in
-        the training precision, as the model trained."""
-        model = build_model(self.cfg).to(self.env.device, compute_dtype(self.cfg))
-        self.ema.copy_to(model)
+    def ema_model(self) -> Optional[torch.nn.Module]:
+        """Collective: the whole EMA assembled on the main rank, in a model that computes in the training precision,
+        as the model trained (None on the other ranks). Built only when an evaluation or videos ask for it."""
+        model = None
+        if self.env.is_main:
+            with torch.device("meta"):
+                model = build_model(self.cfg)
+            model = model.to_empty(device=self.env.device).to(compute_dtype(self.cfg))
+        consolidate_into(model, self.engine.module, self.ema, self.env.device)
         return model
 
     def evaluate(self) -> Dict[str, float]:
-        """Prompt adherence and validation loss of the EMA weights (main rank; train/evaluate.py)."""
+        """Collective. Prompt adherence and validation loss of the EMA weights (main rank; train/evaluate.py)."""
+        model = self.ema_model()
         if not self.env.is_main:
             return {}
         if self._evaluator is None:
             self._evaluator = Evaluator(self.cfg, self.autoencoder, self.text, self.env.device)
-        metrics = self._evaluator(self.ema_model())
+        metrics = self._evaluator(model)
         self.tracker.log_event(self.step, f"evaluation at step {self.step} (EMA weights):\n{evaluation_table(metrics)}")
         return metrics
 
     def generate_videos(self) -> List[Path]:
-        """Videos of the fixed prompts (tracking.video_prompts), EMA weights, the current stage's shapes (main rank)."""
+        """Collective. Videos of the fixed prompts (tracking.video_prompts), EMA weights, the current stage's shapes
+        (main rank)."""
+        model = self.ema_model()
         if not self.env.is_main:
             return []
         cfg = self.cfg
         stage = self.curriculum.stage(max(self.step - 1, 0))
         prompts, shapes = generation_plan(cfg.tracking.video_prompts, stage_shapes(cfg, stage))
-        videos = generate(self.ema_model(), self.autoencoder, self.text, prompts, shapes, cfg.tracking.sampling_steps,
+        videos = generate(model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sampling_steps,
                           cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,
                           cfg.tracking.sampler)
         paths = write_videos(videos, prompts, self.run_dir / "videos" / f"step_{self.step}", cfg.data.fps)

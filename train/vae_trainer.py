@@ -16,7 +16,6 @@ from models.dit import parameter_count
 from models.vae import psnr, vae_loss
 from train.collectives import all_ranks_finite
 from train.curriculum import stage_shapes
-from train.engine import compute_dtype
 from train.epoch_gate import loss_weighted
 from train.evaluate import validation_clips
 from train.methods import build_model
@@ -62,10 +61,10 @@ class VAETrainer(Trainer):
 
     def generate_videos(self) -> List[Path]:
         """Reconstruct held-out clips (data.validation_root) with the EMA weights: original | reconstruction."""
+        vae = self.ema_model()
         if not self.env.is_main:
             return []
-        vae = build_model(self.cfg).to(self.env.device, compute_dtype(self.cfg)).eval()
-        self.ema.copy_to(vae)
+        vae = vae.eval()
         stage = self.curriculum.stage(max(self.step - 1, 0))
         out_dir = self.run_dir / "videos" / f"step_{self.step}"
         paths, scores = [], []

@@ -17,10 +17,15 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def engine_state(trainer):
-    """Collective: {"step", "weights", "exp_avg", "exp_avg_sq"}, each {name: fp32 tensor} (rank 0; None elsewhere)."""
+    """Collective: {"step", "weights", "exp_avg", "exp_avg_sq", "ema"}, each {name: fp32 tensor} (rank 0; None
+    elsewhere); "ema" is the EMA consolidated from the ranks' pieces, with its update count in "ema_updates"."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    state = {"step": trainer.step, "weights": {}, **{key: {} for key in MOMENTS}}
+    from train.ema import consolidated
+
+    state = {"step": trainer.step, "weights": {}, **{key: {} for key in MOMENTS}, "ema_updates": trainer.ema.updates,
+             "ema": {name: value for name, value in consolidated(trainer.engine.module, trainer.ema, trainer.env.device)
+                     if value is not None}}
     link = getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2 link their Adam moments to the parameters at the first step (or a universal load)
         link()

@@ -108,9 +108,9 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     assert "resuming from" in second.stdout and "dealt out anew" not in second.stdout
     assert _losses(interrupted) == _losses(two_rank_run)
     assert _keys_by_step(interrupted) == _keys_by_step(two_rank_run)
-    a = torch.load(two_rank_run / "checkpoints" / "step_8" / "ema.pt")
-    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    from tests.conftest import assert_same_ema
+
+    assert_same_ema(two_rank_run / "checkpoints" / "step_8", interrupted / "checkpoints" / "step_8")
     from tests.exactly_once import assert_exactly_once
 
     assert_exactly_once(interrupted)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATED, REPO, shared_ray_address
+from tests.conftest import GATED, REPO, assert_same_ema, shared_ray_address
+from train.export import ema_weights
 from tests.forked_ranks import run_ranks
 from tests.exactly_once import assert_epochs_in_step, assert_exactly_once
 from train.provenance import read_trained_keys
@@ -66,11 +67,17 @@ def probed(run_dir: Path, dataset: Path, out: Path, *overrides: str, nproc: int 
 
 
 def assert_same_engine_state(saved: Path, resumed: Path) -> None:
-    """The fp32 weights and both Adam moments a resume loaded are those the previous run ended with."""
+    """The fp32 weights, both Adam moments and the EMA (every parameter, consolidated from the ranks' pieces) a
+    resume loaded are those the previous run ended with, whatever the two runs' world sizes."""
     import torch
 
     a, b = torch.load(saved), torch.load(resumed)
-    assert a["step"] == b["step"]
+    assert a["step"] == b["step"] and a["ema_updates"] == b["ema_updates"] == a["step"]
+    assert a["ema"].keys() == b["ema"].keys() and set(a["weights"]) <= set(a["ema"])
+    for name in a["ema"]:
+        assert torch.equal(a["ema"][name], b["ema"][name]), ("ema", name)
+    # the EMA is not the weights (else the comparison above would not tell an EMA restored from one reset to them)
+    assert any(not torch.equal(a["ema"][n], a["weights"][n]) for n in a["weights"])
     for part in ("weights", "exp_avg", "exp_avg_sq"):
         assert a[part].keys() == b[part].keys() and a[part], part
         for name in a[part]:
@@ -102,8 +109,10 @@ def test_zero2_run_writes_the_run_directory_contract(finished_run):
     assert (run_dir / "config.yaml").exists()
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_8" and (latest / "COMPLETE").exists()
-    for name in ("train_state.json", "audit.json", "ema.pt", "config.yaml", "engine"):
+    for name in ("train_state.json", "audit.json", "config.yaml", "engine"):
         assert (latest / name).exists(), name
+    # the EMA: one file per rank, each rank's pieces of the trained weights
+    assert sorted(p.name for p in (latest / "ema").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     # ZeRO-2 over 2 ranks: each rank wrote its own optimizer shard
     assert len(list((latest / "engine").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     rows = metrics(run_dir)
@@ -155,12 +164,7 @@ def test_stop_and_resume_reproduces_the_straight_run_exactly(finished_run, tiny_
     assert "resuming from" in second.stdout and "step_3" in second.stdout
     # the second half crosses the stage change at step 5
     assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
-    import torch
-
-    a = torch.load(straight / "checkpoints" / "step_8" / "ema.pt")
-    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
-    assert a["updates"] == b["updates"] == 8
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert_same_ema(straight / "checkpoints" / "step_8", interrupted / "checkpoints" / "step_8", updates=8)
     trained = sorted(k for r in read_trained_keys(interrupted) for k in r["keys"])
     assert trained == sorted(k for r in read_trained_keys(straight) for k in r["keys"])
     assert_exactly_once(interrupted)
@@ -329,16 +333,11 @@ def test_zero_stages_1_2_and_3_train_the_same_losses(finished_run, zero3_run, ti
 
 
 def test_zero3_stop_and_resume_is_exact_including_the_ema(zero3_run, tiny_dataset, tmp_path):
-    import torch
-
     straight, interrupted = zero3_run, tmp_path / "z3_interrupted"
     torchrun(interrupted, tiny_dataset, "zero.stage=3", "train.stop_after_steps=3")
     torchrun(interrupted, tiny_dataset, "zero.stage=3")
     assert [r["loss"] for r in metrics(interrupted)] == [r["loss"] for r in metrics(straight)]
-    a = torch.load(straight / "checkpoints" / "step_8" / "ema.pt")
-    b = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
-    assert a["updates"] == b["updates"] == 8
-    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert_same_ema(straight / "checkpoints" / "step_8", interrupted / "checkpoints" / "step_8", updates=8)
     assert_exactly_once(interrupted)
 
 
@@ -356,8 +355,8 @@ def test_bf16_trains_stops_resumes_exactly_and_samples_in_bf16(tiny_dataset, tmp
     assert "resuming from" in second.stdout and "step_3" in second.stdout
     losses = [r["loss"] for r in metrics(interrupted)]
     assert losses == [r["loss"] for r in metrics(straight)] and all(0 < loss < 10 for loss in losses)
-    ema = torch.load(interrupted / "checkpoints" / "step_8" / "ema.pt")
-    assert all(w.dtype == torch.float32 for w in ema["weights"].values())  # the EMA stays fp32
+    ema = ema_weights(interrupted / "checkpoints" / "step_8")
+    assert all(w.dtype == torch.float32 for w in ema.values())  # the EMA stays fp32
     assert_exactly_once(interrupted)
     samples = sorted((interrupted / "videos" / "step_8").glob("*.mp4"))
     assert len(samples) == 3  # one per prompt, at the last stage's shapes
@@ -386,8 +385,7 @@ def test_export_loads_into_a_fresh_model_and_reproduces_the_ema_samples(finished
     out = export(run_dir, out=tmp_path / "export")
     cfg, exported = load_exported(out)
     reference = TextToVideoModel(cfg.model)
-    ema = torch.load(run_dir / "checkpoints" / "step_8" / "ema.pt")["weights"]
-    reference.load_state_dict(ema)
+    reference.load_state_dict(ema_weights(run_dir / "checkpoints" / "step_8"))
     shapes, prompts = [BucketShape(8, 32, 32)], ["a red circle moving right on a black background"]
     ae, text = build_autoencoder(cfg.model.autoencoder), text_conditioner(cfg.model)
     args = (prompts, shapes, 3, 3.0, 0, cfg.train.shift_reference_tokens, "cpu")

@@ -38,7 +38,9 @@ def test_vae_trains_exports_and_serves_as_the_dit_latent_space(tiny_dataset, tmp
     weights = vae_run / "export" / "step_3" / "model.safetensors"
     from safetensors.torch import load_file
 
-    ema = torch.load(vae_run / "checkpoints" / "step_3" / "ema.pt")["weights"]
+    from train.export import ema_weights
+
+    ema = ema_weights(vae_run / "checkpoints" / "step_3")
     assert all(torch.equal(load_file(str(weights))[k], v) for k, v in ema.items())
     # README: benchmarks/vae_psnr.py on the export, over the run's held-out clips
     scored = subprocess.run([sys.executable, "benchmarks/vae_psnr.py", str(weights.parent), "--clips", "3"],

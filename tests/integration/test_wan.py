@@ -182,7 +182,9 @@ def torchrun_train(overrides, nproc=2):
 
 
 def ema_dit(run_dir, step):
-    weights = torch.load(run_dir / "checkpoints" / f"step_{step}" / "ema.pt")["weights"]
+    from train.export import ema_weights
+
+    weights = ema_weights(run_dir / "checkpoints" / f"step_{step}")
     return {k[len("dit."):]: v for k, v in weights.items() if k.startswith("dit.")}
 
 
