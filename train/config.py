@@ -130,6 +130,16 @@ class ZeroConfig:
     overlap_comm: bool = False
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    # ZeRO-3 only: how many gathered parameters (elements) may be whole on a rank at once, and how soon a parameter
+    # is to be used again for it to stay whole (elements); null: two repeated blocks' parameters, so the model is
+    # never whole on a rank (DeepSpeed's own default, 1e9, keeps every model below 1B parameters whole from its
+    # forward to its backward). prefetch_bucket_size: how many elements are gathered ahead of use.
+    max_live_parameters: Optional[int] = None
+    max_reuse_distance: Optional[int] = None
+    prefetch_bucket_size: int = 50_000_000
+    # ZeRO-3 only: the optimizer steps over this many elements of a rank's partition at a time; an unfused Adam's
+    # temporaries (the CPU's) are a few times this size, not a few times the partition's.
+    sub_group_size: int = 20_000_000
     offload_optimizer: bool = False
     # ZeRO-3 only: keep the parameter partitions in CPU memory between uses.
     offload_parameters: bool = False
@@ -143,6 +153,12 @@ class ZeroConfig:
             raise ConfigError(f"zero.precision={self.precision!r}: must be fp32 or bf16")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError(f"zero.gradient_accumulation_steps={self.gradient_accumulation_steps}: must be >= 1")
+        for key in ("reduce_bucket_size", "allgather_bucket_size", "max_live_parameters", "prefetch_bucket_size",
+                    "sub_group_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"zero.{key}={getattr(self, key)}: must be >= 1")
+        if self.max_reuse_distance is not None and self.max_reuse_distance < 0:
+            raise ConfigError(f"zero.max_reuse_distance={self.max_reuse_distance}: must be >= 0")
 
 
 @dataclass

@@ -3,16 +3,18 @@
 Per-GPU memory of a training run, estimated before launch:
   * parameters, gradients and optimizer state by the ZeRO formulas (Rajbhandari et al.): with Ψ
     parameters, bf16 keeps 2Ψ weights + 4Ψ gradients (accumulated and reduced in fp32: train/engine.py) + 12Ψ
-    fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ + 8Ψ. ZeRO-1 divides the optimizer state by the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
+    fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ + 12Ψ under ZeRO (DeepSpeed's optimizer keeps an fp32 master
+    partition beside the module's fp32 weights) and 4Ψ + 4Ψ + 8Ψ without. ZeRO-1 divides the optimizer state by
+    the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
   * DeepSpeed's communication buckets.
   * activations of one micro-batch (the stage's token budget T): each DiT block saves about
     ACTIVATION_VALUES_PER_TOKEN x d values per token for backward (counted for this architecture from the
     tensors autograd saves, see tests/unit/test_memory.py); with activation checkpointing a block keeps only
     its input, and one block is recomputed at a time. Attention scores are never stored on GPU (flash /
     fused kernels); CPU kernels keep only per-row statistics.
-  * what training keeps beside the ZeRO states, as today's code does: the EMA (train/ema.py: an fp32 copy of every
-    parameter, frozen ones included, on rank 0, so the figures are rank 0's, the fullest), and under ZeRO-3 the
-    whole model gathered in the compute dtype at each step to update it (`full_parameters`).
+  * what training keeps beside the ZeRO states: the EMA (train/ema.py: fp32, each rank its 1/N of the trained
+    parameters, 4Ψ/N), and under ZeRO-3 the parameters gathered at once during forward and backward
+    (zero.max_live_parameters: two blocks' by default) in the compute dtype.
   * frozen parameters (LoRA's base) hold weights only: no gradients, no optimizer state.
   * the frozen pretrained encoders (UMT5/T5 text encoder at model.text.dtype, bf16 on a GPU by default; diffusers
     VAE in fp32), counted
@@ -42,8 +44,8 @@ class MemoryEstimate:
     buffers: float
     activations: float  # peak: saved_activations + one block recomputed under checkpointing
     saved_activations: float = 0.0
-    ema: float = 0.0  # rank 0's fp32 EMA
-    gathered: float = 0.0  # ZeRO-3: the whole model gathered for the EMA update, less this rank's own share
+    ema: float = 0.0  # this rank's pieces of the fp32 EMA of the trained parameters
+    gathered: float = 0.0  # ZeRO-3: the parameters whole at once during forward and backward
     encoders: float = 0.0  # frozen pretrained text encoder and VAE
     trainable: int = 0
     frozen: int = 0
@@ -53,10 +55,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        """The peak: the states, the EMA and the encoders always; the micro-batch's activations and buffers during
-        forward and backward, or the gathered model during the EMA update after the step, whichever is larger."""
+        """The peak, during backward: the states, the EMA and the encoders always, with the micro-batch's
+        activations, the buffers and (ZeRO-3) the gathered parameters."""
         held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders
-        return held + max(self.buffers + self.activations, self.gathered)
+        return held + self.buffers + self.activations + self.gathered
 
     def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
         """Fits with 10% left for the allocator, kernels' workspaces and fragmentation."""
@@ -126,7 +128,8 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     n = max(1, world_size)
     psi, frozen = parameter_counts(cfg.model)
     bf16 = cfg.zero.precision == "bf16"
-    weight, grad, optim = (2, 4, 12) if bf16 else (4, 4, 8)  # bf16 gradients accumulate in fp32
+    # bf16 gradients accumulate in fp32; under ZeRO an fp32 run's optimizer keeps its own fp32 master partition
+    weight, grad, optim = (2, 4, 12) if bf16 else (4, 4, 12 if stage >= 1 else 8)
     parameters = (psi + frozen) * weight / (n if stage >= 3 else 1)
     gradients = psi * grad / (n if stage >= 2 else 1)
     optimizer = psi * optim / (n if stage >= 1 else 1)
@@ -152,8 +155,13 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     outside = (OUTSIDE_BLOCKS_VALUES_PER_TOKEN - head_values) * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
     saved = (saved_blocks + outside) * value_bytes
     all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
-    ema = 4 * (psi + frozen)  # every run keeps one (train.ema_decay)
-    gathered = (psi + frozen) * weight * (1 - 1 / n) if stage >= 3 else 0.0
+    ema = 4 * psi / n  # every run keeps one (train.ema_decay), partitioned like the fp32 master weights
+    gathered = 0.0
+    if stage >= 3:
+        from train.engine import two_blocks
+
+        live = cfg.zero.max_live_parameters or two_blocks(cfg)
+        gathered = min(psi + frozen, live) * weight
     encoder_bytes, not_counted = frozen_encoders(m)
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
                           saved + (recompute + all_to_all) * value_bytes, saved, ema=ema, gathered=gathered,
@@ -202,14 +210,15 @@ def main(argv: List[str] = None) -> int:
           f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"
           f"{f', MLP in {cfg.model.mlp_chunks} chunks' if cfg.model.mlp_chunks > 1 else ''}"
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
-    notes = {"ema": "(rank 0, fp32)", "gathered": "(ZeRO-3: the whole model, each step, for the EMA)",
+    notes = {"ema": "(fp32, this rank's 1/N of the trained parameters)",
+             "gathered": "(ZeRO-3: parameters whole at once, zero.max_live_parameters)",
              "encoders": "(frozen: the text encoder at model.text.dtype, the VAE in fp32)"}
     for name in MemoryEstimate.ROWS:
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB {notes.get(name, '')}".rstrip())
     for missing in result.not_counted:
         print(f"  not counted: {missing}")
-    print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows, with the "
-          f"gathered model or the activations and buffers, whichever is larger")
+    print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows together, as "
+          f"in backward")
     fits = result.fits(gib * 2 ** 30)
     print("fits" if fits else "does NOT fit: raise zero.stage, turn on model.activation_checkpointing, "
                               "lower the stage token_budget, or use more GPUs")

@@ -6,7 +6,8 @@
 3. activation checkpointing of the repeated blocks (`model.activation_checkpointing`);
 4. regional compile: each repeated block compiled in place (`model.compile`; by default on with CUDA). Blocks
    of one shape share the compiled code, so compiling costs one block's time, not the model's;
-5. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
+5. under ZeRO-3 (eager), linear layers that keep their weight parameter, not its gathered tensor, for backward;
+6. the DeepSpeed engine (ZeRO), last: it wraps what the steps above made.
 
 Model code has no switch for any of them. Each step keeps parameter names as they are, so checkpoints
 load whichever of them a run turns on or off.
@@ -146,6 +147,33 @@ def describe_compile(report: Dict[str, Any]) -> str:
             f"{sum(breaks.values())} graph break(s){': ' + said if said else ''}")
 
 
+class _LinearsKeepParameters(torch.overrides.TorchFunctionMode):
+    """Routes F.linear over a ZeRO-3 parameter through DeepSpeed's linear function, which saves the parameter for
+    backward and gathers it again there. Autograd's own linear saves the gathered weight (a view of it): every
+    layer's whole weight then stayed on each rank from its forward to its backward, the whole model at the end of
+    the forward (measured: 1.5 GB of saved weights in a 0.28B fp32 model on 2 CPU ranks)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if hasattr(weight, "ds_id"):
+                from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+                return zero3_linear_wrap(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def apply_zero3_linears(model: nn.Module) -> None:
+    """Step 5: the model's forward runs with _LinearsKeepParameters (the forward is replaced on the instance)."""
+    model.forward = functools.partial(_forward_keeping_parameters, model.forward)
+
+
+def _forward_keeping_parameters(forward, *args, **kwargs):
+    with _LinearsKeepParameters():
+        return forward(*args, **kwargs)
+
+
 def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, layout: Optional[SequenceLayout] = None,
                 load_universal: bool = False):
     """Apply the steps above to `model` (on its device already). Returns the DeepSpeed engine and, under
@@ -160,4 +188,6 @@ def parallelize(model: nn.Module, cfg: KinoConfig, env: DistEnv, layout: Optiona
         if cfg.zero.stage == 3:
             gather_blocks_whole(model)
         apply_compile(model, cfg.model.compile_backend)
+    elif cfg.zero.stage == 3:
+        apply_zero3_linears(model)
     return build_engine(model, cfg, env, load_universal=load_universal), split
