@@ -277,6 +277,10 @@ def markdown(report: Dict) -> str:
     lines += [f"| {r['attention']} | {r['compiled']} | {fmt(r.get('tokens_per_s'), ',.0f')} | {fmt(r.get('mfu'), '.1%')} |"
               if "error" not in r else f"| {r['attention']} | {r['compiled']} | failed: {r['error']} | |"
               for r in report["backends"]]
+    problems = compile_problems(report)
+    if report["compiled"]:
+        lines += ["", "Compiled cases with graph breaks or an eager fallback (Dynamo reset before each case): "
+                  + ("; ".join(problems) if problems else "none")]
     lines += ["", "### (c) the trainer's step (DeepSpeed, one GPU, from shards) and (d) the memory estimate", "",
               "| config | tokens/s | MFU | data wait | step s | peak GB | estimate GB | estimate error |",
               "|---|---|---|---|---|---|---|---|"]
@@ -317,17 +321,39 @@ def markdown(report: Dict) -> str:
 
 
 def guarded(function, *args, **kwargs) -> Dict:
-    """One failed measurement is reported in its row; the others still run. The GPU's cache is emptied after each,
-    so one measurement's memory does not count against the next."""
+    """One failed measurement is reported in its row; the others still run. Dynamo starts each case afresh (no
+    graphs, guards or counters from the last), and a compiled case's row says how it compiled: the graphs Dynamo
+    captured and its graph breaks, so a case that broke its graphs or fell back to eager is named in the report.
+    The GPU's cache is emptied after each, so one measurement's memory does not count against the next."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     try:
-        return function(*args, **kwargs)
+        row = function(*args, **kwargs)
     except Exception as error:  # an OOM or a missing kernel on one configuration
-        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
-                "model": kwargs.get("modulation", "?"), "tokens": args[1] if len(args) > 1 else 0,
-                "attention": kwargs.get("backend", "?"), "compiled": kwargs.get("compiled", "?")}
+        row = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
+               "model": kwargs.get("modulation", "?"), "tokens": args[1] if len(args) > 1 else 0,
+               "attention": kwargs.get("backend", "?"), "compiled": kwargs.get("compiled", "?")}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if isinstance(row, dict) and row.get("compiled") is True:
+        from train.parallelize import compile_report, describe_compile
+
+        report = compile_report()
+        breaks = sum(report["graph_breaks"].values())
+        row.update(graphs=report["graphs"], graph_breaks=breaks, eager=report["graphs"] == 0,
+                   compile_note=describe_compile(report) if breaks or not report["graphs"] else "")
+    return row
+
+
+def compile_problems(report: Dict) -> List[str]:
+    """The compiled cases that ran with graph breaks or fell back to eager (no graph captured)."""
+    return [f"{r.get('model', '?')} {r.get('tokens', '')} tokens ({r.get('attention', '?')}): {r['compile_note']}"
+            for part in ("versus_wan", "backends") for r in report.get(part, []) if r.get("compile_note")]
 
 
 def plan(rehearse: bool) -> Dict:

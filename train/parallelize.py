@@ -164,9 +164,15 @@ class _LinearsKeepParameters(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def apply_zero3_linears(model: nn.Module) -> None:
-    """Step 5: the model's forward runs with _LinearsKeepParameters (the forward is replaced on the instance)."""
-    model.forward = functools.partial(_forward_keeping_parameters, model.forward)
+def apply_zero3_linears(model: nn.Module) -> int:
+    """Step 5: each linear layer's forward runs with _LinearsKeepParameters (replaced on the instance: LoRA's
+    adapted forward included). Per layer, not around the model's forward, so activation checkpointing's
+    recomputation in backward, outside the model's forward, saves what the forward saved. Returns the number of
+    layers."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        layer.forward = functools.partial(_forward_keeping_parameters, layer.forward)
+    return len(layers)
 
 
 def _forward_keeping_parameters(forward, *args, **kwargs):

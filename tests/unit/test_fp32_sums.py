@@ -101,13 +101,12 @@ def test_reductions_accumulate_bf16_terms_in_fp32():
 
 ENGINE_PROBE = r"""
 import json, os, sys
-import torch, torch.distributed as dist
+import torch
 sys.path.insert(0, os.getcwd())
 from conf.schema import load_config
-from train.engine import DistEnv, build_engine
+from train.engine import build_engine, init_distributed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-dist.init_process_group("gloo", rank=0, world_size=1)
-env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+env = init_distributed()  # as training sets up: gloo, without DeepSpeed's CPU collective op (a minute to build)
 found = {}
 for stage in (1, 3):  # ZeRO-1 (then DeepSpeed's BF16_Optimizer) and ZeRO-3; ZeRO-2 reads the same two keys as ZeRO-1
     cfg = load_config(["experiment=demo", "zero.precision=bf16", f"zero.stage={stage}",
