@@ -67,3 +67,11 @@ def all_ranks_finite(loss: torch.Tensor, device: torch.device) -> torch.Tensor:
     a step, or the gradient all-reduce of the ranks that did not skip would wait forever. It stays on the device
     (no host read inside a micro-batch); the trainer reads it once, at the optimizer step's boundary."""
     return all_reduce(torch.isfinite(loss.detach()).reshape(1).float(), device, MIN) > 0
+
+
+def sum_onto_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` becomes the sum of every rank's, in place (the others' are left as the reduction leaves
+    them). The tensor must already be on the run's device."""
+    if _distributed():
+        dist.reduce(tensor, dst=0)
+    return tensor

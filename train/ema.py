@@ -146,13 +146,15 @@ def saved_pieces(files: Iterable[Path]) -> Iterator[Tuple[str, Dict]]:
 
 def consolidate_files(files: List[Path], base: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The whole EMA from a checkpoint's EMA files (offline: train.export, train.generate): each averaged
-    parameter assembled from its pieces, every other parameter as `base` holds it (the raw weights: a frozen
-    parameter's EMA is its value)."""
+    parameter assembled from its pieces, every other parameter as `base` holds it (the raw weights, where some are
+    frozen: a frozen parameter's EMA is its value)."""
     weights = dict(base)
     assembled: Dict[str, torch.Tensor] = {}
     counts: Dict[str, int] = {}
+    shapes: Dict[str, Tuple[int, ...]] = {}
     for name, entry in saved_pieces(files):
         if name not in assembled:
+            shapes[name] = tuple(entry["shape"])
             numel = math.prod(entry["shape"])
             assembled[name], counts[name] = torch.empty(numel, dtype=torch.float32), 0
         assembled[name][entry["start"]:entry["stop"]] = entry["values"].reshape(-1)[:entry["stop"] - entry["start"]]
@@ -160,9 +162,7 @@ def consolidate_files(files: List[Path], base: Dict[str, torch.Tensor]) -> Dict[
     for name, flat in assembled.items():
         if counts[name] != flat.numel():
             raise ValueError(f"the EMA files hold {counts[name]} of {flat.numel()} elements of {name}")
-        if name not in weights:
-            raise ValueError(f"the EMA holds {name}, which the model does not have")
-        weights[name] = flat.reshape(weights[name].shape)
+        weights[name] = flat.reshape(shapes[name])
     return weights
 
 
@@ -171,6 +171,7 @@ def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device) -> Ite
     """Collective: every rank runs it to the end. (name, whole fp32 EMA) for each parameter of `module`, one at
     a time, on rank 0 (None elsewhere): an averaged parameter summed from the ranks' disjoint pieces; a frozen one
     as `module` holds it (gathered under ZeRO-3)."""
+    from train.collectives import sum_onto_main
     from train.engine import gathered
 
     pieces = {p.name: p for p in ema.pieces}
@@ -182,8 +183,7 @@ def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device) -> Ite
             flat = torch.zeros(math.prod(shape), dtype=torch.float32, device=device)
             if name in pieces:
                 flat[pieces[name].start:pieces[name].stop] = ema.shadow[name]
-            if distributed:
-                dist.reduce(flat, dst=0)
+            sum_onto_main(flat)
             value = flat.reshape(shape)
         else:
             with gathered([p]):

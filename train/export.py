@@ -31,12 +31,15 @@ def checkpoint_path(run_dir: Path, step: int = None) -> Path:
 
 
 def ema_weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
-    """The whole EMA, assembled from each rank's pieces (train/ema.py); a frozen parameter (LoRA's base), which
-    has no EMA, as the raw weights hold it."""
+    """The whole EMA, assembled from each rank's pieces (train/ema.py); a run with frozen parameters (LoRA's base),
+    which have no EMA, takes them from the raw weights (consolidated only then)."""
+    from conf.schema import from_yaml
     from train.checkpoint import shard_files
     from train.ema import consolidate_files
 
-    return consolidate_files(shard_files(checkpoint, "ema"), raw_weights(checkpoint))
+    cfg = from_yaml((checkpoint / "config.yaml").read_text())
+    frozen = cfg.train.method == "dit" and cfg.model.lora.rank > 0
+    return consolidate_files(shard_files(checkpoint, "ema"), raw_weights(checkpoint) if frozen else {})
 
 
 def raw_weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
