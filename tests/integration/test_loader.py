@@ -166,8 +166,11 @@ def test_an_acknowledgement_that_times_out_on_a_busy_actor_is_sent_again_and_a_d
     actor = ray.remote(num_cpus=0)(BusyOnce).options(name="busy-once", namespace="kino-tests").remote(
         dataset_rows(tiny_dataset), 0, 2)
     client = CoordinatorClient(None, None, "busy-once", "kino-tests")
-    client._actor, client.call_timeout_s = actor, 1.0
+    client._actor = actor
+    # the actor's start and first call, at the default timeout (on a loaded 2-core machine a fresh actor took
+    # over 1 s to answer, and the test then failed before the behaviour it checks)
     lease = client.request("rank0-worker0", 0, 1)
+    client.call_timeout_s = 1.0
     tags = [[lease["epoch"], lease["chunk"], offset] for offset in range(lease["start"], lease["stop"])]
     client.ack_step({"rank0-worker0": tags})  # 1 s, 1 s, then the answer: no CoordinatorUnavailable
     state = client.state()["epochs"]["0"]
