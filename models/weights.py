@@ -34,8 +34,12 @@ def weight_paths(path) -> List[Path]:
 def weights_sha256(path) -> str:
     """One sha256 over the bytes of the weight files at `path`, in path order. Remembered per process for files
     of unchanged size and modification time (a run checks several caches built with the same encoders)."""
-    stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_paths(path))
+    stamps = _stamps(path)
     return _remembered.get(stamps) or _digest(stamps)
+
+
+def _stamps(path) -> Tuple[Tuple[str, int, int], ...]:
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_paths(path))
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,11 +82,8 @@ def stream_safetensors(paths, digest=None):
     for path in paths:
         with open(path, "rb") as handle:
             reader = _Hashed(handle, digest)
-            header_size = int.from_bytes(reader.read(8), "little")
-            header = json.loads(reader.read(header_size))
-            header.pop("__metadata__", None)
             position = 0
-            for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            for name, entry in safetensors_entries(reader):
                 begin, end = entry["data_offsets"]
                 if begin > position:  # padding between tensors: read (and hashed) all the same
                     reader.read(begin - position)
@@ -96,10 +97,26 @@ def stream_safetensors(paths, digest=None):
                 digest.update(rest)
 
 
+def safetensors_entries(reader):
+    """(name, header entry) of a safetensors file's tensors, in the order they lie in it, read from its header
+    (`reader.read(n)`: the file's first bytes on; nothing after the header is read)."""
+    header = json.loads(reader.read(int.from_bytes(reader.read(8), "little")))
+    header.pop("__metadata__", None)
+    return sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+
+
+def tensor_order(paths) -> List[str]:
+    """The tensors' names in the order stream_safetensors yields them, from the headers alone."""
+    names = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            names += [name for name, _ in safetensors_entries(handle)]
+    return names
+
+
 def remember_sha256(path, sha256: str) -> None:
     """Record a digest computed while streaming (stream_safetensors), so weights_sha256 does not read again."""
-    stamps = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in weight_paths(path))
-    _remembered[stamps] = sha256
+    _remembered[_stamps(path)] = sha256
 
 
 _remembered: dict = {}

@@ -123,7 +123,7 @@ def load_base(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, placement: 
     elsewhere). Parameters the files do not hold must be LoRA adapters: they take their starting values."""
     from models.lora import init_adapter, is_adapter
     from models.wan_weights import to_kino
-    from models.weights import remember_sha256, stream_safetensors, weight_paths
+    from models.weights import remember_sha256, stream_safetensors, tensor_order, weight_paths
 
     m = cfg.model
     paths = weight_paths(m.init_from)
@@ -169,19 +169,6 @@ def load_base(model: torch.nn.Module, cfg: KinoConfig, env: DistEnv, placement: 
     sha256 = digest.hexdigest()
     remember_sha256(m.init_from, sha256)
     return sha256
-
-
-def tensor_order(paths):
-    """The tensors' names in the order stream_safetensors yields them (from the headers alone)."""
-    import json
-
-    names = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        header.pop("__metadata__", None)
-        names += [name for name, _ in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])]
-    return names
 
 
 def share_identity(identity: Dict[str, str], sha256: Optional[str], m, env: DistEnv) -> Dict[str, str]:
