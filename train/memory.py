@@ -3,8 +3,9 @@
 Per-GPU memory of a training run, estimated before launch:
   * parameters, gradients and optimizer state by the ZeRO formulas (Rajbhandari et al.): with Ψ
     parameters, bf16 keeps 2Ψ weights + 4Ψ gradients (accumulated and reduced in fp32: train/engine.py) + 12Ψ
-    fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ + 12Ψ under ZeRO (DeepSpeed's optimizer keeps an fp32 master
-    partition beside the module's fp32 weights) and 4Ψ + 4Ψ + 8Ψ without. ZeRO-1 divides the optimizer state by
+    fp32 master/Adam state; fp32 keeps 4Ψ + 4Ψ + 12Ψ under ZeRO-1/2 (DeepSpeed's optimizer keeps an fp32 master
+    partition beside the module's fp32 weights) and 4Ψ + 4Ψ + 8Ψ under ZeRO-3 (the module's partition is the
+    master: train/engine.py `fp32_master_shared`) and without ZeRO. ZeRO-1 divides the optimizer state by
     the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
   * DeepSpeed's communication buckets.
   * activations of one micro-batch (the stage's token budget T): each DiT block saves about
@@ -128,8 +129,8 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     n = max(1, world_size)
     psi, frozen = parameter_counts(cfg.model)
     bf16 = cfg.zero.precision == "bf16"
-    # bf16 gradients accumulate in fp32; under ZeRO an fp32 run's optimizer keeps its own fp32 master partition
-    weight, grad, optim = (2, 4, 12) if bf16 else (4, 4, 12 if stage >= 1 else 8)
+    # bf16 gradients accumulate in fp32; under ZeRO-1/2 an fp32 run's optimizer keeps its own fp32 master partition
+    weight, grad, optim = (2, 4, 12) if bf16 else (4, 4, 12 if stage in (1, 2) else 8)
     parameters = (psi + frozen) * weight / (n if stage >= 3 else 1)
     gradients = psi * grad / (n if stage >= 2 else 1)
     optimizer = psi * optim / (n if stage >= 1 else 1)

@@ -118,13 +118,35 @@ for stage in (1, 3):  # ZeRO-1 (then DeepSpeed's BF16_Optimizer) and ZeRO-3; ZeR
     optimizer = engine.optimizer
     found[stage] = [str(engine.communication_data_type), str(getattr(optimizer, "gradient_accumulation_dtype",
                     getattr(optimizer, "grad_acc_dtype", None))), type(optimizer).__name__]
+# fp32 ZeRO-3: the optimizer's master partition is the module's own fp32 partition (DeepSpeed, left to itself,
+# clones it); the same two steps without Kino's fix give the same weights from a second copy.
+import deepspeed
+from train.engine import deepspeed_config
+cfg = load_config(["experiment=demo", "zero.precision=fp32", "zero.stage=3"])
+for shared in (True, False):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+    if shared:
+        engine = build_engine(model, cfg, env)
+    else:
+        engine = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=deepspeed_config(cfg, 1, "cpu"))[0]
+    torch.manual_seed(1)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(4, 8)).pow(2).mean())
+        engine.step()
+    optimizer = engine.optimizer
+    pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+    found[f"fp32 shared={shared}"] = {"same storage": [m.data_ptr() == p.data_ptr() for m, p in pairs],
+                                      "weights": torch.cat([p.ds_tensor.flatten() for p in model.parameters()]).tolist()}
 print(json.dumps(found))
 """
 
 
 def test_deepspeed_accumulates_and_reduces_bf16_gradients_in_fp32():
     """A real DeepSpeed engine (one gloo rank) under ZeRO-1 and ZeRO-3 in bf16: its gradient accumulation across
-    micro-batches and its reduction across ranks are fp32 (DeepSpeed's default for both is the model's dtype)."""
+    micro-batches and its reduction across ranks are fp32 (DeepSpeed's default for both is the model's dtype).
+    Under ZeRO-3 in fp32 the optimizer keeps no second fp32 copy of the partition, and trains the same."""
     import json
     import subprocess
     import sys
@@ -136,6 +158,10 @@ def test_deepspeed_accumulates_and_reduces_bf16_gradients_in_fp32():
                             text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
+    shared, cloned = found.pop("fp32 shared=True"), found.pop("fp32 shared=False")
+    assert shared["same storage"] and all(shared["same storage"]), "fp32 ZeRO-3 kept a second fp32 master copy"
+    assert not any(cloned["same storage"]), "DeepSpeed alone shares the master now: train.engine's fix can go"
+    assert shared["weights"] == cloned["weights"]
     for stage, (communication, accumulation, optimizer) in found.items():
         assert communication == "torch.float32", (stage, optimizer)
         assert accumulation == "torch.float32", (stage, optimizer)
