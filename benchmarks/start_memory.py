@@ -4,8 +4,9 @@
 0.28B parameters (16 blocks of 8 heads x 128, FFN 4096; 1,058 MiB in fp32) saved to disk, with a tiny random T5 and
 Wan VAE, fine-tuned for 2 steps by `python -m train experiment=wan_finetune` under ZeRO-3 in fp32 on N CPU ranks.
 Each rank's peak RSS (VmHWM) is read from /proc while it runs: at its first logged step ("start": construction,
-base weights, partitioning) and at its exit. The bar the issue sets: ZeRO-3's share of the model states (16 bytes
-a parameter / N) + 1.5 GiB.
+base weights, partitioning) and at its exit, beside train.memory's estimate for the same config (what a GPU would
+hold: the process itself, torch and DeepSpeed's code, is not in it). The bar the issue sets: ZeRO-3's share of the
+model states (16 bytes a parameter / N) + 1.5 GiB.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def build_inputs(work: Path):
     return params
 
 
-def overrides(work: Path, run_dir: Path, lora: int):
+def overrides(work: Path, run_dir: Path, lora: int, checkpointing: bool):
     stage = ["resolutions=[32]", "aspect_ratios=[1.0]", "frame_counts=[5]", "token_budget=192", "warmup_steps=0"]
     return ["experiment=wan_finetune", f"data.root={work / 'data'}", f"train.run_dir={run_dir}", "data.fps=8",
             f"model.init_from={work / 'transformer'}", f"model.text.path={work / 't5'}",
@@ -51,7 +52,7 @@ def overrides(work: Path, run_dir: Path, lora: int):
             f"model.autoencoder.path={work / 'vae'}", "model.autoencoder.latent_channels=4",
             "model.autoencoder.temporal_factor=2", "model.autoencoder.spatial_factor=4", "model.dim=1024",
             "model.heads=8", "model.depth=16", "model.ffn_dim=4096", "model.text.dim=24",
-            "model.activation_checkpointing=false", "curriculum=demo",
+            f"model.activation_checkpointing={str(checkpointing).lower()}", "curriculum=demo",
             *[f"curriculum.stages.{i}.{s}" for i in (0, 1) for s in stage],
             "curriculum.stages.0.steps=1", "curriculum.stages.1.steps=1", "zero.stage=3", "zero.precision=fp32",
             "tracking.mode=disabled", "tracking.eval_prompts=0", "tracking.eval_clips=0",
@@ -80,10 +81,19 @@ def peak_mib(pid: int):
         return None
 
 
-def measure(work: Path, ranks: int, lora: int):
+def estimated_mib(work: Path, ranks: int, lora: int, checkpointing: bool) -> float:
+    """train.memory's peak for this run (its rows together), in MiB: what it says a GPU would hold."""
+    from conf.schema import load_config
+    from train.memory import estimate
+
+    cfg = load_config(overrides(work, work / "unused", lora, checkpointing), check=False)
+    return estimate(cfg, ranks).total / 2 ** 20
+
+
+def measure(work: Path, ranks: int, lora: int, checkpointing: bool):
     run_dir = Path(tempfile.mkdtemp(prefix="start_memory_"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-               "train", *overrides(work, run_dir, lora)]
+               "train", *overrides(work, run_dir, lora, checkpointing)]
     process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks, start, done = {}, {}, threading.Event()
@@ -116,22 +126,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--lora", nargs="+", type=int, default=[0, 32])
+    parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on"],
+                        help="model.activation_checkpointing (on: the shipped Wan configs; off: the baseline's recipe)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kino_start_memory")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     params = build_inputs(args.work)
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; a Wan-shaped model of {params / 1e9:.3f}B "
           f"parameters ({params * 4 / 2 ** 20:,.0f} MiB in fp32), ZeRO-3, fp32, 2 steps")
-    print("| ranks | LoRA rank | bar (16 B x params / ranks + 1.5 GiB) | peak RSS at the first step, per rank (MiB) "
-          "| peak RSS over the run, per rank (MiB) | s |")
-    print("|---|---|---|---|---|---|")
+    print("| ranks | LoRA rank | checkpointing | bar (16 B x params / ranks + 1.5 GiB) | train.memory's estimate "
+          "(MiB) | peak RSS at the first step, per rank (MiB) | peak RSS over the run, per rank (MiB) | s |")
+    print("|---|---|---|---|---|---|---|---|")
     for ranks in args.ranks:
         for lora in args.lora:
-            found, seconds = measure(args.work, ranks, lora)
-            bar = 16 * params / ranks / 2 ** 20 + 1536
-            first = " / ".join(f"{s:,.0f}" if s else "-" for s, _ in found.values())
-            overall = " / ".join(f"{p:,.0f}" for _, p in found.values())
-            print(f"| {ranks} | {lora} | {bar:,.0f} | {first} | {overall} | {seconds:.0f} |", flush=True)
+            for mode in args.checkpointing:
+                found, seconds = measure(args.work, ranks, lora, mode == "on")
+                bar = 16 * params / ranks / 2 ** 20 + 1536
+                estimate = estimated_mib(args.work, ranks, lora, mode == "on")
+                first = " / ".join(f"{s:,.0f}" if s else "-" for s, _ in found.values())
+                overall = " / ".join(f"{p:,.0f}" for _, p in found.values())
+                print(f"| {ranks} | {lora} | {mode} | {bar:,.0f} | {estimate:,.0f} | {first} | {overall} "
+                      f"| {seconds:.0f} |", flush=True)
     print(json.dumps({"params": params}))
 
 

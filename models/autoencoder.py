@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from models.config import AutoencoderConfig
+from models.precision import frozen_dtype
 
 
 def to_unit_range(video: torch.Tensor) -> torch.Tensor:
@@ -87,10 +88,15 @@ class FrozenVideoAutoencoder:
     normalizer: LatentNormalizer
     device = torch.device("cpu")
     clips_per_call = 0  # model.autoencoder.encode_batch
+    dtype_setting = "fp32"  # model.autoencoder.dtype: decided where the network is placed (`to`)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
 
     def to(self, device) -> "FrozenVideoAutoencoder":
         self.device = torch.device(device)
-        self.network.to(self.device)
+        self.network.to(device=self.device, dtype=frozen_dtype(self.dtype_setting, self.device.type))
         return self
 
     @torch.no_grad()
@@ -102,15 +108,15 @@ class FrozenVideoAutoencoder:
         """uint8 clips (T, H, W, 3) of mixed shapes -> their normalised latents: one network call per shape. The
         clips move to the device as uint8 (a quarter of the bytes of floats)."""
         def encode(same_shape: torch.Tensor) -> torch.Tensor:
-            x = to_unit_range_batch(same_shape.to(self.device, non_blocking=True))
+            x = to_unit_range_batch(same_shape.to(self.device, non_blocking=True)).to(self.dtype)
             return self.normalizer.normalize(self._encode(x).float())
 
         return encode_by_shape(encode, videos, self.clips_per_call)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        z = self.normalizer.denormalize(latent.float()).unsqueeze(0).to(self.device)
-        return to_uint8(self._decode(z)[0].clamp(-1, 1).cpu())
+        z = self.normalizer.denormalize(latent.float()).unsqueeze(0).to(self.device, self.dtype)
+        return to_uint8(self._decode(z)[0].float().clamp(-1, 1).cpu())
 
 
 class BuiltinVAE(FrozenVideoAutoencoder):
@@ -171,15 +177,15 @@ def build_autoencoder(cfg: AutoencoderConfig):
     if cfg.name == "causal_vae":
         vae = BuiltinVAE(cfg)
         _check_declared(cfg, vae)
-        vae.clips_per_call = cfg.encode_batch
-        return vae
+        vae.clips_per_call, vae.dtype_setting = cfg.encode_batch, cfg.dtype
+        return vae.to("cpu")
     if cfg.name == "diffusers":
         if not cfg.path:
             raise ValueError("model.autoencoder.path must name a local diffusers autoencoder directory")
         vae = DiffusersVideoAutoencoder(cfg.path, cfg.latent_mean, cfg.latent_std)
         _check_declared(cfg, vae)
-        vae.clips_per_call = cfg.encode_batch
-        return vae
+        vae.clips_per_call, vae.dtype_setting = cfg.encode_batch, cfg.dtype
+        return vae.to("cpu")
     raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel, causal_vae, diffusers")
 
 

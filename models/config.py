@@ -72,12 +72,17 @@ class AutoencoderConfig:
     # Clips of one shape the frozen autoencoder encodes per call (0 = all of them in the micro-batch). Lower it
     # when a large VAE at high resolution runs out of memory.
     encode_batch: int = 4
+    # The dtype a frozen causal_vae / diffusers autoencoder holds its weights and runs in: auto (bf16 on CUDA, fp32
+    # elsewhere) | bf16 | fp32. Its latents and decoded pixels leave it in fp32 either way.
+    dtype: str = "auto"
 
     def check(self) -> None:
         if self.name not in ("pixel", "causal_vae", "diffusers"):
             raise ConfigError(f"model.autoencoder.name={self.name!r}: supported: pixel, causal_vae, diffusers")
         if self.encode_batch < 0:
             raise ConfigError(f"model.autoencoder.encode_batch={self.encode_batch}: must be >= 0 (0 = all)")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"model.autoencoder.dtype={self.dtype!r}: supported: auto, bf16, fp32")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from models.config import TextEncoderConfig
 from models.layers import MLP, Attention, RMSNorm, cu_seqlens_from_lengths, to_device
+from models.precision import frozen_dtype
 
 
 @dataclass
@@ -170,14 +171,6 @@ class PretrainedTextEncoder:
         device = device or self.device
         return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
                          embeddings=packed.float().to(device))
-
-
-def frozen_dtype(setting: str, device_type: str) -> torch.dtype:
-    """model.text.dtype on a device: auto is bf16 on CUDA (about half the memory of fp32: UMT5-XXL's 5.7B
-    parameters take 11 GB, not 23) and fp32 elsewhere (CPUs gain little from bf16 matmuls)."""
-    if setting == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
 
 
 def pretrained_text_dim(path: str) -> int:

@@ -18,7 +18,7 @@ Per-GPU memory of a training run, estimated before launch:
     (zero.max_live_parameters: two blocks' by default) in the compute dtype.
   * frozen parameters (LoRA's base) hold weights only: no gradients, no optimizer state.
   * the frozen pretrained encoders (UMT5/T5 text encoder at model.text.dtype, bf16 on a GPU by default; diffusers
-    VAE in fp32), counted
+    VAE at model.autoencoder.dtype), counted
     from their safetensors headers when `model.text.path` / `model.autoencoder.path` name a local directory, and
     said to be not counted otherwise. A stage that reads a latent cache loads neither.
 """
@@ -99,13 +99,14 @@ def stored_parameters(path: Optional[str]) -> Optional[int]:
 
 def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
     """(bytes of the frozen pretrained encoders the config loads on a GPU, the ones it names but cannot count):
-    the text encoder at model.text.dtype (auto: bf16), the VAE in fp32."""
-    from models.text_encoder import frozen_dtype
+    the text encoder at model.text.dtype (auto: bf16), the VAE at model.autoencoder.dtype (auto: bf16)."""
+    from models.precision import frozen_dtype
 
     counted, missing = 0, []
     text_bytes = frozen_dtype(model_cfg.text.dtype, "cuda").itemsize
+    vae_bytes = frozen_dtype(model_cfg.autoencoder.dtype, "cuda").itemsize
     for label, part, kind, width in (("text encoder", model_cfg.text, "pretrained", text_bytes),
-                                     ("VAE", model_cfg.autoencoder, "diffusers", 4)):
+                                     ("VAE", model_cfg.autoencoder, "diffusers", vae_bytes)):
         if part.name != kind:
             continue
         found = stored_parameters(part.path)
@@ -213,7 +214,7 @@ def main(argv: List[str] = None) -> int:
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
     notes = {"ema": "(fp32, this rank's 1/N of the trained parameters)",
              "gathered": "(ZeRO-3: parameters whole at once, zero.max_live_parameters)",
-             "encoders": "(frozen: the text encoder at model.text.dtype, the VAE in fp32)"}
+             "encoders": "(frozen: the text encoder and VAE at model.text.dtype and model.autoencoder.dtype)"}
     for name in MemoryEstimate.ROWS:
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB {notes.get(name, '')}".rstrip())
     for missing in result.not_counted:

@@ -28,6 +28,23 @@ def test_diffusers_wan_vae_loads_from_a_local_dir_and_round_trips_shapes(tiny_wa
     assert torch.allclose(latent, expected, atol=1e-5)
 
 
+def test_a_frozen_diffusers_vae_runs_in_the_configured_dtype_and_hands_out_fp32(tiny_wan_vae):
+    """model.autoencoder.dtype: auto is bf16 on CUDA, fp32 elsewhere; a bf16 VAE holds bf16 weights, its latents
+    leave it in fp32 close to the fp32 VAE's, and it decodes to uint8 pixels."""
+    video = torch.randint(0, 256, (5, 16, 24, 3), dtype=torch.uint8)
+    latents = {}
+    for dtype in ("fp32", "bf16"):
+        vae = build_autoencoder(AutoencoderConfig(name="diffusers", path=str(tiny_wan_vae), latent_channels=4,
+                                                  temporal_factor=2, spatial_factor=4, dtype=dtype)).to("cpu")
+        assert {p.dtype for p in vae.network.parameters()} == {torch.bfloat16 if dtype == "bf16" else torch.float32}
+        latents[dtype] = vae.encode(video)
+        assert latents[dtype].dtype == torch.float32
+        decoded = vae.decode(latents[dtype])
+        assert decoded.shape == video.shape and decoded.dtype == torch.uint8
+    assert torch.allclose(latents["bf16"], latents["fp32"], atol=0.1, rtol=0.05)
+    assert not torch.equal(latents["bf16"], latents["fp32"])  # the bf16 one did run in bf16
+
+
 def test_declared_factors_must_match_the_loaded_autoencoder(tiny_wan_vae):
     with pytest.raises(ValueError, match="declares"):
         build_autoencoder(AutoencoderConfig(name="diffusers", path=str(tiny_wan_vae), latent_channels=16,

@@ -139,7 +139,7 @@ def test_shared_modulation_replaces_each_blocks_projection_by_offsets_and_starts
 def test_a_frozen_pretrained_text_encoder_runs_in_the_configured_dtype_and_hands_out_fp32(tiny_t5):
     """model.text.dtype: auto is bf16 on CUDA (half of UMT5-XXL's 23 GB in fp32) and fp32 elsewhere; either way
     its embeddings leave it in fp32, and bf16 ones stay close to fp32 ones."""
-    from models.text_encoder import frozen_dtype
+    from models.precision import frozen_dtype
 
     assert frozen_dtype("auto", "cuda") == torch.bfloat16 and frozen_dtype("auto", "cpu") == torch.float32
     captions = ["a red circle moving left", "a blue square"]
