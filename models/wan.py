@@ -127,12 +127,22 @@ class WanBlock(nn.Module):
         return (x.float() + self.ffn(normed).float() * c_gate).type_as(x)
 
 
+class FP32Linear(nn.Linear):
+    """A Linear computed in fp32 whatever its parameters' dtype. diffusers keeps Wan's `time_embedder` in fp32
+    (`_keep_in_fp32_modules`); a bf16 DeepSpeed engine holds every parameter in bf16 (one dtype an engine, the
+    fp32 master in the optimizer), so here the weights are upcast at use and the matmul and its sums are fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class _Sequential(nn.Module):
     """linear_1, activation, linear_2: diffusers' TimestepEmbedding and PixArtAlphaTextProjection by name."""
 
-    def __init__(self, in_dim: int, dim: int, activation):
+    def __init__(self, in_dim: int, dim: int, activation, linear=nn.Linear):
         super().__init__()
-        self.linear_1, self.linear_2, self.activation = nn.Linear(in_dim, dim), nn.Linear(dim, dim), activation
+        self.linear_1, self.linear_2, self.activation = linear(in_dim, dim), linear(dim, dim), activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.activation(self.linear_1(x)))
@@ -142,7 +152,7 @@ class WanConditionEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int, text_dim: int):
         super().__init__()
         self.freq_dim = freq_dim
-        self.time_embedder = _Sequential(freq_dim, dim, nn.SiLU())
+        self.time_embedder = _Sequential(freq_dim, dim, nn.SiLU(), linear=FP32Linear)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _Sequential(text_dim, dim, nn.GELU(approximate="tanh"))
 
@@ -186,7 +196,7 @@ class WanDiT(PatchLayout, nn.Module):
                                                  output_size=sum(lengths)))
         embedder = self.condition_embedder
         frequencies = timestep_embedding(timesteps, embedder.freq_dim)
-        temb = embedder.time_embedder(frequencies.to(embedder.time_embedder.linear_1.weight.dtype)).type_as(text)
+        temb = embedder.time_embedder(frequencies.float()).type_as(text)  # fp32 inside, as diffusers keeps it
         table = embedder.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (clips, 6, d), shared by every block
         context = embedder.text_embedder(text)
         cos, sin = rope_interleaved(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
@@ -197,7 +207,8 @@ class WanDiT(PatchLayout, nn.Module):
         return self.output(x, temb, segments)
 
     def output(self, x: torch.Tensor, temb: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        """The output head, token by token (tiled by model.loss_chunks like VideoDiT's)."""
+        """The output head, token by token (tiled by model.loss_chunks like VideoDiT's). Its modulation is fp32,
+        as diffusers' (its scale_shift_table is kept in fp32), whatever the parameters' dtype."""
         shift, scale = (per_token(m.squeeze(1), segments)
-                        for m in (self.scale_shift_table + temb[:, None]).chunk(2, dim=1))
+                        for m in (self.scale_shift_table.float() + temb[:, None].float()).chunk(2, dim=1))
         return self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))

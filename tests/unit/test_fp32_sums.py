@@ -74,6 +74,58 @@ def test_golden_the_plain_gather_accumulates_its_backward_in_bf16(monkeypatch):
     assert found and all(op.startswith("index_add") and dtype == torch.bfloat16 for op, dtype, _ in found)
 
 
+class RecordDtypes:
+    """The dtype of what Wan computes where diffusers keeps fp32 modules: the time embedder's linears' outputs and
+    every modulation table gathered to tokens (models.dit.per_token: the blocks' and the output head's)."""
+
+    def __init__(self, model, monkeypatch):
+        import models.wan
+
+        self.found = []
+        embedder = model.dit.condition_embedder.time_embedder
+        for name in ("linear_1", "linear_2"):
+            getattr(embedder, name).register_forward_hook(
+                lambda module, args, out, name=name: self.found.append((f"time_embedder.{name}", out.dtype)))
+        gather = models.wan.per_token
+        monkeypatch.setattr(models.wan, "per_token", lambda values, segments: (
+            self.found.append(("modulation", values.dtype)), gather(values, segments))[1])
+
+
+def test_wan_computes_what_diffusers_keeps_in_fp32_in_fp32_in_a_bf16_model(monkeypatch):
+    """diffusers keeps Wan's time_embedder and scale_shift_tables in fp32 (`_keep_in_fp32_modules`); a bf16
+    DeepSpeed engine holds every parameter in bf16, so Kino computes those in fp32 from them: the time embedding's
+    matmuls, and every modulation table, the output head's included, before it reaches the tokens."""
+    model = tiny_model(dtype=torch.bfloat16, arch="wan")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # as the engine holds them
+    recorder = RecordDtypes(model, monkeypatch)
+    assert backward_scatters(model, bf16_clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16)) == []
+    names = {name for name, _ in recorder.found}
+    assert names == {"time_embedder.linear_1", "time_embedder.linear_2", "modulation"}
+    assert all(dtype == torch.float32 for _, dtype in recorder.found), recorder.found
+
+
+def test_golden_a_bf16_time_embedder_and_head_table_are_caught(monkeypatch):
+    """The model before the change: the time embedder ran in the parameters' dtype, the head's table added in bf16."""
+    import torch.nn.functional as F
+
+    import models.wan
+
+    monkeypatch.setattr(models.wan.FP32Linear, "forward", lambda self, x: F.linear(x.to(self.weight.dtype),
+                                                                                   self.weight, self.bias))
+    model = tiny_model(dtype=torch.bfloat16, arch="wan")
+
+    def bf16_head(self, x, temb, segments):
+        shift, scale = (models.wan.per_token(m.squeeze(1), segments)
+                        for m in (self.scale_shift_table + temb[:, None]).chunk(2, dim=1))
+        return self.proj_out((self.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
+
+    monkeypatch.setattr(models.wan.WanDiT, "output", bf16_head)
+    recorder = RecordDtypes(model, monkeypatch)
+    model(bf16_clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16), text_conditioner(model.cfg).batch(CAPTIONS))
+    assert ("time_embedder.linear_1", torch.bfloat16) in recorder.found
+    assert ("modulation", torch.bfloat16) in recorder.found
+
+
 def test_the_modulation_gather_sums_65536_tokens_a_clip_as_fp64_does():
     tokens = 65_536
     g = torch.Generator().manual_seed(0)
