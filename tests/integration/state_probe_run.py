@@ -2,7 +2,7 @@
 moments, gathered over the ranks as DeepSpeed assembles them (safe_get_full_fp32_param / _optimizer_state):
 
     OUT.resumed.pt  right after a resume restored the checkpoint (before any step)
-    OUT.final.pt    after the run's last step and final checkpoint
+    OUT.final.pt    after the run's last step and final checkpoint (before the end of the run frees the moments)
 
 A test compares a run's final state with the next run's resumed one: a resume onto another world size goes through
 DeepSpeed's universal format, and what it loads must be what was saved. Nothing of this is a switch in Kino.
@@ -45,7 +45,8 @@ def main() -> int:
     from train.main import main as train_main
     from train.trainer import Trainer
 
-    prepare, summary = Trainer.prepare_run_dir, Trainer.summary
+    prepare, release, summary = Trainer.prepare_run_dir, Trainer.release_optimizer_state, Trainer.summary
+    final = {}
 
     def probed_prepare(self, resumed):
         if resumed:
@@ -54,13 +55,18 @@ def main() -> int:
                 torch.save(state, f"{out}.resumed.pt")
         return prepare(self, resumed)
 
+    def probed_release(self):  # the end of a run frees the moments: read them first
+        final["state"] = engine_state(self)
+        return release(self)
+
     def probed_summary(self, videos):
-        state = engine_state(self)
+        state = final["state"] if "state" in final else engine_state(self)
         if state is not None:
             torch.save(state, f"{out}.final.pt")
         return summary(self, videos)
 
-    Trainer.prepare_run_dir, Trainer.summary = probed_prepare, probed_summary
+    Trainer.prepare_run_dir, Trainer.release_optimizer_state = probed_prepare, probed_release
+    Trainer.summary = probed_summary
     return train_main(overrides)
 
 

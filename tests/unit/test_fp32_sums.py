@@ -191,6 +191,12 @@ for shared in (True, False):
     pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
     found[f"fp32 shared={shared}"] = {"same storage": [m.data_ptr() == p.data_ptr() for m, p in pairs],
                                       "weights": torch.cat([p.ds_tensor.flatten() for p in model.parameters()]).tolist()}
+# The end of a run frees the AdamW moments before its videos (Trainer.release_optimizer_state): nothing else holds them.
+import types, weakref
+from train.trainer import Trainer
+moments = [weakref.ref(t) for s in optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+Trainer.release_optimizer_state(types.SimpleNamespace(engine=engine))
+found["moments"] = [len(moments), sum(ref() is not None for ref in moments)]
 print(json.dumps(found))
 """
 
@@ -211,6 +217,8 @@ def test_deepspeed_accumulates_and_reduces_bf16_gradients_in_fp32():
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     shared, cloned = found.pop("fp32 shared=True"), found.pop("fp32 shared=False")
+    held, alive = found.pop("moments")
+    assert held >= 2 and alive == 0, "the moments outlived Trainer.release_optimizer_state"
     assert shared["same storage"] and all(shared["same storage"]), "fp32 ZeRO-3 kept a second fp32 master copy"
     assert not any(cloned["same storage"]), "DeepSpeed alone shares the master now: train.engine's fix can go"
     assert shared["weights"] == cloned["weights"]
