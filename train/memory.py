@@ -9,7 +9,7 @@ Per-GPU memory of a training run, estimated before launch:
     the world size N, ZeRO-2 also the gradients, ZeRO-3 all.
   * DeepSpeed's communication buckets.
   * activations of one micro-batch (the stage's token budget T): each DiT block saves about
-    ACTIVATION_VALUES_PER_TOKEN x d values per token for backward (counted for this architecture from the
+    ACTIVATION_VALUES_PER_TOKEN x d values per token for backward (counted for Kino's DiT and Wan's blocks from the
     tensors autograd saves, see tests/unit/test_memory.py); with activation checkpointing a block keeps only
     its input, and one block is recomputed at a time. Attention scores are never stored on GPU (flash /
     fused kernels); CPU kernels keep only per-row statistics.

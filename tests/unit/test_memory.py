@@ -37,17 +37,20 @@ def measured_step_bytes(cfg, clips, tokens_per_clip):
     return weights + grads + state, ema, sum(saved.values())
 
 
-def test_estimate_never_falls_short_of_a_measured_step_and_overshoots_by_at_most_12_percent():
+@pytest.mark.parametrize("arch", ["kino", "wan"])
+def test_estimate_never_falls_short_of_a_measured_step_and_overshoots_by_at_most_12_percent(arch):
+    """Kino's DiT and Wan's blocks (model.arch=wan: cross-attention in every block, fp32 norms) alike."""
     for checkpointing in ("false", "true"):
         cfg = load_config(["experiment=demo", "zero.stage=0", f"model.activation_checkpointing={checkpointing}",
-                           "model.attention_backend=sdpa"])
+                           "model.attention_backend=sdpa", f"model.arch={arch}"])
         states, ema, activations = measured_step_bytes(cfg, clips=3, tokens_per_clip=512)
         estimated = estimate(cfg, world_size=1, token_budget=3 * 512, text_tokens=13)
         model_states = estimated.parameters + estimated.gradients + estimated.optimizer
         assert abs(model_states / states - 1) < 0.01  # the ZeRO formulas are exact for the states
         assert estimated.ema == ema and estimated.gathered == 0  # one process: nothing to gather
         # What forward saves for backward (with checkpointing: the blocks' inputs only). Byte counts, not timings:
-        # measured 2026-12-01 at +10.2% without checkpointing and +6.8% with it. An estimate below the measurement
+        # measured 2026-12-01 at +10.2% without checkpointing and +6.8% with it (Wan, 2026-12-04: +11.7%, +6.2%).
+        # An estimate below the measurement
         # would let a run that does not fit start and run out of memory.
         over = estimated.saved_activations / activations - 1
         assert 0 <= over < 0.12, (checkpointing, over, estimated, activations)
