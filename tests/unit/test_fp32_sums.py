@@ -121,7 +121,8 @@ def test_golden_a_bf16_time_embedder_and_head_table_are_caught(monkeypatch):
 
     monkeypatch.setattr(models.wan.WanDiT, "output", bf16_head)
     recorder = RecordDtypes(model, monkeypatch)
-    model(bf16_clips(), torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16), text_conditioner(model.cfg).batch(CAPTIONS))
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.bfloat16)
+    model(bf16_clips(), t, text_conditioner(model.cfg).batch(CAPTIONS))
     assert ("time_embedder.linear_1", torch.bfloat16) in recorder.found
     assert ("modulation", torch.bfloat16) in recorder.found
 
@@ -189,12 +190,14 @@ for shared in (True, False):
         engine.step()
     optimizer = engine.optimizer
     pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+    weights = torch.cat([p.ds_tensor.flatten() for p in model.parameters()]).tolist()
     found[f"fp32 shared={shared}"] = {"same storage": [m.data_ptr() == p.data_ptr() for m, p in pairs],
-                                      "weights": torch.cat([p.ds_tensor.flatten() for p in model.parameters()]).tolist()}
+                                      "weights": weights}
 # The end of a run frees the AdamW moments before its videos (Trainer.release_optimizer_state): nothing else holds them.
 import types, weakref
 from train.trainer import Trainer
-moments = [weakref.ref(t) for s in optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+moments = [weakref.ref(t) for s in optimizer.optimizer.state.values() for t in s.values()
+           if torch.is_tensor(t) and t.dim()]
 Trainer.release_optimizer_state(types.SimpleNamespace(engine=engine))
 found["moments"] = [len(moments), sum(ref() is not None for ref in moments)]
 print(json.dumps(found))
