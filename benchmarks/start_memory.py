@@ -44,7 +44,7 @@ def build_inputs(work: Path):
     return params
 
 
-def overrides(work: Path, run_dir: Path, lora: int, checkpointing: bool):
+def overrides(work: Path, run_dir: Path, lora: int, checkpointing: bool, extra=()):
     stage = ["resolutions=[32]", "aspect_ratios=[1.0]", "frame_counts=[5]", "token_budget=192", "warmup_steps=0"]
     return ["experiment=wan_finetune", f"data.root={work / 'data'}", f"train.run_dir={run_dir}", "data.fps=8",
             f"model.init_from={work / 'transformer'}", f"model.text.path={work / 't5'}",
@@ -57,7 +57,7 @@ def overrides(work: Path, run_dir: Path, lora: int, checkpointing: bool):
             "curriculum.stages.0.steps=1", "curriculum.stages.1.steps=1", "zero.stage=3", "zero.precision=fp32",
             "tracking.mode=disabled", "tracking.eval_prompts=0", "tracking.eval_clips=0",
             "tracking.sampling_steps=1", "tracking.log_every=1", "train.checkpoint_every=100",
-            "train.shift_reference_tokens=256", "data.num_workers=0", f"model.lora.rank={lora}"]
+            "train.shift_reference_tokens=256", "data.num_workers=0", f"model.lora.rank={lora}", *extra]
 
 
 def rank_of(pid: int):
@@ -81,19 +81,19 @@ def peak_mib(pid: int):
         return None
 
 
-def estimated_mib(work: Path, ranks: int, lora: int, checkpointing: bool) -> float:
+def estimated_mib(work: Path, ranks: int, lora: int, checkpointing: bool, extra=()) -> float:
     """train.memory's peak for this run (its rows together), in MiB: what it says a GPU would hold."""
     from conf.schema import load_config
     from train.memory import estimate
 
-    cfg = load_config(overrides(work, work / "unused", lora, checkpointing), check=False)
+    cfg = load_config(overrides(work, work / "unused", lora, checkpointing, extra), check=False)
     return estimate(cfg, ranks).total / 2 ** 20
 
 
-def measure(work: Path, ranks: int, lora: int, checkpointing: bool):
+def measure(work: Path, ranks: int, lora: int, checkpointing: bool, extra=()):
     run_dir = Path(tempfile.mkdtemp(prefix="start_memory_"))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m",
-               "train", *overrides(work, run_dir, lora, checkpointing)]
+               "train", *overrides(work, run_dir, lora, checkpointing, extra)]
     process = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks, start, done = {}, {}, threading.Event()
@@ -128,21 +128,24 @@ def main():
     parser.add_argument("--lora", nargs="+", type=int, default=[0, 32])
     parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on"],
                         help="model.activation_checkpointing (on: the shipped Wan configs; off: the baseline's recipe)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides for every run, e.g. zero.reduce_bucket_size=10000000")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kino_start_memory")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     params = build_inputs(args.work)
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; a Wan-shaped model of {params / 1e9:.3f}B "
-          f"parameters ({params * 4 / 2 ** 20:,.0f} MiB in fp32), ZeRO-3, fp32, 2 steps")
+          f"parameters ({params * 4 / 2 ** 20:,.0f} MiB in fp32), ZeRO-3, fp32, 2 steps"
+          f"{'; ' + ' '.join(args.set) if args.set else ''}")
     print("| ranks | LoRA rank | checkpointing | bar (16 B x params / ranks + 1.5 GiB) | train.memory's estimate "
           "(MiB) | peak RSS at the first step, per rank (MiB) | peak RSS over the run, per rank (MiB) | s |")
     print("|---|---|---|---|---|---|---|---|")
     for ranks in args.ranks:
         for lora in args.lora:
             for mode in args.checkpointing:
-                found, seconds = measure(args.work, ranks, lora, mode == "on")
+                found, seconds = measure(args.work, ranks, lora, mode == "on", args.set)
                 bar = 16 * params / ranks / 2 ** 20 + 1536
-                estimate = estimated_mib(args.work, ranks, lora, mode == "on")
+                estimate = estimated_mib(args.work, ranks, lora, mode == "on", args.set)
                 first = " / ".join(f"{s:,.0f}" if s else "-" for s, _ in found.values())
                 overall = " / ".join(f"{p:,.0f}" for _, p in found.values())
                 print(f"| {ranks} | {lora} | {mode} | {bar:,.0f} | {estimate:,.0f} | {first} | {overall} "
