@@ -48,6 +48,9 @@ class MemoryEstimate:
     ema: float = 0.0  # this rank's pieces of the fp32 EMA of the trained parameters
     gathered: float = 0.0  # ZeRO-3: the parameters whole at once during forward and backward
     encoders: float = 0.0  # frozen pretrained text encoder and VAE
+    sampling: float = 0.0  # the main rank: the whole EMA model in the compute dtype, while evaluation or videos run
+    moments: float = 0.0  # of the optimizer row, the AdamW moments, freed before the end-of-run videos
+    sampling_in_loop: bool = False  # tracking asks for evaluations or videos during training
     trainable: int = 0
     frozen: int = 0
     not_counted: Tuple[str, ...] = ()  # encoders the config names without weights on disk
@@ -61,9 +64,18 @@ class MemoryEstimate:
         held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders
         return held + self.buffers + self.activations + self.gathered
 
+    @property
+    def sampling_peak(self) -> float:
+        """The main rank while it samples or evaluates: the training state it holds, the encoders and the whole EMA
+        model (train.trainer `ema_model`). In the loop with everything; at the end of the run without the AdamW
+        moments (freed after the last checkpoint). The sampler's own activations (one block's, no gradients) are
+        left out."""
+        held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders + self.sampling
+        return held if self.sampling_in_loop else held - self.moments
+
     def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
-        """Fits with 10% left for the allocator, kernels' workspaces and fragmentation."""
-        return self.total <= capacity_bytes * headroom
+        """Fits with 10% left for the allocator, kernels' workspaces and fragmentation: training and sampling."""
+        return max(self.total, self.sampling_peak) <= capacity_bytes * headroom
 
 
 def parameter_counts(model_cfg) -> Tuple[int, int]:
@@ -165,9 +177,13 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
         live = cfg.zero.max_live_parameters or two_blocks(cfg)
         gathered = min(psi + frozen, live) * weight
     encoder_bytes, not_counted = frozen_encoders(m)
+    tracking = cfg.tracking
+    in_loop = bool(tracking.video_every) or bool(tracking.eval_every and (tracking.eval_prompts or tracking.eval_clips))
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
                           saved + (recompute + all_to_all) * value_bytes, saved, ema=ema, gathered=gathered,
-                          encoders=encoder_bytes, trainable=psi, frozen=frozen, not_counted=not_counted)
+                          encoders=encoder_bytes, trainable=psi, frozen=frozen, not_counted=not_counted,
+                          sampling=(psi + frozen) * value_bytes, sampling_in_loop=in_loop,
+                          moments=0.0 if cfg.zero.offload_optimizer else psi * 8 / (n if stage >= 1 else 1))
 
 
 def gpu_memory_gib(gpu: str) -> float:
@@ -221,9 +237,20 @@ def main(argv: List[str] = None) -> int:
         print(f"  not counted: {missing}")
     print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows together, as "
           f"in backward")
+    when = "in the loop (tracking.eval_every / video_every)" if result.sampling_in_loop else \
+        "at the end of the run, the AdamW moments freed"
+    print(f"  {'sampling':<12} {result.sampling_peak / 2 ** 30:8.2f} GiB on the main rank, {when}: the training state "
+          f"and the whole EMA model ({result.sampling / 2 ** 30:.2f} GiB in {cfg.zero.precision})")
     fits = result.fits(gib * 2 ** 30)
-    print("fits" if fits else "does NOT fit: raise zero.stage, turn on model.activation_checkpointing, "
-                              "lower the stage token_budget, or use more GPUs")
+    if fits:
+        print("fits")
+    elif result.total <= gib * 2 ** 30 * 0.9:
+        print("does NOT fit while sampling: " + ("turn off in-loop evaluation and videos (tracking.eval_every=0 "
+              "tracking.video_every=0; sample from a checkpoint with python -m train.generate), " if
+              result.sampling_in_loop else "") + "use a latent cache (no encoders on the GPU) or more GPUs")
+    else:
+        print("does NOT fit: raise zero.stage, turn on model.activation_checkpointing, lower the stage token_budget, "
+              "or use more GPUs")
     return 0 if fits else 1
 
 

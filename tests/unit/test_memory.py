@@ -168,3 +168,25 @@ def test_every_shipped_model_config_is_estimated_without_its_weights(model, caps
 
     assert main([f"model={model}", "zero.stage=3", "zero.precision=bf16", "--world-size", "8"]) in (0, 1)
     assert "peak" in capsys.readouterr().out
+
+
+def test_the_main_rank_sampling_the_whole_ema_model_is_counted_in_the_loop_and_at_the_end(capsys):
+    """Evaluation and videos assemble the whole EMA model on the main rank, in the compute dtype, beside what it
+    holds for training; at the end of the run the AdamW moments are freed first (Trainer.release_optimizer_state).
+    A run whose training fits but whose in-loop sampling does not is told so, with what to change."""
+    from train.memory import main
+
+    base = ["model=wan_14B", "zero.stage=3", "zero.precision=bf16"]
+    end, in_loop = (estimate(load_config(base + extra, check=False), world_size=8, token_budget=8000)
+                    for extra in ([], ["tracking.video_every=100"]))
+    psi = end.trainable + end.frozen
+    assert end.sampling == in_loop.sampling == 2 * psi  # bf16
+    held = end.parameters + end.gradients + end.optimizer + end.ema + end.encoders
+    assert in_loop.sampling_peak == held + 2 * psi
+    assert end.sampling_peak == held + 2 * psi - 8 * end.trainable / 8  # the moments, 8 bytes a parameter / N
+    assert in_loop.total == end.total and in_loop.sampling_peak > in_loop.total  # training alone would fit 64 GiB
+    assert not in_loop.fits(64 * 2 ** 30) and end.fits(64 * 2 ** 30)
+    assert main([*base, "tracking.video_every=100", "--world-size", "8", "--gpu", "64", "--tokens", "8000"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit while sampling" in out and "tracking.video_every=0" in out
+    assert main([*base, "--world-size", "8", "--gpu", "64", "--tokens", "8000"]) == 0
