@@ -167,10 +167,12 @@ def consolidate_files(files: List[Path], base: Dict[str, torch.Tensor]) -> Dict[
 
 
 @torch.no_grad()
-def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
+def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device,
+                 release: bool = False) -> Iterator[Tuple[str, Optional[torch.Tensor]]]:
     """Collective: every rank runs it to the end. (name, whole fp32 EMA) for each parameter of `module`, one at
     a time, on rank 0 (None elsewhere): an averaged parameter summed from the ranks' disjoint pieces; a frozen one
-    as `module` holds it (gathered under ZeRO-3)."""
+    as `module` holds it (gathered under ZeRO-3). `release`: each rank drops its piece once it is summed (the end
+    of a run: the EMA then exists only where it was consolidated)."""
     from train.collectives import sum_onto_main
     from train.engine import gathered
 
@@ -183,6 +185,8 @@ def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device) -> Ite
             flat = torch.zeros(math.prod(shape), dtype=torch.float32, device=device)
             if name in pieces:
                 flat[pieces[name].start:pieces[name].stop] = ema.shadow[name]
+                if release:
+                    ema.shadow[name] = ema.shadow[name].new_empty(0)
             sum_onto_main(flat)
             value = flat.reshape(shape)
         else:
@@ -192,10 +196,11 @@ def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device) -> Ite
 
 
 def consolidate_into(target: Optional[torch.nn.Module], module: torch.nn.Module, ema: EMA,
-                     device: torch.device) -> None:
-    """Collective. Copy the whole EMA into `target` on the rank that passes one (rank 0; None elsewhere)."""
+                     device: torch.device, release: bool = False) -> None:
+    """Collective. Copy the whole EMA into `target` on the rank that passes one (rank 0; None elsewhere);
+    `release` as in `consolidated`."""
     into = dict(target.named_parameters()) if target is not None else {}
     with torch.no_grad():
-        for name, value in consolidated(module, ema, device):
+        for name, value in consolidated(module, ema, device, release):
             if target is not None:
                 into[name].copy_(value)

@@ -49,7 +49,7 @@ class MemoryEstimate:
     gathered: float = 0.0  # ZeRO-3: the parameters whole at once during forward and backward
     encoders: float = 0.0  # frozen pretrained text encoder and VAE
     sampling: float = 0.0  # the main rank: the whole EMA model in the compute dtype, while evaluation or videos run
-    moments: float = 0.0  # of the optimizer row, the AdamW moments, freed before the end-of-run videos
+    moments: float = 0.0  # of the optimizer row, the AdamW moments, freed before the end-of-run videos (as the EMA)
     sampling_in_loop: bool = False  # tracking asks for evaluations or videos during training
     trainable: int = 0
     frozen: int = 0
@@ -68,10 +68,10 @@ class MemoryEstimate:
     def sampling_peak(self) -> float:
         """The main rank while it samples or evaluates: the training state it holds, the encoders and the whole EMA
         model (train.trainer `ema_model`). In the loop with everything; at the end of the run without the AdamW
-        moments (freed after the last checkpoint). The sampler's own activations (one block's, no gradients) are
-        left out."""
+        moments and the EMA's pieces (freed after the last checkpoint, the pieces as they are consolidated). The
+        sampler's own activations (one block's, no gradients) are left out."""
         held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders + self.sampling
-        return held if self.sampling_in_loop else held - self.moments
+        return held if self.sampling_in_loop else held - self.moments - self.ema
 
     def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
         """Fits with 10% left for the allocator, kernels' workspaces and fragmentation: training and sampling."""
@@ -238,7 +238,7 @@ def main(argv: List[str] = None) -> int:
     print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows together, as "
           f"in backward")
     when = "in the loop (tracking.eval_every / video_every)" if result.sampling_in_loop else \
-        "at the end of the run, the AdamW moments freed"
+        "at the end of the run, the AdamW moments and EMA pieces freed"
     print(f"  {'sampling':<12} {result.sampling_peak / 2 ** 30:8.2f} GiB on the main rank, {when}: the training state "
           f"and the whole EMA model ({result.sampling / 2 ** 30:.2f} GiB in {cfg.zero.precision})")
     fits = result.fits(gib * 2 ** 30)

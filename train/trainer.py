@@ -86,6 +86,7 @@ class Trainer:
         self._recent_step_time: Optional[float] = None
         self._evaluator: Optional[Evaluator] = None
         self.last_evaluation: Dict[str, float] = {}
+        self._training_released = False  # release_optimizer_state: the run is over, its state may go
         peak = cfg.tracking.peak_flops or (peak_flops(torch.cuda.get_device_name(env.device))
                                            if env.device.type == "cuda" else None)
         self.peak_flops = peak
@@ -306,14 +307,16 @@ class Trainer:
             with torch.device("meta"):
                 model = build_model(self.cfg)
             model = model.to_empty(device=self.env.device).to(compute_dtype(self.cfg))
-        consolidate_into(model, self.engine.module, self.ema, self.env.device)
+        consolidate_into(model, self.engine.module, self.ema, self.env.device, release=self._training_released)
         return model
 
     def release_optimizer_state(self) -> None:
         """After the last checkpoint, before the end-of-run videos (which assemble the whole EMA on the main rank):
-        the AdamW moments, 8 bytes a trained parameter (/ N under ZeRO), are freed. Nothing trains after."""
+        the AdamW moments, 8 bytes a trained parameter (/ N under ZeRO), are freed, and the EMA's pieces go as the
+        videos' model is assembled from them (4 bytes / N). Nothing trains after."""
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         inner.state.clear()
+        self._training_released = True
 
     def evaluate(self) -> Dict[str, float]:
         """Collective. Prompt adherence and validation loss of the EMA weights (main rank; train/evaluate.py)."""

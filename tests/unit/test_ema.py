@@ -90,3 +90,18 @@ def test_frozen_parameters_have_no_ema_and_consolidate_from_the_model():
     assert set(ema.shadow) == {"1.weight", "1.bias"}
     whole = dict(consolidated(model, ema, torch.device("cpu")))
     assert torch.equal(whole["0.weight"], model[0].weight) and torch.equal(whole["1.weight"], model[1].weight)
+
+
+def test_a_releasing_consolidation_gives_the_same_ema_and_leaves_no_piece_behind():
+    """The end of a run (Trainer.release_optimizer_state): each piece is dropped once summed into the whole."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ema = EMA(local_pieces(model, 0, 1), 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    kept = {name: value.clone() for name, value in consolidated(model, ema, torch.device("cpu"))}
+    released = dict(consolidated(model, ema, torch.device("cpu"), release=True))
+    assert kept.keys() == released.keys() and all(torch.equal(kept[n], released[n]) for n in kept)
+    assert all(piece.numel() == 0 for piece in ema.shadow.values())

@@ -183,7 +183,7 @@ def test_the_main_rank_sampling_the_whole_ema_model_is_counted_in_the_loop_and_a
     assert end.sampling == in_loop.sampling == 2 * psi  # bf16
     held = end.parameters + end.gradients + end.optimizer + end.ema + end.encoders
     assert in_loop.sampling_peak == held + 2 * psi
-    assert end.sampling_peak == held + 2 * psi - 8 * end.trainable / 8  # the moments, 8 bytes a parameter / N
+    assert end.sampling_peak == held + 2 * psi - 8 * end.trainable / 8 - end.ema  # the moments (8 B / N), the EMA
     assert in_loop.total == end.total and in_loop.sampling_peak > in_loop.total  # training alone would fit 64 GiB
     assert not in_loop.fits(64 * 2 ** 30) and end.fits(64 * 2 ** 30)
     assert main([*base, "tracking.video_every=100", "--world-size", "8", "--gpu", "64", "--tokens", "8000"]) == 1
