@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def measure(work: Path, ranks: int, lora: int, checkpointing: bool, extra=()):
     output = process.communicate()[0]
     done.set()
     watcher.join()
+    shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoints are GBs: runs would fill the disk
     if process.returncode:
         raise SystemExit(f"the run failed ({process.returncode}):\n{output[-3000:]}")
     return {rank: (start.get(rank), peaks[rank]) for rank in sorted(peaks)}, time.time() - began
