@@ -184,7 +184,10 @@ def consolidated(module: torch.nn.Module, ema: EMA, device: torch.device,
         if p.requires_grad:
             flat = torch.zeros(math.prod(shape), dtype=torch.float32, device=device)
             if name in pieces:
-                flat[pieces[name].start:pieces[name].stop] = ema.shadow[name]
+                piece = pieces[name]
+                if ema.shadow[name].numel() != piece.stop - piece.start:
+                    raise RuntimeError(f"the EMA of {name} was released at the end of the run: it consolidates once")
+                flat[piece.start:piece.stop] = ema.shadow[name]
                 if release:
                     ema.shadow[name] = ema.shadow[name].new_empty(0)
             sum_onto_main(flat)

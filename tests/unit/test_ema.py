@@ -105,3 +105,5 @@ def test_a_releasing_consolidation_gives_the_same_ema_and_leaves_no_piece_behind
     released = dict(consolidated(model, ema, torch.device("cpu"), release=True))
     assert kept.keys() == released.keys() and all(torch.equal(kept[n], released[n]) for n in kept)
     assert all(piece.numel() == 0 for piece in ema.shadow.values())
+    with pytest.raises(RuntimeError, match="released"):  # a second consolidation cannot return zeros as the EMA
+        dict(consolidated(model, ema, torch.device("cpu")))
