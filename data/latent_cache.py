@@ -50,13 +50,26 @@ CACHE_FORMAT = 2
 
 
 def encoder_identity(model_cfg) -> Dict[str, Any]:
-    """What makes two caches interchangeable: each frozen encoder's config and the sha256 of its weights."""
+    """What makes two caches interchangeable: each frozen encoder's config and the sha256 of its weights. Its
+    `dtype` as it runs on this machine's device (auto: bf16 on CUDA, fp32 elsewhere), where encoding runs, and
+    where a run that reads the cache would otherwise run the encoder."""
+    import torch
+
+    from models.precision import frozen_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
     ae = {k: v for k, v in asdict(model_cfg.autoencoder).items() if k not in NOT_IDENTITY}
     ae["weights_sha256"] = model_cfg.autoencoder.path and weights_sha256(model_cfg.autoencoder.path)
+    if ae["name"] == "pixel":  # no network: nothing computes in a dtype
+        ae.pop("dtype")
+    else:
+        ae["dtype"] = names[frozen_dtype(model_cfg.autoencoder.dtype, device)]
     identity = {"autoencoder": ae}
     if model_cfg.text.name == "pretrained":  # the built-in encoder trains with the model: captions are cached
         text = {k: v for k, v in asdict(model_cfg.text).items() if k not in NOT_IDENTITY}
         text["weights_sha256"] = model_cfg.text.path and weights_sha256(model_cfg.text.path)
+        text["dtype"] = names[frozen_dtype(model_cfg.text.dtype, device)]
         identity["text"] = text
     else:
         identity["text"] = {"name": "builtin", "cached": "captions only"}
@@ -252,6 +265,17 @@ def run_roots(cfg) -> List[str]:
     return roots
 
 
+def with_fp32_default(identity: Dict[str, Any]) -> Dict[str, Any]:
+    """A cache's encoder identity, a dtype filled in where it has none: such caches were encoded in fp32 (before
+    model.autoencoder.dtype, and model.text.dtype, existed), or with model.text.dtype=auto on a CPU."""
+    identity = {part: dict(value) if isinstance(value, dict) else value for part, value in identity.items()}
+    for part in ("autoencoder", "text"):
+        if isinstance(identity.get(part), dict) and identity[part].get("name") not in ("builtin", "pixel"):
+            if identity[part].get("dtype") in (None, "auto"):
+                identity[part]["dtype"] = "fp32"
+    return identity
+
+
 def cache_problems(manifest: Dict[str, Any], cfg, stage_indices: List[int],
                    videos_fingerprint: Optional[str] = None) -> List[str]:
     """Every difference between a cache (its manifest) and the run's config: its format, the encoders' identity,
@@ -265,7 +289,7 @@ def cache_problems(manifest: Dict[str, Any], cfg, stage_indices: List[int],
     if saved.get("format", 1) != CACHE_FORMAT:
         return [f"cache format {saved.get('format', 1)}, this Kino reads format {CACHE_FORMAT} (every source sample "
                 f"at its own offset): encode it again with python -m data encode"]
-    problems = [f"encoder.{d}" for d in differences(saved["encoder"], encoder_identity(cfg.model))]
+    problems = [f"encoder.{d}" for d in differences(with_fp32_default(saved["encoder"]), encoder_identity(cfg.model))]
     problems += differences(saved["fps"], cfg.data.fps, "data.fps")
     problems += differences(saved["patch_size"], list(cfg.model.patch_size), "model.patch_size")
     for n in stage_indices:
