@@ -247,13 +247,16 @@ def test_the_audit_at_every_checkpoint_matches_what_the_model_saw(finished_run):
         assert sum(audit["dropped"].values()) == len(dropped)
 
 
-def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_run_resumes_on_a_different_number_of_ranks_without_repeating_data(stage, tiny_dataset, tmp_path):
     """2 ranks, then 1 (the checkpoint loads through DeepSpeed's universal format): the weights and Adam moments
-    loaded are those saved, the rest of the epoch is dealt out anew, and no sample trains twice."""
+    loaded are those saved, the rest of the epoch is dealt out anew, and no sample trains twice. ZeRO-3 in fp32
+    too, where the optimizer's master partition is the module's own (train/engine.py `fp32_master_shared`)."""
     run_dir = tmp_path / "resized"
-    probed(run_dir, tiny_dataset, tmp_path / "first", "train.stop_after_steps=3", "data.chunk_samples=2")
+    zero = f"zero.stage={stage}"
+    probed(run_dir, tiny_dataset, tmp_path / "first", "train.stop_after_steps=3", "data.chunk_samples=2", zero)
     result = probed(run_dir, tiny_dataset, tmp_path / "then", "data.chunk_samples=2", "train.stop_after_steps=2",
-                    nproc=1)
+                    zero, nproc=1)
     assert "dealt out anew" in result.stdout and "universal format" in result.stdout
     assert_same_engine_state(tmp_path / "first.final.pt", tmp_path / "then.resumed.pt")
     records = list(read_trained_keys(run_dir))
