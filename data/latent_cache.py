@@ -55,10 +55,10 @@ def encoder_identity(model_cfg) -> Dict[str, Any]:
     where a run that reads the cache would otherwise run the encoder."""
     import torch
 
-    from models.precision import frozen_dtype
+    from models.precision import FROZEN_DTYPES, frozen_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    names = {dtype: name for name, dtype in FROZEN_DTYPES.items()}
     ae = {k: v for k, v in asdict(model_cfg.autoencoder).items() if k not in NOT_IDENTITY}
     ae["weights_sha256"] = model_cfg.autoencoder.path and weights_sha256(model_cfg.autoencoder.path)
     if ae["name"] == "pixel":  # no network: nothing computes in a dtype

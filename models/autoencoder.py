@@ -176,17 +176,15 @@ def build_autoencoder(cfg: AutoencoderConfig):
         return PixelSpace()
     if cfg.name == "causal_vae":
         vae = BuiltinVAE(cfg)
-        _check_declared(cfg, vae)
-        vae.clips_per_call, vae.dtype_setting = cfg.encode_batch, cfg.dtype
-        return vae.to("cpu")
-    if cfg.name == "diffusers":
+    elif cfg.name == "diffusers":
         if not cfg.path:
             raise ValueError("model.autoencoder.path must name a local diffusers autoencoder directory")
         vae = DiffusersVideoAutoencoder(cfg.path, cfg.latent_mean, cfg.latent_std)
-        _check_declared(cfg, vae)
-        vae.clips_per_call, vae.dtype_setting = cfg.encode_batch, cfg.dtype
-        return vae.to("cpu")
-    raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel, causal_vae, diffusers")
+    else:
+        raise ValueError(f"model.autoencoder.name={cfg.name!r}: supported: pixel, causal_vae, diffusers")
+    _check_declared(cfg, vae)
+    vae.clips_per_call, vae.dtype_setting = cfg.encode_batch, cfg.dtype
+    return vae.to("cpu")
 
 
 def _check_declared(cfg: AutoencoderConfig, ae) -> None:

@@ -14,13 +14,16 @@ from typing import Any
 import torch
 
 
+FROZEN_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # model.text.dtype / model.autoencoder.dtype
+
+
 def frozen_dtype(setting: str, device_type: str) -> torch.dtype:
     """model.text.dtype / model.autoencoder.dtype on a device: what a frozen encoder holds its weights and computes
     in. auto is bf16 on CUDA (about half the memory of fp32: UMT5-XXL's 5.7B parameters take 11 GB, not 23) and
     fp32 elsewhere (CPUs gain little from bf16 matmuls)."""
     if setting == "auto":
         return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+    return FROZEN_DTYPES[setting]
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:

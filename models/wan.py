@@ -196,7 +196,7 @@ class WanDiT(PatchLayout, nn.Module):
                                                  output_size=sum(lengths)))
         embedder = self.condition_embedder
         frequencies = timestep_embedding(timesteps, embedder.freq_dim)
-        temb = embedder.time_embedder(frequencies.float()).type_as(text)  # fp32 inside, as diffusers keeps it
+        temb = embedder.time_embedder(frequencies).type_as(text)  # fp32 inside (FP32Linear), as diffusers keeps it
         table = embedder.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (clips, 6, d), shared by every block
         context = embedder.text_embedder(text)
         cos, sin = rope_interleaved(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
