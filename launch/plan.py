@@ -120,16 +120,12 @@ def check_memory(cfg: KinoConfig, world_size: int) -> str:
                           "(or null to skip the memory check)")
     capacity = GPU_MEMORY_GIB[launcher.gpu_type] * 2 ** 30
     result = estimate(cfg, world_size)
-    gib = max(result.total, result.sampling_peak) / 2 ** 30
+    gib = result.peak / 2 ** 30
     line = (f"memory check: ~{gib:.1f} GiB per GPU of {GPU_MEMORY_GIB[launcher.gpu_type]} GiB "
             f"({launcher.gpu_type}, ZeRO-{cfg.zero.stage} over {world_size} ranks; train.memory)")
     if not result.fits(capacity):
-        sampling = result.sampling_peak > result.total
-        raise LaunchError(f"{line}: does not fit" + (
-            " while the main rank samples the whole EMA model. Turn off in-loop evaluation and videos "
-            "(tracking.eval_every=0 tracking.video_every=0), use a latent cache or add nodes" if sampling else
-            ". Raise zero.stage, turn on model.activation_checkpointing, lower the stages' token_budget or add "
-            "nodes") + "; `python -m train.memory` shows the parts (launcher.gpu_type=null skips this check)")
+        raise LaunchError(f"{line}: does not fit {result.advice()}; `python -m train.memory` shows the parts "
+                          "(launcher.gpu_type=null skips this check)")
     return line + ": fits"
 
 

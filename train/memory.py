@@ -73,9 +73,24 @@ class MemoryEstimate:
         held = self.parameters + self.gradients + self.optimizer + self.ema + self.encoders + self.sampling
         return held if self.sampling_in_loop else held - self.moments - self.ema
 
+    @property
+    def peak(self) -> float:
+        """The larger of training's peak and the main rank's while it samples."""
+        return max(self.total, self.sampling_peak)
+
     def fits(self, capacity_bytes: float, headroom: float = 0.9) -> bool:
         """Fits with 10% left for the allocator, kernels' workspaces and fragmentation: training and sampling."""
-        return max(self.total, self.sampling_peak) <= capacity_bytes * headroom
+        return self.peak <= capacity_bytes * headroom
+
+    def advice(self) -> str:
+        """What to change when it does not fit, for whichever peak is the larger."""
+        if self.sampling_peak > self.total:
+            return ("while sampling (the whole EMA model on the main rank): " + (
+                "turn off evaluation and videos during training (tracking.eval_prompts=0 tracking.eval_clips=0 "
+                "tracking.video_every=0; sample from a checkpoint with python -m train.generate), "
+                if self.sampling_in_loop else "") + "use a latent cache (no encoders on the GPU) or more GPUs")
+        return ("in training: raise zero.stage, turn on model.activation_checkpointing, lower the stages' "
+                "token_budget, or use more GPUs")
 
 
 def parameter_counts(model_cfg) -> Tuple[int, int]:
@@ -177,8 +192,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
         live = cfg.zero.max_live_parameters or two_blocks(cfg)
         gathered = min(psi + frozen, live) * weight
     encoder_bytes, not_counted = frozen_encoders(m)
+    # Evaluation runs in the loop at its last step too (train/trainer.py evaluation_due), before the moments go.
     tracking = cfg.tracking
-    in_loop = bool(tracking.video_every) or bool(tracking.eval_every and (tracking.eval_prompts or tracking.eval_clips))
+    in_loop = bool(tracking.video_every or tracking.eval_prompts or tracking.eval_clips)
     return MemoryEstimate(parameters, gradients, optimizer, buffers,
                           saved + (recompute + all_to_all) * value_bytes, saved, ema=ema, gathered=gathered,
                           encoders=encoder_bytes, trainable=psi, frozen=frozen, not_counted=not_counted,
@@ -237,20 +253,12 @@ def main(argv: List[str] = None) -> int:
         print(f"  not counted: {missing}")
     print(f"  {'peak':<12} {result.total / 2 ** 30:8.2f} GiB of {gib:.0f} GiB ({args.gpu}): the rows together, as "
           f"in backward")
-    when = "in the loop (tracking.eval_every / video_every)" if result.sampling_in_loop else \
+    when = "in the loop (tracking.eval_prompts / eval_clips / video_every)" if result.sampling_in_loop else \
         "at the end of the run, the AdamW moments and EMA pieces freed"
     print(f"  {'sampling':<12} {result.sampling_peak / 2 ** 30:8.2f} GiB on the main rank, {when}: the training state "
           f"and the whole EMA model ({result.sampling / 2 ** 30:.2f} GiB in {cfg.zero.precision})")
     fits = result.fits(gib * 2 ** 30)
-    if fits:
-        print("fits")
-    elif result.total <= gib * 2 ** 30 * 0.9:
-        print("does NOT fit while sampling: " + ("turn off in-loop evaluation and videos (tracking.eval_every=0 "
-              "tracking.video_every=0; sample from a checkpoint with python -m train.generate), " if
-              result.sampling_in_loop else "") + "use a latent cache (no encoders on the GPU) or more GPUs")
-    else:
-        print("does NOT fit: raise zero.stage, turn on model.activation_checkpointing, lower the stage token_budget, "
-              "or use more GPUs")
+    print("fits" if fits else f"does NOT fit {result.advice()}")
     return 0 if fits else 1
 
 

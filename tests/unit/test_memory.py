@@ -190,3 +190,7 @@ def test_the_main_rank_sampling_the_whole_ema_model_is_counted_in_the_loop_and_a
     out = capsys.readouterr().out
     assert "does NOT fit while sampling" in out and "tracking.video_every=0" in out
     assert main([*base, "--world-size", "8", "--gpu", "64", "--tokens", "8000"]) == 0
+    # An evaluation with no eval_every still runs at the last step, in the loop, before the moments are freed.
+    final_evaluation = estimate(load_config(base + ["tracking.eval_prompts=4", "tracking.eval_every=0"], check=False),
+                                world_size=8, token_budget=8000)
+    assert final_evaluation.sampling_in_loop and final_evaluation.sampling_peak == in_loop.sampling_peak
