@@ -128,15 +128,18 @@ class ZeroConfig:
     precision: str = "fp32"  # fp32 | bf16
     gradient_accumulation_steps: int = 1
     overlap_comm: bool = False
-    reduce_bucket_size: int = 50_000_000
+    # Elements; null: model.dim^2 under ZeRO-3 (about one square weight, as DeepSpeed's "auto" sizes it), 5e7 under
+    # ZeRO-0/1/2 (train/engine.py bucket_sizes).
+    reduce_bucket_size: Optional[int] = None
     allgather_bucket_size: int = 50_000_000
     # ZeRO-3 only: how many gathered parameters (elements) may be whole on a rank at once, and how soon a parameter
     # is to be used again for it to stay whole (elements); null: two repeated blocks' parameters, so the model is
     # never whole on a rank (DeepSpeed's own default, 1e9, keeps every model below 1B parameters whole from its
-    # forward to its backward). prefetch_bucket_size: how many elements are gathered ahead of use.
+    # forward to its backward). prefetch_bucket_size: how many elements are gathered ahead of use; null: 0.9 x
+    # model.dim^2.
     max_live_parameters: Optional[int] = None
     max_reuse_distance: Optional[int] = None
-    prefetch_bucket_size: int = 50_000_000
+    prefetch_bucket_size: Optional[int] = None
     # ZeRO-3 only: the optimizer steps over this many elements of a rank's partition at a time; an unfused Adam's
     # temporaries (the CPU's) are a few times this size, not a few times the partition's.
     sub_group_size: int = 20_000_000

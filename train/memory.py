@@ -167,7 +167,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     if cfg.zero.offload_parameters:
         parameters = 0.0
     value_bytes = 2 if bf16 else 4
-    buffers = (cfg.zero.reduce_bucket_size + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
+    from train.engine import bucket_sizes
+
+    buffers = (bucket_sizes(cfg)[0] + (cfg.zero.allgather_bucket_size if stage in (1, 2) else 0)) * value_bytes
     buffers = min(buffers, 2 * psi * value_bytes)  # buckets never exceed the model
     if sequence < 1 or world_size % sequence:
         from conf.errors import ConfigError

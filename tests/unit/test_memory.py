@@ -194,3 +194,24 @@ def test_the_main_rank_sampling_the_whole_ema_model_is_counted_in_the_loop_and_a
     final_evaluation = estimate(load_config(base + ["tracking.eval_prompts=4", "tracking.eval_every=0"], check=False),
                                 world_size=8, token_budget=8000)
     assert final_evaluation.sampling_in_loop and final_evaluation.sampling_peak == in_loop.sampling_peak
+
+
+def test_zero3_buckets_follow_the_models_width_unless_set():
+    """Null buckets under ZeRO-3 hold about one square weight (model.dim^2 reduce, 0.9 x that prefetch), as
+    DeepSpeed's "auto" sizes them; DeepSpeed's fixed 5e7 was 200 MiB of fp32 a rank in each on a 0.28B model's CPU
+    ranks (benchmarks/start_memory.py). A value set wins; ZeRO-1/2 keep 5e7. DeepSpeed's config gets the same
+    numbers, and the estimate counts the reduce bucket it will allocate."""
+    from train.engine import deepspeed_config
+
+    wan = load_config(["model=wan_14B", "model.text.name=builtin", "zero.stage=3", "zero.precision=bf16"],
+                      check=False)
+    section = deepspeed_config(wan, 8, "cuda")["zero_optimization"]
+    assert section["reduce_bucket_size"] == 5120 ** 2
+    assert section["stage3_prefetch_bucket_size"] == int(0.9 * 5120 ** 2)
+    assert estimate(wan, world_size=8).buffers == 5120 ** 2 * 2
+    chosen = load_config(["model=wan_14B", "model.text.name=builtin", "zero.stage=3",
+                          "zero.reduce_bucket_size=1000", "zero.prefetch_bucket_size=2000"], check=False)
+    section = deepspeed_config(chosen, 8, "cuda")["zero_optimization"]
+    assert (section["reduce_bucket_size"], section["stage3_prefetch_bucket_size"]) == (1000, 2000)
+    stage2 = load_config(["experiment=demo", "zero.stage=2"])
+    assert deepspeed_config(stage2, 2, "cpu")["zero_optimization"]["reduce_bucket_size"] == 50_000_000
