@@ -128,6 +128,11 @@ class ModelConfig:
     # cross_attention: video tokens attend to text tokens in a separate layer.
     # joint: MM-DiT style, caption and video tokens of a clip attend together (separate weights per stream).
     conditioning: str = "cross_attention"
+    # Conditioning frames (models/conditioning.py): the model also reads a mask and the clean latents of the frames a
+    # clip is given (first frame, last, both, a stretch to extend), stacked on its input channels (2 x latent
+    # channels + model.autoencoder.temporal_factor mask channels). Needed by any stage whose conditioning mix has
+    # more than text. Kino's DiT only (arch=kino) for now; needs patch_size[0] = 1.
+    frame_conditioning: bool = False
     # fractional: each token also gets Fourier features of its fractional (t, y, x) position in its clip,
     # added to the patch embedding (RoPE alone is relative); none: RoPE only.
     position_embedding: str = "fractional"
@@ -183,6 +188,11 @@ class ModelConfig:
             raise ConfigError("model.dim / model.heads must be even for rotary embeddings")
         if self.conditioning not in ("cross_attention", "joint"):
             raise ConfigError(f"model.conditioning={self.conditioning!r}: supported: cross_attention, joint")
+        if self.frame_conditioning and self.patch_size[0] != 1:
+            raise ConfigError(f"model.frame_conditioning needs model.patch_size[0] = 1 (got {self.patch_size[0]}): "
+                              "a token row is then one latent frame, given or generated")
+        if self.frame_conditioning and self.arch != "kino":
+            raise ConfigError("model.frame_conditioning: only model.arch=kino so far (Wan 2.1 I2V is not built yet)")
         if self.position_embedding not in ("fractional", "none"):
             raise ConfigError(f"model.position_embedding={self.position_embedding!r}: supported: fractional, none")
         if self.modulation not in ("per_block", "shared"):

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from models.conditioning import input_channels
 from models.config import ModelConfig
 from models.attention import varlen_attention
 from models.layers import (MLP, Attention, RMSNorm, apply_rotary, cu_seqlens_from_lengths, timestep_embedding,
@@ -139,10 +140,14 @@ class PatchLayout:
     (`self.patch_size` is the (pt, ph, pw) patch)."""
 
     def set_patch_layout(self, cfg: ModelConfig) -> int:
-        """Take the config's patch and latent channels; returns the length of a patch vector."""
+        """Take the config's patch and latent channels; returns the length of an output patch vector (the input's
+        is `self.input_patch_dim`: more channels with conditioning frames, models/conditioning.py)."""
         self.patch_size = tuple(cfg.patch_size)
         self.channels = cfg.autoencoder.latent_channels
-        return self.channels * self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        volume = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
+        self.input_patch_dim = volume * input_channels(self.channels, cfg.frame_conditioning,
+                                                       cfg.autoencoder.temporal_factor)
+        return self.channels * volume
 
     def grid(self, shape: Sequence[int]) -> Grid:
         _, t, h, w = shape
@@ -274,7 +279,7 @@ class VideoDiT(PatchLayout, nn.Module):
         self.cfg = cfg
         d = cfg.dim
         patch_dim = self.set_patch_layout(cfg)
-        self.patch_embed = nn.Linear(patch_dim, d)
+        self.patch_embed = nn.Linear(self.input_patch_dim, d)
         # RoPE is relative: from pure noise, a token cannot tell where in the frame it is, so at high noise
         # the model can only predict a uniform field and objects never form (BENCHMARKS.md, demo experiments).
         # Fractional position features tell each token where it sits in its own clip, at any size.

@@ -5,7 +5,7 @@ conf/schema.py assembles them with the model, data and launcher sections into th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from conf.errors import ConfigError
 
@@ -45,6 +45,10 @@ class StageConfig:
     token_budget: int = 2048
     # Share of samples trained as single frames (images), each drawn from its clip: the image/video mix.
     image_fraction: float = 0.0
+    # The share of clips trained in each conditioning mode (models/conditioning.py MODES): text (text-to-video),
+    # first_frame (image-to-video), last_frame, first_last, extend, extend_backward; the given frames come from the
+    # clip itself. Shares sum to 1; anything but text needs model.frame_conditioning.
+    conditioning: Dict[str, float] = field(default_factory=lambda: {"text": 1.0})
     # A latent cache of this stage's buckets (`python -m data encode --stage NAME`) to train it from, instead of
     # decoding and encoding the videos; null = data.latents, or the videos (data.root) when that is null too.
     latents: Optional[str] = None
@@ -67,6 +71,15 @@ class StageConfig:
             raise ConfigError(f"{key}: images (1-frame buckets, image_fraction) need model.patch_size[0] = 1")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"{key}.schedule={self.schedule!r}: must be constant or cosine")
+        from models.conditioning import check_shares
+
+        try:
+            shares = check_shares(dict(self.conditioning), f"{key}.conditioning")
+        except ValueError as problem:
+            raise ConfigError(str(problem)) from None
+        if any(v > 0 for m, v in shares.items() if m != "text") and not model.frame_conditioning:
+            raise ConfigError(f"{key}.conditioning gives frames ({', '.join(m for m, v in shares.items() if v > 0)}): "
+                              "set model.frame_conditioning=true")
         for frames in self.frame_counts:
             problem = frame_count_problem(frames, model)
             if problem:

@@ -26,6 +26,7 @@ import torch
 
 from data.buckets import BucketShape
 from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from models.conditioning import text_only_input
 from models.flow import noisy_pair
 from train.adherence import ATTRIBUTES, judge, parse_prompt, prompt_for, summarize
 from train.generate import generate, last_stage_shapes
@@ -117,7 +118,7 @@ def validation_loss(model, autoencoder, text, clips: Sequence[Dict], device) -> 
         caption = text.batch([clip.caption], device)
         for t in VALIDATION_TIMESTEPS:
             x_t, target = noisy_pair(x0, noise, t)
-            prediction = model([x_t], torch.tensor([t], device=device), caption)
+            prediction = model([text_only_input(model.cfg, x_t)], torch.tensor([t], device=device), caption)
             losses.append(float((prediction.float() - model.dit.patchify([target]).float()).pow(2).mean()))
     model.train(was_training)
     if not per_bucket:

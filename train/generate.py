@@ -15,6 +15,7 @@ import torch
 
 from data.buckets import BucketShape
 from data.video_io import write_video
+from models.conditioning import conditioned_input
 from models.flow import SAMPLERS, guided
 
 
@@ -24,8 +25,11 @@ def _slug(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[BucketShape], steps: int,
-             cfg_scale: float, seed: int, reference_tokens: int, device, sampler: str = "euler") -> List[torch.Tensor]:
-    """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos."""
+             cfg_scale: float, seed: int, reference_tokens: int, device, sampler: str = "euler",
+             given: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None) -> List[torch.Tensor]:
+    """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos. `given`, for a model trained with
+    model.frame_conditioning: per clip, None or (latents, which latent frames are given: bool), from
+    `given_latents`; the clip is generated around them, and keeps them as given."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -35,20 +39,91 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     noise = [torch.randn(s, generator=generator).to(device) for s in latent_shapes]
     tokens = [math.prod(model.dit.grid(s)) for s in latent_shapes]
 
+    conditioned = model.cfg.frame_conditioning
+    frames = [(c.to(device), g) if c is not None else (torch.zeros(s, device=device), torch.zeros(s[1], dtype=torch.bool))
+              for s, (c, g) in zip(latent_shapes, given or [(None, None)] * len(latent_shapes))] \
+        if conditioned else None
+    if given is not None and any(g is not None for g in given) and not conditioned:
+        raise ValueError("this model was not trained with conditioning frames (model.frame_conditioning)")
+
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)
-        packed = model(x, t.to(device), text.batch(captions, device))
+        inputs = x if frames is None else [conditioned_input(xi, c, g, autoencoder.temporal_factor)
+                                           for xi, (c, g) in zip(x, frames * (len(x) // len(frames)))]
+        packed = model(inputs, t.to(device), text.batch(captions, device))
         return model.dit.unpatchify(packed, [tuple(xi.shape) for xi in x])
 
     latents = SAMPLERS[sampler](guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)
+    if frames is not None:  # the given frames stay as given
+        latents = [torch.where(g.to(device).view(1, -1, 1, 1), c, x) for x, (c, g) in zip(latents, frames)]
     model.train(was_training)
     return [autoencoder.decode(latent.cpu()) for latent in latents]
 
 
-def write_videos(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_dir: Path, fps: float) -> List[Path]:
+def covered_latent_frames(pixel_frames: int, temporal_factor: int) -> int:
+    """How many leading latent frames a leading stretch of pixel frames fills (a causal autoencoder encodes the
+    first frame alone, then `temporal_factor` a latent frame)."""
+    if pixel_frames <= 0:
+        return 0
+    return pixel_frames if temporal_factor == 1 else 1 + (pixel_frames - 1) // temporal_factor
+
+
+def given_latents(autoencoder, shape: BucketShape, first=None, last=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The latents and given latent frames of a clip of `shape` whose first and/or last frames are given: uint8
+    (H, W, 3) images, or for `first` a leading stretch (F, H, W, 3) of frames, at `shape`'s size. They are placed in
+    an otherwise black clip, which is encoded; the latent frames they fill are given (the last image fills the
+    last latent frame's pixel frames)."""
+    video = torch.zeros(shape.frames, shape.height, shape.width, 3, dtype=torch.uint8)
+    factor = autoencoder.temporal_factor
+    lead = 0
+    if first is not None:
+        first = first if first.dim() == 4 else first.unsqueeze(0)
+        lead = min(len(first), shape.frames - 1)
+        video[:lead] = first[-lead:] if lead else video[:0]
+    if last is not None:
+        video[-factor:] = last
+    latents = autoencoder.encode(video)
+    given = torch.zeros(latents.shape[1], dtype=torch.bool)
+    given[:covered_latent_frames(lead, factor)] = True
+    given[-1] = given[-1] | (last is not None)
+    return latents, given
+
+
+def read_image(path: Path, shape: BucketShape) -> torch.Tensor:
+    """A PNG/JPEG as uint8 (H, W, 3) at `shape`'s size (scaled to cover it, centre-cropped)."""
+    import numpy as np
+    from PIL import Image
+
+    from data.decode import resize_and_crop
+
+    return resize_and_crop(np.asarray(Image.open(path).convert("RGB"))[None], shape.height, shape.width)[0]
+
+
+def extend(model, autoencoder, text, prompt: str, video: torch.Tensor, shape: BucketShape, total_frames: int,
+           **sampling) -> torch.Tensor:
+    """`video` (F, H, W, 3) uint8 at `shape`'s size, grown to `total_frames` in windows of `shape.frames`: each
+    window is given the last half of its latent frames' worth of what is already there (at least one) and
+    generates the rest, so a clip grows past the longest training length. Returns the whole clip, `video` first."""
+    window_latents = shape.latent_shape(autoencoder.temporal_factor)[0]
+    context_latents = max(1, window_latents // 2)
+    factor = autoencoder.temporal_factor
+    context = context_latents if factor == 1 else 1 + (context_latents - 1) * factor  # pixel frames
+    out = video
+    while len(out) < total_frames:
+        lead = out[-context:]
+        latents, given = given_latents(autoencoder, shape, first=lead)
+        window = generate(model, autoencoder, text, [prompt], [shape], given=[(latents, given)], **sampling)[0]
+        out = torch.cat([out, window[len(lead):]])
+    return out[:total_frames]
+
+
+def write_videos(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_dir: Path, fps: float,
+                 mode: Optional[str] = None) -> List[Path]:
+    """NN-<prompt slug>-WxHxT[-mode].mp4 and .gif; `mode`: the conditioning mode, when frames were given."""
     paths = []
     for i, (video, prompt) in enumerate(zip(videos, prompts)):
-        stem = out_dir / f"{i:02d}-{_slug(prompt)}-{video.shape[2]}x{video.shape[1]}x{video.shape[0]}"
+        suffix = f"-{mode}" if mode and mode != "text" else ""
+        stem = out_dir / f"{i:02d}-{_slug(prompt)}-{video.shape[2]}x{video.shape[1]}x{video.shape[0]}{suffix}"
         paths.append(write_video(stem.with_suffix(".mp4"), video.numpy(), fps))
         write_video(stem.with_suffix(".gif"), video.numpy(), fps)
     return paths
@@ -168,18 +243,62 @@ def main(argv=None) -> None:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strip", type=Path, default=None, help="also write every clip's frames into this PNG")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="the first frame (image-to-video; a model trained with model.frame_conditioning)")
+    parser.add_argument("--last-image", type=Path, default=None, help="the last frame (with --image: first-last)")
+    parser.add_argument("--extend", type=Path, default=None,
+                        help="a video to extend forwards to --frames frames (its own included), in windows of the "
+                             "training length, each given the end of the last")
     args = parser.parse_args(argv)
+    for image in (args.image, args.last_image, args.extend):
+        if image is not None and not image.is_file():
+            parser.error(f"{image}: no such file")
+    if args.extend is not None and (args.image or args.last_image or args.frames is None):
+        parser.error("--extend takes --frames (the extended clip's length), and no --image or --last-image")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, autoencoder, text, checkpoint = load_for_generation(args.run_dir, args.step, args.raw, device)
     shapes = last_stage_shapes(cfg)
+    if args.extend is not None:
+        if not cfg.model.frame_conditioning:
+            parser.error(f"--extend: {args.run_dir} was not trained with conditioning frames "
+                         "(model.frame_conditioning=false)")
+        from data.decode import resize_and_crop
+        from data.video_io import read_video
+
+        frames, _ = read_video(args.extend)
+        aspect = frames.shape[2] / frames.shape[1]  # the bucket nearest the video's shape, unless told
+        nearest = min(shapes, key=lambda s: abs(math.log(s.aspect_ratio / aspect)))
+        shape = requested_shape(cfg, nearest, args.width, args.height, None)
+        source = resize_and_crop(frames, shape.height, shape.width)
+        sampling = dict(steps=args.steps or cfg.tracking.sampling_steps, seed=args.seed, device=device,
+                        cfg_scale=cfg.tracking.cfg_scale if args.cfg is None else args.cfg,
+                        reference_tokens=cfg.train.shift_reference_tokens, sampler=args.sampler or cfg.tracking.sampler)
+        videos = [extend(model, autoencoder, text, p, source, shape, max(args.frames, len(source)), **sampling)
+                  for p in args.prompt]
+        paths = write_videos(videos, args.prompt, args.out, cfg.data.fps, "extend")
+        print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
+        for path in paths:
+            print(f"  {path}")
+        if args.strip:
+            print(f"  {write_strip(videos, args.strip)} (frames of every clip, one row each)")
+        return
     if args.width is not None or args.height is not None or args.frames is not None:
         shapes = [requested_shape(cfg, shapes[0], args.width, args.height, args.frames)]
     prompts = [p for p in args.prompt for _ in shapes]
     plan = [s for _ in args.prompt for s in shapes]
+    mode = {(True, False): "first_frame", (False, True): "last_frame", (True, True): "first_last"}.get(
+        (args.image is not None, args.last_image is not None), "text")
+    if mode != "text" and not cfg.model.frame_conditioning:
+        parser.error(f"--image/--last-image: {args.run_dir} was not trained with conditioning frames "
+                     "(model.frame_conditioning=false)")
+    given = None
+    if mode != "text":
+        given = [given_latents(autoencoder, shape, read_image(args.image, shape) if args.image else None,
+                               read_image(args.last_image, shape) if args.last_image else None) for shape in plan]
     videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sampling_steps,
                       cfg.tracking.cfg_scale if args.cfg is None else args.cfg, args.seed,
-                      cfg.train.shift_reference_tokens, device, args.sampler or cfg.tracking.sampler)
-    paths = write_videos(videos, prompts, args.out, cfg.data.fps)
+                      cfg.train.shift_reference_tokens, device, args.sampler or cfg.tracking.sampler, given=given)
+    paths = write_videos(videos, prompts, args.out, cfg.data.fps, mode)
     print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
     for path in paths:
         print(f"  {path}")

@@ -265,17 +265,23 @@ def sequence_loss(squared: torch.Tensor, total_tokens: int, degree: int) -> torc
     return squared.sum() / (total_tokens / degree)
 
 
-def per_clip_loss(squared: torch.Tensor, tokens: Sequence[int], split: Optional[SequenceSplit]) -> torch.Tensor:
+def per_clip_loss(squared: torch.Tensor, tokens: Sequence[int], split: Optional[SequenceSplit],
+                  counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Each clip's mean squared error, from this rank's share of the tokens, summed over the group (a clip may
-    straddle ranks). Stays on the device."""
-    if split is None:
+    straddle ranks). `counts`: the tokens of each clip the loss counts, where not all (`squared` is zero at the
+    others: a conditioning frame's). Stays on the device."""
+    if split is None and counts is None:
         return torch.stack([s.mean() for s in torch.split(squared, list(tokens))])
+    counts = list(tokens) if counts is None else list(counts)
+    if split is None:
+        sums = torch.stack([s.sum() for s in torch.split(squared, list(tokens))])
+        return sums / torch.tensor(counts, dtype=squared.dtype).to(squared.device, non_blocking=True)
     device = squared.device
     clips = torch.repeat_interleave(torch.arange(len(tokens)), torch.tensor(list(tokens)))
     local = split.local(clips).to(device, non_blocking=True)
     sums = torch.zeros(len(tokens), dtype=squared.dtype, device=device).index_add_(0, local, squared)
     sums = collectives.all_reduce(sums, device, group=split.layout.group)
-    return sums / torch.tensor(list(tokens), dtype=squared.dtype).to(device, non_blocking=True)
+    return sums / torch.tensor(counts, dtype=squared.dtype).to(device, non_blocking=True)
 
 
 def share_batch(batch, layout: SequenceLayout):

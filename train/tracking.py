@@ -31,6 +31,8 @@ class StepResult:
     flops: float = 0.0  # model FLOPs of forward and backward, for MFU (0: not counted)
     per_sample_loss: Optional[torch.Tensor] = None  # per clip: loss by timestep and by bucket
     timesteps: Optional[torch.Tensor] = None  # per clip, in [0, 1]
+    # The tokens the loss counts, where not all of them (a conditioning frame's are given, not generated).
+    loss_tokens: Union[torch.Tensor, float, None] = None
 
 
 @dataclass
@@ -51,13 +53,15 @@ class StepTotals:
     tokens: float
     flops: float
     data_time: float
+    loss_tokens: Optional[float] = None  # the tokens `loss_sum` is over; None: all `tokens`
 
     @classmethod
     def local(cls, outcome: StepOutcome) -> "StepTotals":
         # A skipped step trained nothing: it reports no loss, tokens or FLOPs.
         results = outcome.results if outcome.trained else []
         return cls(float(sum(r.loss_sum for r in results)), sum(r.tokens for r in results),
-                   sum(r.flops for r in results), outcome.data_time)
+                   sum(r.flops for r in results), outcome.data_time,
+                   float(sum(r.tokens if r.loss_tokens is None else r.loss_tokens for r in results)))
 
 
 def step_metrics(outcome: StepOutcome, totals: StepTotals, *, step: int, stage: str, token_budget: int, lr: float,
@@ -69,8 +73,9 @@ def step_metrics(outcome: StepOutcome, totals: StepTotals, *, step: int, stage: 
     puts several ranks in one; default: one rank each)."""
     data_parallel = world_size if data_parallel is None else data_parallel
     tokens = totals.tokens
+    counted = tokens if totals.loss_tokens is None else totals.loss_tokens
     metrics = {
-        "step": step, "stage": stage, "loss": totals.loss_sum / tokens if tokens else None,  # None: skipped
+        "step": step, "stage": stage, "loss": totals.loss_sum / counted if counted else None,  # None: skipped
         "lr": lr, "tokens_per_s": tokens / step_time,
         "samples_per_s": sum(len(b.clips) for b in outcome.batches) * data_parallel / step_time,
         "step_time_s": step_time,

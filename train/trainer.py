@@ -19,6 +19,7 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
+from models.conditioning import conditioned_input, draw_modes, given_frames, token_weights
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
@@ -215,12 +216,17 @@ class Trainer:
                             tokens, cfg.train.shift_reference_tokens)
         noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
+        inputs, counted = self.conditioning_frames(x0, [p[0] for p in pairs])
         # Under sequence parallelism the prediction holds this rank's share of the tokens, and so does the target.
-        prediction = self.engine([p[0] for p in pairs], t.to(device, non_blocking=True), text)
+        prediction = self.engine(inputs, t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])
         target = self.split.local(target) if self.split is not None else target
         squared = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # per token
-        loss = sequence_loss(squared, sum(tokens), self.layout.degree)
+        total, local_counted = sum(tokens), None
+        if counted is not None:  # a given frame's tokens count for nothing
+            local_counted = (self.split.local(counted) if self.split is not None else counted).to(device)
+            squared, total = squared * local_counted, int(counted.sum())
+        loss = sequence_loss(squared, total, self.layout.degree)
         finite = all_ranks_finite(loss, device)
         # A non-finite loss is still backpropagated: DeepSpeed counts micro-batches to place the accumulation
         # boundary, and at that boundary its overflow check skips the optimizer step and clears every
@@ -228,11 +234,32 @@ class Trainer:
         # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss_weighted(loss, batch))
         # Everything below stays on the device: metrics read it at log steps only.
-        per_sample = per_clip_loss(squared.detach(), tokens, self.split)
+        per_sample = per_clip_loss(squared.detach(), tokens, self.split, counts=None if counted is None else
+                                   [int(c.sum()) for c in torch.split(counted, tokens)])
         # A rank's share of the micro-batch's tokens and FLOPs: summed over ranks, each counts once.
         flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups) / self.layout.degree
         return StepResult(finite=finite, tokens=squared.shape[0], loss_sum=squared.detach().sum(), flops=flops,
-                          per_sample_loss=per_sample, timesteps=t)
+                          per_sample_loss=per_sample, timesteps=t,
+                          loss_tokens=None if local_counted is None else local_counted.sum())
+
+    def conditioning_frames(self, clean: List[torch.Tensor], noisy: List[torch.Tensor]):
+        """The model's inputs, and which tokens the loss counts (None: all). With model.frame_conditioning each
+        clip is drawn a mode from its stage's mix (from the group's generator: every member draws alike) and
+        given its frames clean, beside a mask (models/conditioning.py)."""
+        model = self.cfg.model
+        if not model.frame_conditioning:
+            return noisy, None
+        shares = self.curriculum.stage(self.step).conditioning
+        frames = [x.shape[1] for x in clean]
+        if shares.get("text", 0.0) >= 1.0:
+            given = [torch.zeros(f, dtype=torch.bool) for f in frames]
+        else:
+            modes = draw_modes(shares, len(clean), self.rng.generator)
+            given = [given_frames(m, f, self.rng.generator) for m, f in zip(modes, frames)]
+        inputs = [conditioned_input(n, c, g, model.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
+        if not any(bool(g.any()) for g in given):
+            return inputs, None
+        return inputs, token_weights(given, [self.model.dit.grid(x.shape) for x in clean])
 
     def train_step(self) -> StepOutcome:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
@@ -275,8 +302,8 @@ class Trainer:
     def _metrics(self, outcome: StepOutcome, step_time: float) -> Dict:
         """Collective: the step's sums are reduced over ranks, then train/tracking.py builds the row."""
         local = StepTotals.local(outcome)
-        totals = StepTotals(*all_reduce_values([local.loss_sum, local.tokens, local.flops, local.data_time],
-                                               self.env.device))
+        totals = StepTotals(*all_reduce_values([local.loss_sum, local.tokens, local.flops, local.data_time,
+                                                local.loss_tokens], self.env.device))
         stage = self.curriculum.stage(self.step - 1)
         metrics = step_metrics(
             outcome, totals, step=self.step, stage=stage.name, token_budget=stage.token_budget,

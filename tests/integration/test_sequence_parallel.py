@@ -62,12 +62,20 @@ def _keys_by_step(run_dir):
     return [(record["step"], record["keys"]) for record in read_trained_keys(run_dir)]
 
 
+# Both stages train every conditioning mode (models/conditioning.py) beside text-to-video: the equivalence below
+# holds for each (given frames, their mask, and a loss over the generated frames only).
+EVERY_MODE = ["model.frame_conditioning=true"] + [
+    f"{'' if mode == 'text' else '+'}curriculum.stages.{i}.conditioning.{mode}={share}" for i in (0, 1)
+    for mode, share in (("text", 0.25), ("first_frame", 0.15), ("last_frame", 0.15), ("first_last", 0.15),
+                        ("extend", 0.15), ("extend_backward", 0.15))]
+
+
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory, tiny_dataset):
     from tests.integration.test_training import torchrun
 
     run_dir = tmp_path_factory.mktemp("sp") / "one_rank"
-    torchrun(run_dir, tiny_dataset, "zero.stage=3", nproc=1)
+    torchrun(run_dir, tiny_dataset, "zero.stage=3", *EVERY_MODE, nproc=1)
     return run_dir
 
 
@@ -77,7 +85,7 @@ def two_rank_run(tmp_path_factory, tiny_dataset):
 
     run_dir = tmp_path_factory.mktemp("sp") / "two_ranks"
     # With what a long run turns on besides: activation checkpointing and tiling (same math, other memory).
-    result = torchrun(run_dir, tiny_dataset, "zero.stage=3", "parallel.sequence=2",
+    result = torchrun(run_dir, tiny_dataset, "zero.stage=3", "parallel.sequence=2", *EVERY_MODE,
                       "model.activation_checkpointing=true", "model.mlp_chunks=2", "model.loss_chunks=2")
     assert "1 sequence-parallel group(s) of 2" in result.stdout
     return run_dir
@@ -101,8 +109,8 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     from tests.integration.test_training import torchrun
 
     interrupted = tmp_path / "interrupted"
-    common = ("zero.stage=3", "parallel.sequence=2", "model.activation_checkpointing=true", "model.mlp_chunks=2",
-              "model.loss_chunks=2")
+    common = ("zero.stage=3", "parallel.sequence=2", *EVERY_MODE, "model.activation_checkpointing=true",
+              "model.mlp_chunks=2", "model.loss_chunks=2")
     torchrun(interrupted, tiny_dataset, *common, "train.stop_after_steps=3")
     second = torchrun(interrupted, tiny_dataset, *common)
     assert "resuming from" in second.stdout and "dealt out anew" not in second.stdout

@@ -1,0 +1,134 @@
+"""Conditioning frames (models/conditioning.py): which frames each mode gives, what the model reads, which tokens
+the loss counts, the stage mix and its checks, and generation around given frames."""
+import pytest
+import torch
+
+from conf.errors import ConfigError
+from conf.schema import load_config
+from models.conditioning import (MODES, check_shares, conditioned_input, draw_modes, given_frames, input_channels,
+                                 token_weights)
+from models.dit import patchify
+
+
+def test_each_mode_gives_its_frames_and_always_leaves_some_to_generate():
+    g = torch.Generator().manual_seed(0)
+    assert given_frames("text", 5, g).tolist() == [False] * 5
+    assert given_frames("first_frame", 5, g).tolist() == [True, False, False, False, False]
+    assert given_frames("last_frame", 5, g).tolist() == [False, False, False, False, True]
+    assert given_frames("first_last", 5, g).tolist() == [True, False, False, False, True]
+    stretches = set()
+    for _ in range(200):
+        forward, backward = given_frames("extend", 5, g), given_frames("extend_backward", 5, g)
+        n = int(forward.sum())
+        assert forward.tolist() == [True] * n + [False] * (5 - n) and 1 <= n <= 4
+        m = int(backward.sum())
+        assert backward.tolist() == [False] * (5 - m) + [True] * m and 1 <= m <= 4
+        stretches.add(n)
+    assert stretches == {1, 2, 3, 4}
+    assert not given_frames("first_frame", 1, g).any()  # an image has nothing to generate around
+    with pytest.raises(ValueError, match="one of"):
+        given_frames("middle", 5, g)
+
+
+def test_modes_are_drawn_by_their_shares_reproducibly():
+    shares = {"text": 0.5, "first_frame": 0.25, "extend": 0.25}
+    modes = draw_modes(shares, 4000, torch.Generator().manual_seed(1))
+    assert modes == draw_modes(shares, 4000, torch.Generator().manual_seed(1))
+    counts = {m: modes.count(m) / 4000 for m in MODES}
+    assert counts["text"] == pytest.approx(0.5, abs=0.03) and counts["first_frame"] == pytest.approx(0.25, abs=0.03)
+    assert counts["last_frame"] == counts["first_last"] == 0
+
+
+def test_the_model_reads_the_given_frames_clean_beside_a_mask_and_their_latents():
+    clean, noisy = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    given = torch.tensor([True, False, False, True])
+    x = conditioned_input(noisy, clean, given, mask_channels=2)
+    assert x.shape == (input_channels(3, True, 2), 4, 2, 2) == (8, 4, 2, 2)
+    assert torch.equal(x[:3, 0], clean[:, 0]) and torch.equal(x[:3, 1], noisy[:, 1])  # given frames clean
+    assert x[3:5, 0].eq(1).all() and x[3:5, 1].eq(0).all()  # the mask, one channel per pixel frame
+    assert torch.equal(x[5:, 3], clean[:, 3]) and x[5:, 1:3].eq(0).all()  # the given latents, zero elsewhere
+    assert input_channels(3, False, 2) == 3
+
+
+def test_the_loss_counts_the_generated_frames_tokens_only_in_the_packed_layout():
+    """A token's weight follows its latent frame, packed as `patchify` packs the clips."""
+    clips = [torch.arange(3).view(1, 3, 1, 1).expand(1, 3, 4, 4).float(), torch.full((1, 2, 2, 4), 7.0)]
+    given = [torch.tensor([True, False, True]), torch.tensor([False, False])]
+    weights = token_weights(given, [(3, 2, 2), (2, 1, 2)])
+    tokens = patchify(clips, (1, 2, 2))
+    frame_of_token = tokens[:, 0]  # clip 0's value is its frame index; clip 1's tokens are all 7
+    assert weights.tolist() == [0.0 if f in (0, 2) else 1.0 for f in frame_of_token[:12].tolist()] + [1.0] * 4
+
+
+def test_a_stage_mix_is_checked_before_any_process_starts():
+    base = ["experiment=demo", "model.frame_conditioning=true"]
+    cfg = load_config(base + ["+curriculum.stages.0.conditioning.first_frame=0.25",
+                              "curriculum.stages.0.conditioning.text=0.75"])
+    assert dict(cfg.curriculum.stages[0].conditioning) == {"text": 0.75, "first_frame": 0.25}
+    assert dict(load_config(["experiment=demo"]).curriculum.stages[1].conditioning) == {"text": 1.0}
+    with pytest.raises(ConfigError, match="sum to 1.25"):
+        load_config(base + ["+curriculum.stages.0.conditioning.first_frame=0.25"])
+    with pytest.raises(ConfigError, match="unknown mode"):
+        load_config(base + ["+curriculum.stages.0.conditioning.middle=0.5", "curriculum.stages.0.conditioning.text=0.5"])
+    with pytest.raises(ConfigError, match="set model.frame_conditioning=true"):
+        load_config(["experiment=demo", "+curriculum.stages.0.conditioning.extend=0.5",
+                     "curriculum.stages.0.conditioning.text=0.5"])
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(base + ["model.patch_size=[2,4,4]", "curriculum.stages.0.frame_counts=[8]",
+                            "curriculum.stages.1.frame_counts=[8]"])
+    with pytest.raises(ValueError, match=">= 0"):
+        check_shares({"text": 1.5, "extend": -0.5}, "k")
+
+
+def test_generation_keeps_the_given_frames_and_the_model_reads_them():
+    """Through `generate`, a first frame given to a frame-conditioned model: the clip starts with it exactly (the
+    pixel autoencoder: latents are pixels), and the model was called with the mask and the given latents."""
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import TextToVideoModel, text_conditioner
+    from train.generate import generate, given_latents
+
+    cfg = load_config(["experiment=demo", "model.frame_conditioning=true"])
+    torch.manual_seed(0)
+    model = TextToVideoModel(cfg.model)
+    autoencoder = build_autoencoder(cfg.model.autoencoder)
+    text = text_conditioner(cfg.model)
+    shape = BucketShape(frames=8, height=24, width=24)
+    image = torch.zeros(24, 24, 3, dtype=torch.uint8)
+    image[4:12, 2:10, 0] = 255  # a red square, top left
+    latents, given = given_latents(autoencoder, shape, first=image)
+    assert given.tolist() == [True] + [False] * 7
+    seen = []
+    hook = model.dit.patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-1]))
+    videos = generate(model, autoencoder, text, ["a red square"], [shape], steps=2, cfg_scale=1.0, seed=0,
+                      reference_tokens=256, device=torch.device("cpu"), given=[(latents, given)])
+    hook.remove()
+    assert torch.equal(videos[0][0], image)
+    assert seen and seen[0] == model.dit.input_patch_dim == 7 * 16  # 3 + 1 + 3 channels, 4 x 4 patches
+
+
+def test_extending_grows_a_clip_in_windows_each_given_the_end_of_the_last():
+    """An 8-frame clip extended to 20 frames in windows of 8 (4 latent frames given, 4 generated each): the clip
+    comes back first, unchanged, and the length is the one asked for. Every window is called with its first half
+    given (the model reads the mask)."""
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import TextToVideoModel, text_conditioner
+    from train.generate import extend
+
+    cfg = load_config(["experiment=demo", "model.frame_conditioning=true"])
+    torch.manual_seed(0)
+    model = TextToVideoModel(cfg.model)
+    autoencoder = build_autoencoder(cfg.model.autoencoder)
+    shape = BucketShape(frames=8, height=24, width=24)
+    video = torch.randint(0, 256, (8, 24, 24, 3), dtype=torch.uint8)
+    masks = []
+    mask_channel = cfg.model.autoencoder.latent_channels * 16  # the first mask value of each token's patch vector
+    hook = model.dit.patch_embed.register_forward_hook(lambda m, args, out: masks.append(args[0][:, mask_channel]))
+    out = extend(model, autoencoder, text_conditioner(cfg.model), "a red circle moving right", video, shape, 20,
+                 steps=1, cfg_scale=1.0, seed=0, reference_tokens=256, device=torch.device("cpu"))
+    hook.remove()
+    assert out.shape == (20, 24, 24, 3) and torch.equal(out[:8], video)
+    assert len(masks) == 3  # 8 -> 12 -> 16 -> 20
+    for mask in masks:  # 8 latent frames of 6 x 6 tokens: the first 4 frames given
+        assert mask.view(8, 36).eq(1).all(dim=1).tolist() == [True] * 4 + [False] * 4
