@@ -70,16 +70,18 @@ RADIUS = 0.25  # of the shorter side
 
 
 def render_clip(shape: str, colour: str, background: str, motion: str, width: int, height: int,
-                frames: int, reach: float = REACH) -> np.ndarray:
+                frames: int, reach: float = REACH, start: float = 0.0) -> np.ndarray:
     """A shape moving at constant speed from the centre of the frame towards one edge: (T, H, W, 3) uint8.
 
     The path depends only on the caption and the clip's length, so a window that holds the whole clip shows
-    the caption's answer (colour, shape, direction) exactly (BENCHMARKS.md, demo experiments)."""
+    the caption's answer (colour, shape, direction) exactly (BENCHMARKS.md, demo experiments). `start` moves the
+    path's start along the motion, in the same units as `reach` (-0.5: half way back towards the other edge); the
+    demo's data starts at the centre, the evaluation of clips given a first frame starts off it."""
     radius = RADIUS * min(width, height)
     dx, dy = MOTIONS[motion]
     clip = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
-        progress = reach * t / max(frames - 1, 1)  # 0 at the first frame, `reach` at the last
+        progress = start + reach * t / max(frames - 1, 1)  # `start` at the first frame, + `reach` at the last
         cx = width / 2 + dx * progress * (width / 2 - 1.25 * radius)
         cy = height / 2 + dy * progress * (height / 2 - 1.25 * radius)
         frame = np.empty((height, width, 3), np.uint8)

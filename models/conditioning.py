@@ -76,6 +76,26 @@ def token_weights(given: Sequence[torch.Tensor], grids: Sequence[Sequence[int]])
     return torch.cat(rows)
 
 
+def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
+                        noisy: Sequence[torch.Tensor], generator: torch.Generator, grid):
+    """The model's inputs for a micro-batch, and the weight of each packed token in the loss (None: every token
+    counts). Without model.frame_conditioning, the noisy latents as they are. Otherwise each clip is drawn a mode by
+    `shares` and given its frames; a text-only mix draws nothing from `generator`. `grid`: a clip's shape -> its
+    token grid (the DiT's)."""
+    if not model_cfg.frame_conditioning:
+        return list(noisy), None
+    frames = [x.shape[1] for x in clean]
+    if shares.get("text", 0.0) >= 1.0:
+        given = [torch.zeros(f, dtype=torch.bool) for f in frames]
+    else:
+        modes = draw_modes(shares, len(clean), generator)
+        given = [given_frames(m, f, generator) for m, f in zip(modes, frames)]
+    inputs = [conditioned_input(n, c, g, model_cfg.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
+    if not any(bool(g.any()) for g in given):
+        return inputs, None
+    return inputs, token_weights(given, [grid(x.shape) for x in clean])
+
+
 def check_shares(shares: Mapping[str, float], key: str) -> Dict[str, float]:
     """The shares as given, or a ValueError naming the problem: known modes, each >= 0, summing to 1."""
     unknown = [m for m in shares if m not in MODES]

@@ -153,3 +153,64 @@ def summarize(judgements: Iterable[Dict[str, bool]]) -> Dict[str, float]:
     scores = {attribute: sum(r[attribute] for r in rows) / len(rows) for attribute in ATTRIBUTES}
     scores["overall"] = sum(scores.values()) / len(ATTRIBUTES)
     return scores
+
+
+# -- clips generated around given frames (models/conditioning.py) ----------------------------------------------
+MODE_ATTRIBUTES = {"first_frame": ("start", "colour", "shape", "motion"),
+                   "first_last": ("start", "end", "colour", "motion"),
+                   "extend": ("continuous", "motion")}
+_NEAR = 0.15  # of the frame's shorter side: a centroid this close to where it was given is there
+_JUMP = 2.0  # a step at a window boundary may be this many times the largest step inside a window (+ 1 pixel)
+
+
+def object_centroids(video: np.ndarray) -> List[Optional[np.ndarray]]:
+    """Each frame's object centroid (x, y), or None where no object is found; the background as read_clip's."""
+    frames = np.asarray(video, dtype=np.float32)
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+    masks = np.linalg.norm(frames - np.median(border.reshape(-1, 3), axis=0), axis=-1) > _OBJECT_DISTANCE
+    out: List[Optional[np.ndarray]] = []
+    for mask in masks:
+        if mask.sum() < _MIN_OBJECT_FRACTION * mask.size:
+            out.append(None)
+            continue
+        ys, xs = np.nonzero(_largest_region(mask))
+        out.append(np.array([xs.mean(), ys.mean()]))
+    return out
+
+
+def _near(a: Optional[np.ndarray], b: Optional[np.ndarray], side: int) -> bool:
+    return a is not None and b is not None and float(np.linalg.norm(a - b)) <= _NEAR * side
+
+
+def judge_conditioned(mode: str, prompt: str, video: np.ndarray, given: np.ndarray,
+                      windows: Sequence[int] = ()) -> Dict[str, bool]:
+    """Whether a clip generated around given frames does what the mode asks, from pixels:
+    - first_frame: the first generated frame (index 1) has the object where the given first frame has it
+      (`start`), and the clip shows the prompt's colour, shape and motion;
+    - first_last: it starts where the first given frame has it and ends (the last generated frame) where the last
+      has it (`given` holds both), moving as the prompt says;
+    - extend: `given` is the source clip, `video` it extended, `windows` the frames where each generated window's
+      new frames begin: no step of the object at a window boundary is over _JUMP x the largest inside a window
+      (+ 1 pixel) (`continuous`), and the extension moves as the source does."""
+    wanted = parse_prompt(prompt) or {}
+    side = min(video.shape[1], video.shape[2])
+    seen = read_clip(video)
+    if mode == "first_frame":
+        return {"start": _near(object_centroids(video[1:2])[0], object_centroids(given[:1])[0], side),
+                "colour": seen.colour == wanted.get("colour"), "shape": seen.shape == wanted.get("shape"),
+                "motion": seen.motion == wanted.get("motion")}
+    if mode == "first_last":
+        ends = object_centroids(given[[0, -1]])
+        generated = object_centroids(video[[1, -2]])
+        return {"start": _near(generated[0], ends[0], side), "end": _near(generated[1], ends[1], side),
+                "colour": seen.colour == wanted.get("colour"), "motion": seen.motion == wanted.get("motion")}
+    if mode == "extend":
+        points = object_centroids(video)
+        steps = {t: float(np.linalg.norm(points[t] - points[t - 1])) for t in range(1, len(points))
+                 if points[t] is not None and points[t - 1] is not None}
+        boundary = [steps.get(t, np.inf) for t in windows]
+        inside = [s for t, s in steps.items() if t not in windows]
+        continuous = bool(boundary) and max(boundary) <= _JUMP * max(inside or [0.0]) + 1.0
+        extension = video[len(given) - 1:]
+        return {"continuous": continuous, "motion": read_clip(extension).motion == read_clip(given).motion}
+    raise ValueError(f"no judge for mode {mode!r}: {', '.join(MODE_ATTRIBUTES)}")

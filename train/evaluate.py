@@ -25,11 +25,12 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from data.buckets import BucketShape
-from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES
+from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, render_clip
 from models.conditioning import text_only_input
 from models.flow import noisy_pair
-from train.adherence import ATTRIBUTES, judge, parse_prompt, prompt_for, summarize
-from train.generate import generate, last_stage_shapes
+from train.adherence import (ATTRIBUTES, MODE_ATTRIBUTES, judge, judge_conditioned, parse_prompt, prompt_for,
+                             summarize)
+from train.generate import extend, generate, given_latents, last_stage_shapes
 
 VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -80,6 +81,58 @@ def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, L
         videos = generate(model, autoencoder, text, texts, plan, cfg.tracking.sampling_steps, cfg.tracking.cfg_scale,
                           cfg.train.seed, cfg.train.shift_reference_tokens, device, cfg.tracking.sampler)
         results[split] = summarize(judge(p, v.numpy()) for p, v in zip(texts, videos))
+    return results
+
+
+OFF_CENTRE = -0.5  # where the judged clips start, along their motion (data/demo_set.py render_clip `start`)
+
+
+def conditioned_modes(cfg) -> List[str]:
+    """The judged modes (train/adherence.py MODE_ATTRIBUTES) that the last stage trains."""
+    if not cfg.model.frame_conditioning:
+        return []
+    shares = cfg.curriculum.stages[-1].conditioning
+    return [m for m in MODE_ATTRIBUTES if shares.get(m, 0.0) > 0]
+
+
+@torch.no_grad()
+def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, List[str]],
+                          shapes: Sequence[BucketShape], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """'<mode>/<split>' -> {attribute: share right, overall}, judged from pixels (train/adherence.py
+    judge_conditioned). Each prompt's given frames are the procedural clip it describes, rendered at the shape and
+    starting half way back from the centre: its first frame (first_frame), first and last (first_last), or its
+    first half, extended to 4x the shape's frames (extend)."""
+    sampling = dict(steps=cfg.tracking.sampling_steps, cfg_scale=cfg.tracking.cfg_scale, seed=cfg.train.seed,
+                    reference_tokens=cfg.train.shift_reference_tokens, device=device, sampler=cfg.tracking.sampler)
+    results = {}
+    for mode in modes:
+        for split, texts in prompts.items():
+            rows = []
+            for i, prompt in enumerate(texts):
+                shape = shapes[i % len(shapes)]
+                wanted = parse_prompt(prompt)
+                if wanted is None:  # judged from pixels: procedural prompts only
+                    continue
+                # Off the centre, where every clip of the demo's data starts: the given frame has to be followed.
+                rendered = render_clip(wanted["shape"], wanted["colour"], wanted["background"], wanted["motion"],
+                                       shape.width, shape.height, shape.frames, start=OFF_CENTRE)
+                frames = torch.from_numpy(rendered)
+                if mode == "extend":
+                    source = frames[:max(1, shape.frames // 2)]
+                    video = extend(model, autoencoder, text, prompt, source, shape, 4 * shape.frames, **sampling)
+                    step = shape.frames - max(1, shape.latent_shape(autoencoder.temporal_factor)[0] // 2)
+                    windows = list(range(len(source), len(video), max(1, step)))
+                    rows.append(judge_conditioned(mode, prompt, video.numpy(), source.numpy(), windows))
+                    continue
+                given = given_latents(autoencoder, shape, first=frames[0],
+                                      last=frames[-1] if mode == "first_last" else None)
+                video = generate(model, autoencoder, text, [prompt], [shape], given=[given], **sampling)[0]
+                rows.append(judge_conditioned(mode, prompt, video.numpy(), rendered))
+            if rows:
+                attributes = MODE_ATTRIBUTES[mode]
+                scores = {a: sum(r[a] for r in rows) / len(rows) for a in attributes}
+                scores["overall"] = sum(scores.values()) / len(attributes)
+                results[f"{mode}/{split}"] = scores
     return results
 
 
@@ -146,6 +199,9 @@ class Evaluator:
         for split, scores in prompt_adherence(model, self.autoencoder, self.text, self.cfg, self.device,
                                               self.prompts, self.shapes).items():
             metrics.update({f"eval/adherence/{split}/{k}": v for k, v in scores.items()})
+        for key, scores in conditioned_adherence(model, self.autoencoder, self.text, self.cfg, self.device,
+                                                 self.prompts, self.shapes, conditioned_modes(self.cfg)).items():
+            metrics.update({f"eval/{key}/{k}": v for k, v in scores.items()})
         if self.clips:
             losses = validation_loss(model, self.autoencoder, self.text, self.clips, self.device)
             metrics.update({("eval/val_loss" if k == "overall" else f"eval/val_loss/{k}"): v
@@ -163,6 +219,14 @@ def table(metrics: Dict[str, float]) -> str:
         for split in splits:
             lines.append(f"{split:<10}" + "".join(f"{metrics.get(f'eval/adherence/{split}/{c}', math.nan):>12.2f}"
                                                  for c in columns))
+    for mode, attributes in MODE_ATTRIBUTES.items():  # the modes judged, each its own columns
+        mode_splits = sorted({k.split("/")[2] for k in metrics if k.startswith(f"eval/{mode}/")})
+        if mode_splits:
+            columns = list(attributes) + ["overall"]
+            lines.append(f"{mode:<22}" + "".join(f"{c:>12}" for c in columns))
+            for split in mode_splits:
+                lines.append(f"  {split:<20}" + "".join(f"{metrics.get(f'eval/{mode}/{split}/{c}', math.nan):>12.2f}"
+                                                       for c in columns))
     if "eval/val_loss" in metrics:
         lines.append(f"validation loss {metrics['eval/val_loss']:.4f} (fixed timesteps "
                      f"{', '.join(map(str, VALIDATION_TIMESTEPS))}, fixed noise)")

@@ -19,7 +19,7 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
-from models.conditioning import conditioned_input, draw_modes, given_frames, token_weights
+from models.conditioning import conditioning_inputs
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
@@ -216,7 +216,10 @@ class Trainer:
                             tokens, cfg.train.shift_reference_tokens)
         noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
-        inputs, counted = self.conditioning_frames(x0, [p[0] for p in pairs])
+        # With model.frame_conditioning each clip is drawn a mode of its stage's mix, from the group's generator
+        # (every member draws alike), and given its frames clean beside a mask; `counted`: the loss's tokens.
+        inputs, counted = conditioning_inputs(cfg.model, self.curriculum.stage(self.step).conditioning, x0,
+                                              [p[0] for p in pairs], gen, self.model.dit.grid)
         # Under sequence parallelism the prediction holds this rank's share of the tokens, and so does the target.
         prediction = self.engine(inputs, t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])
@@ -241,25 +244,6 @@ class Trainer:
         return StepResult(finite=finite, tokens=squared.shape[0], loss_sum=squared.detach().sum(), flops=flops,
                           per_sample_loss=per_sample, timesteps=t,
                           loss_tokens=None if local_counted is None else local_counted.sum())
-
-    def conditioning_frames(self, clean: List[torch.Tensor], noisy: List[torch.Tensor]):
-        """The model's inputs, and which tokens the loss counts (None: all). With model.frame_conditioning each
-        clip is drawn a mode from its stage's mix (from the group's generator: every member draws alike) and
-        given its frames clean, beside a mask (models/conditioning.py)."""
-        model = self.cfg.model
-        if not model.frame_conditioning:
-            return noisy, None
-        shares = self.curriculum.stage(self.step).conditioning
-        frames = [x.shape[1] for x in clean]
-        if shares.get("text", 0.0) >= 1.0:
-            given = [torch.zeros(f, dtype=torch.bool) for f in frames]
-        else:
-            modes = draw_modes(shares, len(clean), self.rng.generator)
-            given = [given_frames(m, f, self.rng.generator) for m, f in zip(modes, frames)]
-        inputs = [conditioned_input(n, c, g, model.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
-        if not any(bool(g.any()) for g in given):
-            return inputs, None
-        return inputs, token_weights(given, [self.model.dit.grid(x.shape) for x in clean])
 
     def train_step(self) -> StepOutcome:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""

@@ -132,3 +132,26 @@ def test_extending_grows_a_clip_in_windows_each_given_the_end_of_the_last():
     assert len(masks) == 3  # 8 -> 12 -> 16 -> 20
     for mask in masks:  # 8 latent frames of 6 x 6 tokens: the first 4 frames given
         assert mask.view(8, 36).eq(1).all(dim=1).tolist() == [True] * 4 + [False] * 4
+
+
+def test_a_micro_batchs_inputs_and_loss_weights_follow_the_drawn_modes():
+    """With a mix, the given frames' tokens weigh 0 in the loss and the rest 1; a text-only stage draws nothing
+    from the trainer's generator (a text-to-video run's random stream is what it was before conditioning frames
+    existed), and a model without them gets its noisy latents untouched."""
+    from models.conditioning import conditioning_inputs
+
+    cfg = load_config(["experiment=demo", "model.frame_conditioning=true"]).model
+    clean = [torch.randn(3, 4, 8, 8), torch.randn(3, 2, 8, 4)]
+    noisy = [torch.randn_like(c) for c in clean]
+    grid = lambda shape: (shape[1], shape[2] // 4, shape[3] // 4)  # noqa: E731 (the demo's 1 x 4 x 4 patches)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    inputs, counted = conditioning_inputs(cfg, {"text": 1.0}, clean, noisy, g, grid)
+    assert counted is None and torch.equal(g.get_state(), state)
+    assert [x.shape[0] for x in inputs] == [7, 7] and all(x[3].eq(0).all() for x in inputs)
+    inputs, counted = conditioning_inputs(cfg, {"first_frame": 1.0}, clean, noisy, g, grid)
+    assert counted.tolist() == [0.0] * 4 + [1.0] * 12 + [0.0] * 2 + [1.0] * 2
+    assert torch.equal(inputs[0][:3, 0], clean[0][:, 0]) and torch.equal(inputs[0][:3, 1:], noisy[0][:, 1:])
+    plain = load_config(["experiment=demo"]).model
+    inputs, counted = conditioning_inputs(plain, {"text": 1.0}, clean, noisy, g, grid)
+    assert counted is None and all(a is b for a, b in zip(inputs, noisy))
