@@ -99,14 +99,19 @@ def procedural_clip(seed: int, frames: int, width: int, height: int) -> np.ndarr
     return render_clip(rng.choice(SHAPES), colour, background, rng.choice(sorted(MOTIONS)), width, height, frames)
 
 
-def procedural_samples(count: int, seed: int, prefix: str = "procedural") -> Iterator[Tuple[str, bytes, str, Dict]]:
+def procedural_samples(count: int, seed: int, prefix: str = "procedural",
+                       start_spread: float = 0.0) -> Iterator[Tuple[str, bytes, str, Dict]]:
+    """`start_spread` > 0: each clip starts up to that far back along its motion from the centre (render_clip's
+    `start`, drawn uniformly), so a clip's first frame says where its object is; 0: every clip starts at the
+    centre (the clips, and the random draws behind them, of before the option)."""
     rng = random.Random(seed)
     for i in range(count):
         shape, colour = SHAPES[(i + i // 12) % len(SHAPES)], rng.choice(sorted(COLOURS))
         background = rng.choice(sorted(b for b in BACKGROUNDS if b != colour))
         motion = rng.choice(sorted(MOTIONS))
         width, height = SIZES[i % len(SIZES)]
-        clip = render_clip(shape, colour, background, motion, width, height, CLIP_FRAMES)
+        start = -rng.uniform(0.0, start_spread) if start_spread > 0 else 0.0
+        clip = render_clip(shape, colour, background, motion, width, height, CLIP_FRAMES, start=start)
         caption = f"a {colour} {shape} moving {motion} on a {background} background"
         key = f"{prefix}-{i:04d}"
         meta = {"license": "CC0-1.0", "source_url": f"kino:procedural/{key}", "attribution": PROCEDURAL_ATTRIBUTION,
@@ -219,12 +224,12 @@ def build_validation(out: Path, count: int, seed: int = 0, samples_per_shard: in
 
 
 def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
-          cache: Optional[Path] = None, validation: int = 0) -> Path:
+          cache: Optional[Path] = None, validation: int = 0, start_spread: float = 0.0) -> Path:
     """The training set (and, with `validation` > 0, its held-out split of that many clips)."""
     out = Path(out)
     cache = Path(cache or out / ".cache")
     cache.mkdir(parents=True, exist_ok=True)
-    samples: List[Tuple[str, bytes, str, Dict]] = list(procedural_samples(procedural, seed))
+    samples: List[Tuple[str, bytes, str, Dict]] = list(procedural_samples(procedural, seed, start_spread=start_spread))
     if real:
         samples += list(open_video_samples(cache))
     samples += list(unlicensed_samples(seed)) + list(corrupt_samples())

@@ -105,34 +105,39 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
     sampling = dict(steps=cfg.tracking.sampling_steps, cfg_scale=cfg.tracking.cfg_scale, seed=cfg.train.seed,
                     reference_tokens=cfg.train.shift_reference_tokens, device=device, sampler=cfg.tracking.sampler)
     results = {}
-    for mode in modes:
-        for split, texts in prompts.items():
-            rows = []
-            for i, prompt in enumerate(texts):
-                shape = shapes[i % len(shapes)]
-                wanted = parse_prompt(prompt)
-                if wanted is None:  # judged from pixels: procedural prompts only
-                    continue
-                # Off the centre, where every clip of the demo's data starts: the given frame has to be followed.
-                rendered = render_clip(wanted["shape"], wanted["colour"], wanted["background"], wanted["motion"],
-                                       shape.width, shape.height, shape.frames, start=OFF_CENTRE)
-                frames = torch.from_numpy(rendered)
-                if mode == "extend":
-                    source = frames[:max(1, shape.frames // 2)]
-                    video = extend(model, autoencoder, text, prompt, source, shape, 4 * shape.frames, **sampling)
+    for split, texts in prompts.items():
+        cases = []  # (prompt, shape, rendered clip) for each procedural prompt
+        for i, prompt in enumerate(texts):
+            wanted, shape = parse_prompt(prompt), shapes[i % len(shapes)]
+            if wanted is None:  # judged from pixels: procedural prompts only
+                continue
+            # Off the centre, where every clip of the demo's data starts: the given frame has to be followed.
+            cases.append((prompt, shape, render_clip(wanted["shape"], wanted["colour"], wanted["background"],
+                                                     wanted["motion"], shape.width, shape.height, shape.frames,
+                                                     start=OFF_CENTRE)))
+        if not cases:
+            continue
+        texts_, plan, rendered = [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases]
+        for mode in modes:  # each mode's clips sampled together
+            if mode == "extend":
+                sources = [torch.from_numpy(r[:max(1, len(r) // 2)]) for r in rendered]
+                videos = extend(model, autoencoder, text, texts_, sources, plan, 4 * max(s.frames for s in plan),
+                                **sampling)
+                rows = []
+                for prompt, shape, source, video in zip(texts_, plan, sources, videos):
                     step = shape.frames - max(1, shape.latent_shape(autoencoder.temporal_factor)[0] // 2)
                     windows = list(range(len(source), len(video), max(1, step)))
                     rows.append(judge_conditioned(mode, prompt, video.numpy(), source.numpy(), windows))
-                    continue
-                given = given_latents(autoencoder, shape, first=frames[0],
-                                      last=frames[-1] if mode == "first_last" else None)
-                video = generate(model, autoencoder, text, [prompt], [shape], given=[given], **sampling)[0]
-                rows.append(judge_conditioned(mode, prompt, video.numpy(), rendered))
-            if rows:
-                attributes = MODE_ATTRIBUTES[mode]
-                scores = {a: sum(r[a] for r in rows) / len(rows) for a in attributes}
-                scores["overall"] = sum(scores.values()) / len(attributes)
-                results[f"{mode}/{split}"] = scores
+            else:
+                given = [given_latents(autoencoder, shape, first=torch.from_numpy(r[0]),
+                                       last=torch.from_numpy(r[-1]) if mode == "first_last" else None)
+                         for shape, r in zip(plan, rendered)]
+                videos = generate(model, autoencoder, text, texts_, plan, given=given, **sampling)
+                rows = [judge_conditioned(mode, p, v.numpy(), r) for p, v, r in zip(texts_, videos, rendered)]
+            attributes = MODE_ATTRIBUTES[mode]
+            scores = {a: sum(r[a] for r in rows) / len(rows) for a in attributes}
+            scores["overall"] = sum(scores.values()) / len(attributes)
+            results[f"{mode}/{split}"] = scores
     return results
 
 

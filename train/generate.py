@@ -99,22 +99,26 @@ def read_image(path: Path, shape: BucketShape) -> torch.Tensor:
     return resize_and_crop(np.asarray(Image.open(path).convert("RGB"))[None], shape.height, shape.width)[0]
 
 
-def extend(model, autoencoder, text, prompt: str, video: torch.Tensor, shape: BucketShape, total_frames: int,
-           **sampling) -> torch.Tensor:
-    """`video` (F, H, W, 3) uint8 at `shape`'s size, grown to `total_frames` in windows of `shape.frames`: each
-    window is given the last half of its latent frames' worth of what is already there (at least one) and
-    generates the rest, so a clip grows past the longest training length. Returns the whole clip, `video` first."""
-    window_latents = shape.latent_shape(autoencoder.temporal_factor)[0]
-    context_latents = max(1, window_latents // 2)
+def extend(model, autoencoder, text, prompts: Sequence[str], videos: Sequence[torch.Tensor],
+           shapes: Sequence[BucketShape], total_frames: int, **sampling) -> List[torch.Tensor]:
+    """Each of `videos` ((F, H, W, 3) uint8 at its shape's size) grown to `total_frames` in windows of its shape's
+    frames: each window is given the last half of its latent frames' worth of what is already there (at least
+    one) and generates the rest, so a clip grows past the longest training length; the clips' windows are
+    sampled together. Returns the whole clips, each video first."""
     factor = autoencoder.temporal_factor
-    context = context_latents if factor == 1 else 1 + (context_latents - 1) * factor  # pixel frames
-    out = video
-    while len(out) < total_frames:
-        lead = out[-context:]
-        latents, given = given_latents(autoencoder, shape, first=lead)
-        window = generate(model, autoencoder, text, [prompt], [shape], given=[(latents, given)], **sampling)[0]
-        out = torch.cat([out, window[len(lead):]])
-    return out[:total_frames]
+    contexts = []
+    for shape in shapes:
+        latents = max(1, shape.latent_shape(factor)[0] // 2)
+        contexts.append(latents if factor == 1 else 1 + (latents - 1) * factor)  # in pixel frames
+    out = list(videos)
+    while any(len(o) < total_frames for o in out):
+        growing = [i for i, o in enumerate(out) if len(o) < total_frames]
+        given = [given_latents(autoencoder, shapes[i], first=out[i][-contexts[i]:]) for i in growing]
+        windows = generate(model, autoencoder, text, [prompts[i] for i in growing], [shapes[i] for i in growing],
+                           given=given, **sampling)
+        for i, window in zip(growing, windows):
+            out[i] = torch.cat([out[i], window[min(contexts[i], len(out[i])):]])
+    return [o[:total_frames] for o in out]
 
 
 def write_videos(videos: Sequence[torch.Tensor], prompts: Sequence[str], out_dir: Path, fps: float,
@@ -273,8 +277,8 @@ def main(argv=None) -> None:
         sampling = dict(steps=args.steps or cfg.tracking.sampling_steps, seed=args.seed, device=device,
                         cfg_scale=cfg.tracking.cfg_scale if args.cfg is None else args.cfg,
                         reference_tokens=cfg.train.shift_reference_tokens, sampler=args.sampler or cfg.tracking.sampler)
-        videos = [extend(model, autoencoder, text, p, source, shape, max(args.frames, len(source)), **sampling)
-                  for p in args.prompt]
+        videos = extend(model, autoencoder, text, args.prompt, [source] * len(args.prompt),
+                        [shape] * len(args.prompt), max(args.frames, len(source)), **sampling)
         paths = write_videos(videos, args.prompt, args.out, cfg.data.fps, "extend")
         print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
         for path in paths:

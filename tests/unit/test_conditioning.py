@@ -125,8 +125,8 @@ def test_extending_grows_a_clip_in_windows_each_given_the_end_of_the_last():
     masks = []
     mask_channel = cfg.model.autoencoder.latent_channels * 16  # the first mask value of each token's patch vector
     hook = model.dit.patch_embed.register_forward_hook(lambda m, args, out: masks.append(args[0][:, mask_channel]))
-    out = extend(model, autoencoder, text_conditioner(cfg.model), "a red circle moving right", video, shape, 20,
-                 steps=1, cfg_scale=1.0, seed=0, reference_tokens=256, device=torch.device("cpu"))
+    out, = extend(model, autoencoder, text_conditioner(cfg.model), ["a red circle moving right"], [video], [shape],
+                  20, steps=1, cfg_scale=1.0, seed=0, reference_tokens=256, device=torch.device("cpu"))
     hook.remove()
     assert out.shape == (20, 24, 24, 3) and torch.equal(out[:8], video)
     assert len(masks) == 3  # 8 -> 12 -> 16 -> 20

@@ -45,3 +45,35 @@ def test_a_dataset_it_did_not_build_is_never_overwritten(tmp_path, capsys):
     with pytest.raises(SystemExit, match="did not build"):
         build(out, capsys, "--force")
     assert json.loads((out / "manifest.json").read_text())["builder"] == "data.ingest"
+
+
+def test_procedural_clips_start_at_the_centre_unless_a_start_spread_is_asked_for(tmp_path):
+    """start_spread=0 (the default) renders the clips of before the option, each starting at the centre; > 0
+    starts each clip back along its motion by up to that much, so its first frame tells where the object is
+    (issue 30's conditioning frames; BENCHMARKS.md, "Conditioning modes in the demo")."""
+    from data.demo_set import procedural_samples, render_clip
+    from data.video_io import read_video
+    from train.adherence import object_centroids
+
+    def described(samples):  # mp4 bytes are not byte-stable from one encode to the next: what they show is
+        return [(key, caption, meta) for key, _, caption, meta in samples]
+
+    assert described(procedural_samples(12, 0)) == described(procedural_samples(12, 0, start_spread=0.0))
+    centre = object_centroids(render_clip("circle", "red", "black", "right", 48, 48, 8)[:1])[0]
+    back = object_centroids(render_clip("circle", "red", "black", "right", 48, 48, 8, start=-0.5)[:1])[0]
+    assert abs(centre[0] - 23.5) < 1 and back[0] < centre[0] - 4 and abs(back[1] - centre[1]) < 1
+
+    def first_frame_offsets(spread):
+        offsets = []
+        for key, video, _, meta in procedural_samples(12, 3, start_spread=spread):
+            path = tmp_path / f"{key}.mp4"
+            path.write_bytes(video)
+            point = object_centroids(read_video(path)[0][:1])[0]
+            g = meta["generator"]  # the same clip started at the centre
+            centred = render_clip(g["shape"], g["colour"], g["background"], g["motion"], meta["width"],
+                                  meta["height"], 2)
+            offsets.append(float(abs(point - object_centroids(centred[:1])[0]).sum()))
+        return offsets
+
+    assert max(first_frame_offsets(0.0)) < 1.5
+    assert sum(o > 1.5 for o in first_frame_offsets(0.5)) >= 8
