@@ -214,24 +214,25 @@ class Evaluator:
         return metrics
 
 
+def _score_rows(metrics: Dict[str, float], key: str, title: str, attributes: Sequence[str], width: int,
+                indent: str = "") -> List[str]:
+    """A header of `attributes` + overall, then a row per split of the eval/<key>/<split>/<attribute> metrics."""
+    splits = sorted({k.split("/")[2] for k in metrics if k.startswith(f"eval/{key}/")})
+    if not splits:
+        return []
+    columns = list(attributes) + ["overall"]
+    rows = [f"{title:<{width}}" + "".join(f"{c:>12}" for c in columns)]
+    for split in splits:
+        rows.append(f"{indent}{split:<{width - len(indent)}}"
+                    + "".join(f"{metrics.get(f'eval/{key}/{split}/{c}', math.nan):>12.2f}" for c in columns))
+    return rows
+
+
 def table(metrics: Dict[str, float]) -> str:
     """The adherence scores as a small text table, plus the validation loss."""
-    splits = sorted({k.split("/")[2] for k in metrics if k.startswith("eval/adherence/")})
-    lines = []
-    if splits:
-        columns = list(ATTRIBUTES) + ["overall"]
-        lines.append(f"{'prompts':<10}" + "".join(f"{c:>12}" for c in columns))
-        for split in splits:
-            lines.append(f"{split:<10}" + "".join(f"{metrics.get(f'eval/adherence/{split}/{c}', math.nan):>12.2f}"
-                                                 for c in columns))
-    for mode, attributes in MODE_ATTRIBUTES.items():  # the modes judged, each its own columns
-        mode_splits = sorted({k.split("/")[2] for k in metrics if k.startswith(f"eval/{mode}/")})
-        if mode_splits:
-            columns = list(attributes) + ["overall"]
-            lines.append(f"{mode:<22}" + "".join(f"{c:>12}" for c in columns))
-            for split in mode_splits:
-                lines.append(f"  {split:<20}" + "".join(f"{metrics.get(f'eval/{mode}/{split}/{c}', math.nan):>12.2f}"
-                                                       for c in columns))
+    lines = _score_rows(metrics, "adherence", "prompts", ATTRIBUTES, 10)
+    for mode, attributes in MODE_ATTRIBUTES.items():  # the modes judged, each with its own columns
+        lines += _score_rows(metrics, mode, mode, attributes, 22, indent="  ")
     if "eval/val_loss" in metrics:
         lines.append(f"validation loss {metrics['eval/val_loss']:.4f} (fixed timesteps "
                      f"{', '.join(map(str, VALIDATION_TIMESTEPS))}, fixed noise)")

@@ -86,9 +86,14 @@ def test_the_cache_records_each_sample_its_source_and_the_encoder(cache, tiny_da
 
 def test_training_from_the_cache_trains_the_samples_and_audit_of_training_from_the_videos(cache, tiny_dataset,
                                                                                           tmp_path):
+    """Same samples and audit as from the videos, with the cached run training every conditioning mode too (issue
+    30): the given frames are then the cached latents."""
     videos, latents = tmp_path / "videos", tmp_path / "latents"
     train(videos, tiny_dataset)
-    train(latents, tiny_dataset, f"data.latents={cache}")
+    # From the cache with every conditioning mode too: the given frames are the cached latents' own.
+    from tests.integration.test_sequence_parallel import EVERY_MODE
+
+    train(latents, tiny_dataset, f"data.latents={cache}", *EVERY_MODE)
     assert trained_keys(latents) == trained_keys(videos) and len(trained_keys(videos)) == 16
     a, b = (json.loads((d / "checkpoints" / "step_10" / "audit.json").read_text()) for d in (videos, latents))
     assert set(a["license_totals"]) == set(b["license_totals"]) == {"CC0-1.0"}
