@@ -78,12 +78,12 @@ def token_weights(given: Sequence[torch.Tensor], grids: Sequence[Sequence[int]])
 
 def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
                         noisy: Sequence[torch.Tensor], generator: torch.Generator, grid):
-    """The model's inputs for a micro-batch, and the weight of each packed token in the loss (None: every token
-    counts). Without model.frame_conditioning, the noisy latents as they are. Otherwise each clip is drawn a mode by
-    `shares` and given its frames; a text-only mix draws nothing from `generator`. `grid`: a clip's shape -> its
-    token grid (the DiT's)."""
+    """The model's inputs for a micro-batch, the weight of each packed token in the loss (a host tensor) and each
+    clip's count of tokens the loss counts; both None where every token counts. Without model.frame_conditioning,
+    the noisy latents as they are. Otherwise each clip is drawn a mode by `shares` and given its frames; a
+    text-only mix draws nothing from `generator`. `grid`: a clip's shape -> its token grid (the DiT's)."""
     if not model_cfg.frame_conditioning:
-        return list(noisy), None
+        return list(noisy), None, None
     frames = [x.shape[1] for x in clean]
     if shares.get("text", 0.0) >= 1.0:
         given = [torch.zeros(f, dtype=torch.bool) for f in frames]
@@ -92,8 +92,10 @@ def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[
         given = [given_frames(m, f, generator) for m, f in zip(modes, frames)]
     inputs = [conditioned_input(n, c, g, model_cfg.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
     if not any(bool(g.any()) for g in given):
-        return inputs, None
-    return inputs, token_weights(given, [grid(x.shape) for x in clean])
+        return inputs, None, None
+    grids = [grid(x.shape) for x in clean]
+    counts = [int((~g).sum()) * h * w for g, (_, h, w) in zip(given, grids)]
+    return inputs, token_weights(given, grids), counts
 
 
 def check_shares(shares: Mapping[str, float], key: str) -> Dict[str, float]:

@@ -218,8 +218,9 @@ class Trainer:
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
         # With model.frame_conditioning each clip is drawn a mode of its stage's mix, from the group's generator
         # (every member draws alike), and given its frames clean beside a mask; `counted`: the loss's tokens.
-        inputs, counted = conditioning_inputs(cfg.model, self.curriculum.stage(self.step).conditioning, x0,
-                                              [p[0] for p in pairs], gen, self.model.dit.grid)
+        mix = self.curriculum.stage(self.step).conditioning if cfg.model.frame_conditioning else {}
+        inputs, counted, counts = conditioning_inputs(cfg.model, mix, x0, [p[0] for p in pairs], gen,
+                                                      self.model.dit.grid)
         # Under sequence parallelism the prediction holds this rank's share of the tokens, and so does the target.
         prediction = self.engine(inputs, t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])
@@ -228,7 +229,7 @@ class Trainer:
         total, local_counted = sum(tokens), None
         if counted is not None:  # a given frame's tokens count for nothing
             local_counted = (self.split.local(counted) if self.split is not None else counted).to(device)
-            squared, total = squared * local_counted, int(counted.sum())
+            squared, total = squared * local_counted, sum(counts)
         loss = sequence_loss(squared, total, self.layout.degree)
         finite = all_ranks_finite(loss, device)
         # A non-finite loss is still backpropagated: DeepSpeed counts micro-batches to place the accumulation
@@ -237,8 +238,7 @@ class Trainer:
         # micro-batches leaked their gradients into the next step.
         self.engine.backward(loss_weighted(loss, batch))
         # Everything below stays on the device: metrics read it at log steps only.
-        per_sample = per_clip_loss(squared.detach(), tokens, self.split, counts=None if counted is None else
-                                   [int(c.sum()) for c in torch.split(counted, tokens)])
+        per_sample = per_clip_loss(squared.detach(), tokens, self.split, counts=counts)
         # A rank's share of the micro-batch's tokens and FLOPs: summed over ranks, each counts once.
         flops = flops_per_batch(self.model, zip(tokens, text.lengths), self.flop_groups) / self.layout.degree
         return StepResult(finite=finite, tokens=squared.shape[0], loss_sum=squared.detach().sum(), flops=flops,

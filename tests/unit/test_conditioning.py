@@ -146,12 +146,38 @@ def test_a_micro_batchs_inputs_and_loss_weights_follow_the_drawn_modes():
     grid = lambda shape: (shape[1], shape[2] // 4, shape[3] // 4)  # noqa: E731 (the demo's 1 x 4 x 4 patches)
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
-    inputs, counted = conditioning_inputs(cfg, {"text": 1.0}, clean, noisy, g, grid)
-    assert counted is None and torch.equal(g.get_state(), state)
+    inputs, counted, counts = conditioning_inputs(cfg, {"text": 1.0}, clean, noisy, g, grid)
+    assert counted is None and counts is None and torch.equal(g.get_state(), state)
     assert [x.shape[0] for x in inputs] == [7, 7] and all(x[3].eq(0).all() for x in inputs)
-    inputs, counted = conditioning_inputs(cfg, {"first_frame": 1.0}, clean, noisy, g, grid)
-    assert counted.tolist() == [0.0] * 4 + [1.0] * 12 + [0.0] * 2 + [1.0] * 2
+    inputs, counted, counts = conditioning_inputs(cfg, {"first_frame": 1.0}, clean, noisy, g, grid)
+    assert counted.tolist() == [0.0] * 4 + [1.0] * 12 + [0.0] * 2 + [1.0] * 2 and counts == [12, 2]
     assert torch.equal(inputs[0][:3, 0], clean[0][:, 0]) and torch.equal(inputs[0][:3, 1:], noisy[0][:, 1:])
     plain = load_config(["experiment=demo"]).model
-    inputs, counted = conditioning_inputs(plain, {"text": 1.0}, clean, noisy, g, grid)
-    assert counted is None and all(a is b for a, b in zip(inputs, noisy))
+    inputs, counted, counts = conditioning_inputs(plain, {"text": 1.0}, clean, noisy, g, grid)
+    assert counted is None and counts is None and all(a is b for a, b in zip(inputs, noisy))
+
+
+def test_the_loss_does_not_reach_the_given_frames_and_is_the_mean_over_the_generated_ones():
+    """Through the trainer's micro-batch step with every clip given its first frame: the gradient of the loss
+    reaches no output token of a given frame and every generated one, and the loss the metrics report is the mean
+    squared error over the generated tokens alone (a loss over every token would send gradient to the given
+    frames: the first assertion)."""
+    from tests.unit.test_host_syncs import bare_trainer, micro_batch
+    from train.trainer import Trainer
+
+    cfg = load_config(["experiment=demo", "model.attention_backend=sdpa", "model.frame_conditioning=true",
+                       "curriculum.stages.0.conditioning.text=0.0", "+curriculum.stages.0.conditioning.first_frame=1.0"])
+    trainer = bare_trainer(cfg)
+    outputs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outputs.append(out)
+
+    trainer.model.dit.final.register_forward_hook(keep)
+    result = Trainer.forward_backward_step(trainer, micro_batch(count=2))  # 8 frames of 4 x 4 tokens each
+    grad = outputs[0].grad.abs().sum(dim=-1).view(2, 8, 16)
+    assert grad[:, 0].eq(0).all() and grad[:, 1:].gt(0).all()
+    assert float(result.loss_tokens) == 2 * 7 * 16
+    per_clip = result.per_sample_loss
+    assert float(result.loss_sum) / float(result.loss_tokens) == pytest.approx(float(per_clip.mean()), rel=1e-5)

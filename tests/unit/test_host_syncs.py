@@ -60,16 +60,29 @@ def micro_batch(count=3):
     return PackedBatch(clips, [], "rank0-worker0", ConsumerSnapshot(stage=[]))
 
 
-def test_a_micro_batch_reads_nothing_back_to_the_host(counted_reads):
-    cfg = load_config(["experiment=demo", "model.attention_backend=sdpa"])
-    device = torch.device("cpu")
+def bare_trainer(cfg):
+    """The trainer's state that forward_backward_step reads, on one CPU process, with no DeepSpeed."""
+    from train.curriculum import Curriculum
+
     model = TextToVideoModel(cfg.model)
-    trainer = SimpleNamespace(env=SimpleNamespace(device=device), rng=RNGState(0, 0), cfg=cfg, model=model,
-                              autoencoder=build_autoencoder(cfg.model.autoencoder), text=text_conditioner(cfg.model),
-                              engine=Engine(model), flop_groups=parameter_groups(model),
-                              layout=SequenceLayout(1, 0, 1), split=None)
+    trainer = SimpleNamespace(env=SimpleNamespace(device=torch.device("cpu")), rng=RNGState(0, 0), cfg=cfg,
+                              model=model, autoencoder=build_autoencoder(cfg.model.autoencoder),
+                              text=text_conditioner(cfg.model), engine=Engine(model),
+                              flop_groups=parameter_groups(model), layout=SequenceLayout(1, 0, 1), split=None,
+                              curriculum=Curriculum(cfg.curriculum), step=0)
     trainer.latents = lambda batch: Trainer.latents(trainer, batch)
     trainer.text_batch = lambda batch, captions: Trainer.text_batch(trainer, batch, captions)
+    return trainer
+
+
+@pytest.mark.parametrize("conditioning", [[], ["model.frame_conditioning=true",
+                                                "curriculum.stages.0.conditioning.text=0.5",
+                                                "+curriculum.stages.0.conditioning.first_frame=0.5"]],
+                         ids=["text", "conditioning frames"])
+def test_a_micro_batch_reads_nothing_back_to_the_host(counted_reads, conditioning):
+    cfg = load_config(["experiment=demo", "model.attention_backend=sdpa", *conditioning])
+    trainer = bare_trainer(cfg)
+    model = trainer.model
     batch = micro_batch()
     counted_reads.clear()
     result = Trainer.forward_backward_step(trainer, batch)
