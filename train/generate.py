@@ -40,11 +40,12 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     tokens = [math.prod(model.dit.grid(s)) for s in latent_shapes]
 
     conditioned = model.cfg.frame_conditioning
-    frames = [(c.to(device), g) if c is not None else (torch.zeros(s, device=device), torch.zeros(s[1], dtype=torch.bool))
-              for s, (c, g) in zip(latent_shapes, given or [(None, None)] * len(latent_shapes))] \
-        if conditioned else None
-    if given is not None and any(g is not None for g in given) and not conditioned:
+    given = list(given) if given is not None else [None] * len(latent_shapes)
+    if any(g is not None for g in given) and not conditioned:
         raise ValueError("this model was not trained with conditioning frames (model.frame_conditioning)")
+    nothing = lambda s: (torch.zeros(s, device=device), torch.zeros(s[1], dtype=torch.bool))  # noqa: E731
+    frames = [nothing(s) if g is None else (g[0].to(device), g[1]) for s, g in zip(latent_shapes, given)] \
+        if conditioned else None
 
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)
