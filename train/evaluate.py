@@ -30,7 +30,7 @@ from models.conditioning import text_only_input
 from models.flow import noisy_pair
 from train.adherence import (ATTRIBUTES, MODE_ATTRIBUTES, judge, judge_conditioned, parse_prompt, prompt_for,
                              summarize)
-from train.generate import extend, generate, given_latents, last_stage_shapes
+from train.generate import extend, extension_context, generate, given_latents, last_stage_shapes
 
 VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -125,7 +125,7 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
                                 **sampling)
                 rows = []
                 for prompt, shape, source, video in zip(texts_, plan, sources, videos):
-                    step = shape.frames - max(1, shape.latent_shape(autoencoder.temporal_factor)[0] // 2)
+                    step = shape.frames - extension_context(shape, autoencoder.temporal_factor)
                     windows = list(range(len(source), len(video), max(1, step)))
                     rows.append(judge_conditioned(mode, prompt, video.numpy(), source.numpy(), windows))
             else:

@@ -61,12 +61,11 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     return [autoencoder.decode(latent.cpu()) for latent in latents]
 
 
-def covered_latent_frames(pixel_frames: int, temporal_factor: int) -> int:
-    """How many leading latent frames a leading stretch of pixel frames fills (a causal autoencoder encodes the
-    first frame alone, then `temporal_factor` a latent frame)."""
-    if pixel_frames <= 0:
-        return 0
-    return pixel_frames if temporal_factor == 1 else 1 + (pixel_frames - 1) // temporal_factor
+def extension_context(shape: BucketShape, temporal_factor: int) -> int:
+    """The pixel frames each window of `extend` is given: the last half of its latent frames' worth (at least
+    one), so each window adds shape.frames minus this many."""
+    latents = max(1, shape.latent_shape(temporal_factor)[0] // 2)
+    return latents if temporal_factor == 1 else 1 + (latents - 1) * temporal_factor
 
 
 def given_latents(autoencoder, shape: BucketShape, first=None, last=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,12 +79,14 @@ def given_latents(autoencoder, shape: BucketShape, first=None, last=None) -> Tup
     if first is not None:
         first = first if first.dim() == 4 else first.unsqueeze(0)
         lead = min(len(first), shape.frames - 1)
-        video[:lead] = first[-lead:] if lead else video[:0]
+        if lead:
+            video[:lead] = first[-lead:]
     if last is not None:
         video[-factor:] = last
     latents = autoencoder.encode(video)
     given = torch.zeros(latents.shape[1], dtype=torch.bool)
-    given[:covered_latent_frames(lead, factor)] = True
+    if lead:  # the latent frames a leading stretch of `lead` pixel frames fills
+        given[:BucketShape(lead, shape.height, shape.width).latent_shape(factor)[0]] = True
     given[-1] = given[-1] | (last is not None)
     return latents, given
 
@@ -106,11 +107,7 @@ def extend(model, autoencoder, text, prompts: Sequence[str], videos: Sequence[to
     frames: each window is given the last half of its latent frames' worth of what is already there (at least
     one) and generates the rest, so a clip grows past the longest training length; the clips' windows are
     sampled together. Returns the whole clips, each video first."""
-    factor = autoencoder.temporal_factor
-    contexts = []
-    for shape in shapes:
-        latents = max(1, shape.latent_shape(factor)[0] // 2)
-        contexts.append(latents if factor == 1 else 1 + (latents - 1) * factor)  # in pixel frames
+    contexts = [extension_context(shape, autoencoder.temporal_factor) for shape in shapes]
     out = list(videos)
     while any(len(o) < total_frames for o in out):
         growing = [i for i, o in enumerate(out) if len(o) < total_frames]
@@ -278,15 +275,22 @@ def main(argv=None) -> None:
         sampling = dict(steps=args.steps or cfg.tracking.sampling_steps, seed=args.seed, device=device,
                         cfg_scale=cfg.tracking.cfg_scale if args.cfg is None else args.cfg,
                         reference_tokens=cfg.train.shift_reference_tokens, sampler=args.sampler or cfg.tracking.sampler)
-        videos = extend(model, autoencoder, text, args.prompt, [source] * len(args.prompt),
-                        [shape] * len(args.prompt), max(args.frames, len(source)), **sampling)
-        paths = write_videos(videos, args.prompt, args.out, cfg.data.fps, "extend")
-        print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
-        for path in paths:
-            print(f"  {path}")
-        if args.strip:
-            print(f"  {write_strip(videos, args.strip)} (frames of every clip, one row each)")
-        return
+        prompts, mode = list(args.prompt), "extend"
+        videos = extend(model, autoencoder, text, prompts, [source] * len(prompts), [shape] * len(prompts),
+                        max(args.frames, len(source)), **sampling)
+    else:
+        prompts, mode, videos = generate_from_arguments(args, cfg, model, autoencoder, text, shapes, device,
+                                                        parser)
+    paths = write_videos(videos, prompts, args.out, cfg.data.fps, mode)
+    print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
+    for path in paths:
+        print(f"  {path}")
+    if args.strip:
+        print(f"  {write_strip(videos, args.strip)} (frames of every clip, one row each)")
+
+
+def generate_from_arguments(args, cfg, model, autoencoder, text, shapes, device, parser):
+    """train.generate's prompts, first or last images, and shapes: (prompts, mode, videos)."""
     if args.width is not None or args.height is not None or args.frames is not None:
         shapes = [requested_shape(cfg, shapes[0], args.width, args.height, args.frames)]
     prompts = [p for p in args.prompt for _ in shapes]
@@ -303,12 +307,7 @@ def main(argv=None) -> None:
     videos = generate(model, autoencoder, text, prompts, plan, args.steps or cfg.tracking.sampling_steps,
                       cfg.tracking.cfg_scale if args.cfg is None else args.cfg, args.seed,
                       cfg.train.shift_reference_tokens, device, args.sampler or cfg.tracking.sampler, given=given)
-    paths = write_videos(videos, prompts, args.out, cfg.data.fps, mode)
-    print(f"{checkpoint} ({'raw' if args.raw else 'EMA'} weights):")
-    for path in paths:
-        print(f"  {path}")
-    if args.strip:
-        print(f"  {write_strip(videos, args.strip)} (frames of every clip, one row each)")
+    return prompts, mode, videos
 
 
 if __name__ == "__main__":
