@@ -50,6 +50,34 @@ class TextEncoderConfig:
 
 
 @dataclass
+class ImageEncoderConfig:
+    # Image conditioning of model.arch=wan, as Wan 2.1 I2V: a frozen transformers CLIPVisionModel from a local
+    # directory (image_encoder/ of a Wan I2V diffusers repository), whose penultimate hidden states of a clip's
+    # given first (or last) frame feed the DiT's image embedder and every block's added key/value projections
+    # (models/image_encoder.py). null = no image branch. Needs model.frame_conditioning.
+    path: Optional[str] = None
+    # Images a clip is given CLIP tokens of: 1 (Wan 2.1 I2V: its first frame if given, else its last if given, else
+    # a black image) or 2 (FLF2V, diffusers' pos_embed_seq_len: its first and its last frame, a black image for
+    # either one not given).
+    images: int = 1
+    # CLIP's width (config.json's hidden_size) and tokens per image ((image_size / patch_size)^2 + 1): the DiT's
+    # image_dim and image sequence. Wan's CLIP ViT-H/14 by default; checked against `path` where the run starts.
+    dim: int = 1280
+    tokens: int = 257
+    # The dtype the frozen encoder holds its weights and computes in: auto (bf16 on CUDA, fp32 elsewhere) | bf16 |
+    # fp32. Its tokens leave it in fp32 either way.
+    dtype: str = "auto"
+
+    def check(self) -> None:
+        if self.images not in (1, 2):
+            raise ConfigError(f"model.image.images={self.images}: 1 (Wan 2.1 I2V) or 2 (FLF2V: first and last)")
+        if self.dim < 1 or self.tokens < 1:
+            raise ConfigError(f"model.image.dim={self.dim} and model.image.tokens={self.tokens} must be positive")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"model.image.dtype={self.dtype!r}: supported: auto, bf16, fp32")
+
+
+@dataclass
 class AutoencoderConfig:
     # pixel: normalised RGB, no compression.
     # causal_vae: the built-in causal 3D VAE (weights from `path`, a safetensors file, or trained by vae_demo).
@@ -110,9 +138,9 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    # kino: Kino's DiT (models/dit.py). wan: the Wan 2.1 text-to-video transformer (models/wan.py), whose
-    # weights load from and export to diffusers' WanTransformer3DModel; conditioning, modulation and
-    # position_embedding are Wan's own there (cross-attention, a shared table, RoPE only).
+    # kino: Kino's DiT (models/dit.py). wan: the Wan 2.1 transformer (models/wan.py; image-to-video with
+    # frame_conditioning and model.image), whose weights load from and export to diffusers' WanTransformer3DModel;
+    # conditioning, modulation and position_embedding are Wan's own there (cross-attention, a shared table, RoPE).
     arch: str = "kino"
     patch_size: List[int] = field(default_factory=lambda: [1, 4, 4])  # (p_t, p_h, p_w)
     dim: int = 128
@@ -131,7 +159,8 @@ class ModelConfig:
     # Conditioning frames (models/conditioning.py): the model also reads a mask and the clean latents of the frames a
     # clip is given (first frame, last, both, a stretch to extend), stacked on its input channels (2 x latent
     # channels + model.autoencoder.temporal_factor mask channels). Needed by any stage whose conditioning mix has
-    # more than text. Kino's DiT only (arch=kino) for now; needs patch_size[0] = 1.
+    # more than text. Needs patch_size[0] = 1. With arch=wan: Wan 2.1 I2V's input (36 channels for its 16 latent
+    # channels), and with model.image.path its CLIP image branch too.
     frame_conditioning: bool = False
     # fractional: each token also gets Fourier features of its fractional (t, y, x) position in its clip,
     # added to the patch embedding (RoPE alone is relative); none: RoPE only.
@@ -158,6 +187,7 @@ class ModelConfig:
     compile_backend: str = "inductor"
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     # Start from an open base model: a local diffusers WanTransformer3DModel directory (model.arch=wan), checked
     # against this config key by key before any process starts. Its declared license (required with it) must
     # be in data.licenses.allow_weights; its identity (name, sha256, license) is recorded in config.yaml, every
@@ -191,8 +221,11 @@ class ModelConfig:
         if self.frame_conditioning and self.patch_size[0] != 1:
             raise ConfigError(f"model.frame_conditioning needs model.patch_size[0] = 1 (got {self.patch_size[0]}): "
                               "a token row is then one latent frame, given or generated")
-        if self.frame_conditioning and self.arch != "kino":
-            raise ConfigError("model.frame_conditioning: only model.arch=kino so far (Wan 2.1 I2V is not built yet)")
+        if self.image.path and self.arch != "wan":
+            raise ConfigError("model.image.path: the CLIP image branch is Wan 2.1 I2V's (set model.arch=wan)")
+        if self.image.path and not self.frame_conditioning:
+            raise ConfigError("model.image.path conditions on a clip's given frames: set model.frame_conditioning=true "
+                              "(Wan 2.1 I2V reads them on its input channels too)")
         if self.position_embedding not in ("fractional", "none"):
             raise ConfigError(f"model.position_embedding={self.position_embedding!r}: supported: fractional, none")
         if self.modulation not in ("per_block", "shared"):
@@ -206,6 +239,7 @@ class ModelConfig:
             raise ConfigError(f"model.attention_backend={self.attention_backend!r} is not a known backend")
         self.text.check()
         self.autoencoder.check()
+        self.image.check()
         self.lora.check()
         if self.init_from and self.arch != "wan":
             raise ConfigError("model.init_from loads a diffusers WanTransformer3DModel: set model.arch=wan")

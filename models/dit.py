@@ -411,11 +411,19 @@ def attention_shapes(cfg: ModelConfig) -> List[Tuple[int, int]]:
 
 
 def text_conditioner(cfg: ModelConfig):
-    """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings."""
+    """captions -> TextBatch: byte tokens for the built-in encoder, or frozen T5/UMT5 embeddings; with model.image
+    (Wan 2.1 I2V), each caption's clip also carries the black image's CLIP tokens until given frames' replace them
+    (models/image_encoder.py)."""
     if cfg.text.name == "pretrained":
-        return PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens, cfg.text.tokenizer_path, cfg.text.pad_to,
+        text = PretrainedTextEncoder(cfg.text.path, cfg.text.max_tokens, cfg.text.tokenizer_path, cfg.text.pad_to,
                                      cfg.text.dtype)
-    return builtin_tokenizer(cfg.text)
+    else:
+        text = builtin_tokenizer(cfg.text)
+    if cfg.image.path:
+        from models.image_encoder import ImageEncoder, WithImages
+
+        return WithImages(text, ImageEncoder(cfg.image))
+    return text
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -27,6 +27,9 @@ class TextBatch:
     max_len: int
     lengths: List[int]  # tokens per caption, on the host (reading them from cu_seqlens would sync the device)
     embeddings: Optional[torch.Tensor] = None  # (M, dim)
+    # Each clip's CLIP image tokens (B, tokens, image dim), for a model with an image branch (model.image: Wan 2.1
+    # I2V, whose cross-attention reads them beside the caption); models/image_encoder.py.
+    images: Optional[torch.Tensor] = None
 
 
 class ByteTokenizer:

@@ -1,11 +1,13 @@
-"""`model.arch=wan`: the Wan 2.1 text-to-video transformer's math in Kino's packed varlen form.
+"""`model.arch=wan`: the Wan 2.1 transformer's math in Kino's packed varlen form, text- and image-to-video.
 
-The same computation as diffusers' `WanTransformer3DModel` (the 1.3B and 14B text-to-video checkpoints), so its
-weights load and export both ways (models/wan_weights.py) and its outputs match, clip by clip. In Kino's form
-clips of mixed shapes are packed into one token sequence, attention stays within each clip (cu_seqlens), and
-everything Kino applies from outside (sequence parallelism, tiling, activation checkpointing, compile, ZeRO)
-applies unchanged: the blocks have the signature of `models.dit.DiTBlock` and the model the interface of
-`models.dit.VideoDiT` (patchify, grid, `sequence`, `output`).
+The same computation as diffusers' `WanTransformer3DModel` (the 1.3B and 14B text-to-video checkpoints, and with
+model.frame_conditioning and model.image the 14B image-to-video ones: 36 input channels, CLIP image tokens through
+an image embedder into each block's cross-attention, models/image_encoder.py), so its weights load and export both
+ways (models/wan_weights.py) and its outputs match, clip by clip. In Kino's form clips of mixed shapes are packed
+into one token sequence, attention stays within each clip (cu_seqlens), and everything Kino applies from outside
+(sequence parallelism, tiling, activation checkpointing, compile, ZeRO) applies unchanged: the blocks have the
+signature of `models.dit.DiTBlock` (plus the image tokens) and the model the interface of `models.dit.VideoDiT`
+(patchify, grid, `sequence`, `output`).
 
 Parameter names are diffusers' (`blocks.0.attn1.to_q.weight`, ...). Two tensors differ in layout only: the patch
 embedding is a Linear over Kino's patch vectors (diffusers: a Conv3d of the same weights), and the output
@@ -63,18 +65,26 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class WanAttention(nn.Module):
-    """Self-attention (3D RoPE) or cross-attention to the caption, with RMS norm of q and k across all heads."""
+    """Self-attention (3D RoPE) or cross-attention to the caption, with RMS norm of q and k across all heads. With
+    `images` (Wan 2.1 I2V's cross-attention), the same queries also attend to the clip's image tokens through their
+    own key/value projections (`add_k_proj`, `add_v_proj`, `norm_added_k`), and the two results are summed: two
+    softmaxes, as diffusers computes it, not one over image and caption tokens together."""
 
-    def __init__(self, dim: int, heads: int, eps: float, backend: str, cross: bool):
+    def __init__(self, dim: int, heads: int, eps: float, backend: str, cross: bool, images: bool = False):
         super().__init__()
         self.heads, self.head_dim, self.cross = heads, dim // heads, cross
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        if images:  # diffusers' added_kv_proj_dim: the image embedder's output, the model's width
+            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
         self.core = AttentionCore(backend)
 
-    def forward(self, x, cu_seqlens, max_len, rope=None, context=None, cu_seqlens_k=None, max_len_k=None):
+    def forward(self, x, cu_seqlens, max_len, rope=None, context=None, cu_seqlens_k=None, max_len_k=None,
+                images=None):
+        """`images`: (packed image tokens at model width, their cu_seqlens, tokens a clip), or None."""
         source = x if context is None else context
         if context is None:
             cu_seqlens_k, max_len_k = cu_seqlens, max_len
@@ -83,21 +93,28 @@ class WanAttention(nn.Module):
         v = self.to_v(source).unflatten(-1, (self.heads, self.head_dim))
         if rope is not None:
             q, k = apply_rotary_interleaved(q, *rope), apply_rotary_interleaved(k, *rope)
-        out = self.core(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k)
-        return self.to_out[0](out.flatten(1).type_as(q))
+        out = self.core(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k).type_as(q)
+        if images is not None:
+            tokens, cu_images, max_images = images
+            k = self.norm_added_k(self.add_k_proj(tokens)).unflatten(-1, (self.heads, self.head_dim))
+            v = self.add_v_proj(tokens).unflatten(-1, (self.heads, self.head_dim))
+            out = out + self.core(q, k, v, cu_seqlens, cu_images, max_len, max_images).type_as(q)
+        return self.to_out[0](out.flatten(1))
 
 
 class WanFeedForward(nn.Module):
-    """Linear, tanh-approximated GELU, Linear; named as diffusers' FeedForward (`net.0.proj`, `net.2`)."""
+    """Linear, GELU (tanh-approximated in the blocks, exact in the image embedder), Linear; named as diffusers'
+    FeedForward (`net.0.proj`, `net.2`)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, out: int = None, approximate: str = "tanh"):
         super().__init__()
         first = nn.Module()
         first.proj = nn.Linear(dim, hidden)
-        self.net = nn.ModuleList([first, nn.Dropout(0.0), nn.Linear(hidden, dim)])
+        self.net = nn.ModuleList([first, nn.Dropout(0.0), nn.Linear(hidden, out or dim)])
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate=self.approximate))
 
 
 class WanBlock(nn.Module):
@@ -109,20 +126,22 @@ class WanBlock(nn.Module):
         d = cfg.dim
         self.norm1 = FP32LayerNorm(d, eps, elementwise_affine=False)
         self.attn1 = WanAttention(d, cfg.heads, eps, cfg.attention_backend, cross=False)
-        self.attn2 = WanAttention(d, cfg.heads, eps, cfg.attention_backend, cross=True)
+        self.attn2 = WanAttention(d, cfg.heads, eps, cfg.attention_backend, cross=True, images=bool(cfg.image.path))
         self.norm2 = FP32LayerNorm(d, eps, elementwise_affine=True)
         self.ffn = WanFeedForward(d, cfg.mlp_hidden)
         self.norm3 = FP32LayerNorm(d, eps, elementwise_affine=False)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
 
-    def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order):
-        """`cond`: the (clips, 6, d) table the model projects from each clip's timestep."""
+    def forward(self, x, cond, segments, cu, max_len, rope, text, text_segments, text_cu, text_max, joint_order,
+                images=None):
+        """`cond`: the (clips, 6, d) table the model projects from each clip's timestep; `images`: the clips' image
+        tokens for the cross-attention (WanAttention), or None."""
         shift, scale, gate, c_shift, c_scale, c_gate = (
             per_token(m.squeeze(1), segments) for m in (self.scale_shift_table + cond.float()).chunk(6, dim=1))
         normed = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.attn1(normed, cu, max_len, rope=rope) * gate).type_as(x)
         normed = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2(normed, cu, max_len, context=text, cu_seqlens_k=text_cu, max_len_k=text_max)
+        x = x + self.attn2(normed, cu, max_len, context=text, cu_seqlens_k=text_cu, max_len_k=text_max, images=images)
         normed = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(normed).float() * c_gate).type_as(x)
 
@@ -148,13 +167,35 @@ class _Sequential(nn.Module):
         return self.linear_2(self.activation(self.linear_1(x)))
 
 
+class WanImageEmbedding(nn.Module):
+    """CLIP image tokens to the model's width (diffusers' WanImageEmbedding): LayerNorm, an exact-GELU MLP as wide as
+    its input, LayerNorm. FLF2V adds a learned position embedding over its two images' tokens first, so the model
+    tells the first frame's from the last's (`pos_embed`, diffusers' pos_embed_seq_len)."""
+
+    def __init__(self, image_dim: int, dim: int, tokens: int = None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(image_dim)
+        self.ff = WanFeedForward(image_dim, image_dim, out=dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, image_dim)) if tokens else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(clips, tokens, image_dim) -> (clips, tokens, dim)."""
+        if self.pos_embed is not None:
+            images = images + self.pos_embed
+        return self.norm2(self.ff(self.norm1(images)))
+
+
 class WanConditionEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, image=None):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_embedder = _Sequential(freq_dim, dim, nn.SiLU(), linear=FP32Linear)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = _Sequential(text_dim, dim, nn.GELU(approximate="tanh"))
+        if image is not None and image.path:  # model.image: Wan 2.1 I2V's image branch
+            position = image.images * image.tokens if image.images == 2 else None
+            self.image_embedder = WanImageEmbedding(image.dim, dim, position)
 
 
 class WanDiT(PatchLayout, nn.Module):
@@ -163,8 +204,8 @@ class WanDiT(PatchLayout, nn.Module):
         self.cfg = cfg
         d = cfg.dim
         patch_dim = self.set_patch_layout(cfg)
-        self.patch_embedding = nn.Linear(patch_dim, d)  # diffusers: a Conv3d with kernel = stride = patch
-        self.condition_embedder = WanConditionEmbedder(d, cfg.freq_dim, context_dim)
+        self.patch_embedding = nn.Linear(self.input_patch_dim, d)  # diffusers: a Conv3d, kernel = stride = patch
+        self.condition_embedder = WanConditionEmbedder(d, cfg.freq_dim, context_dim, cfg.image)
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = FP32LayerNorm(d, 1e-6, elementwise_affine=False)
         self.proj_out = nn.Linear(d, patch_dim)
@@ -199,12 +240,29 @@ class WanDiT(PatchLayout, nn.Module):
         temb = embedder.time_embedder(frequencies).type_as(text)  # fp32 inside (FP32Linear), as diffusers keeps it
         table = embedder.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (clips, 6, d), shared by every block
         context = embedder.text_embedder(text)
+        images = self.image_context(text_batch.images, len(lengths), device)
         cos, sin = rope_interleaved(grids, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta, device)
         rope = (local(cos), local(sin))
         for block in self.blocks:
             x = block(x, table, segments, cu, max(lengths), rope, context, None, text_batch.cu_seqlens,
-                      text_batch.max_len, None)
+                      text_batch.max_len, None, images)
         return self.output(x, temb, segments)
+
+    def image_context(self, images, clips: int, device):
+        """Each clip's image tokens embedded and packed, with their cu_seqlens and count a clip, for the blocks'
+        cross-attention; None for a model without the image branch. Every clip has as many (models/image_encoder.py),
+        and every rank of a sequence-parallel group holds them all, as it does the caption's."""
+        embedder = getattr(self.condition_embedder, "image_embedder", None)
+        if embedder is None:
+            if images is not None:
+                raise ValueError("image tokens given to a model without an image branch (model.image.path)")
+            return None
+        if images is None or images.shape[0] != clips:
+            raise ValueError(f"this model reads each clip's image tokens (model.image: Wan 2.1 I2V): "
+                             f"TextBatch.images must hold {clips} clips' (models/image_encoder.py)")
+        per_clip = images.shape[1]
+        packed = embedder(images).flatten(0, 1)
+        return packed, cu_seqlens_from_lengths([per_clip] * clips, device), per_clip
 
     def output(self, x: torch.Tensor, temb: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """The output head, token by token (tiled by model.loss_chunks like VideoDiT's). Its modulation is fp32,

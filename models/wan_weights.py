@@ -1,9 +1,10 @@
 """Wan weights between diffusers' `WanTransformer3DModel` directories and Kino's `model.arch=wan` (models/wan.py).
 
 A diffusers directory holds `config.json` and `diffusion_pytorch_model.safetensors`, or several shards named by
-`diffusion_pytorch_model.safetensors.index.json`. Parameter names are the same on both sides; two tensors change
-layout: the patch embedding (a Conv3d there, a Linear over Kino's patch vectors here) and the output projection
-(rows in (pt, ph, pw, C) order there, (C, pt, ph, pw) here). `check_matches` compares a directory with a model
+`diffusion_pytorch_model.safetensors.index.json`, text-to-video or image-to-video (Wan 2.1 I2V: 36 input channels,
+the image embedder and each block's added key/value projections; FLF2V's image position embedding too). Parameter
+names are the same on both sides; two tensors change layout: the patch embedding (a Conv3d there, a Linear over
+Kino's patch vectors here) and the output projection (rows in (pt, ph, pw, C) order there, (C, pt, ph, pw) here). `check_matches` compares a directory with a model
 config key by key, from the files' headers alone, before any weight is read.
 """
 from __future__ import annotations
@@ -42,14 +43,27 @@ def read_config(directory) -> Dict:
     return json.loads(path.read_text())
 
 
+def input_channels(cfg: ModelConfig) -> int:
+    """The patch embedding's input channels: the latents, or with conditioning frames Wan 2.1 I2V's [latents, mask,
+    given latents] (36 for 16 latent channels and a temporal factor of 4)."""
+    from models.conditioning import input_channels as channels
+
+    return channels(cfg.autoencoder.latent_channels, cfg.frame_conditioning, cfg.autoencoder.temporal_factor)
+
+
 def diffusers_config(cfg: ModelConfig, text_dim: int) -> Dict:
-    """The `config.json` of a WanTransformer3DModel with `cfg`'s architecture."""
+    """The `config.json` of a WanTransformer3DModel with `cfg`'s architecture. The image branch (model.image): CLIP's
+    width in (image_dim), the model's width into each block's added key/value projections (added_kv_proj_dim), and
+    for FLF2V the two images' tokens under a position embedding (pos_embed_seq_len)."""
+    image = cfg.image
     return {"_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch_size),
             "num_attention_heads": cfg.heads, "attention_head_dim": cfg.dim // cfg.heads,
-            "in_channels": cfg.autoencoder.latent_channels, "out_channels": cfg.autoencoder.latent_channels,
+            "in_channels": input_channels(cfg), "out_channels": cfg.autoencoder.latent_channels,
             "text_dim": text_dim, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.mlp_hidden, "num_layers": cfg.depth,
-            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
-            "added_kv_proj_dim": None, "rope_max_seq_len": 1024, "pos_embed_seq_len": None}
+            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+            "image_dim": image.dim if image.path else None, "added_kv_proj_dim": cfg.dim if image.path else None,
+            "rope_max_seq_len": 1024,
+            "pos_embed_seq_len": image.images * image.tokens if image.path and image.images == 2 else None}
 
 
 def config_differences(saved: Dict, cfg: ModelConfig, text_dim: int) -> List[str]:
@@ -120,7 +134,7 @@ def to_diffusers(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, 
     out = {}
     for name, tensor in state.items():
         if name == "patch_embedding.weight":
-            tensor = tensor.reshape(tensor.shape[0], cfg.autoencoder.latent_channels, *cfg.patch_size)
+            tensor = tensor.reshape(tensor.shape[0], input_channels(cfg), *cfg.patch_size)
         elif name in ("proj_out.weight", "proj_out.bias"):
             tensor = _proj_out_rows(tensor, cfg, to_kino=False)
         out[name] = tensor.contiguous()
