@@ -1,14 +1,15 @@
 """Model FLOPs per training step (forward + backward), per docs/architecture.md's performance model.
 
-Per sample with N video tokens and M text tokens:
-  c·P_tok·N + c·P_ctx·M + c·P_cond + attention + 12·L_text·d_text·M²
+Per sample with N video tokens, M text tokens and K image tokens (model.image, Wan 2.1 I2V: CLIP's per clip):
+  c·P_tok·N + c·P_ctx·M + c·P_img·K + c·P_cond + attention + 12·L_text·d_text·M²
 P_tok: weights applied to every video token; P_ctx: to every text token (the built-in text encoder,
 cross-attention keys/values, and under joint conditioning `dit.text_in` and every block's text stream); P_cond:
-once per sample (timestep/adaLN). c is 6 for a trained weight (forward, and backward to its input and to itself)
-and 4 for a frozen one (LoRA's base: no weight gradient). Attention, per layer of width d: cross-attention
-conditioning 12·d·(N² + N·M) (self-attention, then N queries over M caption keys); joint 12·d·(N+M)², caption and
-video tokens in one sequence, except the last block, whose caption tokens only supply keys and values:
-12·d·N·(N+M). The last term is the built-in text encoder's own attention. Activation recompute is not counted.
+once per sample (timestep/adaLN); P_img: to every image token (the image embedder, each block's added key/value
+projections). c is 6 for a trained weight (forward, and backward to its input and to itself) and 4 for a frozen
+one (LoRA's base: no weight gradient). Attention, per layer of width d: cross-attention conditioning
+12·d·(N² + N·M + N·K) (self-attention, then N queries over M caption keys and over K image keys); joint
+12·d·(N+M)², caption and video tokens in one sequence, except the last block, whose caption tokens only supply keys
+and values: 12·d·N·(N+M). The last term is the built-in text encoder's own attention. Activation recompute is not counted.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ class ParameterGroups:
     per_video_token: int
     per_text_token: int
     per_sample: int
+    per_image_token: int = 0
 
 
+IMAGE_LAYERS = ("image_embedder", ".attn2.add_k_proj", ".attn2.add_v_proj")
 TEXT_LAYERS = (".cross.kv", ".attn2.to_k", ".attn2.to_v", "text_embedder", "dit.text_in", ".streams.text.")
 
 
@@ -35,6 +38,8 @@ def _role(name: str) -> str:
     if any(part in name for part in ("time_embed", "text_pool", ".ada", "final_ada", "shared_modulation",
                                      "time_proj")):  # a text stream's adaLN projection runs once a clip too
         return "sample"
+    if any(part in name for part in IMAGE_LAYERS):
+        return "image"
     if any(part in name for part in TEXT_LAYERS):
         return "text"
     return "video"
@@ -53,9 +58,9 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     inputs = lambda name: name.startswith(INPUT_LAYERS)
     path_trains = {role: any(m.weight.requires_grad for n, m in linears if _role(n) == role and not inputs(n))
-                   for role in ("video", "text", "sample")}
+                   for role in ("video", "text", "sample", "image")}
     inputs_train = any(m.weight.requires_grad for n, m in linears if inputs(n))
-    counts = {"video": 0, "text": 0, "sample": 0}
+    counts = {"video": 0, "text": 0, "sample": 0, "image": 0}
     for name, module in linears:
         role = _role(name)
         if module.weight.requires_grad:
@@ -65,18 +70,20 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
         else:
             cost = 4 if role == "video" or path_trains[role] else 2
         counts[role] += cost * module.weight.numel()
-    return ParameterGroups(counts["video"], counts["text"], counts["sample"])
+    return ParameterGroups(counts["video"], counts["text"], counts["sample"], counts["image"])
 
 
 def flops_per_sample(model: nn.Module, video_tokens: int, text_tokens: int, groups: ParameterGroups = None) -> float:
     cfg = model.cfg
     groups = groups or parameter_groups(model)
     n, m = video_tokens, text_tokens
-    dense = groups.per_video_token * n + groups.per_text_token * m + groups.per_sample
+    image = getattr(cfg, "image", None)
+    k = image.images * image.tokens if image is not None and image.path else 0  # every clip has its image's
+    dense = groups.per_video_token * n + groups.per_text_token * m + groups.per_image_token * k + groups.per_sample
     if getattr(cfg, "conditioning", "cross_attention") == "joint":
         attention = 12 * cfg.dim * ((cfg.depth - 1) * (n + m) ** 2 + n * (n + m))
     else:
-        attention = 12 * cfg.depth * cfg.dim * (n * n + n * m)
+        attention = 12 * cfg.depth * cfg.dim * (n * n + n * m + n * k)
     if getattr(model, "text_encoder", None) is not None:  # a frozen pretrained encoder is not trained
         attention += 12 * cfg.text.depth * cfg.text.dim * m * m
     return float(dense + attention)

@@ -18,9 +18,9 @@ Per-GPU memory of a training run, estimated before launch:
     (zero.max_live_parameters: two blocks' by default) in the compute dtype.
   * frozen parameters (LoRA's base) hold weights only: no gradients, no optimizer state.
   * the frozen pretrained encoders (UMT5/T5 text encoder at model.text.dtype, bf16 on a GPU by default; diffusers
-    VAE at model.autoencoder.dtype), counted
-    from their safetensors headers when `model.text.path` / `model.autoencoder.path` name a local directory, and
-    said to be not counted otherwise. A stage that reads a latent cache loads neither.
+    VAE at model.autoencoder.dtype; CLIP image encoder at model.image.dtype), counted from their safetensors headers
+    when `model.text.path` / `model.autoencoder.path` / `model.image.path` name a local directory, and said to be
+    not counted otherwise. A stage that reads a latent cache loads neither.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class MemoryEstimate:
     saved_activations: float = 0.0
     ema: float = 0.0  # this rank's pieces of the fp32 EMA of the trained parameters
     gathered: float = 0.0  # ZeRO-3: the parameters whole at once during forward and backward
-    encoders: float = 0.0  # frozen pretrained text encoder and VAE
+    encoders: float = 0.0  # frozen pretrained text encoder, VAE and image encoder
     sampling: float = 0.0  # the main rank: the whole EMA model in the compute dtype, while evaluation or videos run
     moments: float = 0.0  # of the optimizer row, the AdamW moments, freed before the end-of-run videos (as the EMA)
     sampling_in_loop: bool = False  # tracking asks for evaluations or videos during training
@@ -126,22 +126,24 @@ def stored_parameters(path: Optional[str]) -> Optional[int]:
 
 def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
     """(bytes of the frozen pretrained encoders the config loads on a GPU, the ones it names but cannot count):
-    the text encoder at model.text.dtype (auto: bf16), the VAE at model.autoencoder.dtype (auto: bf16)."""
+    the text encoder at model.text.dtype (auto: bf16), the VAE at model.autoencoder.dtype (auto: bf16), the CLIP
+    image encoder at model.image.dtype (auto: bf16; Wan's ViT-H/14, 0.63B parameters, counted whole, though the layer
+    it drops when it loads, 1/32 of them, is never on the GPU)."""
     from models.precision import frozen_dtype
 
     counted, missing = 0, []
-    text_bytes = frozen_dtype(model_cfg.text.dtype, "cuda").itemsize
-    vae_bytes = frozen_dtype(model_cfg.autoencoder.dtype, "cuda").itemsize
-    for label, part, kind, width in (("text encoder", model_cfg.text, "pretrained", text_bytes),
-                                     ("VAE", model_cfg.autoencoder, "diffusers", vae_bytes)):
-        if part.name != kind:
+    parts = (("text encoder", "text", model_cfg.text.name == "pretrained"),
+             ("VAE", "autoencoder", model_cfg.autoencoder.name == "diffusers"),
+             ("image encoder", "image", bool(model_cfg.image.path)))
+    for label, key, loaded in parts:
+        if not loaded:
             continue
+        part = getattr(model_cfg, key)
         found = stored_parameters(part.path)
         if found is None:
-            missing.append(f"{label} (model.{'text' if part is model_cfg.text else 'autoencoder'}.path: "
-                           f"no local weights to count)")
+            missing.append(f"{label} (model.{key}.path: no local weights to count)")
         else:
-            counted += found * width
+            counted += found * frozen_dtype(part.dtype, "cuda").itemsize
     return counted, tuple(missing)
 
 
@@ -248,7 +250,8 @@ def main(argv: List[str] = None) -> int:
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")
     notes = {"ema": "(fp32, this rank's 1/N of the trained parameters)",
              "gathered": "(ZeRO-3: parameters whole at once, zero.max_live_parameters)",
-             "encoders": "(frozen: the text encoder and VAE at model.text.dtype and model.autoencoder.dtype)"}
+             "encoders": "(frozen: the text encoder, VAE and image encoder at model.text.dtype, "
+                         "model.autoencoder.dtype and model.image.dtype)"}
     for name in MemoryEstimate.ROWS:
         print(f"  {name:<12} {getattr(result, name) / 2 ** 30:8.2f} GiB {notes.get(name, '')}".rstrip())
     for missing in result.not_counted:
