@@ -27,6 +27,9 @@ class PreparedClip:
     # From a latent cache (data.latents): `video` holds the latents (C, T, H, W float) instead of frames, and a
     # pretrained text encoder's caption embeddings (tokens, dim) come with them.
     text_embedding: Optional[torch.Tensor] = None
+    # From a latent cache of a run with model.image (Wan 2.1 I2V): CLIP's tokens of the clip's first and last frames
+    # (2, tokens, dim), which the clip's given frames read in place of its pixels (models/image_encoder.py).
+    image_embedding: Optional[torch.Tensor] = None
 
     @property
     def encoded(self) -> bool:

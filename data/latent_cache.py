@@ -12,7 +12,8 @@ encode dropped stays as a stub, `drop` (the reason) and the source's `json`: tra
 that reason, as it would from the videos, and a takedown finds it by its metadata.
 
 An encoded sample holds `latent.npy` (C, T, H, W float32), `txt` (the caption), `text.npy` (the caption's
-embeddings, pretrained text encoders only) and `json`: the source sample's metadata (license, rights holder,
+embeddings, pretrained text encoders only), `image.npy` (CLIP's tokens of the clip's first and last frames, (2,
+tokens, dim) float32, for a model with an image branch: model.image, Wan 2.1 I2V) and `json`: the source sample's metadata (license, rights holder,
 source URL, ...) plus `source_shard`, `source_key`, `bucket` (frames, height, width) and `encoder` (the short
 hash of the encoder identity). The manifest's `cache` section records the identity in full (each encoder's
 config and the sha256 of its weights), the stage's buckets, the data fps, the source dataset and the drops per
@@ -73,6 +74,11 @@ def encoder_identity(model_cfg) -> Dict[str, Any]:
         identity["text"] = text
     else:
         identity["text"] = {"name": "builtin", "cached": "captions only"}
+    if model_cfg.image.path:  # the first and last frames' CLIP tokens are cached (a run without images has no key)
+        image = {k: v for k, v in asdict(model_cfg.image).items() if k not in NOT_IDENTITY}
+        image["weights_sha256"] = weights_sha256(model_cfg.image.path)
+        image["dtype"] = names[frozen_dtype(model_cfg.image.dtype, device)]
+        identity["image"] = image
     return identity
 
 
@@ -124,6 +130,11 @@ class ShardEncoder:
         self.text = text_conditioner(cfg.model) if cfg.model.text.name == "pretrained" else None
         if self.text is not None:
             self.text.to(self.device)
+        self.images = getattr(self.text, "image_encoder", None)  # a pretrained text conditioner carries it
+        if cfg.model.image.path and self.images is None:
+            from models.image_encoder import ImageEncoder
+
+            self.images = ImageEncoder(cfg.model.image).to(self.device)
         self.spec = stage_spec(cfg, cfg.curriculum.stages[stage_index], source,
                                LicensePolicy.from_ids(cfg.data.licenses.allow), coordinator=None)
         self.identity_hash = identity_hash(encoder_identity(cfg.model))
@@ -172,6 +183,9 @@ class ShardEncoder:
                         if self.text is not None:
                             embeddings = self.text.batch([clip.caption], self.device).embeddings.float().cpu().numpy()
                             members["text.npy"] = _npy(embeddings)
+                        if self.images is not None:  # what a clip given its first or last frame reads
+                            tokens = self.images.encode([clip.video[0], clip.video[-1]]).cpu().numpy()
+                            members["image.npy"] = _npy(tokens)
                         bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
                         meta = dict(clip.meta, source_shard=shard, source_key=key, bucket=bucket,
                                     encoder=self.identity_hash)

@@ -11,7 +11,7 @@ mask, and Wan 2.1 I2V's weights (36 input channels) load as they are. The loss c
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -76,20 +76,30 @@ def token_weights(given: Sequence[torch.Tensor], grids: Sequence[Sequence[int]])
     return torch.cat(rows)
 
 
-def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
-                        noisy: Sequence[torch.Tensor], generator: torch.Generator, grid):
-    """The model's inputs for a micro-batch, the weight of each packed token in the loss (a host tensor) and each
-    clip's count of tokens the loss counts; both None where every token counts. Without model.frame_conditioning,
-    the noisy latents as they are. Otherwise each clip is drawn a mode by `shares` and given its frames; a
-    text-only mix draws nothing from `generator`. `grid`: a clip's shape -> its token grid (the DiT's)."""
+def draw_given(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
+               generator: torch.Generator) -> Optional[List[torch.Tensor]]:
+    """Each clip's given latent frames (bool vectors), its mode drawn by `shares`; None without
+    model.frame_conditioning. A text-only mix draws nothing from `generator`."""
     if not model_cfg.frame_conditioning:
-        return list(noisy), None, None
+        return None
     frames = [x.shape[1] for x in clean]
     if shares.get("text", 0.0) >= 1.0:
-        given = [torch.zeros(f, dtype=torch.bool) for f in frames]
-    else:
-        modes = draw_modes(shares, len(clean), generator)
-        given = [given_frames(m, f, generator) for m, f in zip(modes, frames)]
+        return [torch.zeros(f, dtype=torch.bool) for f in frames]
+    modes = draw_modes(shares, len(clean), generator)
+    return [given_frames(m, f, generator) for m, f in zip(modes, frames)]
+
+
+def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
+                        noisy: Sequence[torch.Tensor], generator: torch.Generator, grid,
+                        given: Optional[Sequence[torch.Tensor]] = None):
+    """The model's inputs for a micro-batch, the weight of each packed token in the loss (a host tensor) and each
+    clip's count of tokens the loss counts; both None where every token counts. Without model.frame_conditioning,
+    the noisy latents as they are. Otherwise each clip is given its frames: `given`, the caller's `draw_given`
+    (the trainer reads it for the image tokens too), or drawn here. `grid`: a clip's shape -> its token grid (the
+    DiT's)."""
+    if not model_cfg.frame_conditioning:
+        return list(noisy), None, None
+    given = draw_given(model_cfg, shares, clean, generator) if given is None else list(given)
     inputs = [conditioned_input(n, c, g, model_cfg.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
     if not any(bool(g.any()) for g in given):
         return inputs, None, None

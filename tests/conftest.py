@@ -131,7 +131,7 @@ def write_tiny_t5(path):
 # many short modules come last and fill the gaps. The order is all this changes: it never skips or merges a test.
 LONGEST_FIRST = ("test_slurm", "test_training", "test_latent_cache", "test_sequence_parallel", "test_launch_local",
                  "test_learning", "test_gpu_check", "test_gpu_suite", "test_first_hour", "test_object_storage",
-                 "test_data_cli", "test_wan", "test_k8s_manifests")
+                 "test_data_cli", "test_wan", "test_wan_i2v", "test_k8s_manifests")
 
 
 def pytest_collection_modifyitems(config, items):

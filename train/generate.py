@@ -6,6 +6,7 @@ longest clips) unless --width/--height/--frames say otherwise. Files: NN-<prompt
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -28,8 +29,9 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
              cfg_scale: float, seed: int, reference_tokens: int, device, sampler: str = "euler",
              given: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None) -> List[torch.Tensor]:
     """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos. `given`, for a model trained with
-    model.frame_conditioning: per clip, None or (latents, which latent frames are given: bool), from
-    `given_latents`; the clip is generated around them, and keeps them as given."""
+    model.frame_conditioning: per clip, None or (latents, which latent frames are given: bool[, the pixels they were
+    encoded from]), from `given_latents`; the clip is generated around them, and keeps them as given. A model with an
+    image branch (model.image) reads CLIP's tokens of the given first or last frame from those pixels."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -46,12 +48,16 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     nothing = lambda s: (torch.zeros(s, device=device), torch.zeros(s[1], dtype=torch.bool))  # noqa: E731
     frames = [nothing(s) if g is None else (g[0].to(device), g[1]) for s, g in zip(latent_shapes, given)] \
         if conditioned else None
+    images = given_images(text, given, [f[1] for f in frames] if frames else None)
 
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)
         inputs = x if frames is None else [conditioned_input(xi, c, g, autoencoder.temporal_factor)
                                            for xi, (c, g) in zip(x, frames * (len(x) // len(frames)))]
-        packed = model(inputs, t.to(device), text.batch(captions, device))
+        batch = text.batch(captions, device)
+        if images is not None:  # the unconditional half keeps its image, as diffusers' I2V pipeline does
+            batch = dataclasses.replace(batch, images=images.repeat(len(x) // len(images), 1, 1))
+        packed = model(inputs, t.to(device), batch)
         return model.dit.unpatchify(packed, [tuple(xi.shape) for xi in x])
 
     latents = SAMPLERS[sampler](guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)
@@ -61,6 +67,20 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     return [autoencoder.decode(latent.cpu()) for latent in latents]
 
 
+def given_images(text, given, masks) -> Optional[torch.Tensor]:
+    """Each clip's CLIP tokens for a model with an image branch (its text conditioner carries the image encoder,
+    models/image_encoder.py WithImages), None otherwise: read from the pixels `given_latents` encoded."""
+    encoder = getattr(text, "image_encoder", None)
+    if encoder is None or masks is None:
+        return None
+    from models.image_encoder import clip_picks
+
+    if any(g is not None and len(g) < 3 and bool(m.any()) for g, m in zip(given, masks)):
+        raise ValueError("a model with an image branch (model.image) reads the given frames' pixels: give each clip "
+                         "(latents, given, pixels), as given_latents returns")
+    return encoder.tokens(clip_picks(masks, encoder.cfg.images, [None if g is None else g[2] for g in given]))
+
+
 def extension_context(shape: BucketShape, temporal_factor: int) -> int:
     """The pixel frames each window of `extend` is given: the last half of its latent frames' worth (at least
     one), so each window adds shape.frames minus this many."""
@@ -68,11 +88,13 @@ def extension_context(shape: BucketShape, temporal_factor: int) -> int:
     return latents if temporal_factor == 1 else 1 + (latents - 1) * temporal_factor
 
 
-def given_latents(autoencoder, shape: BucketShape, first=None, last=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The latents and given latent frames of a clip of `shape` whose first and/or last frames are given: uint8
-    (H, W, 3) images, or for `first` a leading stretch (F, H, W, 3) of frames, at `shape`'s size. They are placed in
-    an otherwise black clip, which is encoded; the latent frames they fill are given (the last image fills the
-    last latent frame's pixel frames)."""
+def given_latents(autoencoder, shape: BucketShape, first=None, last=None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The latents, given latent frames and pixels of a clip of `shape` whose first and/or last frames are given:
+    uint8 (H, W, 3) images, or for `first` a leading stretch (F, H, W, 3) of frames, at `shape`'s size. They are
+    placed in an otherwise black clip, which is encoded; the latent frames they fill are given (the last image fills
+    the last latent frame's pixel frames). The clip's pixels come back too: its first and last frames are what an
+    image-conditioned model's CLIP reads."""
     video = torch.zeros(shape.frames, shape.height, shape.width, 3, dtype=torch.uint8)
     factor = autoencoder.temporal_factor
     lead = 0
@@ -88,7 +110,7 @@ def given_latents(autoencoder, shape: BucketShape, first=None, last=None) -> Tup
     if lead:  # the latent frames a leading stretch of `lead` pixel frames fills
         given[:BucketShape(lead, shape.height, shape.width).latent_shape(factor)[0]] = True
     given[-1] = given[-1] | (last is not None)
-    return latents, given
+    return latents, given, video
 
 
 def read_image(path: Path, shape: BucketShape) -> torch.Tensor:

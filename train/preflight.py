@@ -19,6 +19,7 @@ def check_data(cfg: KinoConfig) -> None:
     if missing:
         raise ConfigError("the run's data is not there: " + "; ".join(missing))
     check_base_weights(cfg)
+    check_image_encoder(cfg)
     if cfg.data.latents or any(stage.latents for stage in cfg.curriculum.stages):
         from data.latent_cache import check_sources
 
@@ -62,3 +63,19 @@ def check_base_weights(cfg: KinoConfig) -> None:
         check_matches(model.init_from, model, context_dim(model))
     except WeightsMismatch as error:
         raise ConfigError(str(error)) from error
+
+
+def check_image_encoder(cfg: KinoConfig) -> None:
+    """model.image.path: a CLIPVisionModel directory whose width and tokens an image are model.image's (its config
+    alone; the weights load when the run starts)."""
+    image = cfg.model.image
+    if not image.path:
+        return
+    from models.image_encoder import clip_config, shape_problems
+
+    try:
+        problems = shape_problems(clip_config(image.path), image)
+    except (ValueError, OSError) as error:
+        raise ConfigError(str(error)) from error
+    if problems:
+        raise ConfigError(f"model.image.path={image.path} does not match the config: " + "; ".join(problems))

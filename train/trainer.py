@@ -6,6 +6,7 @@ resumable piece (config check, engine, curriculum, RNG, tracker, EMA and the dat
 (train/state.py says where each lives)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,9 +20,10 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
-from models.conditioning import conditioning_inputs
+from models.conditioning import conditioning_inputs, draw_given
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
+from models.image_encoder import clip_picks
 from models.flow import noisy_pair, sample_timesteps, shift_timesteps
 from train.checkpoint import (CheckpointManager, ResumeRefused, archive_previous_run, changed_config_refusal,
                               latest_checkpoint)
@@ -205,6 +207,20 @@ class Trainer:
         return TextBatch(None, None, cu_seqlens_from_lengths(lengths, device), max(lengths), lengths,
                          embeddings=torch.cat(pieces).to(device, non_blocking=True))
 
+    def image_tokens(self, batch: PackedBatch, given) -> Optional[torch.Tensor]:
+        """Each clip's CLIP tokens for a model with an image branch (model.image: Wan 2.1 I2V), None otherwise: of
+        its given first or last frame, read from its pixels or from the latent cache's tokens of them, the black
+        image's where none is given (models/image_encoder.py). Under sequence parallelism the group's leader, which
+        alone holds the pixels, computes them and sends them to the rest."""
+        encoder = getattr(self.text, "image_encoder", None)
+        if encoder is None:
+            return None
+        tokens = None
+        if self.layout.is_leader:
+            sources = [c.video if c.image_embedding is None else c.image_embedding for c in batch.clips]
+            tokens = [encoder.tokens(clip_picks(given, self.cfg.model.image.images, sources))]
+        return share_latents(tokens, self.layout, self.env.device)[0]
+
     def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
         x0 = self.latents(batch)
@@ -219,8 +235,12 @@ class Trainer:
         # With model.frame_conditioning each clip is drawn a mode of its stage's mix, from the group's generator
         # (every member draws alike), and given its frames clean beside a mask; `counted`: the loss's tokens.
         mix = self.curriculum.stage(self.step).conditioning if cfg.model.frame_conditioning else {}
+        given = draw_given(cfg.model, mix, x0, gen)
         inputs, counted, counts = conditioning_inputs(cfg.model, mix, x0, [p[0] for p in pairs], gen,
-                                                      self.model.dit.grid)
+                                                      self.model.dit.grid, given=given)
+        images = self.image_tokens(batch, given)
+        if images is not None:
+            text = dataclasses.replace(text, images=images)
         # Under sequence parallelism the prediction holds this rank's share of the tokens, and so does the target.
         prediction = self.engine(inputs, t.to(device, non_blocking=True), text)
         target = self.model.dit.patchify([p[1] for p in pairs])

@@ -180,3 +180,195 @@ def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
     # Wan with conditioning frames and no image branch: a 2 x latent + mask channel input, no CLIP.
     plain = load_config([o for o in base if not o.startswith("model.image.path")]).model
     assert plain.frame_conditioning and plain.image.path is None
+    # Where the run starts (python -m train, launch local): the directory is a CLIP of the configured shape.
+    from train.preflight import check_image_encoder
+
+    check_image_encoder(load_config(base))
+    with pytest.raises(ConfigError, match=r"model.image.dim=1280, the encoder's hidden_size is 32; "
+                                          r"model.image.tokens=257, the encoder gives 17"):
+        check_image_encoder(load_config([*base, "model.image.dim=1280", "model.image.tokens=257"]))
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_image_encoder(load_config([*base, f"model.image.path={clip_dir.parent / 'elsewhere'}"]))
+
+
+def test_a_t5_directory_is_no_image_encoder(tiny_t5, clip_dir):
+    from train.preflight import check_image_encoder
+
+    base = [*kino_overrides(tiny_t5), "model.autoencoder.temporal_factor=1", "curriculum.stages.0.token_budget=8192",
+            "curriculum.stages.1.token_budget=8192"]
+    with pytest.raises(ConfigError, match="a 't5' model, not a CLIPVisionModel"):
+        check_image_encoder(load_config(base))
+
+
+# -- the round trip: python -m train from diffusers' I2V weights (2 CPU ranks, ZeRO-2), then --format diffusers ------
+def i2v_run(dataset, wan_dir, clip_dir, text_dir, vae_dir, run_dir, *extra, steps=(4, 2)):
+    """test_wan.py's Wan fine-tune with conditioning frames and CLIP: stage 0 gives first frames, both ends or
+    nothing, stage 1 last frames or nothing (the clip's last frame through CLIP, or the black image)."""
+    from tests.integration.test_wan import run_overrides
+
+    mixes = [{"text": 0.25, "first_frame": 0.5, "first_last": 0.25}, {"text": 0.5, "last_frame": 0.5}]
+    modes = [f"++curriculum.stages.{i}.conditioning.{m}={v}" for i, mix in enumerate(mixes) for m, v in mix.items()]
+    image = ["model.frame_conditioning=true", f"model.image.path={clip_dir}", "model.image.dim=32",
+             f"model.image.tokens={TOKENS}", "model.autoencoder.temporal_factor=2"]
+    return run_overrides(dataset, wan_dir, text_dir, vae_dir, run_dir, *image, *modes, *extra, steps=steps)
+
+
+def test_a_wan_i2v_finetune_goes_in_through_init_from_and_out_to_diffusers(
+        tiny_dataset, tiny_t5, tiny_wan_vae, clip_dir, tmp_path):
+    from tests.integration.test_wan import ema_dit, torchrun_train
+    from models.weights import weights_sha256
+    from train.export import main as export_main
+
+    save_random_wan_i2v(tmp_path / "wan")
+    run_dir = tmp_path / "run"
+    overrides = i2v_run(tiny_dataset, tmp_path / "wan", clip_dir, tiny_t5, tiny_wan_vae, run_dir)
+    result = torchrun_train([*overrides, "train.stop_after_steps=3"])  # stopped, then resumed to the end
+    assert f"sha256 {weights_sha256(tmp_path / 'wan')}" in result.stdout
+    result = torchrun_train(overrides)
+    assert "resuming from" in result.stdout + result.stderr
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6
+    cfg = load_config(kino_overrides(clip_dir), check=False).model
+    base, trained = load_diffusers(tmp_path / "wan", cfg), ema_dit(run_dir, 6)
+    assert sorted(base) == sorted(trained)
+    moved = {k: (trained[k] - base[k]).abs().max().item() for k in base}
+    assert 1e-5 < max(moved.values()) < 1.0
+    # The image branch trained: its tokens reached every block's added projections and the embedder.
+    for name in ("blocks.0.attn2.add_k_proj.weight", "blocks.1.attn2.add_v_proj.weight",
+                 "condition_embedder.image_embedder.ff.net.0.proj.weight"):
+        assert moved[name] > 1e-6, name
+    export_main([str(run_dir), "--format", "diffusers", "--out", str(tmp_path / "export")])
+    loaded = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "export").eval()
+    assert loaded.config.in_channels == 10 and loaded.config.image_dim == 32
+    model = TextToVideoModel(cfg).eval()
+    model.dit.load_state_dict(trained)
+    inputs, t, captions, text = packed_inputs(seed=4)
+    for ours, theirs in zip(kino_per_clip(model, inputs, t, text),
+                            diffusers_per_clip(loaded, inputs, t, captions, text.images)):
+        assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_latent_cache_keeps_the_first_and_last_frames_clip_tokens_and_the_trainer_reads_them(
+        tiny_dataset, tiny_t5, tiny_wan_vae, clip_dir, tmp_path):
+    """A cache of an I2V run holds CLIP's tokens of each clip's first and last frames (what its given frames read
+    instead of pixels) and records the image encoder's identity; the trainer fills each clip's slots from pixels or
+    from those tokens alike, the black image's where no frame is given."""
+    from types import SimpleNamespace
+
+    import webdataset as wds
+
+    from conf.schema import to_yaml
+    from data.batch import PackedBatch
+    from data.latent_cache import ShardEncoder, encoder_identity
+    from data.loader import prepare_sample
+    from models.dit import text_conditioner
+    from models.weights import weights_sha256
+    from train.sequence_parallel import SequenceLayout
+    from train.trainer import Trainer
+
+    cfg = load_config([*i2v_run(tiny_dataset, tmp_path / "wan", clip_dir, tiny_t5, tiny_wan_vae, tmp_path / "run"),
+                       "model.text.pad_to=null"], check=False)
+    identity = encoder_identity(cfg.model)["image"]
+    assert identity["weights_sha256"] == weights_sha256(clip_dir) and identity["images"] == 1
+    row = json.loads((tiny_dataset / "manifest.json").read_text())["shards"][0]
+    (tmp_path / "cache").mkdir()
+    encoder = ShardEncoder(to_yaml(cfg), 0, str(tiny_dataset), str(tmp_path / "cache"))
+    encoder.encode_shard(row["path"], 0, row["num_samples"])
+    cached_raw = list(wds.tarfile_samples([{"url": str(tmp_path / "cache" / row["path"])}]))
+    video_raw = list(wds.tarfile_samples([{"url": str(tiny_dataset / row["path"])}]))
+    n = next(i for i, s in enumerate(cached_raw) if "latent.npy" in s)
+    cached, _ = prepare_sample(cached_raw[n], (0, 0, n), encoder.spec)
+    video, _ = prepare_sample(video_raw[n], (0, 0, n), encoder.spec)  # the same sample, crop and frames
+    images = encoder.images
+    assert cached.image_embedding.shape == (2, TOKENS, 32)
+    assert torch.allclose(cached.image_embedding, images.encode([video.video[0], video.video[-1]]), atol=1e-5)
+
+    conditioner = text_conditioner(cfg.model)
+    trainer = SimpleNamespace(text=conditioner, cfg=cfg, layout=SequenceLayout(1, 0, 1),
+                              env=SimpleNamespace(device=torch.device("cpu")))
+    batch = PackedBatch([video, cached, video], [], "rank0-worker0", None)
+    frames = video.video.shape[0] // 2 + 1  # latent frames (temporal factor 2)
+    mask = lambda *given: torch.tensor([i in given for i in range(frames)])  # noqa: E731
+    tokens = Trainer.image_tokens(trainer, batch, [mask(0), mask(frames - 1), mask()])
+    expected = [images.encode([video.video[0]])[0], cached.image_embedding[1], images.black()]
+    assert tokens.shape == (3, TOKENS, 32)
+    assert all(torch.allclose(row, want, atol=1e-5) for row, want in zip(tokens, expected))
+    # What a caption batch carries before any frame is given: the black image for every clip.
+    assert torch.equal(conditioner.batch(["a", "b"]).images, images.black().expand(2, TOKENS, 32))
+
+
+def test_generation_reads_the_given_frames_clip_tokens_in_both_halves_of_guidance(
+        tiny_dataset, tiny_t5, tiny_wan_vae, clip_dir, tmp_path):
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import text_conditioner
+    from train.generate import generate, given_latents
+
+    cfg = load_config([*i2v_run(tiny_dataset, tmp_path / "wan", clip_dir, tiny_t5, tiny_wan_vae, tmp_path / "run"),
+                       "model.init_from=null"], check=False).model
+    torch.manual_seed(0)
+    model, autoencoder, text = TextToVideoModel(cfg).eval(), build_autoencoder(cfg.autoencoder), text_conditioner(cfg)
+    shape = BucketShape(frames=5, height=32, width=32)
+    image = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    given = given_latents(autoencoder, shape, last=image)
+    seen = []
+    hook = model.dit.condition_embedder.image_embedder.register_forward_hook(lambda m, a, out: seen.append(a[0]))
+    sampling = dict(steps=1, cfg_scale=2.0, seed=0, reference_tokens=256, device=torch.device("cpu"))
+    generate(model, autoencoder, text, ["a red square", "a blue circle"], [shape, shape], given=[given, None],
+             **sampling)
+    hook.remove()
+    black, last = text.image_encoder.black(), text.image_encoder.encode([image])[0]
+    assert seen and all(torch.allclose(s[0], last) and torch.equal(s[1], black) for s in seen)
+    assert seen[0].shape[0] == 4 and torch.equal(seen[0][2:], seen[0][:2])  # the unconditional half: its images too
+    with pytest.raises(ValueError, match="pixels"):
+        generate(model, autoencoder, text, ["a red square"], [shape], given=[given[:2]], **sampling)
+
+
+def test_the_image_branch_is_counted_in_flops_and_its_encoder_in_memory(clip_dir):
+    from models.flops import flops_per_sample, parameter_groups
+    from train.memory import estimate
+
+    cfg = load_config(kino_overrides(clip_dir), check=False)
+    model = TextToVideoModel(cfg.model)
+    groups = parameter_groups(model)
+    # Per image token: the embedder's two linears, and each block's added key and value projections.
+    assert groups.per_image_token == 6 * (32 * 32 + 32 * 48 + 2 * 2 * 48 * 48)
+    plain = TextToVideoModel(load_config([*kino_overrides(clip_dir), "model.image.path=null"], check=False).model)
+    assert parameter_groups(plain).per_video_token == groups.per_video_token  # not counted per video token
+    n, m = 96, 7
+    assert flops_per_sample(model, n, m) - flops_per_sample(plain, n, m) == \
+        groups.per_image_token * TOKENS + 12 * 2 * 48 * n * TOKENS
+    clip_parameters = sum(p.numel() for p in transformers.CLIPVisionModel.from_pretrained(clip_dir).parameters())
+    with_clip, without = (estimate(load_config(o, check=False), world_size=1)
+                          for o in (kino_overrides(clip_dir), [*kino_overrides(clip_dir), "model.image.path=null"]))
+    assert with_clip.encoders - without.encoders == 2 * clip_parameters  # bf16 on a GPU (model.image.dtype=auto)
+
+
+def test_lora_on_the_image_branch_exports_merged_and_as_adapters_diffusers_loads(tmp_path, clip_dir):
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+
+    from models.lora import adapter_state, merged_state
+
+    base = save_random_wan_i2v(tmp_path / "wan")
+    targets = "model.lora.targets=[to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj]"
+    cfg = load_config([*kino_overrides(clip_dir), "model.lora.rank=4", targets], check=False).model
+    model = TextToVideoModel(cfg).eval()
+    missing, unexpected = model.dit.load_state_dict(load_diffusers(tmp_path / "wan", cfg), strict=False)
+    assert unexpected == [] and all(".lora_" in name for name in missing)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= {
+        "dit.blocks.0.attn2.add_k_proj.lora_A.weight", "dit.blocks.1.attn2.add_v_proj.lora_B.weight"}
+    with torch.no_grad():  # as if trained: B leaves zero
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    inputs, t, captions, text = packed_inputs(seed=3)
+    ours = kino_per_clip(model, inputs, t, text)
+    state = model.dit.state_dict()
+    save_diffusers(merged_state(state, 4, 4.0), cfg, 24, tmp_path / "merged")
+    merged = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
+    save_file({f"transformer.{k}": v.contiguous() for k, v in adapter_state(state, 4, 4.0).items()},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))
+    base.load_lora_adapter(str(tmp_path / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    for loaded in (merged, base):
+        for a, b in zip(ours, diffusers_per_clip(loaded, inputs, t, captions, text.images)):
+            assert (a - b).abs().max() < 1e-5

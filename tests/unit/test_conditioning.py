@@ -96,8 +96,8 @@ def test_generation_keeps_the_given_frames_and_the_model_reads_them():
     shape = BucketShape(frames=8, height=24, width=24)
     image = torch.zeros(24, 24, 3, dtype=torch.uint8)
     image[4:12, 2:10, 0] = 255  # a red square, top left
-    latents, given = given_latents(autoencoder, shape, first=image)
-    assert given.tolist() == [True] + [False] * 7
+    latents, given, pixels = given_latents(autoencoder, shape, first=image)
+    assert given.tolist() == [True] + [False] * 7 and torch.equal(pixels[0], image) and not pixels[1:].any()
     seen = []
     hook = model.dit.patch_embed.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-1]))
     videos = generate(model, autoencoder, text, ["a red square"], [shape], steps=2, cfg_scale=1.0, seed=0,

@@ -72,6 +72,7 @@ def bare_trainer(cfg):
                               curriculum=Curriculum(cfg.curriculum), step=0)
     trainer.latents = lambda batch: Trainer.latents(trainer, batch)
     trainer.text_batch = lambda batch, captions: Trainer.text_batch(trainer, batch, captions)
+    trainer.image_tokens = lambda batch, given: Trainer.image_tokens(trainer, batch, given)
     return trainer
 
 
