@@ -12,6 +12,7 @@ each degree of argv[2] (comma-separated: several degrees share one launch, which
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -37,9 +38,16 @@ SHAPES = [(3, 4, 16, 16), (3, 2, 8, 16), (3, 1, 8, 8)]
 CAPTIONS = ["a red circle moving right", "a blue square", "green"]
 
 
+# model.arch=wan as Wan 2.1 I2V, a superset of its text-to-video path: conditioning frames on the input channels, and
+# image tokens (random here: the DiT reads tokens, CLIP runs outside it) in every block's cross-attention.
+WAN_I2V = ["model.arch=wan", "model.ffn_dim=96", "model.frame_conditioning=true", "model.image.path=tokens-given",
+           "model.image.dim=16", "model.image.tokens=5"]
+
+
 def config(conditioning: str, degree: int):
-    """conditioning: cross_attention or joint (Kino's DiT), or wan (model.arch=wan, cross-attention)."""
-    arch = ["model.arch=wan", "model.ffn_dim=96"] if conditioning == "wan" else [f"model.conditioning={conditioning}"]
+    """conditioning: cross_attention or joint (Kino's DiT), or wan (model.arch=wan, cross-attention to the caption
+    and to each clip's image tokens: Wan 2.1 I2V)."""
+    arch = WAN_I2V if conditioning == "wan" else [f"model.conditioning={conditioning}"]
     return load_config(["model.dim=64", "model.depth=2", "model.heads=4", "model.text.dim=32", "model.text.depth=1",
                         "model.text.heads=2", *arch, "model.attention_backend=reference",
                         f"parallel.sequence={degree}", "launcher.procs_per_node=4", "launcher.gpus_per_node=0"])
@@ -48,10 +56,15 @@ def config(conditioning: str, degree: int):
 def micro_batch(group: int, model: TextToVideoModel, cfg):
     """A group's packed micro-batch: noisy latents, timesteps, captions and the velocity target."""
     generator = torch.Generator().manual_seed(100 + group)
-    latents = [torch.randn(shape, generator=generator) for shape in SHAPES]
+    channels = model.dit.input_patch_dim // 16  # 4 x 4 patches: 3, or 7 with conditioning frames
+    latents = [torch.randn((channels, *shape[1:]), generator=generator) for shape in SHAPES]
     targets = [torch.randn(shape, generator=generator) for shape in SHAPES]
     t = torch.rand(len(SHAPES), generator=generator)
-    text = text_conditioner(cfg.model).batch(CAPTIONS[group % 2:] + CAPTIONS[:group % 2])
+    image = cfg.model.image
+    text = text_conditioner(dataclasses.replace(cfg.model, image=dataclasses.replace(image, path=None))).batch(
+        CAPTIONS[group % 2:] + CAPTIONS[:group % 2])
+    if image.path:  # each clip's own image tokens, held whole by every rank as the caption's are
+        text = dataclasses.replace(text, images=torch.randn(len(SHAPES), image.tokens, image.dim, generator=generator))
     return latents, t, text, model.dit.patchify(targets)
 
 

@@ -1,7 +1,8 @@
 """Ulysses sequence parallelism on real gloo process groups (CPU): the split model reproduces one process's loss,
-per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3, for Kino's DiT (cross and joint conditioning) and model.arch=wan (tests/integration/
-sequence_parallel_check.py does the work under torchrun), and with tiling inside activation-checkpointed blocks,
-whose recompute replays the all-to-alls in backward."""
+per-clip losses and every parameter gradient, plain and under DeepSpeed ZeRO-3, for Kino's DiT (cross and joint
+conditioning) and model.arch=wan as Wan 2.1 I2V, image tokens included (tests/integration/sequence_parallel_check.py
+does the work under torchrun), and with tiling inside activation-checkpointed blocks, whose recompute replays the
+all-to-alls in backward."""
 import json
 import math
 import os
@@ -39,7 +40,7 @@ def assert_equivalent(ranks):
         assert rank["cross_attention-zero-gradients"] == []
         assert rank["joint-zero-gradients"] == ["dit.blocks.1.streams.text.q_norm.weight"]
         assert rank["wan-zero-gradients"] == []
-        for conditioning in ("cross_attention", "joint", "wan"):  # wan: model.arch=wan, its own blocks
+        for conditioning in ("cross_attention", "joint", "wan"):  # wan: model.arch=wan, its own blocks, I2V's images
             for zero in ("plain", "zero3", "checkpointed"):
                 case = rank[f"{conditioning}-{zero}"]
                 assert case["missing"] == [] and case["parameters"] > 50
