@@ -36,9 +36,9 @@ def main(argv):
         rows = [describe([f"model={n}", *argv]) for n in names]
     else:
         rows = [describe(argv)]
-    print(f"{'model':<9} {'params':>10} {'DiT':>10} {'text enc':>10} {'TFLOP/sample@16k tok':>22}")
+    print(f"{'model':<11} {'params':>10} {'DiT':>10} {'text enc':>10} {'TFLOP/sample@16k tok':>22}")
     for name, total, dit, text, flops in sorted(rows, key=lambda r: r[1]):
-        print(f"{name:<9} {total / 1e6:>9.1f}M {dit / 1e6:>9.1f}M {text / 1e6:>9.1f}M {flops / 1e12:>22.1f}")
+        print(f"{name:<11} {total / 1e6:>9.1f}M {dit / 1e6:>9.1f}M {text / 1e6:>9.1f}M {flops / 1e12:>22.1f}")
 
 
 if __name__ == "__main__":
