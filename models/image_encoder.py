@@ -97,12 +97,12 @@ class ImageEncoder:
 
     def pixels(self, frame: torch.Tensor) -> torch.Tensor:
         """A uint8 (H, W, 3) frame as CLIP's input (3, size, size): shortest side to `size`, centre crop, normalised."""
-        x = frame.to(self.device).permute(2, 0, 1)[None].float()
+        x = frame.to(self.device, non_blocking=True).permute(2, 0, 1)[None].float()
         h, w = x.shape[-2:]
-        scale = self.size / min(h, w)
-        resized = (self.size, int(w * scale)) if h <= w else (int(h * scale), self.size)
-        if resized != (h, w):
+        resized = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
+        if resized != (h, w):  # rounded to whole values, as the processor's resized uint8 image is
             x = F.interpolate(x, size=resized, mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+            x = x.round()
         top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
         x = x[..., top:top + self.size, left:left + self.size] / 255.0
         mean, std = (torch.tensor(v, device=self.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
