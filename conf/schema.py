@@ -74,6 +74,7 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"model.mlp_chunks and model.loss_chunks tile the DiT; train.method={cfg.train.method} "
                           f"has none (set them to 1)")
     check_base_model(cfg)
+    check_frame_inputs(cfg)
     if cfg.train.method == "dit":
         cfg.model.check_lora_targets()
     if world_size is None:
@@ -106,6 +107,28 @@ def check_base_model(cfg: KinoConfig) -> None:
     if model.init_from and model.init_license not in cfg.data.licenses.allow_weights:
         raise ConfigError(f"model.init_license={model.init_license!r} is not in data.licenses.allow_weights="
                           f"{list(cfg.data.licenses.allow_weights)}: these base weights may not be trained from")
+
+
+def check_frame_inputs(cfg: KinoConfig) -> None:
+    """model.image.inputs=pipeline against the stages trained from a latent cache: the cache keeps the conditions of
+    a given first frame, last frame or both (models/conditioning.py cached_conditions), not those of every stretch an
+    extension mode draws. And against the validation loss, whose text-only input does not hold them yet."""
+    if not cfg.model.pipeline_inputs:
+        return
+    if cfg.tracking.eval_clips:
+        raise ConfigError(f"tracking.eval_clips={cfg.tracking.eval_clips}: the validation loss (train/evaluate.py) "
+                          f"builds a text-only clip's input without the grey clip's latents that model.image.inputs="
+                          f"pipeline reads in the condition channels; set tracking.eval_clips=0 (or "
+                          f"model.image.inputs=kino)")
+    for i, stage in enumerate(cfg.curriculum.stages):
+        extending = [m for m in ("extend", "extend_backward") if float(stage.conditioning.get(m, 0.0)) > 0]
+        cache = stage.latents or cfg.data.latents
+        if extending and cache:
+            raise ConfigError(f"curriculum.stages[{i}].conditioning trains {', '.join(extending)} from the latent "
+                              f"cache {cache}: with model.image.inputs=pipeline a clip given a stretch of frames "
+                              f"reads the encoding of that stretch followed by grey frames, which a cache does not "
+                              f"hold for every stretch; train this stage from the videos (latents: null), or set "
+                              f"model.image.inputs=kino")
 
 
 def _register() -> None:

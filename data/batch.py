@@ -30,6 +30,10 @@ class PreparedClip:
     # From a latent cache of a run with model.image (Wan 2.1 I2V): CLIP's tokens of the clip's first and last frames
     # (2, tokens, dim), which the clip's given frames read in place of its pixels (models/image_encoder.py).
     image_embedding: Optional[torch.Tensor] = None
+    # From a latent cache of a run whose model reads diffusers' I2V pipeline's inputs (model.image.inputs=pipeline):
+    # the encodings its given first and/or last frame condition on, (C, T + 2, H, W) (models/conditioning.py
+    # cached_conditions).
+    condition: Optional[torch.Tensor] = None
 
     @property
     def encoded(self) -> bool:

@@ -13,7 +13,10 @@ that reason, as it would from the videos, and a takedown finds it by its metadat
 
 An encoded sample holds `latent.npy` (C, T, H, W float32), `txt` (the caption), `text.npy` (the caption's
 embeddings, pretrained text encoders only), `image.npy` (CLIP's tokens of the clip's first and last frames, (2,
-tokens, dim) float32, for a model with an image branch: model.image, Wan 2.1 I2V) and `json`: the source sample's metadata (license, rights holder,
+tokens, dim) float32, for a model with an image branch: model.image, Wan 2.1 I2V), `condition.npy` (for a model
+that reads diffusers' I2V pipeline's inputs, model.image.inputs=pipeline: the autoencoder's encodings of the clip's
+first frame followed by grey frames, and the last latent frame of [grey..., last] and of [first, grey..., last],
+(C, T + 2, H, W) float32: models/conditioning.py cached_conditions) and `json`: the source sample's metadata (license, rights holder,
 source URL, ...) plus `source_shard`, `source_key`, `bucket` (frames, height, width) and `encoder` (the short
 hash of the encoder identity). The manifest's `cache` section records the identity in full (each encoder's
 config and the sha256 of its weights), the stage's buckets, the data fps, the source dataset and the drops per
@@ -138,6 +141,9 @@ class ShardEncoder:
         self.spec = stage_spec(cfg, cfg.curriculum.stages[stage_index], source,
                                LicensePolicy.from_ids(cfg.data.licenses.allow), coordinator=None)
         self.identity_hash = identity_hash(encoder_identity(cfg.model))
+        from models.conditioning import pipeline_inputs
+
+        self.conditions = pipeline_inputs(cfg.model)  # condition.npy: what a given first or last frame reads
         self.source, self.out = location(source), location(out)
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
@@ -186,6 +192,12 @@ class ShardEncoder:
                         if self.images is not None:  # what a clip given its first or last frame reads
                             tokens = self.images.encode([clip.video[0], clip.video[-1]]).cpu().numpy()
                             members["image.npy"] = _npy(tokens)
+                        if self.conditions:
+                            from models.conditioning import cached_conditions
+
+                            with torch.no_grad():
+                                stored = cached_conditions(self.autoencoder, clip.video)
+                            members["condition.npy"] = _npy(stored.float().cpu().numpy())
                         bucket = list(clip.video.shape[:3])  # frames, height, width the clip was fitted to
                         meta = dict(clip.meta, source_shard=shard, source_key=key, bucket=bucket,
                                     encoder=self.identity_hash)

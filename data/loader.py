@@ -206,6 +206,7 @@ def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
         latent = torch.from_numpy(load_npy(raw["latent.npy"]))
         text = torch.from_numpy(load_npy(raw["text.npy"])) if "text.npy" in raw else None
         image = torch.from_numpy(load_npy(raw["image.npy"])) if "image.npy" in raw else None
+        condition = torch.from_numpy(load_npy(raw["condition.npy"])) if "condition.npy" in raw else None
     except (ValueError, UnicodeDecodeError):
         return None, UNDECODABLE
     rng = sample_rng(spec, tag)
@@ -216,7 +217,7 @@ def prepare_cached_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec
     tokens = (t // pt) * (h // ph) * (w // pw)
     return PreparedClip(latent, caption, meta.get("source_key", raw.get("__key__", "?")),
                         meta.get("source_shard", Path(raw.get("__url__", "?")).name), meta, tokens, tag, text,
-                        image), None
+                        image, condition), None
 
 
 def prepare_sample(raw: Dict[str, Any], tag: Tag, spec: LoaderSpec) -> Tuple[Optional[PreparedClip], Optional[str]]:

@@ -66,20 +66,48 @@ def encode_by_shape(encode, videos: Sequence[torch.Tensor], most: int = 0) -> Li
     return latents
 
 
-class PixelSpace:
+def as_unit_range_batch(videos: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, 3) clips, uint8 or float already in [-1, 1] -> (B, 3, T, H, W) in [-1, 1]."""
+    return to_unit_range_batch(videos) if videos.dtype == torch.uint8 else videos.permute(0, 4, 1, 2, 3)
+
+
+def pixel_frames(latent_frames: int, temporal_factor: int) -> int:
+    """The pixel frames of a clip of `latent_frames` (a causal autoencoder's first latent frame holds one)."""
+    return 1 + temporal_factor * (latent_frames - 1) if temporal_factor > 1 else latent_frames
+
+
+class BlankLatents:
+    """`blank`: the latents of a mid-grey clip (every pixel 0 in [-1, 1]) of a shape, encoded once per shape and
+    kept on the autoencoder's device: what Wan 2.1 I2V's conditioning channels hold where no frame is given
+    (models/conditioning.py)."""
+
+    def blank(self, latent_shape: Sequence[int]) -> torch.Tensor:
+        """(C, T, h, w) -> the latents of the mid-grey clip that encodes to that shape."""
+        _, t, h, w = latent_shape
+        shape = (pixel_frames(t, self.temporal_factor), h * self.spatial_factor, w * self.spatial_factor, 3)
+        kept = self.__dict__.setdefault("_blank", {})
+        if shape not in kept:
+            dtype = getattr(self, "dtype", torch.float32)
+            kept[shape] = self.encode_batch([torch.zeros(shape, dtype=dtype, device=self.device)])[0]
+        return kept[shape]
+
+
+class PixelSpace(BlankLatents):
     latent_channels, temporal_factor, spatial_factor = 3, 1, 1
+    device = torch.device("cpu")
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         return to_unit_range(video)
 
     def encode_batch(self, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        return [to_unit_range(video) for video in videos]
+        """uint8 clips (T, H, W, 3), or float ones already in [-1, 1] -> (3, T, H, W)."""
+        return [as_unit_range_batch(video[None])[0].float() for video in videos]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return to_uint8(latent)
 
 
-class FrozenVideoAutoencoder:
+class FrozenVideoAutoencoder(BlankLatents):
     """Shared encode/decode around a frozen network: subclasses provide `_encode` and `_decode`."""
 
     latent_channels: int
@@ -97,6 +125,7 @@ class FrozenVideoAutoencoder:
     def to(self, device) -> "FrozenVideoAutoencoder":
         self.device = torch.device(device)
         self.network.to(device=self.device, dtype=frozen_dtype(self.dtype_setting, self.device.type))
+        self._blank = {}  # encoded on the former device and dtype
         return self
 
     @torch.no_grad()
@@ -106,9 +135,10 @@ class FrozenVideoAutoencoder:
     @torch.no_grad()
     def encode_batch(self, videos: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """uint8 clips (T, H, W, 3) of mixed shapes -> their normalised latents: one network call per shape. The
-        clips move to the device as uint8 (a quarter of the bytes of floats)."""
+        clips move to the device as uint8 (a quarter of the bytes of floats). A float clip is taken as already in
+        [-1, 1] (a frame-conditioned clip's mid-grey frames, 0 there, have no uint8 value)."""
         def encode(same_shape: torch.Tensor) -> torch.Tensor:
-            x = to_unit_range_batch(same_shape.to(self.device, non_blocking=True)).to(self.dtype)
+            x = as_unit_range_batch(same_shape.to(self.device, non_blocking=True)).to(self.dtype)
             return self.normalizer.normalize(self._encode(x).float())
 
         return encode_by_shape(encode, videos, self.clips_per_call)

@@ -8,12 +8,26 @@ clean, a mask and the given frames' latents (zero elsewhere), stacked on the cha
 (`model.autoencoder.temporal_factor` of them, Wan's 4) keeps that layout. Why channels and not clean tokens with
 their own timestep: one packed token per latent patch either way, a text-only clip is the same sequence with a zero
 mask, and Wan 2.1 I2V's weights (36 input channels) load as they are. The loss counts the generated frames only.
+
+A model with Wan 2.1 I2V's image branch (model.image.path) reads by default what diffusers'
+WanImageToVideoPipeline gives its transformer instead (model.image.inputs=pipeline; Wan's own I2V code does the
+same), so that a model fine-tuned here meets in diffusers the inputs it trained on, and a pretrained I2V model
+meets here the ones it was trained on: every latent frame noisy (the model produces the given frames too, and the
+loss counts every frame), a mask per pixel frame laid out as the pipeline's `mask_lat_size` (`pipeline_mask`), and
+the condition latents: the autoencoder's encoding of the clip with its given pixel frames and mid-grey (0 in
+[-1, 1]) everywhere else (`condition_latents`). Wan's VAE is causal, with a cache across its chunks of frames, so
+the grey frames after a given first frame encode to latents that depend on that frame: a clip's condition is one
+more encoding of a clip of its shape, not the given frames' latents beside the grey clip's. A latent cache stores
+what depends on the clip (`cached_conditions`) and the grey clip's latents are computed once per shape
+(`autoencoder.blank`).
 """
 from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
+
+from models.autoencoder import pixel_frames
 
 MODES = ("text", "first_frame", "last_frame", "first_last", "extend", "extend_backward")
 
@@ -55,12 +69,129 @@ def conditioned_input(noisy: torch.Tensor, clean: torch.Tensor, given: torch.Ten
     return torch.cat([kept, mask, clean * frames.to(clean.dtype)])
 
 
-def text_only_input(model_cfg, noisy: torch.Tensor) -> torch.Tensor:
-    """One clip's input with no frame given: itself, or for a frame-conditioned model with a zero mask."""
+def text_only_input(model_cfg, noisy: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One clip's input with no frame given: itself, or for a frame-conditioned model with a zero mask. Under the
+    pipeline's inputs its condition channels hold the grey clip's latents: `condition`, autoencoder.blank(shape)."""
     if not model_cfg.frame_conditioning:
         return noisy
     none = torch.zeros(noisy.shape[1], dtype=torch.bool)
+    if pipeline_inputs(model_cfg):
+        if condition is None:
+            raise ValueError("model.image.inputs=pipeline: a clip given no frame reads the grey clip's latents in "
+                             "its condition channels; pass condition=autoencoder.blank(noisy.shape)")
+        return pipeline_input(noisy, condition, none, model_cfg.autoencoder.temporal_factor)
     return conditioned_input(noisy, torch.zeros_like(noisy), none, model_cfg.autoencoder.temporal_factor)
+
+
+def pipeline_inputs(model_cfg) -> bool:
+    """Whether the model reads diffusers' WanImageToVideoPipeline's inputs (model.image.inputs=pipeline, with the
+    image branch), not Kino's layout."""
+    return model_cfg.pipeline_inputs
+
+
+def given_pixels(given: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """The pixel frames a clip given latent frames `given` is given under the pipeline's inputs (bool, the clip's
+    1 + temporal_factor x (T - 1) frames): a leading stretch of k latent frames gives the first
+    1 + temporal_factor x (k - 1) pixel frames (the first latent frame holds one: the pipeline's image for k = 1), a
+    trailing stretch of k the last 1 + temporal_factor x (k - 1) (k = 1: the last frame alone, FLF2V's last image).
+    A clip given every latent frame (first_last on two) is given its two ends."""
+    flags = [bool(x) for x in given.tolist()]
+    frames = pixel_frames(len(flags), temporal_factor)
+    pixels = torch.zeros(frames, dtype=torch.bool)
+    if all(flags):
+        lead = trail = 1
+    else:
+        lead = flags.index(False)
+        trail = flags[::-1].index(False)
+        if sum(flags) != lead + trail:
+            raise ValueError(f"given latent frames {flags}: a leading and/or a trailing stretch, as the modes give")
+    if lead:
+        pixels[:pixel_frames(lead, temporal_factor)] = True
+    if trail:
+        pixels[frames - pixel_frames(trail, temporal_factor):] = True
+    return pixels
+
+
+def pipeline_mask(pixels: torch.Tensor, temporal_factor: int, height: int, width: int) -> torch.Tensor:
+    """The pipeline's `mask_lat_size` of one clip, (temporal_factor, T, h, w): 1 on a given pixel frame, the first
+    frame's value repeated temporal_factor times, then each latent frame's channels its pixel frames in order."""
+    m = pixels.float()
+    if temporal_factor > 1:
+        m = torch.cat([m[:1].repeat(temporal_factor), m[1:]])
+    return m.view(-1, temporal_factor).t()[..., None, None].expand(-1, -1, height, width)
+
+
+def pipeline_input(noisy: torch.Tensor, condition: torch.Tensor, given: torch.Tensor,
+                   temporal_factor: int) -> torch.Tensor:
+    """The model's input for one clip (C, T, H, W) as the pipeline builds it: [noisy (every frame), mask, condition
+    latents]."""
+    mask = pipeline_mask(given_pixels(given, temporal_factor), temporal_factor, *noisy.shape[2:])
+    return torch.cat([noisy, mask.to(noisy), condition.to(noisy)])
+
+
+def condition_video(video: torch.Tensor, pixels: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
+    """A uint8 clip (F, H, W, 3) as the pipeline's `video_condition`, on `device`: its `pixels` frames in [-1, 1]
+    and 0 (mid-grey) everywhere else, (F, H, W, 3) in `dtype`."""
+    x = video.to(device, non_blocking=True).float().div(127.5).sub(1.0)
+    return (x * pixels.to(device).view(-1, 1, 1, 1).to(x.dtype)).to(dtype)
+
+
+def condition_latents(autoencoder, sources: Sequence[Optional[torch.Tensor]], given: Sequence[torch.Tensor],
+                      latent_shapes: Sequence[Sequence[int]], device) -> List[torch.Tensor]:
+    """Each clip's condition latents under the pipeline's inputs, on `device`. `sources[i]`: clip i's uint8 pixels
+    (F, H, W, 3), encoded with its given pixel frames and grey elsewhere (one autoencoder call per shape for the
+    micro-batch), or a latent cache's `cached_conditions` of it (float); a clip given no frame reads the grey
+    clip's latents, encoded once per shape."""
+    factor = autoencoder.temporal_factor
+    out: List[Optional[torch.Tensor]] = [None] * len(given)
+    videos, where = [], []
+    dtype = getattr(autoencoder, "dtype", torch.float32)
+    for i, (source, g, shape) in enumerate(zip(sources, given, latent_shapes)):
+        if not bool(g.any()):
+            out[i] = autoencoder.blank(shape).to(device)
+        elif source is None:
+            raise ValueError("model.image.inputs=pipeline: a clip given frames needs its pixels, or a latent cache's "
+                             "condition.npy (a cache encoded for these inputs: python -m data encode)")
+        elif source.dtype == torch.uint8:
+            videos.append(condition_video(source, given_pixels(g, factor), device, dtype))
+            where.append(i)
+        else:
+            out[i] = from_cache(source.to(device, non_blocking=True), g, autoencoder.blank(shape).to(device))
+    for i, latent in zip(where, autoencoder.encode_batch(videos) if videos else []):
+        out[i] = latent.to(device)
+    return out
+
+
+def cached_conditions(autoencoder, video: torch.Tensor) -> torch.Tensor:
+    """What a latent cache keeps of a clip (uint8 (F, H, W, 3)) for the pipeline's inputs, (C, T + 2, h, w): the
+    encoding of [its first frame, grey...] (first_frame's condition), then the last latent frame of
+    [grey..., its last frame] (last_frame's) and of [first, grey..., last] (first_last's). The rest of those two is
+    the grey clip's and the first one's (the autoencoder is causal: a latent frame depends on the frames up to its
+    own), so `from_cache` rebuilds the three conditions whole. Extension stretches, of every length, are not kept."""
+    frames = len(video)
+    ends = [torch.zeros(frames, dtype=torch.bool) for _ in range(3)]
+    ends[0][0] = ends[2][0] = True
+    ends[1][-1] = ends[2][-1] = True
+    device, dtype = autoencoder.device, getattr(autoencoder, "dtype", torch.float32)
+    first, last, both = autoencoder.encode_batch([condition_video(video, e, device, dtype) for e in ends])
+    return torch.cat([first, last[:, -1:], both[:, -1:]], dim=1)
+
+
+def from_cache(stored: torch.Tensor, given: torch.Tensor, blank: torch.Tensor) -> torch.Tensor:
+    """A clip's condition latents from its `cached_conditions` and the grey clip's latents of its shape."""
+    frames = len(given)
+    if stored.shape[1] != frames + 2:
+        raise ValueError(f"a latent cache's condition.npy holds {stored.shape[1]} latent frames for a clip of "
+                         f"{frames} (its frames + 2)")
+    first, last = bool(given[0]), bool(given[-1])
+    if int(given.sum()) != int(first) + int(last):
+        raise ValueError("model.image.inputs=pipeline: a latent cache holds the conditions of a clip given its first "
+                         "frame, its last or both; train extend and extend_backward from the videos")
+    if first and last:
+        return torch.cat([stored[:, :frames - 1], stored[:, frames + 1:]], dim=1)
+    if first:
+        return stored[:, :frames]
+    return torch.cat([blank[:, :frames - 1], stored[:, frames:frames + 1]], dim=1)
 
 
 def input_channels(latent_channels: int, frame_conditioning: bool, mask_channels: int) -> int:
@@ -91,15 +222,22 @@ def draw_given(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Ten
 
 def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],
                         noisy: Sequence[torch.Tensor], generator: torch.Generator, grid,
-                        given: Optional[Sequence[torch.Tensor]] = None):
+                        given: Optional[Sequence[torch.Tensor]] = None,
+                        conditions: Optional[Sequence[torch.Tensor]] = None):
     """The model's inputs for a micro-batch, the weight of each packed token in the loss (a host tensor) and each
     clip's count of tokens the loss counts; both None where every token counts. Without model.frame_conditioning,
     the noisy latents as they are. Otherwise each clip is given its frames: `given`, the caller's `draw_given`
     (the trainer reads it for the image tokens too), or drawn here. `grid`: a clip's shape -> its token grid (the
-    DiT's)."""
+    DiT's). Under the pipeline's inputs (`pipeline_inputs`) `conditions` are the clips' `condition_latents`, and
+    every token counts."""
     if not model_cfg.frame_conditioning:
         return list(noisy), None, None
     given = draw_given(model_cfg, shares, clean, generator) if given is None else list(given)
+    if pipeline_inputs(model_cfg):
+        if conditions is None:
+            raise ValueError("model.image.inputs=pipeline: the clips' condition latents (condition_latents) are needed")
+        factor = model_cfg.autoencoder.temporal_factor
+        return [pipeline_input(n, c, g, factor) for n, c, g in zip(noisy, conditions, given)], None, None
     inputs = [conditioned_input(n, c, g, model_cfg.autoencoder.temporal_factor) for n, c, g in zip(noisy, clean, given)]
     if not any(bool(g.any()) for g in given):
         return inputs, None, None

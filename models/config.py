@@ -67,6 +67,15 @@ class ImageEncoderConfig:
     # The dtype the frozen encoder holds its weights and computes in: auto (bf16 on CUDA, fp32 elsewhere) | bf16 |
     # fp32. Its tokens leave it in fp32 either way.
     dtype: str = "auto"
+    # What the DiT reads beside a clip's noisy latents, in training and train.generate (models/conditioning.py):
+    # pipeline: what diffusers' WanImageToVideoPipeline (Wan 2.1 I2V / FLF2V) gives it, so a fine-tune meets in
+    #   diffusers the inputs it trained on: every frame noisy, a mask per pixel frame (the first frame's repeated
+    #   temporal_factor times; FLF2V's last image is the last pixel frame alone), the autoencoder's encoding of the
+    #   clip with every frame not given mid-grey (0 in [-1, 1]), and a loss over every frame (the model produces the
+    #   given ones too).
+    # kino: Kino's own layout (model.arch=kino's): the given latent frames put back clean among the noisy ones, a
+    #   mask per latent frame, their latents with zeros elsewhere, and a loss over the generated frames only.
+    inputs: str = "pipeline"
 
     def check(self) -> None:
         if self.images not in (1, 2):
@@ -75,6 +84,9 @@ class ImageEncoderConfig:
             raise ConfigError(f"model.image.dim={self.dim} and model.image.tokens={self.tokens} must be positive")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"model.image.dtype={self.dtype!r}: supported: auto, bf16, fp32")
+        if self.inputs not in ("pipeline", "kino"):
+            raise ConfigError(f"model.image.inputs={self.inputs!r}: pipeline (diffusers' WanImageToVideoPipeline's "
+                              "inputs) or kino (Kino's own layout)")
 
 
 @dataclass
@@ -202,6 +214,12 @@ class ModelConfig:
     @property
     def mlp_hidden(self) -> int:
         return self.ffn_dim or int(self.dim * self.mlp_ratio)
+
+    @property
+    def pipeline_inputs(self) -> bool:
+        """Whether the DiT reads what diffusers' WanImageToVideoPipeline gives its transformer
+        (model.image.inputs=pipeline, with the image branch), not Kino's layout (models/conditioning.py)."""
+        return bool(self.frame_conditioning and self.image.path and self.image.inputs == "pipeline")
 
     def check(self) -> None:
         if self.arch not in ("kino", "wan"):

@@ -16,7 +16,7 @@ import torch
 
 from data.buckets import BucketShape
 from data.video_io import write_video
-from models.conditioning import conditioned_input
+from models.conditioning import condition_latents, conditioned_input, pipeline_input, pipeline_inputs
 from models.flow import SAMPLERS, guided
 
 
@@ -30,8 +30,12 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
              given: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None) -> List[torch.Tensor]:
     """One clip per (prompt, shape) pair; returns uint8 (T, H, W, 3) videos. `given`, for a model trained with
     model.frame_conditioning: per clip, None or (latents, which latent frames are given: bool[, the pixels they were
-    encoded from]), from `given_latents`; the clip is generated around them, and keeps them as given. A model with an
-    image branch (model.image) reads CLIP's tokens of the given first or last frame from those pixels."""
+    encoded from]), from `given_latents`; the clip is generated around them (in Kino's layout keeping them as
+    given). A model with an
+    image branch (model.image) reads CLIP's tokens of the given first or last frame from those pixels; under
+    model.image.inputs=pipeline it reads what diffusers' WanImageToVideoPipeline gives its transformer (every frame
+    sampled, a mask per pixel frame, the pixels encoded with grey elsewhere: models/conditioning.py), and the clip
+    is the sampled one, its given frames included, as the pipeline's is."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -49,11 +53,20 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
     frames = [nothing(s) if g is None else (g[0].to(device), g[1]) for s, g in zip(latent_shapes, given)] \
         if conditioned else None
     images = given_images(text, given, [f[1] for f in frames] if frames else None)
+    conditions = None
+    if frames is not None and pipeline_inputs(model.cfg):  # the same in both halves of guidance, as the pipeline's
+        conditions = condition_latents(autoencoder, [None if g is None or len(g) < 3 else g[2] for g in given],
+                                       [f[1] for f in frames], latent_shapes, device)
 
     def velocity(x: List[torch.Tensor], t: torch.Tensor, conditional) -> List[torch.Tensor]:
         captions = list(prompts) if conditional else list(prompts) + [""] * len(prompts)
-        inputs = x if frames is None else [conditioned_input(xi, c, g, autoencoder.temporal_factor)
-                                           for xi, (c, g) in zip(x, frames * (len(x) // len(frames)))]
+        factor, repeat = autoencoder.temporal_factor, len(x) // len(latent_shapes)
+        if frames is None:
+            inputs = x
+        elif conditions is not None:
+            inputs = [pipeline_input(xi, c, g, factor) for xi, c, (_, g) in zip(x, conditions * repeat, frames * repeat)]
+        else:
+            inputs = [conditioned_input(xi, c, g, factor) for xi, (c, g) in zip(x, frames * repeat)]
         batch = text.batch(captions, device)
         if images is not None:  # the unconditional half keeps its image, as diffusers' I2V pipeline does
             batch = dataclasses.replace(batch, images=images.repeat(len(x) // len(images), 1, 1))
@@ -61,7 +74,7 @@ def generate(model, autoencoder, text, prompts: Sequence[str], shapes: Sequence[
         return model.dit.unpatchify(packed, [tuple(xi.shape) for xi in x])
 
     latents = SAMPLERS[sampler](guided(velocity, cfg_scale), noise, steps, reference_tokens, tokens)
-    if frames is not None:  # the given frames stay as given
+    if frames is not None and conditions is None:  # Kino's layout: the given frames stay as given
         latents = [torch.where(g.to(device).view(1, -1, 1, 1), c, x) for x, (c, g) in zip(latents, frames)]
     model.train(was_training)
     return [autoencoder.decode(latent.cpu()) for latent in latents]

@@ -20,7 +20,7 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
-from models.conditioning import conditioning_inputs, draw_given
+from models.conditioning import condition_latents, conditioning_inputs, draw_given, pipeline_inputs
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.image_encoder import clip_picks
@@ -221,6 +221,19 @@ class Trainer:
             tokens = [encoder.tokens(clip_picks(given, self.cfg.model.image.images, sources))]
         return share_latents(tokens, self.layout, self.env.device)[0]
 
+    def frame_conditions(self, batch: PackedBatch, given, x0) -> Optional[List[torch.Tensor]]:
+        """Each clip's condition latents for a model that reads diffusers' I2V pipeline's inputs
+        (model.image.inputs=pipeline), None otherwise: the encoding of its given frames with grey elsewhere, from
+        its pixels or a latent cache's condition.npy (models/conditioning.py). Under sequence parallelism the
+        group's leader, which alone holds the pixels, computes them and sends them to the rest."""
+        if not pipeline_inputs(self.cfg.model):
+            return None
+        conditions = None
+        if self.layout.is_leader:
+            sources = [c.condition if c.encoded else c.video for c in batch.clips]
+            conditions = condition_latents(self.autoencoder, sources, given, [x.shape for x in x0], self.env.device)
+        return share_latents(conditions, self.layout, self.env.device)
+
     def forward_backward_step(self, batch: PackedBatch) -> StepResult:
         device, gen, cfg = self.env.device, self.rng.generator, self.cfg
         x0 = self.latents(batch)
@@ -233,11 +246,13 @@ class Trainer:
         noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
         # With model.frame_conditioning each clip is drawn a mode of its stage's mix, from the group's generator
-        # (every member draws alike), and given its frames clean beside a mask; `counted`: the loss's tokens.
+        # (every member draws alike), and given its frames beside a mask (clean in Kino's layout, as condition
+        # latents in the I2V pipeline's); `counted`: the loss's tokens.
         mix = self.curriculum.stage(self.step).conditioning if cfg.model.frame_conditioning else {}
         given = draw_given(cfg.model, mix, x0, gen)
         inputs, counted, counts = conditioning_inputs(cfg.model, mix, x0, [p[0] for p in pairs], gen,
-                                                      self.model.dit.grid, given=given)
+                                                      self.model.dit.grid, given=given,
+                                                      conditions=self.frame_conditions(batch, given, x0))
         images = self.image_tokens(batch, given)
         if images is not None:
             text = dataclasses.replace(text, images=images)

@@ -177,6 +177,24 @@ def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
                              (["model.image.tokens=0"], "must be positive")):
         with pytest.raises(ConfigError, match=match):
             load_config([*base, *overrides])
+    # model.image.inputs: what the DiT reads beside the noisy latents (models/conditioning.py); pipeline by default.
+    from models.conditioning import pipeline_inputs
+
+    assert pipeline_inputs(load_config(base).model)
+    assert not pipeline_inputs(load_config([*base, "model.image.inputs=kino"]).model)
+    assert not pipeline_inputs(load_config(["experiment=demo"]).model)  # Kino's DiT keeps its own layout
+    with pytest.raises(ConfigError, match="model.image.inputs='diffusers': pipeline"):
+        load_config([*base, "model.image.inputs=diffusers"])
+    # A latent cache does not hold the condition of every stretch an extension mode draws.
+    extending = [*base, "curriculum.stages.0.conditioning.text=0.5", "++curriculum.stages.0.conditioning.extend=0.5"]
+    assert load_config(extending).curriculum.stages[0].conditioning["extend"] == 0.5  # from the videos
+    for cache in ("data.latents=/caches/a", "curriculum.stages.0.latents=/caches/a"):
+        with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].conditioning trains extend from the latent "
+                                              r"cache /caches/a"):
+            load_config([*extending, cache])
+    load_config([*extending, "data.latents=/caches/a", "model.image.inputs=kino"])  # Kino's layout: from the cache
+    with pytest.raises(ConfigError, match="tracking.eval_clips=2: the validation loss"):
+        load_config([*base, "tracking.eval_clips=2", "data.validation_root=/data/held-out"])
     # Wan with conditioning frames and no image branch: a 2 x latent + mask channel input, no CLIP.
     plain = load_config([o for o in base if not o.startswith("model.image.path")]).model
     assert plain.frame_conditioning and plain.image.path is None
@@ -295,6 +313,26 @@ def test_a_latent_cache_keeps_the_first_and_last_frames_clip_tokens_and_the_trai
     # What a caption batch carries before any frame is given: the black image for every clip.
     assert torch.equal(conditioner.batch(["a", "b"]).images, images.black().expand(2, TOKENS, 32))
 
+    # model.image.inputs=pipeline (the default): the cache keeps what a given first frame, last frame or both
+    # condition on (condition.npy), and the conditions built from it are those built from the clip's pixels; the grey
+    # clip's latents (nothing given, and before a last frame) come from the autoencoder, once per shape.
+    from models.autoencoder import build_autoencoder
+    from models.conditioning import condition_latents
+
+    autoencoder = build_autoencoder(cfg.model.autoencoder)
+    assert cached.condition.shape == (4, frames + 2, 8, 8) and cached.video.shape == (4, frames, 8, 8)
+    shape, cpu = [cached.video.shape], torch.device("cpu")
+    for given in (mask(0), mask(frames - 1), mask(0, frames - 1), mask()):
+        from_pixels, = condition_latents(autoencoder, [video.video], [given], shape, cpu)
+        from_cache, = condition_latents(autoencoder, [cached.condition], [given], shape, cpu)
+        assert from_pixels.abs().max() > 0.1 and (from_cache - from_pixels).abs().max() < 1e-5, given
+    assert torch.equal(condition_latents(autoencoder, [None], [mask()], shape, cpu)[0], autoencoder.blank(shape[0]))
+    with pytest.raises(ValueError, match="extend and extend_backward from the videos"):
+        condition_latents(autoencoder, [cached.condition], [mask(0, 1)], shape, cpu)
+    sources = [c.condition if c.encoded else c.video for c in batch.clips]  # what the trainer passes
+    built = condition_latents(autoencoder, sources, [mask(0), mask(frames - 1), mask()], shape * 3, cpu)
+    assert [tuple(c.shape) for c in built] == [(4, frames, 8, 8)] * 3
+
 
 def test_generation_reads_the_given_frames_clip_tokens_in_both_halves_of_guidance(
         tiny_dataset, tiny_t5, tiny_wan_vae, clip_dir, tmp_path):
@@ -372,3 +410,168 @@ def test_lora_on_the_image_branch_exports_merged_and_as_adapters_diffusers_loads
     for loaded in (merged, base):
         for a, b in zip(ours, diffusers_per_clip(loaded, inputs, t, captions, text.images)):
             assert (a - b).abs().max() < 1e-5
+
+
+# -- what the transformer reads: Kino's inputs against diffusers' WanImageToVideoPipeline's (Wan 2.1) ---------------
+FRAMES = 9  # 5 latent frames (temporal factor 2): the first alone, then two chunks of the VAE's causal cache
+
+
+def i2v_model_config(clip_dir, vae_dir, images=1, *extra):
+    """kino_overrides with the tiny Wan VAE (diffusers' AutoencoderKLWan) as the frozen autoencoder."""
+    return load_config([*kino_overrides(clip_dir, images), "model.autoencoder.name=diffusers",
+                        f"model.autoencoder.path={vae_dir}", "model.autoencoder.spatial_factor=4", *extra],
+                       check=False).model
+
+
+def tiny_pipeline(wan, vae_dir, clip_dir, sigma):
+    """diffusers' WanImageToVideoPipeline of the tiny parts (no text encoder: the caption's embeddings are given),
+    its scheduler set to one step at `sigma` (the timestep compared), and what its transformer reads and returns at
+    each call."""
+    pipe = diffusers.WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=diffusers.AutoencoderKLWan.from_pretrained(vae_dir),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                        crop_size={"height": 32, "width": 32}),
+        image_encoder=transformers.CLIPVisionModel.from_pretrained(clip_dir).eval(), transformer=wan)
+    schedule = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda steps=None, device=None, **_: schedule(sigmas=[sigma], device=device)
+    seen = []
+    wan.register_forward_pre_hook(lambda m, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    wan.register_forward_hook(lambda m, args, kwargs, out: seen[-1].update(out=out[0]), with_kwargs=True)
+    return pipe, seen
+
+
+def run_pipeline(pipe, video, latents, embeddings, images, output_type="latent"):
+    """The pipeline given the clip's first frame (and for FLF2V its last), as images, with these latents."""
+    from PIL import Image
+
+    last = Image.fromarray(video[-1].numpy()) if images == 2 else None
+    with torch.no_grad():
+        return pipe(image=Image.fromarray(video[0].numpy()), last_image=last, prompt_embeds=embeddings,
+                    height=video.shape[1], width=video.shape[2], num_frames=len(video), num_inference_steps=1,
+                    guidance_scale=1.0, latents=latents[None].clone(), output_type=output_type).frames
+
+
+@pytest.mark.parametrize("images", [1, 2], ids=["i2v", "flf2v"])
+def test_training_gives_the_transformer_what_diffusers_i2v_pipeline_gives_it(tmp_path, clip_dir, tiny_wan_vae,
+                                                                           images):
+    """One clip, noise and timestep: the inputs Kino's training builds (through the trainer's step functions) are
+    the tensors diffusers' WanImageToVideoPipeline (its own prepare_latents, the tiny AutoencoderKLWan, CLIP and
+    transformer) feeds its transformer: every frame noisy, the mask per pixel frame, the encoding of [image, grey...]
+    (FLF2V: [first, grey..., last]); the CLIP tokens are the same, and so is the model's output. Golden: Kino's own
+    layout (model.image.inputs=kino) is not what the pipeline gives."""
+    from types import SimpleNamespace
+
+    from models.autoencoder import build_autoencoder
+    from models.conditioning import conditioning_inputs, given_frames
+    from models.flow import noisy_pair
+    from models.image_encoder import ImageEncoder, clip_picks
+    from train.sequence_parallel import SequenceLayout
+    from train.trainer import Trainer
+
+    wan = save_random_wan_i2v(tmp_path / "wan", images)
+    model = kino_i2v(tmp_path / "wan", clip_dir, images)
+    cfg = i2v_model_config(clip_dir, tiny_wan_vae, images)
+    assert cfg.image.inputs == "pipeline"  # the default of a model with the image branch
+    autoencoder = build_autoencoder(cfg.autoencoder)
+    generator = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (FRAMES, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    x0 = autoencoder.encode(video)
+    sigma = 0.7
+    noisy, _ = noisy_pair(x0, torch.randn(x0.shape, generator=generator), sigma)
+    mode = "first_frame" if images == 1 else "first_last"
+    given = [given_frames(mode, x0.shape[1], generator)]
+    trainer = SimpleNamespace(cfg=SimpleNamespace(model=cfg), layout=SequenceLayout(1, 0, 1), autoencoder=autoencoder,
+                              env=SimpleNamespace(device=torch.device("cpu")))
+    clips = SimpleNamespace(clips=[SimpleNamespace(video=video, encoded=False, condition=None)])
+    conditions = Trainer.frame_conditions(trainer, clips, given, [x0])
+    inputs, counted, counts = conditioning_inputs(cfg, {mode: 1.0}, [x0], [noisy], generator, model.dit.grid,
+                                                  given=given, conditions=conditions)
+    assert counted is None and counts is None  # the loss counts every frame: the model produces the given ones
+    tokens = ImageEncoder(cfg.image).tokens(clip_picks(given, images, [video]))
+
+    pipe, seen = tiny_pipeline(wan, tiny_wan_vae, clip_dir, sigma)
+    embeddings = torch.randn(1, TEXT_TOKENS, 24, generator=generator)
+    run_pipeline(pipe, video, noisy, embeddings, images)
+    theirs = seen[0]["hidden_states"][0]
+    assert float(seen[0]["timestep"]) == pytest.approx(sigma * 1000)
+    assert inputs[0].shape == theirs.shape == (10, 5, 8, 8)
+    assert (inputs[0] - theirs).abs().max() < 1e-5
+    assert (tokens[0] - seen[0]["encoder_hidden_states_image"].flatten(0, 1)).abs().max() < 1e-5
+    lengths = [TEXT_TOKENS]
+    text = TextBatch(None, None, cu_seqlens_from_lengths(lengths, None), TEXT_TOKENS, lengths,
+                     embeddings=embeddings[0], images=tokens)
+    ours = kino_per_clip(model, inputs, torch.tensor([sigma]), text)[0]
+    assert seen[0]["out"][0].abs().max() > 0.1 and (ours - seen[0]["out"][0]).abs().max() < 1e-5
+    # The grey frames after the image encode to latents of their own (the VAE is causal, with a cache across its
+    # chunks): not the grey clip's alone, so each clip's condition is one more encoding.
+    assert (theirs[6:, 1:4] - autoencoder.blank(x0.shape)[:, 1:4]).abs().max() > 1e-3
+
+    # Golden: Kino's own layout, as the model read it before, for the same clip, noise and timestep.
+    old = i2v_model_config(clip_dir, tiny_wan_vae, images, "model.image.inputs=kino")
+    kino, counted, _ = conditioning_inputs(old, {mode: 1.0}, [x0], [noisy], generator, model.dit.grid, given=given)
+    kino = kino[0]
+    assert counted is not None and counted.sum() < counted.numel()  # the given frames out of the loss
+    assert (kino - theirs).abs().max() > 0.1
+    assert (kino[:4, 0] - theirs[:4, 0]).abs().max() > 0.1  # the given frame clean, not noisy
+    assert kino[6:, 1].eq(0).all() and theirs[6:, 1].abs().max() > 0.1  # zeros, not the grey frames' encoding
+    if images == 2:  # FLF2V's last image is the last pixel frame alone: [0, 1], not [1, 1]
+        assert kino[4:6, -1].flatten(1).amax(1).tolist() == [1.0, 1.0]
+        assert theirs[4:6, -1].flatten(1).amax(1).tolist() == [0.0, 1.0]
+    assert (kino_per_clip(model, [kino], torch.tensor([sigma]), text)[0] - seen[0]["out"][0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("images", [1, 2], ids=["i2v", "flf2v"])
+def test_generation_is_diffusers_i2v_pipelines_for_the_same_images_noise_and_caption(
+        tmp_path, clip_dir, tiny_wan_vae, tiny_t5, images):
+    """train.generate's path (given_latents, generate) with a first image (FLF2V: and a last) against the pipeline
+    run with the same images, noise and caption embeddings, one Euler step from t = 1: the transformer reads the
+    same input and the decoded clips are the same (the given frames the sampled ones, as the pipeline's)."""
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import text_conditioner
+    from train.generate import generate, given_latents
+
+    wan = save_random_wan_i2v(tmp_path / "wan", images)
+    cfg = i2v_model_config(clip_dir, tiny_wan_vae, images, "model.text.name=pretrained", f"model.text.path={tiny_t5}",
+                           "model.text.max_tokens=16", f"model.text.pad_to={TEXT_TOKENS}")
+    model = TextToVideoModel(cfg).eval()
+    model.dit.load_state_dict(load_diffusers(tmp_path / "wan", cfg))
+    autoencoder, text = build_autoencoder(cfg.autoencoder), text_conditioner(cfg)
+    shape = BucketShape(frames=FRAMES, height=32, width=32)
+    video = torch.randint(0, 256, (FRAMES, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    given = given_latents(autoencoder, shape, first=video[0], last=video[-1] if images == 2 else None)
+    read = []
+    hook = model.register_forward_pre_hook(lambda m, args: read.append(args[0][0]))
+    ours, = generate(model, autoencoder, text, ["a red circle"], [shape], steps=1, cfg_scale=1.0, seed=3,
+                     reference_tokens=256, device=torch.device("cpu"), given=[given])
+    hook.remove()
+    noise = torch.randn((4, 5, 8, 8), generator=torch.Generator().manual_seed(3))  # generate's, for its seed
+    pipe, seen = tiny_pipeline(wan, tiny_wan_vae, clip_dir, sigma=1.0)
+    frames = run_pipeline(pipe, video, noise, text.batch(["a red circle"]).embeddings[None], images, output_type="np")
+    assert len(read) == len(seen) == 1 and (read[0] - seen[0]["hidden_states"][0]).abs().max() < 1e-5
+    theirs = torch.from_numpy(frames[0]) * 255
+    assert ours.shape == theirs.shape == (FRAMES, 32, 32, 3)
+    assert (ours.float() - theirs).abs().max() <= 1.0  # Kino rounds to uint8
+
+
+def test_a_wan_i2v_run_at_sp2_trains_the_losses_of_one_rank(tiny_dataset, tiny_t5, tiny_wan_vae, clip_dir, tmp_path):
+    """model.image.inputs=pipeline under sequence parallelism, every mode from the videos: the group's leader, which
+    alone holds the pixels, encodes each clip's condition latents (and CLIP's tokens) and sends them to the other
+    rank; two ranks at SP=2 train the losses of one rank."""
+    from tests.integration.test_sequence_parallel import _losses
+    from tests.integration.test_wan import torchrun_train
+
+    save_random_wan_i2v(tmp_path / "wan")
+    every = [f"++curriculum.stages.{i}.conditioning.{mode}={share}" for i in (0, 1) for mode, share in (
+        ("text", 0.2), ("first_frame", 0.2), ("last_frame", 0.15), ("first_last", 0.15), ("extend", 0.15),
+        ("extend_backward", 0.15))]
+    runs = {}
+    for name, nproc, extra in (("one", 1, []), ("two", 2, ["parallel.sequence=2"])):
+        runs[name] = tmp_path / name
+        result = torchrun_train([*i2v_run(tiny_dataset, tmp_path / "wan", clip_dir, tiny_t5, tiny_wan_vae,
+                                          runs[name], *every, *extra, steps=(3, 2))], nproc=nproc)
+    assert "1 sequence-parallel group(s) of 2" in result.stdout
+    one, two = _losses(runs["one"]), _losses(runs["two"])
+    assert len(one) == len(two) == 5
+    assert two == pytest.approx(one, rel=1e-5)

@@ -73,6 +73,7 @@ def bare_trainer(cfg):
     trainer.latents = lambda batch: Trainer.latents(trainer, batch)
     trainer.text_batch = lambda batch, captions: Trainer.text_batch(trainer, batch, captions)
     trainer.image_tokens = lambda batch, given: Trainer.image_tokens(trainer, batch, given)
+    trainer.frame_conditions = lambda batch, given, x0: Trainer.frame_conditions(trainer, batch, given, x0)
     return trainer
 
 
