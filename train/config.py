@@ -196,7 +196,8 @@ class TrackingConfig:
     project: str = "kino"
     entity: Optional[str] = None
     log_every: int = 10
-    # Generate videos from fixed prompts every N steps (0: only at the end of the run) into RUN/videos/step_N.
+    # Generate videos from fixed prompts every N steps (0: only at the end of the run) into RUN/videos/step_N;
+    # video_prompts=[]: no videos, not even at the end.
     video_every: int = 0
     video_prompts: List[str] = field(default_factory=lambda: ["a red circle moving right on a black background"])
     # Evaluation (train/evaluate.py) every N steps with the EMA weights, and at the end; 0 = only at the end.
@@ -221,6 +222,9 @@ class TrackingConfig:
         for key in ("eval_every", "eval_prompts", "eval_clips", "video_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"tracking.{key}={getattr(self, key)}: must be >= 0")
+        if self.video_every and not self.video_prompts:
+            raise ConfigError(f"tracking.video_every={self.video_every} asks for videos, and tracking.video_prompts is "
+                              f"empty: give prompts, or set tracking.video_every=0 (no videos)")
 
 
 @dataclass

@@ -196,7 +196,9 @@ def one_per_aspect_ratio(shapes: Sequence[BucketShape], longest: bool = True) ->
 
 
 def generation_plan(prompts: Sequence[str], shapes: Sequence[BucketShape], limit: int = 4):
-    """Prompts paired with the stage's longest buckets, one per aspect ratio, cycling."""
+    """Prompts paired with the stage's longest buckets, one per aspect ratio, cycling; none for no prompts."""
+    if not prompts:
+        return [], []
     by_ratio = sorted(one_per_aspect_ratio(shapes))
     pairs = [(prompts[i % len(prompts)], by_ratio[i % len(by_ratio)])
              for i in range(min(limit, max(len(prompts), len(by_ratio))))]

@@ -377,7 +377,9 @@ class Trainer:
 
     def generate_videos(self) -> List[Path]:
         """Collective. Videos of the fixed prompts (tracking.video_prompts), EMA weights, the current stage's shapes
-        (main rank)."""
+        (main rank). No prompts, no videos: the EMA model is not assembled (every rank reads the same config)."""
+        if not self.cfg.tracking.video_prompts:
+            return []
         model = self.ema_model()
         if not self.env.is_main:
             return []

@@ -513,3 +513,13 @@ def test_a_dataset_of_one_shard_trains_on_two_ranks_with_a_decode_worker_each_an
     assert "resuming from" in second.stdout and "step_3" in second.stdout
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
     assert_exactly_once(run_dir)
+
+
+def test_a_run_without_video_prompts_ends_without_videos(tiny_dataset, tmp_path):
+    """tracking.video_prompts=[]: the run ends (it once stopped in generation_plan, dividing by no prompts), with no
+    videos and no video directory."""
+    run_dir = tmp_path / "run"
+    result = torchrun(run_dir, tiny_dataset, "tracking.video_prompts=[]", "curriculum.stages.0.steps=1",
+                      "curriculum.stages.1.steps=1", "tracking.eval_prompts=0", "tracking.eval_clips=0", nproc=1)
+    assert "videos        : -" in result.stdout and not (run_dir / "videos").exists()
+    assert (run_dir / "checkpoints" / "step_2").is_dir()
