@@ -1,7 +1,7 @@
 """Prompt adherence judged from pixels alone, for the procedural prompts of data/demo_set.py.
 
 A procedural prompt names four attributes: "a <colour> <shape> moving <direction> on a <background>
-background". A generated clip is read back without any model: the background is the colour of the
+background" ("drifting rightward" for the demo's slow crossings: the same attributes). A generated clip is read back without any model: the background is the colour of the
 frame's border, the object is the largest connected region that differs from it (stray specks are not the
 object), its colour is the object's median colour, its shape is the one of data/demo_set.py's shapes that,
 drawn with the object's area at its centroid, overlaps it best (most frames decide), and its motion is where
@@ -17,10 +17,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, shape_mask
+from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, caption_for, shape_mask
 
 ATTRIBUTES = ("background", "colour", "shape", "motion")
-_PROMPT = re.compile(r"^a (?P<colour>[a-z]+) (?P<shape>[a-z]+) moving (?P<motion>[a-z]+) on a "
+_PROMPT = re.compile(r"^a (?P<colour>[a-z]+) (?P<shape>[a-z]+) (?P<pace>moving|drifting) (?P<motion>[a-z]+) on a "
                      r"(?P<background>[a-z ]+) background$")
 _OBJECT_DISTANCE = 60.0  # RGB distance from the background above which a pixel belongs to the object
 _MIN_OBJECT_FRACTION = 0.01  # of a frame's pixels: less than this is no object
@@ -32,14 +32,16 @@ def parse_prompt(prompt: str) -> Optional[Dict[str, str]]:
     if not match:
         return None
     found = match.groupdict()
+    if found["pace"] == "drifting":  # "drifting rightward"
+        found["motion"] = found["motion"][:-len("ward")] if found["motion"].endswith("ward") else ""
     if found["colour"] not in COLOURS or found["shape"] not in SHAPES or found["motion"] not in MOTIONS \
             or found["background"] not in BACKGROUNDS:
         return None
     return found
 
 
-def prompt_for(colour: str, shape: str, motion: str, background: str) -> str:
-    return f"a {colour} {shape} moving {motion} on a {background} background"
+def prompt_for(colour: str, shape: str, motion: str, background: str, pace: str = "moving") -> str:
+    return caption_for(colour, shape, motion, background, pace)
 
 
 def _nearest(rgb: np.ndarray, palette: Dict[str, Sequence[int]]) -> str:
@@ -191,7 +193,8 @@ def judge_conditioned(mode: str, prompt: str, video: np.ndarray, given: np.ndarr
       has it (`given` holds both), moving as the prompt says;
     - extend: `given` is the source clip, `video` it extended, `windows` the frames where each generated window's
       new frames begin: no step of the object at a window boundary is over _JUMP x the largest inside a window
-      (+ 1 pixel) (`continuous`), and the extension moves as the source does."""
+      (+ 1 pixel) (`continuous`), and the extension moves as the prompt says (the source's motion for any other
+      prompt)."""
     wanted = parse_prompt(prompt) or {}
     side = min(video.shape[1], video.shape[2])
     seen = read_clip(video)
@@ -212,5 +215,7 @@ def judge_conditioned(mode: str, prompt: str, video: np.ndarray, given: np.ndarr
         inside = [s for t, s in steps.items() if t not in windows]
         continuous = bool(boundary) and max(boundary) <= _JUMP * max(inside or [0.0]) + 1.0
         extension = video[len(given) - 1:]
-        return {"continuous": continuous, "motion": read_clip(extension).motion == read_clip(given).motion}
+        # The source's own motion can be under the pixel read_clip needs (half of a slow clip); the prompt says it.
+        motion = wanted.get("motion") or read_clip(given).motion
+        return {"continuous": continuous, "motion": read_clip(extension).motion == motion}
     raise ValueError(f"no judge for mode {mode!r}: {', '.join(MODE_ATTRIBUTES)}")

@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 from data.buckets import BucketShape
-from data.demo_set import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, render_clip
+from data.demo_set import BACKGROUNDS, COLOURS, CROSSING_REACH, MOTIONS, SHAPES, render_clip
 from models.conditioning import text_only_input
 from models.flow import noisy_pair
 from train.adherence import (ATTRIBUTES, MODE_ATTRIBUTES, judge, judge_conditioned, parse_prompt, prompt_for,
@@ -85,6 +85,9 @@ def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, L
 
 
 OFF_CENTRE = -0.5  # where the judged clips start, along their motion (data/demo_set.py render_clip `start`)
+# An extension's source is a crossing (data/demo_set.py CROSSING_REACH) from the back edge: at that speed 4x its
+# length stays in the frame, so the motion can go on without the object leaving it.
+EXTEND_START = -1.0
 
 
 def conditioned_modes(cfg) -> List[str]:
@@ -100,31 +103,34 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
                           shapes: Sequence[BucketShape], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """'<mode>/<split>' -> {attribute: share right, overall}, judged from pixels (train/adherence.py
     judge_conditioned). Each prompt's given frames are the procedural clip it describes, rendered at the shape and
-    starting half way back from the centre: its first frame (first_frame), first and last (first_last), or its
-    first half, extended to 4x the shape's frames (extend)."""
+    starting half way back from the centre: its first frame (first_frame), first and last (first_last); or the first
+    half of it as a crossing from the back edge, extended to 4x the shape's frames (extend)."""
     sampling = dict(steps=cfg.tracking.sampling_steps, cfg_scale=cfg.tracking.cfg_scale, seed=cfg.train.seed,
                     reference_tokens=cfg.train.shift_reference_tokens, device=device, sampler=cfg.tracking.sampler)
     results = {}
     for split, texts in prompts.items():
-        cases = []  # (prompt, shape, rendered clip) for each procedural prompt
+        cases = []  # (prompt, shape, rendered clip, rendered crossing) for each procedural prompt
         for i, prompt in enumerate(texts):
             wanted, shape = parse_prompt(prompt), shapes[i % len(shapes)]
             if wanted is None:  # judged from pixels: procedural prompts only
                 continue
-            # Off the centre, where every clip of the demo's data starts: the given frame has to be followed.
-            cases.append((prompt, shape, render_clip(wanted["shape"], wanted["colour"], wanted["background"],
-                                                     wanted["motion"], shape.width, shape.height, shape.frames,
-                                                     start=OFF_CENTRE)))
+            # Off the centre, where the demo's outward clips start: the given frame has to be followed.
+            drawn = (wanted["shape"], wanted["colour"], wanted["background"], wanted["motion"], shape.width,
+                     shape.height, shape.frames)
+            cases.append((prompt, shape, render_clip(*drawn, start=OFF_CENTRE),
+                          render_clip(*drawn, reach=CROSSING_REACH, start=EXTEND_START)))
         if not cases:
             continue
-        texts_, plan, rendered = [c[0] for c in cases], [c[1] for c in cases], [c[2] for c in cases]
+        texts_, plan, rendered, crossings = ([c[i] for c in cases] for i in range(4))
         for mode in modes:  # each mode's clips sampled together
-            if mode == "extend":
-                sources = [torch.from_numpy(r[:max(1, len(r) // 2)]) for r in rendered]
-                videos = extend(model, autoencoder, text, texts_, sources, plan, 4 * max(s.frames for s in plan),
+            if mode == "extend":  # the source is a crossing, and its caption says so
+                drifting = [prompt_for(*(parse_prompt(p)[a] for a in ("colour", "shape", "motion", "background")),
+                                       pace="drifting") for p in texts_]
+                sources = [torch.from_numpy(r[:max(1, len(r) // 2)]) for r in crossings]
+                videos = extend(model, autoencoder, text, drifting, sources, plan, 4 * max(s.frames for s in plan),
                                 **sampling)
                 rows = []
-                for prompt, shape, source, video in zip(texts_, plan, sources, videos):
+                for prompt, shape, source, video in zip(drifting, plan, sources, videos):
                     step = shape.frames - extension_context(shape, autoencoder.temporal_factor)
                     windows = list(range(len(source), len(video), max(1, step)))
                     rows.append(judge_conditioned(mode, prompt, video.numpy(), source.numpy(), windows))
@@ -174,9 +180,11 @@ def validation_loss(model, autoencoder, text, clips: Sequence[Dict], device) -> 
         x0 = autoencoder.encode(video).to(device)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(index)).to(device)
         caption = text.batch([clip.caption], device)
+        # Under diffusers' I2V inputs a clip given no frame reads the grey clip's latents as its condition.
+        grey = autoencoder.blank(tuple(x0.shape)).to(device) if model.cfg.pipeline_inputs else None
         for t in VALIDATION_TIMESTEPS:
             x_t, target = noisy_pair(x0, noise, t)
-            prediction = model([text_only_input(model.cfg, x_t)], torch.tensor([t], device=device), caption)
+            prediction = model([text_only_input(model.cfg, x_t, grey)], torch.tensor([t], device=device), caption)
             losses.append(float((prediction.float() - model.dit.patchify([target]).float()).pow(2).mean()))
     model.train(was_training)
     if not per_bucket:

@@ -65,7 +65,7 @@ def _keys_by_step(run_dir):
 
 # Both stages train every conditioning mode (models/conditioning.py) beside text-to-video: the equivalence below
 # holds for each (given frames, their mask, and a loss over the generated frames only).
-EVERY_MODE = ["model.frame_conditioning=true"] + [
+EVERY_MODE = ["curriculum=demo", "model.frame_conditioning=true"] + [
     f"{'' if mode == 'text' else '+'}curriculum.stages.{i}.conditioning.{mode}={share}" for i in (0, 1)
     for mode, share in (("text", 0.25), ("first_frame", 0.15), ("last_frame", 0.15), ("first_last", 0.15),
                         ("extend", 0.15), ("extend_backward", 0.15))]

@@ -61,7 +61,10 @@ def test_noise_and_an_empty_frame_are_not_read_as_the_prompt():
 
 def test_only_procedural_prompts_are_parsed():
     assert parse_prompt("a magenta triangle moving left on a dark green background") == {
-        "colour": "magenta", "shape": "triangle", "motion": "left", "background": "dark green"}
+        "colour": "magenta", "shape": "triangle", "pace": "moving", "motion": "left", "background": "dark green"}
+    assert parse_prompt("a red circle drifting upward on a navy background") == {  # the demo's slow crossings
+        "colour": "red", "shape": "circle", "pace": "drifting", "motion": "up", "background": "navy"}
+    assert parse_prompt("a red circle drifting up on a navy background") is None
     assert parse_prompt("a big grey rabbit stretching its arms") is None
     assert parse_prompt("a purple square moving left on a black background") is None  # not in the palette
     with pytest.raises(ValueError, match="not a procedural prompt"):

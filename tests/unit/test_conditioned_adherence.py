@@ -75,9 +75,10 @@ def test_the_evaluation_judges_every_mode_the_last_stage_trains_and_tables_them(
 
     mix = [f"{'' if m == 'text' else '+'}curriculum.stages.1.conditioning.{m}={v}"
            for m, v in (("text", 0.4), ("first_frame", 0.2), ("first_last", 0.2), ("extend", 0.2))]
-    cfg = load_config(["experiment=demo", "model.frame_conditioning=true", "tracking.sampling_steps=1", *mix])
+    cfg = load_config(["experiment=demo", "curriculum=demo", "model.frame_conditioning=true", "tracking.sampling_steps=1",
+                       *mix])
     assert conditioned_modes(cfg) == ["first_frame", "first_last", "extend"]
-    assert conditioned_modes(load_config(["experiment=demo"])) == []
+    assert conditioned_modes(load_config(["experiment=demo", "curriculum=demo", "model.frame_conditioning=false"])) == []
     torch.manual_seed(0)
     model = TextToVideoModel(cfg.model)
     metrics = conditioned_adherence(model, build_autoencoder(cfg.model.autoencoder), text_conditioner(cfg.model), cfg,

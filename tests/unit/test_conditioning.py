@@ -61,17 +61,22 @@ def test_the_loss_counts_the_generated_frames_tokens_only_in_the_packed_layout()
 
 
 def test_a_stage_mix_is_checked_before_any_process_starts():
-    base = ["experiment=demo", "model.frame_conditioning=true"]
+    base = ["experiment=demo", "curriculum=demo", "model.frame_conditioning=true"]  # text only, then each mix
     cfg = load_config(base + ["+curriculum.stages.0.conditioning.first_frame=0.25",
                               "curriculum.stages.0.conditioning.text=0.75"])
     assert dict(cfg.curriculum.stages[0].conditioning) == {"text": 0.75, "first_frame": 0.25}
-    assert dict(load_config(["experiment=demo"]).curriculum.stages[1].conditioning) == {"text": 1.0}
+    assert dict(load_config(base).curriculum.stages[1].conditioning) == {"text": 1.0}
+    demo = load_config(["experiment=demo"])  # the demo trains the issue's mix in both stages
+    assert demo.model.frame_conditioning and all(
+        dict(stage.conditioning) == {"text": 0.6, "first_frame": 0.15, "first_last": 0.1, "extend": 0.15}
+        for stage in demo.curriculum.stages)
     with pytest.raises(ConfigError, match="sum to 1.25"):
         load_config(base + ["+curriculum.stages.0.conditioning.first_frame=0.25"])
     with pytest.raises(ConfigError, match="unknown mode"):
         load_config(base + ["+curriculum.stages.0.conditioning.middle=0.5", "curriculum.stages.0.conditioning.text=0.5"])
     with pytest.raises(ConfigError, match="set model.frame_conditioning=true"):
-        load_config(["experiment=demo", "+curriculum.stages.0.conditioning.extend=0.5",
+        load_config(["experiment=demo", "curriculum=demo", "model.frame_conditioning=false",
+                     "+curriculum.stages.0.conditioning.extend=0.5",
                      "curriculum.stages.0.conditioning.text=0.5"])
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(base + ["model.patch_size=[2,4,4]", "curriculum.stages.0.frame_counts=[8]",
@@ -122,9 +127,14 @@ def test_extending_grows_a_clip_in_windows_each_given_the_end_of_the_last():
     autoencoder = build_autoencoder(cfg.model.autoencoder)
     shape = BucketShape(frames=8, height=24, width=24)
     video = torch.randint(0, 256, (8, 24, 24, 3), dtype=torch.uint8)
-    masks = []
+    masks, noise = [], []
     mask_channel = cfg.model.autoencoder.latent_channels * 16  # the first mask value of each token's patch vector
-    hook = model.dit.patch_embed.register_forward_hook(lambda m, args, out: masks.append(args[0][:, mask_channel]))
+
+    def record(module, args, out):
+        masks.append(args[0][:, mask_channel])
+        noise.append(args[0].view(8, 36, -1)[4:, :, :mask_channel])  # the generated frames' noisy latents
+
+    hook = model.dit.patch_embed.register_forward_hook(record)
     out, = extend(model, autoencoder, text_conditioner(cfg.model), ["a red circle moving right"], [video], [shape],
                   20, steps=1, cfg_scale=1.0, seed=0, reference_tokens=256, device=torch.device("cpu"))
     hook.remove()
@@ -132,6 +142,7 @@ def test_extending_grows_a_clip_in_windows_each_given_the_end_of_the_last():
     assert len(masks) == 3  # 8 -> 12 -> 16 -> 20
     for mask in masks:  # 8 latent frames of 6 x 6 tokens: the first 4 frames given
         assert mask.view(8, 36).eq(1).all(dim=1).tolist() == [True] * 4 + [False] * 4
+    assert not torch.equal(noise[1], noise[2])  # each window its own noise (one step: the input is the noise)
 
 
 def test_a_micro_batchs_inputs_and_loss_weights_follow_the_drawn_modes():
@@ -152,7 +163,7 @@ def test_a_micro_batchs_inputs_and_loss_weights_follow_the_drawn_modes():
     inputs, counted, counts = conditioning_inputs(cfg, {"first_frame": 1.0}, clean, noisy, g, grid)
     assert counted.tolist() == [0.0] * 4 + [1.0] * 12 + [0.0] * 2 + [1.0] * 2 and counts == [12, 2]
     assert torch.equal(inputs[0][:3, 0], clean[0][:, 0]) and torch.equal(inputs[0][:3, 1:], noisy[0][:, 1:])
-    plain = load_config(["experiment=demo"]).model
+    plain = load_config(["experiment=demo", "model.frame_conditioning=false", "curriculum=demo"]).model
     inputs, counted, counts = conditioning_inputs(plain, {"text": 1.0}, clean, noisy, g, grid)
     assert counted is None and counts is None and all(a is b for a, b in zip(inputs, noisy))
 
@@ -165,7 +176,7 @@ def test_the_loss_does_not_reach_the_given_frames_and_is_the_mean_over_the_gener
     from tests.unit.test_host_syncs import bare_trainer, micro_batch
     from train.trainer import Trainer
 
-    cfg = load_config(["experiment=demo", "model.attention_backend=sdpa", "model.frame_conditioning=true",
+    cfg = load_config(["experiment=demo", "curriculum=demo", "model.attention_backend=sdpa", "model.frame_conditioning=true",
                        "curriculum.stages.0.conditioning.text=0.0", "+curriculum.stages.0.conditioning.first_frame=1.0"])
     trainer = bare_trainer(cfg)
     outputs = []

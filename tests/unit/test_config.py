@@ -12,6 +12,9 @@ def test_demo_experiment_composes_and_validates():
     assert cfg.run_dir == "runs/demo"
 
 
+TEXT_ONLY = ["model.frame_conditioning=false", "curriculum=demo"]  # the demo without its conditioning frames
+
+
 @pytest.mark.parametrize("override, key", [
     (["model.no_such_knob=1"], "model.no_such_knob"),
     (["zero.stage=4"], "zero.stage"),
@@ -19,11 +22,11 @@ def test_demo_experiment_composes_and_validates():
     (["model.attention_backend=magic"], "model.attention_backend"),
     (["curriculum.stages.0.token_budget=10"], "curriculum.stages[0].token_budget"),
     (["curriculum.stages.0.resolutions=[30]"], "curriculum.stages[0].resolutions"),
-    (["model.patch_size=[3,4,4]"], "curriculum.stages[0].frame_counts"),
+    (["model.patch_size=[3,4,4]", *TEXT_ONLY], "curriculum.stages[0].frame_counts"),
     (["model.heads=3"], "model.dim"),
     (["data.licenses.allow=[]"], "data.licenses.allow"),
     (["tracking.mode=sometimes"], "tracking.mode"),
-    (["model=S"], "curriculum.stages[0].frame_counts"),
+    (["model=S", *TEXT_ONLY], "curriculum.stages[0].frame_counts"),
     (["zero.offload_parameters=true"], "zero.offload_parameters"),
     (["curriculum.stages.0.image_fraction=1.5"], "curriculum.stages[0].image_fraction"),  # 4 and 8 frames do not fit a 4x causal VAE
     (["model.conditioning=concat"], "model.conditioning"),

@@ -47,33 +47,43 @@ def test_a_dataset_it_did_not_build_is_never_overwritten(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["builder"] == "data.ingest"
 
 
-def test_procedural_clips_start_at_the_centre_unless_a_start_spread_is_asked_for(tmp_path):
-    """start_spread=0 (the default) renders the clips of before the option, each starting at the centre; > 0
-    starts each clip back along its motion by up to that much, so its first frame tells where the object is
-    (issue 30's conditioning frames; BENCHMARKS.md, "Conditioning modes in the demo")."""
-    from data.demo_set import procedural_samples, render_clip
+def test_crossings_drift_from_anywhere_along_the_path_and_outward_clips_start_near_the_centre(tmp_path):
+    """Outward clips ("moving") start up to START_SPREAD back from the centre; crossings ("drifting", CROSSINGS of
+    them) start anywhere along the path, back edge included, at CROSSING_REACH of the speed, so a clip's first
+    frame says where its object is and a motion can go on for 4 clip lengths (issue 30; BENCHMARKS.md,
+    "Conditioning modes in the demo"). crossings=0 and start_spread=0 render the clips of generator version 2."""
+    from data.demo_set import CROSSING_REACH, START_SPREAD, procedural_samples, render_clip
     from data.video_io import read_video
-    from train.adherence import object_centroids
+    from train.adherence import object_centroids, parse_prompt
 
     def described(samples):  # mp4 bytes are not byte-stable from one encode to the next: what they show is
         return [(key, caption, meta) for key, _, caption, meta in samples]
 
-    assert described(procedural_samples(12, 0)) == described(procedural_samples(12, 0, start_spread=0.0))
+    centred = described(procedural_samples(12, 0, crossings=0.0, start_spread=0.0))
+    assert all(m["generator"]["start"] == 0.0 and m["generator"]["reach"] == 1.0 and " moving " in c
+               for _, c, m in centred)
     centre = object_centroids(render_clip("circle", "red", "black", "right", 48, 48, 8)[:1])[0]
-    back = object_centroids(render_clip("circle", "red", "black", "right", 48, 48, 8, start=-0.5)[:1])[0]
-    assert abs(centre[0] - 23.5) < 1 and back[0] < centre[0] - 4 and abs(back[1] - centre[1]) < 1
+    back = object_centroids(render_clip("circle", "red", "black", "right", 48, 48, 8, start=-1.0)[:1])[0]
+    assert abs(centre[0] - 23.5) < 1 and back[0] < centre[0] - 8 and abs(back[1] - centre[1]) < 1
 
-    def first_frame_offsets(spread):
-        offsets = []
-        for key, video, _, meta in procedural_samples(12, 3, start_spread=spread):
-            path = tmp_path / f"{key}.mp4"
-            path.write_bytes(video)
-            point = object_centroids(read_video(path)[0][:1])[0]
-            g = meta["generator"]  # the same clip started at the centre
-            centred = render_clip(g["shape"], g["colour"], g["background"], g["motion"], meta["width"],
-                                  meta["height"], 2)
-            offsets.append(float(abs(point - object_centroids(centred[:1])[0]).sum()))
-        return offsets
-
-    assert max(first_frame_offsets(0.0)) < 1.5
-    assert sum(o > 1.5 for o in first_frame_offsets(0.5)) >= 8
+    offsets, travels, crossing = [], [], 0
+    for key, video, caption, meta in procedural_samples(40, 3):
+        g = meta["generator"]
+        assert parse_prompt(caption)["motion"] == g["motion"]
+        if g["reach"] != CROSSING_REACH:
+            assert " moving " in caption and -START_SPREAD <= g["start"] <= 0.0
+            continue
+        crossing += 1
+        assert f" drifting {g['motion']}ward " in caption and -1.0 <= g["start"] <= 1.0 - CROSSING_REACH
+        path = tmp_path / f"{key}.mp4"
+        path.write_bytes(video)
+        frames = read_video(path)[0]
+        points = object_centroids(frames[[0, -1]])
+        outward = render_clip(g["shape"], g["colour"], g["background"], g["motion"], meta["width"],
+                              meta["height"], 2)  # the outward clip of the same caption, from the centre
+        offsets.append(float(abs(points[0] - object_centroids(outward[:1])[0]).sum()))
+        travels.append((float(abs(points[1] - points[0]).sum()),
+                        float(abs(object_centroids(outward[[-1]])[0] - object_centroids(outward[:1])[0]).sum())))
+    assert 4 <= crossing <= 18  # about CROSSINGS = 0.25 of 40
+    assert sum(o > 1.5 for o in offsets) >= crossing // 2
+    assert all(slow < 0.75 * fast for slow, fast in travels)

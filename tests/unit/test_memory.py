@@ -25,7 +25,11 @@ def measured_step_bytes(cfg, clips, tokens_per_clip):
         saved[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
         return t
 
-    latents = [torch.randn(3, 8, 32, 32) for _ in range(clips)]
+    from models.conditioning import input_channels
+
+    auto = cfg.model.autoencoder  # the demo's model reads its conditioning frames' mask and latents too
+    channels = input_channels(auto.latent_channels, cfg.model.frame_conditioning, auto.temporal_factor)
+    latents = [torch.randn(channels, 8, 32, 32) for _ in range(clips)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(latents, torch.rand(clips), text_conditioner(cfg.model).batch(["a red circle"] * clips))
     out.pow(2).mean().backward()
