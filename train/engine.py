@@ -100,6 +100,23 @@ def cpu_threads(cfg: KinoConfig, env: DistEnv) -> Optional[int]:
     return threads
 
 
+@contextlib.contextmanager
+def local_cores_for_main_rank(env: DistEnv):
+    """While the main rank evaluates or makes videos alone, the node's other ranks wait at the next collective, and
+    on a CPU run their threads' cores would idle: for that time the main rank runs the threads of every rank of its
+    node (its own count, from train.cpu_threads or torchrun's OMP_NUM_THREADS, times LOCAL_WORLD_SIZE)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if env.device.type != "cpu" or ranks < 2:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(before * ranks)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def deepspeed_config(cfg: KinoConfig, world_size: int, device_type: str, load_universal: bool = False) -> Dict[str, Any]:
     zero, optim = cfg.zero, cfg.optim
     zero_section: Dict[str, Any] = {

@@ -31,7 +31,7 @@ from train.collectives import all_ranks_finite, all_reduce_values
 from train.curriculum import Curriculum, stage_shapes
 from train.data_plane import DataPlane
 from train.ema import EMA, consolidate_into, local_pieces
-from train.engine import DistEnv, compute_dtype, global_grad_norm, set_learning_rate
+from train.engine import DistEnv, compute_dtype, global_grad_norm, local_cores_for_main_rank, set_learning_rate
 from train.epoch_gate import loss_weighted
 from train.evaluate import Evaluator, table as evaluation_table
 from train.generate import generate, generation_plan, on_device, write_videos
@@ -371,7 +371,8 @@ class Trainer:
             return {}
         if self._evaluator is None:
             self._evaluator = Evaluator(self.cfg, self.autoencoder, self.text, self.env.device)
-        metrics = self._evaluator(model)
+        with local_cores_for_main_rank(self.env):
+            metrics = self._evaluator(model)
         self.tracker.log_event(self.step, f"evaluation at step {self.step} (EMA weights):\n{evaluation_table(metrics)}")
         return metrics
 
@@ -386,9 +387,10 @@ class Trainer:
         cfg = self.cfg
         stage = self.curriculum.stage(max(self.step - 1, 0))
         prompts, shapes = generation_plan(cfg.tracking.video_prompts, stage_shapes(cfg, stage))
-        videos = generate(model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sampling_steps,
-                          cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens, self.env.device,
-                          cfg.tracking.sampler)
+        with local_cores_for_main_rank(self.env):
+            videos = generate(model, self.autoencoder, self.text, prompts, shapes, cfg.tracking.sampling_steps,
+                              cfg.tracking.cfg_scale, cfg.train.seed, cfg.train.shift_reference_tokens,
+                              self.env.device, cfg.tracking.sampler)
         paths = write_videos(videos, prompts, self.run_dir / "videos" / f"step_{self.step}", cfg.data.fps)
         self.tracker.log_videos(self.step, paths, prompts)
         return paths
