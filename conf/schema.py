@@ -112,14 +112,9 @@ def check_base_model(cfg: KinoConfig) -> None:
 def check_frame_inputs(cfg: KinoConfig) -> None:
     """model.image.inputs=pipeline against the stages trained from a latent cache: the cache keeps the conditions of
     a given first frame, last frame or both (models/conditioning.py cached_conditions), not those of every stretch an
-    extension mode draws. And against the validation loss, whose text-only input does not hold them yet."""
+    extension mode draws."""
     if not cfg.model.pipeline_inputs:
         return
-    if cfg.tracking.eval_clips:
-        raise ConfigError(f"tracking.eval_clips={cfg.tracking.eval_clips}: the validation loss (train/evaluate.py) "
-                          f"builds a text-only clip's input without the grey clip's latents that model.image.inputs="
-                          f"pipeline reads in the condition channels; set tracking.eval_clips=0 (or "
-                          f"model.image.inputs=kino)")
     for i, stage in enumerate(cfg.curriculum.stages):
         extending = [m for m in ("extend", "extend_backward") if float(stage.conditioning.get(m, 0.0)) > 0]
         cache = stage.latents or cfg.data.latents

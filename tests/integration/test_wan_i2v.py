@@ -193,8 +193,7 @@ def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
                                               r"cache /caches/a"):
             load_config([*extending, cache])
     load_config([*extending, "data.latents=/caches/a", "model.image.inputs=kino"])  # Kino's layout: from the cache
-    with pytest.raises(ConfigError, match="tracking.eval_clips=2: the validation loss"):
-        load_config([*base, "tracking.eval_clips=2", "data.validation_root=/data/held-out"])
+    load_config([*base, "tracking.eval_clips=2", "data.validation_root=/data/held-out"])  # scored as it reads them
     # Wan with conditioning frames and no image branch: a 2 x latent + mask channel input, no CLIP.
     plain = load_config([o for o in base if not o.startswith("model.image.path")]).model
     assert plain.frame_conditioning and plain.image.path is None
@@ -575,3 +574,37 @@ def test_a_wan_i2v_run_at_sp2_trains_the_losses_of_one_rank(tiny_dataset, tiny_t
     one, two = _losses(runs["one"]), _losses(runs["two"])
     assert len(one) == len(two) == 5
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_the_validation_loss_gives_a_clip_the_grey_clips_condition_under_the_pipelines_inputs(
+        tmp_path, clip_dir, tiny_wan_vae):
+    """tracking.eval_clips under model.image.inputs=pipeline: a held-out clip is scored as the model reads a clip
+    given no frame, the grey clip's latents in its condition channels (it raised before: no condition)."""
+    from types import SimpleNamespace
+
+    from models.autoencoder import build_autoencoder
+    from models.conditioning import text_only_input
+    from models.dit import TextToVideoModel, text_conditioner
+    from models.flow import noisy_pair
+    from train.evaluate import VALIDATION_TIMESTEPS, validation_loss
+
+    cfg = i2v_model_config(clip_dir, tiny_wan_vae)
+    assert cfg.pipeline_inputs
+    torch.manual_seed(0)
+    model, autoencoder, text = TextToVideoModel(cfg).eval(), build_autoencoder(cfg.autoencoder), text_conditioner(cfg)
+    video = torch.randint(0, 256, (FRAMES, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    clip = SimpleNamespace(video=video, caption="a red circle moving right on a black background")
+    scored = validation_loss(model, autoencoder, text, [clip], torch.device("cpu"))["overall"]
+
+    x0 = autoencoder.encode(video)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    grey = autoencoder.blank(tuple(x0.shape))
+    losses = []
+    with torch.no_grad():
+        for t in VALIDATION_TIMESTEPS:
+            x_t, target = noisy_pair(x0, noise, t)
+            out = model([text_only_input(cfg, x_t, grey)], torch.tensor([t]), text.batch([clip.caption], "cpu"))
+            losses.append(float((out - model.dit.patchify([target])).pow(2).mean()))
+    assert scored == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    with pytest.raises(ValueError, match="grey clip's latents"):  # golden: without it there is no input to score
+        text_only_input(cfg, x0)
