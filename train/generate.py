@@ -144,11 +144,16 @@ def extend(model, autoencoder, text, prompts: Sequence[str], videos: Sequence[to
     sampled together. Returns the whole clips, each video first."""
     contexts = [extension_context(shape, autoencoder.temporal_factor) for shape in shapes]
     out = list(videos)
+    rounds = 0
     while any(len(o) < total_frames for o in out):
         growing = [i for i, o in enumerate(out) if len(o) < total_frames]
         given = [given_latents(autoencoder, shapes[i], first=out[i][-contexts[i]:]) for i in growing]
+        # Each window draws its own noise (the seed decides the whole extension): with one noise for every window, a
+        # window given what the last one made could only make it again.
+        seeded = dict(sampling, seed=sampling["seed"] + 7919 * rounds) if "seed" in sampling else sampling
         windows = generate(model, autoencoder, text, [prompts[i] for i in growing], [shapes[i] for i in growing],
-                           given=given, **sampling)
+                           given=given, **seeded)
+        rounds += 1
         for i, window in zip(growing, windows):
             out[i] = torch.cat([out[i], window[min(contexts[i], len(out[i])):]])
     return [o[:total_frames] for o in out]
