@@ -95,8 +95,8 @@ def render_clip(shape: str, colour: str, background: str, motion: str, width: in
 
     The path depends only on the caption and the clip's length, so a window that holds the whole clip shows
     the caption's answer (colour, shape, direction) exactly (BENCHMARKS.md, demo experiments). `start` moves the
-    path's start along the motion, in the same units as `reach` (-0.5: half way back towards the other edge); the
-    demo's data starts at the centre, the evaluation of clips given a first frame starts off it."""
+    path's start along the motion, in the same units as `reach` (-0.5: half way back towards the other edge, -1: at
+    it); the demo's outward clips start up to START_SPREAD back, its crossings anywhere (procedural_samples)."""
     radius = RADIUS * min(width, height)
     dx, dy = MOTIONS[motion]
     clip = np.empty((frames, height, width, 3), np.uint8)
@@ -311,6 +311,8 @@ def main(argv=None) -> None:
                         help="share of procedural clips that cross slowly from anywhere along their path")
     parser.add_argument("--force", action="store_true", help="rebuild even if a manifest exists")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.crossings <= 1.0:  # before an existing set is judged stale (and removed) for it
+        parser.error(f"--crossings {args.crossings}: a share, from 0 to 1")
     manifest = args.out / "manifest.json"
     if manifest.exists():
         import json
@@ -327,8 +329,6 @@ def main(argv=None) -> None:
                      f"not overwriting it; choose another directory")
         print(f"rebuilding {args.out}: {why}")
         remove_demo_dataset(args.out)
-    if not 0.0 <= args.crossings <= 1.0:
-        parser.error(f"--crossings {args.crossings}: a share, from 0 to 1")
     path = build(args.out, args.procedural, not args.no_real, args.samples_per_shard, args.seed,
                  validation=args.validation, crossings=args.crossings)
     if args.validation:

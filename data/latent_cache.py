@@ -78,7 +78,8 @@ def encoder_identity(model_cfg) -> Dict[str, Any]:
     else:
         identity["text"] = {"name": "builtin", "cached": "captions only"}
     if model_cfg.image.path:  # the first and last frames' CLIP tokens are cached (a run without images has no key)
-        image = {k: v for k, v in asdict(model_cfg.image).items() if k not in NOT_IDENTITY}
+        # `images` (1: I2V, 2: FLF2V) is left out: image.npy holds the first and the last frame's tokens either way.
+        image = {k: v for k, v in asdict(model_cfg.image).items() if k not in NOT_IDENTITY + ("images",)}
         image["weights_sha256"] = weights_sha256(model_cfg.image.path)
         image["dtype"] = names[frozen_dtype(model_cfg.image.dtype, device)]
         identity["image"] = image
@@ -267,9 +268,12 @@ def encode(source, out, cfg, stage_index: int, workers: int = 1, ray_address: Op
                           "dropped_keys": {r: [k for s in summaries for k in s["dropped"].get(r, [])]
                                            for r in dropped}}}
     if cfg.model.text.name == "pretrained":  # caption dropout trains on the empty caption's embedding
+        from dataclasses import replace
+
         from models.dit import text_conditioner
 
-        empty = text_conditioner(cfg.model).batch([""]).embeddings.float().numpy()
+        captions_only = replace(cfg.model, image=replace(cfg.model.image, path=None))  # no CLIP for a caption
+        empty = text_conditioner(captions_only).batch([""]).embeddings.float().numpy()
         with staged(out / "empty_caption.npy") as tmp:
             tmp.write_bytes(_npy(empty))
     write_manifest(out, manifest)

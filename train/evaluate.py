@@ -46,14 +46,16 @@ def _raw_samples(root) -> Iterator[Tuple[int, int, Dict]]:
 
 
 def training_combinations(root) -> List[Tuple[str, str, str, str]]:
-    """(colour, shape, motion, background) of every procedural caption in a dataset, in shard order."""
+    """(colour, shape, motion, background) of every "moving" procedural caption in a dataset, in shard order: the
+    prompts judged are "moving" ones, and a combination only ever captioned "drifting rightward" (a crossing) was
+    not trained in the prompt's words."""
     found = []
     for _, _, raw in _raw_samples(root):
         try:
             parsed = parse_prompt(raw.get("txt", b"").decode("utf-8"))
         except UnicodeDecodeError:
             continue
-        if parsed:
+        if parsed and parsed["pace"] == "moving":
             found.append((parsed["colour"], parsed["shape"], parsed["motion"], parsed["background"]))
     return found
 

@@ -9,7 +9,7 @@ It uploads the demo data set (datasets/demo, as `make demo-data` builds it) into
   4. checks that every sample trained once per finished epoch (tests/exactly_once.py, before the takedown), that the
      bucket verifies as before (the demo set's planted bad samples, nothing new), and that the secret key is in no
      file of the run directory or the bucket.
-SHORT=1 (`--short`) trains 60 steps instead of the demo's 2000. The data lives in the server's memory: each
+SHORT=1 (`--short`) trains 60 steps instead of the demo's 1600. The data lives in the server's memory: each
 invocation starts over (train.resume=false).
 """
 from __future__ import annotations

@@ -166,10 +166,15 @@ def test_the_export_is_what_diffusers_loads_and_a_t2v_directory_is_refused(tmp_p
     assert "missing tensor blocks.0.attn2.add_k_proj.weight" in message
 
 
+FIRST_FRAMES = ["curriculum.stages.0.conditioning.text=0.5", "++curriculum.stages.0.conditioning.first_frame=0.5"]
+
+
 def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
     base = [*kino_overrides(clip_dir), "model.autoencoder.temporal_factor=1",  # the demo curriculum's 8 frames
-            "curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192"]
+            "curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192", *FIRST_FRAMES]
     assert load_config(base).model.image.path == str(clip_dir)
+    with pytest.raises(ConfigError, match="no curriculum stage gives frames"):  # an I2V model trained on text alone
+        load_config([o for o in base if o not in FIRST_FRAMES])
     for overrides, match in ((["model.arch=kino"], "model.image.path: the CLIP image branch is Wan 2.1 I2V's"),
                              (["model.frame_conditioning=false"], "set model.frame_conditioning=true"),
                              (["model.image.images=3"], "model.image.images=3: 1"),
@@ -186,8 +191,8 @@ def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
     with pytest.raises(ConfigError, match="model.image.inputs='diffusers': pipeline"):
         load_config([*base, "model.image.inputs=diffusers"])
     # A latent cache does not hold the condition of every stretch an extension mode draws.
-    extending = [*base, "curriculum.stages.0.conditioning.text=0.5", "++curriculum.stages.0.conditioning.extend=0.5"]
-    assert load_config(extending).curriculum.stages[0].conditioning["extend"] == 0.5  # from the videos
+    extending = [*base, "curriculum.stages.0.conditioning.text=0.25", "++curriculum.stages.0.conditioning.extend=0.25"]
+    assert load_config(extending).curriculum.stages[0].conditioning["extend"] == 0.25  # from the videos
     for cache in ("data.latents=/caches/a", "curriculum.stages.0.latents=/caches/a"):
         with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].conditioning trains extend from the latent "
                                               r"cache /caches/a"):
@@ -212,7 +217,7 @@ def test_a_t5_directory_is_no_image_encoder(tiny_t5, clip_dir):
     from train.preflight import check_image_encoder
 
     base = [*kino_overrides(tiny_t5), "model.autoencoder.temporal_factor=1", "curriculum.stages.0.token_budget=8192",
-            "curriculum.stages.1.token_budget=8192"]
+            "curriculum.stages.1.token_budget=8192", *FIRST_FRAMES]
     with pytest.raises(ConfigError, match="a 't5' model, not a CLIPVisionModel"):
         check_image_encoder(load_config(base))
 
