@@ -24,7 +24,7 @@ demo-data: install
 # validates the config before any process starts, then runs torchrun -m train (as on a cluster).
 # A second `make demo` resumes from runs/demo/checkpoints/latest; FRESH=1 starts over.
 demo: demo-data
-	$(PY) -m launch local experiment=demo $(if $(FRESH),train.resume=false,)
+	$(PY) -m launch local experiment=demo_modes $(if $(FRESH),train.resume=false,)
 
 # The demo with its data in a bucket of a local S3-compatible server (moto, started and stopped by the script):
 # upload, train, stop halfway, resume, take down a rights holder, check exactly-once and that no secret was written

@@ -112,12 +112,7 @@ def check_base_model(cfg: KinoConfig) -> None:
 def check_frame_inputs(cfg: KinoConfig) -> None:
     """model.image.inputs=pipeline against the stages trained from a latent cache: the cache keeps the conditions of
     a given first frame, last frame or both (models/conditioning.py cached_conditions), not those of every stretch an
-    extension mode draws. And a model with the image branch that no stage gives frames: every clip would train on
-    the black image and the grey condition, wearing away what makes it image-to-video."""
-    if cfg.model.image.path and all(float(s.conditioning.get("text", 0.0)) >= 1.0 for s in cfg.curriculum.stages):
-        raise ConfigError("model.image.path is set (an image-to-video model) but no curriculum stage gives frames: "
-                          "give a stage a conditioning mix with first_frame (and first_last, last_frame, extend), "
-                          "e.g. curriculum.stages.0.conditioning={text: 0.2, first_frame: 0.8}")
+    extension mode draws."""
     if not cfg.model.pipeline_inputs:
         return
     for i, stage in enumerate(cfg.curriculum.stages):

@@ -241,21 +241,24 @@ def corrupt_samples() -> Iterator[Tuple[str, bytes, str, Dict]]:
 
 
 def build_validation(out: Path, count: int, seed: int = 0, samples_per_shard: int = 8,
-                     crossings: float = CROSSINGS) -> Path:
+                     crossings: float = CROSSINGS, start_spread: float = START_SPREAD) -> Path:
     """A held-out split of procedural clips (other seeds than training): OUT/validation/ with its own manifest."""
     writer = ShardSetWriter(Path(out) / "validation", samples_per_shard=samples_per_shard)
-    for key, video, caption, meta in procedural_samples(count, seed + 7919, prefix="validation", crossings=crossings):
+    for key, video, caption, meta in procedural_samples(count, seed + 7919, prefix="validation", crossings=crossings,
+                                                          start_spread=start_spread):
         writer.write(key, video, caption, meta)
     return writer.close({"name": f"{Path(out).name}-validation", "builder": "data.demo_set", "split": "validation"})
 
 
 def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard: int = 8, seed: int = 0,
-          cache: Optional[Path] = None, validation: int = 0, crossings: float = CROSSINGS) -> Path:
+          cache: Optional[Path] = None, validation: int = 0, crossings: float = CROSSINGS,
+          start_spread: float = START_SPREAD) -> Path:
     """The training set (and, with `validation` > 0, its held-out split of that many clips)."""
     out = Path(out)
     cache = Path(cache or out / ".cache")
     cache.mkdir(parents=True, exist_ok=True)
-    samples: List[Tuple[str, bytes, str, Dict]] = list(procedural_samples(procedural, seed, crossings=crossings))
+    samples: List[Tuple[str, bytes, str, Dict]] = list(procedural_samples(procedural, seed, crossings=crossings,
+                                                                               start_spread=start_spread))
     if real:
         samples += list(open_video_samples(cache))
     samples += list(unlicensed_samples(seed)) + list(corrupt_samples())
@@ -264,7 +267,7 @@ def build(out: Path, procedural: int = 480, real: bool = True, samples_per_shard
     for key, video, caption, meta in samples:
         writer.write(key, video, caption, meta)
     if validation:  # before the training set's manifest, which marks the whole build done
-        build_validation(out, validation, seed, samples_per_shard, crossings)
+        build_validation(out, validation, seed, samples_per_shard, crossings, start_spread)
     return writer.close({"name": out.name, "builder": "data.demo_set",
                          "recipe": recipe(procedural, real, samples_per_shard, seed, validation, crossings)})
 

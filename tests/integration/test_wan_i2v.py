@@ -173,8 +173,6 @@ def test_image_conditioning_configs_that_cannot_run_are_refused(clip_dir):
     base = [*kino_overrides(clip_dir), "model.autoencoder.temporal_factor=1",  # the demo curriculum's 8 frames
             "curriculum.stages.0.token_budget=8192", "curriculum.stages.1.token_budget=8192", *FIRST_FRAMES]
     assert load_config(base).model.image.path == str(clip_dir)
-    with pytest.raises(ConfigError, match="no curriculum stage gives frames"):  # an I2V model trained on text alone
-        load_config([o for o in base if o not in FIRST_FRAMES])
     for overrides, match in ((["model.arch=kino"], "model.image.path: the CLIP image branch is Wan 2.1 I2V's"),
                              (["model.frame_conditioning=false"], "set model.frame_conditioning=true"),
                              (["model.image.images=3"], "model.image.images=3: 1"),
@@ -290,7 +288,7 @@ def test_a_latent_cache_keeps_the_first_and_last_frames_clip_tokens_and_the_trai
     cfg = load_config([*i2v_run(tiny_dataset, tmp_path / "wan", clip_dir, tiny_t5, tiny_wan_vae, tmp_path / "run"),
                        "model.text.pad_to=null"], check=False)
     identity = encoder_identity(cfg.model)["image"]
-    assert identity["weights_sha256"] == weights_sha256(clip_dir) and identity["images"] == 1
+    assert identity["weights_sha256"] == weights_sha256(clip_dir) and "images" not in identity  # either holds both
     row = json.loads((tiny_dataset / "manifest.json").read_text())["shards"][0]
     (tmp_path / "cache").mkdir()
     encoder = ShardEncoder(to_yaml(cfg), 0, str(tiny_dataset), str(tmp_path / "cache"))

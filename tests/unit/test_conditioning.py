@@ -66,7 +66,7 @@ def test_a_stage_mix_is_checked_before_any_process_starts():
                               "curriculum.stages.0.conditioning.text=0.75"])
     assert dict(cfg.curriculum.stages[0].conditioning) == {"text": 0.75, "first_frame": 0.25}
     assert dict(load_config(base).curriculum.stages[1].conditioning) == {"text": 1.0}
-    demo = load_config(["experiment=demo"])  # the demo trains the mix in both stages
+    demo = load_config(["experiment=demo_modes"])  # `make demo` trains the mix in both stages
     assert demo.model.frame_conditioning and all(
         dict(stage.conditioning) == {"text": 0.6, "first_frame": 0.2, "first_last": 0.1, "extend": 0.1}
         for stage in demo.curriculum.stages)

@@ -77,9 +77,10 @@ def bare_trainer(cfg):
     return trainer
 
 
-@pytest.mark.parametrize("conditioning", [[], ["model.frame_conditioning=true",
-                                                "curriculum.stages.0.conditioning.text=0.5",
-                                                "+curriculum.stages.0.conditioning.first_frame=0.5"]],
+@pytest.mark.parametrize("conditioning", [["curriculum=demo", "model.frame_conditioning=false"],
+                                         ["curriculum=demo", "model.frame_conditioning=true",
+                                          "curriculum.stages.0.conditioning.text=0.5",
+                                          "+curriculum.stages.0.conditioning.first_frame=0.5"]],
                          ids=["text", "conditioning frames"])
 def test_a_micro_batch_reads_nothing_back_to_the_host(counted_reads, conditioning):
     cfg = load_config(["experiment=demo", "model.attention_backend=sdpa", *conditioning])
