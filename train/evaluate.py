@@ -111,7 +111,7 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
                     reference_tokens=cfg.train.shift_reference_tokens, device=device, sampler=cfg.tracking.sampler)
     results = {}
     for split, texts in prompts.items():
-        cases = []  # (prompt, shape, rendered clip, rendered crossing) for each procedural prompt
+        cases = []  # (prompt, shape, rendered clip, rendered crossing, the crossing's prompt) per procedural prompt
         for i, prompt in enumerate(texts):
             wanted, shape = parse_prompt(prompt), shapes[i % len(shapes)]
             if wanted is None:  # judged from pixels: procedural prompts only
@@ -120,14 +120,14 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
             drawn = (wanted["shape"], wanted["colour"], wanted["background"], wanted["motion"], shape.width,
                      shape.height, shape.frames)
             cases.append((prompt, shape, render_clip(*drawn, start=OFF_CENTRE),
-                          render_clip(*drawn, reach=CROSSING_REACH, start=EXTEND_START)))
+                          render_clip(*drawn, reach=CROSSING_REACH, start=EXTEND_START),
+                          prompt_for(wanted["colour"], wanted["shape"], wanted["motion"], wanted["background"],
+                                     pace="drifting")))
         if not cases:
             continue
-        texts_, plan, rendered, crossings = ([c[i] for c in cases] for i in range(4))
+        texts_, plan, rendered, crossings, drifting = ([c[i] for c in cases] for i in range(5))
         for mode in modes:  # each mode's clips sampled together
             if mode == "extend":  # the source is a crossing, and its caption says so
-                drifting = [prompt_for(*(parse_prompt(p)[a] for a in ("colour", "shape", "motion", "background")),
-                                       pace="drifting") for p in texts_]
                 sources = [torch.from_numpy(r[:max(1, len(r) // 2)]) for r in crossings]
                 videos = extend(model, autoencoder, text, drifting, sources, plan, 4 * max(s.frames for s in plan),
                                 **sampling)
