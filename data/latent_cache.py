@@ -129,8 +129,8 @@ class ShardEncoder:
         self.cfg = cfg = from_yaml(cfg_yaml)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autoencoder = build_autoencoder(cfg.model.autoencoder)
-        if isinstance(self.autoencoder, torch.nn.Module):  # pixel space has no weights
-            self.autoencoder = self.autoencoder.to(self.device).eval()
+        if hasattr(self.autoencoder, "to"):  # a frozen network (the pixel space has none): where it encodes
+            self.autoencoder = self.autoencoder.to(self.device)
         self.text = text_conditioner(cfg.model) if cfg.model.text.name == "pretrained" else None
         if self.text is not None:
             self.text.to(self.device)

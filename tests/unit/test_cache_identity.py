@@ -34,3 +34,21 @@ def test_a_cache_from_before_the_dtypes_were_recorded_reads_as_fp32():
 def test_the_pixel_space_has_no_dtype_to_match():
     cfg = load_config(["experiment=demo"], check=False)
     assert cfg.model.autoencoder.name == "pixel" and "dtype" not in encoder_identity(cfg.model)["autoencoder"]
+
+
+def test_the_cache_places_its_autoencoder_on_the_actors_device(tmp_path, monkeypatch):
+    """The encoder actor puts its autoencoder where it encodes, as training does. It did not (a type check that no
+    autoencoder passed): on a GPU actor the VAE encoded on the CPU. No GPU here: CUDA is reported present and the
+    autoencoder's placement recorded instead of made (the only mock in this test)."""
+    import torch
+
+    from conf.schema import to_yaml
+    from data.latent_cache import ShardEncoder
+    from models.autoencoder import FrozenVideoAutoencoder
+
+    cfg = load_config(VAE + ["model.autoencoder.dtype=bf16"], check=False)
+    placed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(FrozenVideoAutoencoder, "to", lambda self, device: placed.append(str(device)) or self)
+    encoder = ShardEncoder(to_yaml(cfg), 0, str(tmp_path), str(tmp_path / "cache"))
+    assert encoder.device.type == "cuda" and placed[-1] == "cuda"  # built on the CPU, then placed
