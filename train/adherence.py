@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,8 +86,15 @@ def read_clip(video: np.ndarray) -> Reading:
 
 def _largest_region(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected region of a boolean frame mask."""
+    labels, sizes = _regions(mask)
+    return labels == (max(sizes, key=sizes.get) if sizes else 0)
+
+
+def _regions(mask: np.ndarray) -> Tuple[np.ndarray, Dict[int, int]]:
+    """The 4-connected regions of a boolean frame mask: a label per pixel (0: none) and each label's size."""
     labels = np.zeros(mask.shape, np.int32)
-    best, best_size, label = 0, 0, 0
+    sizes: Dict[int, int] = {}
+    label = 0
     for start in zip(*np.nonzero(mask)):
         if labels[start]:
             continue
@@ -100,9 +107,8 @@ def _largest_region(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
                     labels[ny, nx] = label
                     stack.append((ny, nx))
-        if size > best_size:
-            best, best_size = label, size
-    return labels == best
+        sizes[label] = size
+    return labels, sizes
 
 
 # Area of each shape of data/demo_set.py's shape_mask per radius squared, and how far its centroid sits below
@@ -163,15 +169,33 @@ MODE_ATTRIBUTES = {"first_frame": ("start", "colour", "shape", "motion"),
                    "extend": ("continuous", "motion")}
 _NEAR = 0.15  # of the frame's shorter side: a centroid this close to where it was given is there
 _JUMP = 2.0  # a step at a window boundary may be this many times the largest step inside a window (+ 1 pixel)
+# A second region at least this share of the largest's size is a second object. A window that draws the object
+# twice (where the given frames have it and where the caption's clips often are) makes the largest region hop
+# between the two inside a window, which the boundary test alone then excuses.
+_SECOND_OBJECT = 0.5
+
+
+def _object_masks(video: np.ndarray) -> np.ndarray:
+    """(T, H, W) bool: the pixels away from the background (the median of the border, as read_clip's)."""
+    frames = np.asarray(video, dtype=np.float32)
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+    return np.linalg.norm(frames - np.median(border.reshape(-1, 3), axis=0), axis=-1) > _OBJECT_DISTANCE
+
+
+def object_counts(video: np.ndarray) -> List[int]:
+    """How many objects each frame shows: its regions of at least _MIN_OBJECT_FRACTION of the frame and at least
+    _SECOND_OBJECT x the largest (specks of noise are neither)."""
+    counts = []
+    for mask in _object_masks(video):
+        sizes = [size for size in _regions(mask)[1].values() if size >= _MIN_OBJECT_FRACTION * mask.size]
+        counts.append(sum(size >= _SECOND_OBJECT * max(sizes) for size in sizes) if sizes else 0)
+    return counts
 
 
 def object_centroids(video: np.ndarray) -> List[Optional[np.ndarray]]:
     """Each frame's object centroid (x, y), or None where no object is found; the background as read_clip's."""
-    frames = np.asarray(video, dtype=np.float32)
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
-    masks = np.linalg.norm(frames - np.median(border.reshape(-1, 3), axis=0), axis=-1) > _OBJECT_DISTANCE
     out: List[Optional[np.ndarray]] = []
-    for mask in masks:
+    for mask in _object_masks(video):
         if mask.sum() < _MIN_OBJECT_FRACTION * mask.size:
             out.append(None)
             continue
@@ -192,9 +216,9 @@ def judge_conditioned(mode: str, prompt: str, video: np.ndarray, given: np.ndarr
     - first_last: it starts where the first given frame has it and ends (the last generated frame) where the last
       has it (`given` holds both), moving as the prompt says;
     - extend: `given` is the source clip, `video` it extended, `windows` the frames where each generated window's
-      new frames begin: no step of the object at a window boundary is over _JUMP x the largest inside a window
-      (+ 1 pixel) (`continuous`), and the extension moves as the prompt says (the source's motion for any other
-      prompt)."""
+      new frames begin: `continuous` when every frame shows one object, no step of it at a window boundary is over
+      _JUMP x the largest inside a window (+ 1 pixel), and no step anywhere leaps further than _NEAR of the frame's
+      side; and the extension moves as the prompt says (the source's motion for any other prompt)."""
     wanted = parse_prompt(prompt) or {}
     side = min(video.shape[1], video.shape[2])
     seen = read_clip(video)
@@ -213,7 +237,8 @@ def judge_conditioned(mode: str, prompt: str, video: np.ndarray, given: np.ndarr
                  if points[t] is not None and points[t - 1] is not None}
         boundary = [steps.get(t, np.inf) for t in windows]
         inside = [s for t, s in steps.items() if t not in windows]
-        continuous = bool(boundary) and max(boundary) <= _JUMP * max(inside or [0.0]) + 1.0
+        continuous = (bool(boundary) and max(boundary) <= _JUMP * max(inside or [0.0]) + 1.0
+                      and max(steps.values()) <= _NEAR * side and set(object_counts(video)) == {1})
         extension = video[len(given) - 1:]
         # The source's own motion can be under the pixel read_clip needs (half of a slow clip); the prompt says it.
         motion = wanted.get("motion") or read_clip(given).motion

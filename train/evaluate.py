@@ -86,9 +86,14 @@ def prompt_adherence(model, autoencoder, text, cfg, device, prompts: Dict[str, L
     return results
 
 
-OFF_CENTRE = -0.5  # where the judged clips start, along their motion (data/demo_set.py render_clip `start`)
+# Where the judged clips start, along their motion (data/demo_set.py render_clip `start`): off the centre, in the
+# middle of where the outward clips start ([-START_SPREAD, 0]). At the edge of that range the demo's model pulls a
+# given object back toward the data's middle (x3's weights: the first generated frame where given, `start`, 1.0 at
+# 0 and -0.25, 0.75 at -0.5, 0.69 at -0.75; BENCHMARKS.md, "Conditioning modes in the demo").
+OFF_CENTRE = -0.25
 # An extension's source is a crossing (data/demo_set.py CROSSING_REACH) from the back edge: at that speed 4x its
-# length stays in the frame, so the motion can go on without the object leaving it.
+# length stays in the frame, so the motion can go on without the object leaving it; the crossings reach past both
+# ends of that path (CROSSING_SPAN).
 EXTEND_START = -1.0
 
 
@@ -105,8 +110,9 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
                           shapes: Sequence[BucketShape], modes: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """'<mode>/<split>' -> {attribute: share right, overall}, judged from pixels (train/adherence.py
     judge_conditioned). Each prompt's given frames are the procedural clip it describes, rendered at the shape and
-    starting half way back from the centre: its first frame (first_frame), first and last (first_last); or the first
-    half of it as a crossing from the back edge, extended to 4x the shape's frames (extend)."""
+    starting a quarter of the way back from the centre (OFF_CENTRE): its first frame (first_frame), first and last
+    (first_last); or the first half of it as a crossing from the back edge, extended to 4x the shape's frames
+    (extend)."""
     sampling = dict(steps=cfg.tracking.sampling_steps, cfg_scale=cfg.tracking.cfg_scale, seed=cfg.train.seed,
                     reference_tokens=cfg.train.shift_reference_tokens, device=device, sampler=cfg.tracking.sampler)
     results = {}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data.demo_set import render_clip
-from train.adherence import judge_conditioned, object_centroids
+from train.adherence import judge_conditioned, object_centroids, object_counts
 
 W = H = 48
 PROMPT = "a red circle moving right on a black background"
@@ -53,6 +53,30 @@ def test_an_extension_without_jumps_at_window_boundaries_passes_and_a_jump_fails
     assert judge_conditioned("extend", PROMPT, jumpy, source, windows=[8, 12, 16, 20])["continuous"] is False
     back = np.concatenate([source, long[8:][::-1]])  # the extension turns round
     assert judge_conditioned("extend", PROMPT, back, source, windows=[8, 12, 16, 20])["motion"] is False
+
+
+def test_golden_an_extension_that_draws_a_second_object_or_leaps_inside_a_window_is_not_continuous():
+    """What the demo's model did (run x7 of BENCHMARKS.md): each window drew the object where it was given and a
+    second one where the caption's clips often are, and the largest region hopped between them inside the windows.
+    The boundary test alone passed it: the steps inside were as large as those at the boundaries."""
+    long = render_clip("circle", "red", "black", "right", 96, 48, 24, reach=1.0)
+    source, windows = long[:8], [8, 12, 16, 20]
+    twice = long.copy()
+    twice[8:] = np.maximum(long[8:], np.flip(long[8:], axis=2))  # a mirror image of the object on the far side
+    assert judge_conditioned("extend", PROMPT, twice, source, windows)["continuous"] is False
+    hopping = long.copy()
+    for t in (9, 10, 13, 14, 17, 18, 21, 22):  # inside each window the object leaps 40 px and back
+        hopping[t] = shifted(long[t:t + 1], 40)[0]
+    assert judge_conditioned("extend", PROMPT, hopping, source, windows)["continuous"] is False
+    assert judge_conditioned("extend", PROMPT, long, source, windows)["continuous"] is True
+
+
+def test_specks_of_noise_are_no_second_object():
+    frame = render_clip("circle", "red", "black", "right", 96, 48, 1)
+    speckled = frame.copy()
+    speckled[0, 2, 2] = speckled[0, 40, 5] = 255
+    assert object_counts(speckled) == [1]
+    assert object_counts(np.maximum(frame, shifted(frame, 40))) == [2]
 
 
 def test_no_object_means_no_centroid():

@@ -49,10 +49,10 @@ def test_a_dataset_it_did_not_build_is_never_overwritten(tmp_path, capsys):
 
 def test_crossings_drift_from_anywhere_along_the_path_and_outward_clips_start_near_the_centre(tmp_path):
     """Outward clips ("moving") start up to START_SPREAD back from the centre; crossings ("drifting", CROSSINGS of
-    them) start anywhere along the path, back edge included, at CROSSING_REACH of the speed, so a clip's first
+    them) start anywhere along the path and a little past its ends, at CROSSING_REACH of the speed, so a clip's first
     frame says where its object is and a motion can go on for 4 clip lengths (issue 30; BENCHMARKS.md,
     "Conditioning modes in the demo"). crossings=0 and start_spread=0 render the clips of generator version 2."""
-    from data.demo_set import CROSSING_REACH, START_SPREAD, procedural_samples, render_clip
+    from data.demo_set import CROSSING_REACH, CROSSING_SPAN, START_SPREAD, procedural_samples, render_clip
     from data.video_io import read_video
     from train.adherence import object_centroids, parse_prompt
 
@@ -74,7 +74,7 @@ def test_crossings_drift_from_anywhere_along_the_path_and_outward_clips_start_ne
             assert " moving " in caption and -START_SPREAD <= g["start"] <= 0.0
             continue
         crossing += 1
-        assert f" drifting {g['motion']}ward " in caption and -1.0 <= g["start"] <= 1.0 - CROSSING_REACH
+        assert f" drifting {g['motion']}ward " in caption and -CROSSING_SPAN <= g["start"] <= CROSSING_SPAN - CROSSING_REACH
         path = tmp_path / f"{key}.mp4"
         path.write_bytes(video)
         frames = read_video(path)[0]
