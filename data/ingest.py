@@ -64,7 +64,7 @@ def read_table(path: Path) -> List[Dict[str, Any]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(str(path)).to_pylist()  # a path: Arrow opens the file itself (data/schema.py _read_table)
     raise UserError(f"--metadata {path}: a metadata table must be .csv, .jsonl or .parquet")
 
 

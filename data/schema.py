@@ -167,5 +167,13 @@ def _read_table(root, manifest: Dict[str, Any], columns: Optional[List[str]]):
 
     from data.storage import location, open_read
 
+    # Arrow is handed its own copy of the file, never a Python object: its pool threads may drop their last
+    # reference to what they read while the interpreter finalizes, and releasing a Python object there needs the
+    # GIL, so the thread is made to exit and the process aborts ("terminate called without an active exception",
+    # exit -6, after a `python -m data inspect` that had done its work; apache/arrow#50482, #34314).
+    import pyarrow as pa
+
+    copy = pa.BufferOutputStream()
     with open_read(location(root) / manifest["shard_table"]) as stream:
-        return pq.read_table(stream, columns=columns)
+        copy.write(stream.read())
+    return pq.read_table(pa.BufferReader(copy.getvalue()), columns=columns)
