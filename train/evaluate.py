@@ -136,7 +136,7 @@ def conditioned_adherence(model, autoencoder, text, cfg, device, prompts: Dict[s
             if mode == "extend":  # the source is a crossing, and its caption says so
                 sources = [torch.from_numpy(r[:max(1, len(r) // 2)]) for r in crossings]
                 videos = extend(model, autoencoder, text, drifting, sources, plan, 4 * max(s.frames for s in plan),
-                                **sampling)
+                                **dict(sampling, cfg_scale=cfg.tracking.extend_cfg_scale))
                 rows = []
                 for prompt, shape, source, video in zip(drifting, plan, sources, videos):
                     step = shape.frames - extension_context(shape, autoencoder.temporal_factor)

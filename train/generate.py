@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=at_least(1, "a clip's frames"))
     parser.add_argument("--steps", type=at_least(1, "sampler steps"), default=None,
                         help="sampler steps (default: tracking.sampling_steps)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale)")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale; with --extend, tracking.extend_cfg_scale)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strip", type=Path, default=None, help="also write every clip's frames into this PNG")
@@ -315,7 +315,7 @@ def main(argv=None) -> None:
         shape = requested_shape(cfg, nearest, args.width, args.height, None)
         source = resize_and_crop(frames, shape.height, shape.width)
         sampling = dict(steps=args.steps or cfg.tracking.sampling_steps, seed=args.seed, device=device,
-                        cfg_scale=cfg.tracking.cfg_scale if args.cfg is None else args.cfg,
+                        cfg_scale=cfg.tracking.extend_cfg_scale if args.cfg is None else args.cfg,
                         reference_tokens=cfg.train.shift_reference_tokens, sampler=args.sampler or cfg.tracking.sampler)
         prompts, mode = list(args.prompt), "extend"
         videos = extend(model, autoencoder, text, prompts, [source] * len(prompts), [shape] * len(prompts),

@@ -114,3 +114,39 @@ def test_the_evaluation_judges_every_mode_the_last_stage_trains_and_tables_them(
     flat = {f"eval/{k}/{a}": v for k, scores in metrics.items() for a, v in scores.items()}
     printed = table(flat)
     assert "first_frame" in printed and "continuous" in printed and "held_out" in printed
+
+
+def test_extension_windows_are_sampled_at_their_own_guidance_and_a_negative_scale_is_refused(monkeypatch):
+    """tracking.extend_cfg_scale reaches the extension's sampler, the other modes keep tracking.cfg_scale (the
+    calls are recorded and passed through to the real samplers)."""
+    import pytest
+    import torch
+
+    import train.evaluate as evaluate
+    from conf.errors import ConfigError
+    from conf.schema import load_config
+    from data.buckets import BucketShape
+    from models.autoencoder import build_autoencoder
+    from models.dit import TextToVideoModel, text_conditioner
+
+    mix = [f"{'' if m == 'text' else '+'}curriculum.stages.1.conditioning.{m}={v}"
+           for m, v in (("text", 0.6), ("first_frame", 0.2), ("extend", 0.2))]
+    cfg = load_config(["experiment=demo", "curriculum=demo", "model.frame_conditioning=true", "tracking.sampling_steps=1",
+                       "tracking.cfg_scale=3.0", "tracking.extend_cfg_scale=1.5", *mix])
+    scales = {}
+
+    def recorded(name, real):
+        def call(*args, **kwargs):
+            scales.setdefault(name, []).append(kwargs["cfg_scale"] if "cfg_scale" in kwargs else args[6])
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(evaluate, "extend", recorded("extend", evaluate.extend))
+    monkeypatch.setattr(evaluate, "generate", recorded("generate", evaluate.generate))
+    torch.manual_seed(0)
+    evaluate.conditioned_adherence(TextToVideoModel(cfg.model), build_autoencoder(cfg.model.autoencoder),
+                                   text_conditioner(cfg.model), cfg, torch.device("cpu"), {"seen": [PROMPT]},
+                                   [BucketShape(8, 24, 24)], evaluate.conditioned_modes(cfg))
+    assert scales == {"generate": [3.0], "extend": [1.5]}
+    with pytest.raises(ConfigError, match="extend_cfg_scale"):
+        load_config(["experiment=demo", "tracking.extend_cfg_scale=-1"])
