@@ -163,6 +163,7 @@ def _current_table(root) -> Optional[str]:
 
 
 def _read_table(root, manifest: Dict[str, Any], columns: Optional[List[str]]):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from data.storage import location, open_read
@@ -171,8 +172,6 @@ def _read_table(root, manifest: Dict[str, Any], columns: Optional[List[str]]):
     # reference to what they read while the interpreter finalizes, and releasing a Python object there needs the
     # GIL, so the thread is made to exit and the process aborts ("terminate called without an active exception",
     # exit -6, after a `python -m data inspect` that had done its work; apache/arrow#50482, #34314).
-    import pyarrow as pa
-
     copy = pa.BufferOutputStream()
     with open_read(location(root) / manifest["shard_table"]) as stream:
         copy.write(stream.read())

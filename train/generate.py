@@ -283,7 +283,8 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=at_least(1, "a clip's frames"))
     parser.add_argument("--steps", type=at_least(1, "sampler steps"), default=None,
                         help="sampler steps (default: tracking.sampling_steps)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: tracking.cfg_scale; with --extend, tracking.extend_cfg_scale)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale (default: tracking.cfg_scale; with --extend, tracking.extend_cfg_scale)")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strip", type=Path, default=None, help="also write every clip's frames into this PNG")
