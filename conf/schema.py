@@ -85,19 +85,25 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
 
 
 def check_sequence_parallel(cfg: KinoConfig, world_size: int) -> None:
-    """parallel.sequence against the model and the world size (the launcher's, or torchrun's at start-up)."""
-    degree = cfg.parallel.sequence
+    """parallel.ulysses x parallel.ring against the model and the world size (the launcher's, or torchrun's at
+    start-up)."""
+    degree, ulysses, ring = cfg.parallel.sequence, cfg.parallel.ulysses, cfg.parallel.ring
     if degree == 1:
         return
+    name = f"parallel.sequence={degree}" if ring == 1 else f"parallel.ulysses={ulysses} x parallel.ring={ring}"
     if cfg.train.method != "dit":
-        raise ConfigError(f"parallel.sequence={degree}: sequence parallelism splits the DiT; "
+        raise ConfigError(f"{name}: sequence parallelism splits the DiT; "
                           f"train.method={cfg.train.method} trains without it (set parallel.sequence=1)")
-    if cfg.model.heads % degree:
-        raise ConfigError(f"parallel.sequence={degree} does not divide model.heads={cfg.model.heads}: Ulysses gives "
-                          f"each rank of a group whole heads. Use a degree that divides the heads (ring attention "
-                          f"or USP, which would lift this, is not built: docs/scaling.md)")
+    if cfg.model.heads % ulysses:
+        what = f"parallel.sequence={degree}" if ring == 1 else f"parallel.ulysses={ulysses}"
+        raise ConfigError(f"{what} does not divide model.heads={cfg.model.heads}: Ulysses gives each rank of a "
+                          f"group whole heads. Take a Ulysses degree that divides the heads and the rest as ring "
+                          f"attention (parallel.ulysses=U parallel.ring=R, N = U x R: docs/scaling.md)")
+    if ring > 1 and cfg.model.arch != "wan" and cfg.model.conditioning == "joint":
+        raise ConfigError(f"{name} with model.conditioning=joint: ring attention over a joint caption-and-video "
+                          f"sequence is not built; use Ulysses alone (parallel.sequence) or cross-attention")
     if world_size % degree:
-        raise ConfigError(f"parallel.sequence={degree} does not divide the world size {world_size} "
+        raise ConfigError(f"{name} ({degree} ranks) does not divide the world size {world_size} "
                           f"(launcher.nodes x processes per node): every rank belongs to one group of {degree}")
 
 

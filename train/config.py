@@ -179,14 +179,31 @@ class ZeroConfig:
 
 @dataclass
 class ParallelConfig:
-    # Ulysses sequence parallelism (train/sequence_parallel.py, docs/scaling.md): groups of N ranks share each
-    # micro-batch, each computing 1/N of its tokens. N divides the world size and model.heads; data parallelism
-    # runs over the world / N groups, and a stage's token_budget is then a group's.
+    # Sequence (context) parallelism (train/sequence_parallel.py, docs/scaling.md): groups of N = ulysses x ring
+    # consecutive ranks share each micro-batch, each computing a stretch of its tokens. Ulysses trades tokens for
+    # heads by all-to-all (its degree divides model.heads); ring attention passes keys and values around a ring
+    # (train/ring_attention.py; any degree). N divides the world size; data parallelism runs over the world / N
+    # groups, and a stage's token_budget is then a group's.
+    # `sequence`: N. Alone (the configs from before the ring), it is Ulysses' degree: parallel.sequence=4 is
+    # parallel.ulysses=4. With `ring` it may be left out or must equal ulysses x ring.
     sequence: int = 1
+    ulysses: Optional[int] = None  # None: sequence / ring (1 when sequence is left at 1)
+    ring: int = 1
 
     def check(self) -> None:
-        if self.sequence < 1:
-            raise ConfigError(f"parallel.sequence={self.sequence}: must be >= 1")
+        for key in ("sequence", "ring") + (("ulysses",) if self.ulysses is not None else ()):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)}: must be >= 1")
+        if self.ulysses is None:
+            if self.sequence != 1 and self.sequence % self.ring:
+                raise ConfigError(f"parallel.sequence={self.sequence} is not a multiple of parallel.ring={self.ring}: "
+                                  f"the degree is ulysses x ring")
+            self.ulysses = max(1, self.sequence // self.ring)
+        degree = self.ulysses * self.ring
+        if self.sequence not in (1, degree):
+            raise ConfigError(f"parallel.sequence={self.sequence} is not parallel.ulysses x parallel.ring = "
+                              f"{self.ulysses} x {self.ring}: leave parallel.sequence out, or make them agree")
+        self.sequence = degree  # what every reader of the degree takes: the group's size
 
 
 @dataclass

@@ -253,6 +253,9 @@ class DataPlane:
         return {
             "num_workers": Resumable(Value(lambda: self.cfg.data.num_workers, self._note_saved_workers), "shared"),
             "sequence": Resumable(Value(lambda: self.layout.degree, self._note_saved_sequence), "shared"),
+            # How the degree was made (a record: any split of the same degree deals the data alike)
+            "sequence_degrees": Resumable(Value(lambda: {"ulysses": self.layout.ulysses, "ring": self.layout.ring},
+                                                None), "shared"),
             "dataset": Resumable(Value(self.dataset_fingerprints, self.check_dataset), "shared"),
             # a file of its own: sized by chunks, it stays out of train_state.json and of any Ray object
             "data": Resumable(Value(self._data_plan, self._restore_data_plan), "file", "data_plan.json"),

@@ -23,6 +23,9 @@ seeded by the group, not the rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -33,16 +36,26 @@ from torch import nn
 from models.dit import DiTBlock, JointBlock
 from models.wan import WanBlock
 from train import collectives
+from train.ring_attention import Ring, balanced_bounds, ring_attention
 
 
 @dataclass
 class SequenceLayout:
-    """Where this rank stands: world = groups x degree, groups of consecutive ranks."""
+    """Where this rank stands: world = groups x degree, groups of consecutive ranks. A group of degree N = U x R:
+    U consecutive ranks share a stretch of the tokens by heads (Ulysses, `ulysses_group`), and
+    the R ranks with the same place in their Ulysses groups pass keys and values around a ring (`ring_group`)."""
 
     degree: int
     rank: int
     world_size: int
     group: Optional[object] = None  # this rank's process group (None when degree is 1)
+    ring: int = 1
+    ulysses_group: Optional[object] = None
+    ring_group: Optional[object] = None
+
+    @property
+    def ulysses(self) -> int:
+        return self.degree // self.ring
 
     @property
     def data_rank(self) -> int:  # the group's index: the data-parallel rank
@@ -57,6 +70,18 @@ class SequenceLayout:
         return self.rank % self.degree
 
     @property
+    def head_member(self) -> int:  # this rank's place in its Ulysses group: which heads it attends
+        return self.member % self.ulysses
+
+    @property
+    def ring_member(self) -> int:  # this rank's place in its ring: which stretch of the tokens it holds
+        return self.member // self.ulysses
+
+    @property
+    def ring_ranks(self) -> List[int]:
+        return [self.leader + r * self.ulysses + self.head_member for r in range(self.ring)]
+
+    @property
     def leader(self) -> int:  # the global rank of the group's first member
         return self.data_rank * self.degree
 
@@ -69,18 +94,30 @@ class SequenceLayout:
         return self.degree > 1
 
 
-def sequence_layout(degree: int, rank: int, world_size: int) -> SequenceLayout:
-    """Collective (every rank creates every group, as torch.distributed requires)."""
+def sequence_layout(degree: int, rank: int, world_size: int, ring: int = 1) -> SequenceLayout:
+    """Collective (every rank creates every group, in the same order, as torch.distributed requires)."""
     if degree < 1 or world_size % degree:
         raise ValueError(f"parallel.sequence={degree} does not divide the world size {world_size}")
-    layout = SequenceLayout(degree, rank, world_size)
+    if ring < 1 or degree % ring:
+        raise ValueError(f"parallel.ring={ring} does not divide the sequence-parallel degree {degree}")
+    layout = SequenceLayout(degree, rank, world_size, ring=ring)
     if degree == 1:
         return layout
+    ulysses = degree // ring
+    found = {}
     for first in range(0, world_size, degree):
-        group = dist.new_group(list(range(first, first + degree)))
-        if first == layout.leader:
-            layout = dataclasses.replace(layout, group=group)
-    return layout
+        members = list(range(first, first + degree))
+        found[tuple(members)] = dist.new_group(members)
+        if ring > 1 and ulysses > 1:
+            for r in range(ring):
+                found[tuple(members[r * ulysses:(r + 1) * ulysses])] = dist.new_group(members[r * ulysses:(r + 1) * ulysses])
+            for u in range(ulysses):
+                found[tuple(members[u::ulysses])] = dist.new_group(members[u::ulysses])
+    group = found[tuple(range(layout.leader, layout.leader + degree))]
+    layout = dataclasses.replace(layout, group=group)
+    ulysses_members = tuple(layout.leader + layout.ring_member * ulysses + u for u in range(ulysses))
+    return dataclasses.replace(layout, ulysses_group=found.get(ulysses_members, group),
+                               ring_group=found.get(tuple(layout.ring_ranks), group))
 
 
 def shares(total: int, degree: int) -> List[int]:
@@ -90,26 +127,55 @@ def shares(total: int, degree: int) -> List[int]:
 
 class SequenceSplit:
     """The group's split of the current micro-batch's video tokens; `SequenceShare` records its length each
-    forward (activation checkpointing's recompute sees the same one)."""
+    forward (activation checkpointing's recompute sees the same one). Without a ring, each member computes a
+    contiguous, even share. With one, the ring's stretches are cut by attention cost (ring_attention.balanced_bounds:
+    packed clips of very different lengths would otherwise give some ranks far more work), and each stretch is
+    shared evenly by its Ulysses group; `lengths` (the clips' tokens, set before each forward) says where."""
 
-    def __init__(self, layout: SequenceLayout):
-        self.layout = layout
+    def __init__(self, layout: SequenceLayout, dim: int = 0):
+        self.layout, self.dim = layout, dim
         self.total: Optional[int] = None
+        self.lengths: Optional[List[int]] = None
+
+    def bounds(self, total: int) -> List[int]:
+        """Each member's first token, and the end (degree + 1 offsets, member order)."""
+        layout = self.layout
+        if layout.ring == 1 or self.lengths is None or sum(self.lengths) != total:
+            return [0] + list(itertools.accumulate(shares(total, layout.degree)))
+        stretches = balanced_bounds(self.lengths, layout.ring, self.dim)
+        out = [0]
+        for r in range(layout.ring):
+            out += list(itertools.accumulate(shares(stretches[r + 1] - stretches[r], layout.ulysses),
+                                             initial=stretches[r]))[1:]
+        return out
 
     @property
     def shares(self) -> List[int]:
-        return shares(self.total, self.layout.degree)
+        bounds = self.bounds(self.total)
+        return [b - a for a, b in zip(bounds, bounds[1:])]
+
+    @property
+    def head_shares(self) -> List[int]:
+        """The tokens of each member of this rank's Ulysses group: what its all-to-alls trade."""
+        u, r = self.layout.ulysses, self.layout.ring_member
+        return self.shares[r * u:(r + 1) * u]
+
+    def ring(self) -> Ring:
+        """This rank's ring over the current micro-batch: each member's stretch and the clips' offsets."""
+        layout = self.layout
+        bounds = self.bounds(self.total)[::layout.ulysses]
+        cu = [0] + list(itertools.accumulate(self.lengths))
+        return Ring(layout.ring_ranks, layout.ring_member, layout.ring_group, bounds, cu)
 
     def local(self, per_token: torch.Tensor) -> torch.Tensor:
         """This rank's share of a per-token tensor of the whole micro-batch."""
-        sizes = shares(per_token.shape[0], self.layout.degree)
-        start = sum(sizes[:self.layout.member])
-        return per_token[start:start + sizes[self.layout.member]]
+        bounds = self.bounds(per_token.shape[0])
+        return per_token[bounds[self.layout.member]:bounds[self.layout.member + 1]]
 
     def own_heads(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's heads of a (tokens, heads, head_dim) tensor every rank holds whole (the caption's)."""
-        per_rank = x.shape[1] // self.layout.degree
-        return x[:, self.layout.member * per_rank:(self.layout.member + 1) * per_rank]
+        per_rank = x.shape[1] // self.layout.ulysses
+        return x[:, self.layout.head_member * per_rank:(self.layout.head_member + 1) * per_rank]
 
 
 class SequenceShare(nn.Module):
@@ -187,38 +253,67 @@ class _GatherHeads(torch.autograd.Function):
 def to_heads(split: SequenceSplit, *tensors: torch.Tensor) -> List[torch.Tensor]:
     """Each (local tokens, H, D) tensor -> (all tokens, H/N, D), all of them in one all-to-all."""
     layout = split.layout
-    stacked = _SequenceToHeads.apply(torch.stack(tensors, dim=1), split.shares, layout.member, layout.group)
+    if layout.ulysses == 1:  # a ring alone: every rank keeps its heads
+        return list(tensors)
+    stacked = _SequenceToHeads.apply(torch.stack(tensors, dim=1), split.head_shares, layout.head_member,
+                                     layout.ulysses_group)
     return list(stacked.unbind(1))
 
 
 @torch.compiler.disable
 def to_sequence(split: SequenceSplit, y: torch.Tensor) -> torch.Tensor:
     layout = split.layout
-    return _HeadsToSequence.apply(y[:, None], split.shares, layout.member, layout.group)[:, 0]
+    if layout.ulysses == 1:
+        return y
+    return _HeadsToSequence.apply(y[:, None], split.head_shares, layout.head_member, layout.ulysses_group)[:, 0]
 
 
 @torch.compiler.disable
 def gather_heads(split: SequenceSplit, x: torch.Tensor) -> torch.Tensor:
     layout = split.layout
-    return _GatherHeads.apply(x, layout.member, layout.degree, layout.group)
+    if layout.ulysses == 1:
+        return x
+    return _GatherHeads.apply(x, layout.head_member, layout.ulysses, layout.ulysses_group)
 
 
 class SequenceParallelAttention(nn.Module):
     """Stands in for an `AttentionCore`: the video queries (and, in self-attention, keys and values) arrive as
-    this rank's share of the tokens with every head; the wrapped core sees the whole sequence for this rank's
-    heads. Cross-attention's keys and values come from the caption, which every rank holds whole."""
+    this rank's share of the tokens with every head. The Ulysses all-to-all gives this rank its ring stretch (the
+    whole sequence, without a ring) for its heads; with a ring, self-attention's keys and values then travel around
+    it (train/ring_attention.py). Cross-attention's keys and values come from the caption, which every rank holds
+    whole: a ring stretch attends the captions of the clips it holds."""
 
     def __init__(self, inner: nn.Module, split: SequenceSplit, kv_sharded: bool):
         super().__init__()
         self.inner, self.split, self.kv_sharded = inner, split, kv_sharded
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_q: int, max_k: int) -> torch.Tensor:
+        ringed = self.split.layout.ring > 1
         if self.kv_sharded:
             q, k, v = to_heads(self.split, q, k, v)
+            out = ring_attention(q, k, v, self.split.ring()) if ringed else \
+                self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         else:
             (q,) = to_heads(self.split, q)
             k, v = self.split.own_heads(k), self.split.own_heads(v)
-        return to_sequence(self.split, self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k))
+            out = self._stretch_cross(q, k, v, cu_seqlens_k) if ringed else \
+                self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+        return to_sequence(self.split, out)
+
+    def _stretch_cross(self, q, k, v, cu_seqlens_k):
+        """Cross-attention of this ring stretch's queries to the captions (or images) of the clips it holds."""
+        ring = self.split.ring()
+        start, end = ring.stretch(ring.index)
+        pieces = [(c, min(end, ring.cu[c + 1]) - max(start, ring.cu[c])) for c in range(len(ring.cu) - 1)
+                  if ring.cu[c] < end and ring.cu[c + 1] > start]
+        if not pieces:
+            return q.new_zeros(q.shape)
+        first, last = pieces[0][0], pieces[-1][0]
+        context = cu_seqlens_k.tolist()[first:last + 2]
+        cu_q = torch.tensor([0] + list(itertools.accumulate(n for _, n in pieces)), dtype=torch.int32, device=q.device)
+        cu_k = torch.tensor([c - context[0] for c in context], dtype=torch.int32, device=q.device)
+        return self.inner(q, k[context[0]:context[-1]], v[context[0]:context[-1]], cu_q, cu_k,
+                          max(n for _, n in pieces), max(b - a for a, b in zip(context, context[1:])))
 
 
 class SequenceParallelJointAttention(nn.Module):
@@ -240,10 +335,12 @@ def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> Sequenc
     """Split `model`'s DiT over `layout`'s group: its per-token tensors and the attention of every block. The
     caption encoder is left whole (every rank runs it). Parameter names do not change."""
     dit = model.dit
-    if dit.cfg.heads % layout.degree:
-        raise ValueError(f"model.heads={dit.cfg.heads} is not divisible by parallel.sequence={layout.degree}")
-    split = SequenceSplit(layout)
+    if dit.cfg.heads % layout.ulysses:
+        raise ValueError(f"model.heads={dit.cfg.heads} is not divisible by parallel.ulysses={layout.ulysses}")
+    split = SequenceSplit(layout, dit.cfg.dim)
     dit.sequence = SequenceShare(split)
+    if layout.ring > 1:  # the ring's cut needs each clip's length before the first per-token tensor is split
+        dit.register_forward_pre_hook(functools.partial(_record_lengths, split))
     for block in dit.blocks:
         if isinstance(block, DiTBlock):
             block.attn.core = SequenceParallelAttention(block.attn.core, split, kv_sharded=True)
@@ -252,10 +349,17 @@ def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> Sequenc
             block.attn1.core = SequenceParallelAttention(block.attn1.core, split, kv_sharded=True)
             block.attn2.core = SequenceParallelAttention(block.attn2.core, split, kv_sharded=False)
         elif isinstance(block, JointBlock):
+            if layout.ring > 1:
+                raise ValueError("parallel.ring > 1 with model.conditioning=joint: ring attention over a joint "
+                                 "caption-and-video sequence is not built (docs/scaling.md); use parallel.ulysses")
             block.core = SequenceParallelJointAttention(block.core, split)
         else:
             raise TypeError(f"no sequence-parallel plan for {type(block).__name__}")
     return split
+
+
+def _record_lengths(split: SequenceSplit, dit: nn.Module, args) -> None:
+    split.lengths = [math.prod(dit.grid(x.shape)) for x in args[0]]
 
 
 # -- the trainer's side -------------------------------------------------------------------------------------

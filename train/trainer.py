@@ -59,7 +59,7 @@ class Trainer:
         self.step = 0
         # world = data-parallel groups x parallel.sequence (train/sequence_parallel.py). A group draws one noise:
         # the generators are seeded by the group, so N ranks at SP=N draw what 1 rank at SP=1 does.
-        self.layout = sequence_layout(cfg.parallel.sequence, env.rank, env.world_size)
+        self.layout = sequence_layout(cfg.parallel.sequence, env.rank, env.world_size, cfg.parallel.ring)
         self.rng = RNGState(cfg.train.seed, self.layout.data_rank, env.device)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.train.keep_last,
                                              cfg.train.checkpoint_every)
@@ -97,6 +97,7 @@ class Trainer:
             log.info("model: %s; ZeRO-%d over %d %s process(es)%s", self.describe_model(), cfg.zero.stage,
                      env.world_size, env.device.type,
                      f" in {self.layout.data_world} sequence-parallel group(s) of {self.layout.degree}"
+                     + (f" (Ulysses {self.layout.ulysses} x ring {self.layout.ring})" if self.layout.ring > 1 else "")
                      if self.layout.parallel else "")
 
     # -- what is trained (a subclass trains something else: see train/vae_trainer.py) ----------

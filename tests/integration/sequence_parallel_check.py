@@ -7,7 +7,11 @@ parallelism does. The sequence-parallel run splits each micro-batch over its gro
 the worst relative differences of the loss and of every parameter gradient to the JSON file named by argv[1], for
 each degree of argv[2] (comma-separated: several degrees share one launch, which costs more than the checks).
 
-    torchrun --nproc_per_node=4 tests/integration/sequence_parallel_check.py out.json 2,4
+    torchrun --nproc_per_node=4 tests/integration/sequence_parallel_check.py out.json 2,4,1x4,2x2
+
+A degree is Ulysses' alone (`4`), or `UxR`: Ulysses U times a ring of R (train/ring_attention.py). With a ring the
+model has 6 heads, which neither 4 nor a ring of 4 divides; the joint (MM-DiT) blocks are left out (not built with a
+ring), and the golden case plants a block whose log-sum-exp is not rescaled when merged.
 """
 from __future__ import annotations
 
@@ -26,11 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from conf.schema import load_config  # noqa: E402
 from models.dit import TextToVideoModel, text_conditioner  # noqa: E402
 from train.engine import deepspeed_config, init_distributed  # noqa: E402
+from train import ring_attention  # noqa: E402
 from train.parallelize import apply_activation_checkpointing, apply_tiling  # noqa: E402
 from train.sequence_parallel import (SequenceSplit, apply_sequence_parallel, per_clip_loss,  # noqa: E402
                                      sequence_layout, sequence_loss)
 
 OWN_HEADS = SequenceSplit.own_heads
+MERGE = ring_attention.merge
+
+
+def _unrescaled_merge(out, lse, block_out, block_lse):
+    """The planted bug: the running output is not rescaled to the merged log-sum-exp."""
+    new = torch.logaddexp(lse, block_lse)
+    take = torch.exp(block_lse - new).nan_to_num(0.0)
+    return out + block_out * take[..., None], new
 
 # (channels, frames, height, width) with patches [1, 4, 4]: 64, 16 and 4 tokens. With 2 ranks a share is 42
 # tokens, with 4 it is 21: the first clip straddles two or three ranks.
@@ -44,13 +57,21 @@ WAN_I2V = ["model.arch=wan", "model.ffn_dim=96", "model.frame_conditioning=true"
            "model.image.dim=16", "model.image.tokens=5"]
 
 
-def config(conditioning: str, degree: int):
+def config(conditioning: str, ulysses: int, ring: int):
     """conditioning: cross_attention or joint (Kino's DiT), or wan (model.arch=wan, cross-attention to the caption
     and to each clip's image tokens: Wan 2.1 I2V)."""
     arch = WAN_I2V if conditioning == "wan" else [f"model.conditioning={conditioning}"]
-    return load_config(["model.dim=64", "model.depth=2", "model.heads=4", "model.text.dim=32", "model.text.depth=1",
+    width = ["model.dim=64", "model.heads=4"] if ring == 1 else ["model.dim=72", "model.heads=6"]
+    return load_config([*width, "model.depth=2", "model.text.dim=32", "model.text.depth=1",
                         "model.text.heads=2", *arch, "model.attention_backend=reference",
-                        f"parallel.sequence={degree}", "launcher.procs_per_node=4", "launcher.gpus_per_node=0"])
+                        f"parallel.ulysses={ulysses}", f"parallel.ring={ring}", "launcher.procs_per_node=4",
+                        "launcher.gpus_per_node=0"])
+
+
+def parse_degree(spec: str):
+    """`4` -> (4, 1); `2x2` -> (2, 2)."""
+    ulysses, _, ring = spec.partition("x")
+    return int(ulysses), int(ring or 1)
 
 
 def micro_batch(group: int, model: TextToVideoModel, cfg):
@@ -115,23 +136,25 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    out, degrees = Path(sys.argv[1]), [int(d) for d in sys.argv[2].split(",")]
+    out, specs = Path(sys.argv[1]), sys.argv[2].split(",")
     env = init_distributed()
     reports = {}
-    for degree in degrees:
-        reports[str(degree)] = {"world_size": env.world_size, "degree": degree, "ranks": check(degree, env)}
+    for spec in specs:
+        ulysses, ring = parse_degree(spec)
+        reports[spec] = {"world_size": env.world_size, "degree": ulysses * ring, "ulysses": ulysses, "ring": ring,
+                         "ranks": check(ulysses, ring, env)}
     if env.rank == 0:
         out.write_text(json.dumps(reports, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def check(degree: int, env):
-    """Every rank's results at `degree` (collective)."""
-    layout = sequence_layout(degree, env.rank, env.world_size)
+def check(ulysses: int, ring: int, env):
+    """Every rank's results at Ulysses x ring (collective)."""
+    layout = sequence_layout(ulysses * ring, env.rank, env.world_size, ring)
     results = {}
-    for conditioning in ("cross_attention", "joint", "wan"):
-        cfg = config(conditioning, degree)
+    for conditioning in ("cross_attention", "joint", "wan") if ring == 1 else ("cross_attention", "wan"):
+        cfg = config(conditioning, ulysses, ring)
         torch.manual_seed(0)
         base = TextToVideoModel(cfg.model)
         with torch.no_grad():  # off adaLN-Zero's start, where most gradients are exactly zero
@@ -139,12 +162,15 @@ def check(degree: int, env):
                 p.add_(torch.randn_like(p) * 0.05)
         losses, per_clip, grads = reference(copy.deepcopy(base), cfg, layout.data_world)
         results[f"{conditioning}-zero-gradients"] = sorted(k for k, g in grads.items() if not g.abs().max() > 0)
-        for zero in (None, 3, "checkpointed", "wrong heads"):
+        golden = "wrong heads" if ring == 1 else "unrescaled"
+        for zero in (None, 3, "checkpointed", golden):
             model = copy.deepcopy(base)
             apply_sequence_parallel(model, layout)  # first, as train/parallelize.py orders it
             engine = None
             if zero == "wrong heads":  # golden: every rank reads the caption's first heads; the check must see it
                 SequenceSplit.own_heads = lambda self, x: x[:, :x.shape[1] // self.layout.degree]
+            elif zero == "unrescaled":  # golden: the running result kept as it was when a block's lse is merged
+                ring_attention.merge = _unrescaled_merge
             elif zero == "checkpointed":  # what a long run turns on with SP: tiling inside checkpointed blocks
                 apply_tiling(model, mlp_chunks=3, loss_chunks=2)
                 apply_activation_checkpointing(model)
@@ -155,8 +181,8 @@ def check(degree: int, env):
                 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                   config=deepspeed_config(cfg, env.world_size, "cpu"))
             loss, clips, sp_grads = sequence_parallel(model, cfg, layout, engine)
-            SequenceSplit.own_heads = OWN_HEADS
-            name = f"{conditioning}-{({None: 'plain', 3: 'zero3', 'checkpointed': 'checkpointed'}).get(zero, 'golden-wrong-heads')}"
+            SequenceSplit.own_heads, ring_attention.merge = OWN_HEADS, MERGE
+            name = f"{conditioning}-{({None: 'plain', 3: 'zero3', 'checkpointed': 'checkpointed'}).get(zero, 'golden')}"
             results[name] = {
                 "loss": abs(loss - losses[layout.data_rank]) / abs(losses[layout.data_rank]),
                 "per_clip": relative(clips, per_clip[layout.data_rank]),

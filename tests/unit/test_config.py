@@ -35,6 +35,11 @@ TEXT_ONLY = ["model.frame_conditioning=false", "curriculum=demo"]  # the demo wi
     (["parallel.sequence=0"], "parallel.sequence"),
     (["parallel.sequence=3"], "parallel.sequence=3 does not divide model.heads=4"),
     (["parallel.sequence=4", "launcher.procs_per_node=2"], "does not divide the world size 2"),
+    (["parallel.ring=0"], "parallel.ring"),
+    (["parallel.sequence=4", "parallel.ring=3"], "parallel.sequence=4 is not a multiple of parallel.ring=3"),
+    (["parallel.sequence=4", "parallel.ulysses=2", "parallel.ring=4"], "is not parallel.ulysses x parallel.ring"),
+    (["parallel.ulysses=3", "parallel.ring=2"], "parallel.ulysses=3 does not divide model.heads=4"),
+    (["model.conditioning=joint", "parallel.ring=2", "launcher.procs_per_node=2"], "model.conditioning=joint"),
     (["model.mlp_chunks=0"], "model.mlp_chunks"),
 ])
 def test_bad_configs_are_rejected_naming_the_key(override, key):
@@ -90,11 +95,26 @@ def test_sequence_parallelism_is_checked_against_the_world_the_run_has():
     assert main(["--dry-run", "experiment=demo", "parallel.sequence=2"]) == 2  # a plain run is a world of one
 
 
+def test_the_degree_is_ulysses_times_ring_and_a_config_from_before_the_ring_keeps_its_meaning():
+    old = load_config(["experiment=demo", "parallel.sequence=2"], world_size=2).parallel
+    assert (old.sequence, old.ulysses, old.ring) == (2, 2, 1)
+    hybrid = load_config(["experiment=demo", "parallel.ulysses=2", "parallel.ring=2"], world_size=4).parallel
+    assert (hybrid.sequence, hybrid.ulysses, hybrid.ring) == (4, 2, 2)
+    split = load_config(["experiment=demo", "parallel.sequence=8", "parallel.ring=4"], world_size=8).parallel
+    assert (split.sequence, split.ulysses, split.ring) == (8, 2, 4)
+    # A ring takes any degree: 3 ranks for a model of 4 heads, which Ulysses alone refuses
+    assert load_config(["experiment=demo", "parallel.ulysses=1", "parallel.ring=3"], world_size=3).parallel.sequence == 3
+
+
 def test_the_minute_curriculum_validates_for_the_sizes_and_degrees_heads_allow():
     cfg = load_config(["model=7B", "curriculum=t2v_minute", "parallel.sequence=12", "launcher.nodes=3"])
     assert cfg.curriculum.stages[-1].token_budget == 1_299_600  # 361 latent frames x 3,600 tokens
     with pytest.raises(ConfigError, match="does not divide model.heads=12"):
         load_config(["model=1B", "curriculum=t2v_minute", "parallel.sequence=8"])
+    # The case: a 7B (24 heads) at N = 16 on two 8-GPU nodes, Ulysses 8 inside a node x a ring of 2 across
+    seven = load_config(["model=7B", "curriculum=t2v_minute", "parallel.ulysses=8", "parallel.ring=2",
+                         "launcher.nodes=2"]).parallel
+    assert (seven.sequence, seven.ulysses, seven.ring) == (16, 8, 2)
 
 
 @pytest.mark.parametrize("override, key", [
