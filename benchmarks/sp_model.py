@@ -9,6 +9,13 @@ around each attention an all-to-all trades that for all tokens of 1/N of the hea
 Each all-to-all moves (N-1)/N of a rank's share. Attention FLOPs (DESIGN.md's formula): 4 s^2 d forward per block,
 x3 with backward, +1 forward replayed under checkpointing, split over the N ranks. Matmul FLOPs: 2 x 14 d^2 per
 token forward (qkv+o 4 d^2, cross q+o 2 d^2, MLP 8 d^2), the same x3 +1.
+
+Ring attention and USP (`parallel.ulysses=U parallel.ring=R`, N = U x R; train/ring_attention.py): Ulysses inside
+a node over NVLink, the ring across nodes. After Ulysses' all-to-all a rank holds s/R tokens of H/U heads, s/N x d
+values a tensor. Each of the R - 1 ring steps sends the key and value block on (2 of s/N x d values) while the
+block in hand is attended: twice in forward (with the replay under checkpointing) and, in backward, the block with
+its key and value gradients (4): 8 x (s/N) x d x (R - 1) bytes/2 per block. The sends overlap the attention of
+the block in hand, so only what they take beyond it is exposed.
 """
 from __future__ import annotations
 
@@ -22,7 +29,12 @@ INFINIBAND = 400e9 / 8  # bytes/s per GPU: one 400 Gb/s NIC per GPU
 ALL_TO_ALL_EFFICIENCY = 0.7  # share of link bandwidth an all-to-all reaches (NCCL, large messages)
 BYTES = 2  # bf16
 
+RING_EFFICIENCY = 0.8  # share of link bandwidth large point-to-point sends reach
+GPUS_PER_NODE = 8
+
 MODELS = {"1B": (1536, 24, 12), "3B": (2304, 28, 18), "7B": (3072, 36, 24)}  # dim, depth, heads (conf/model)
+CONFIGS = {"1B": "1B", "3B": "3B", "7B": "7B", "Wan-14B": "wan_14B"}  # conf/model names
+HEADS = {"1B": 12, "3B": 18, "7B": 24, "Wan-14B": 40}
 TOKENS = [50_000, 100_000, 250_000, 500_000, 1_300_000]
 
 
@@ -45,6 +57,69 @@ def efficiency(dim: int, tokens: int, ranks: int, bandwidth: float) -> float:
 
 def ulysses_degrees(heads: int) -> List[int]:
     return [n for n in range(2, heads + 1) if heads % n == 0]
+
+
+def usp_degrees(heads: int, ranks: int) -> tuple:
+    """(Ulysses, ring) for N ranks: the largest Ulysses degree that divides the heads and N and stays inside one
+    node (NVLink), the rest as a ring."""
+    ulysses = max(u for u in range(1, min(ranks, GPUS_PER_NODE) + 1) if heads % u == 0 and ranks % u == 0)
+    return ulysses, ranks // ulysses
+
+
+def usp_efficiency(dim: int, tokens: int, ulysses: int, ring: int) -> float:
+    """Compute time / step time per block at Ulysses x ring: the all-to-alls on the critical path (NVLink inside a
+    node), the ring's sends exposed only beyond the attention they overlap (NVLink while the group fits one node,
+    InfiniBand past it)."""
+    ranks = ulysses * ring
+    block = per_block(dim, tokens, ranks)
+    attention = block["attention"] / (H100_BF16 * MFU)
+    compute = attention + block["matmul"] / (H100_BF16 * MFU)
+    all_to_all = 3 * 6 * (tokens / ranks) * dim * BYTES * (ulysses - 1) / ulysses / (NVLINK * ALL_TO_ALL_EFFICIENCY)
+    link = NVLINK if ranks <= GPUS_PER_NODE else INFINIBAND
+    sends = 8 * (tokens / ranks) * dim * BYTES * (ring - 1) / (link * RING_EFFICIENCY)
+    return compute / (compute + all_to_all + max(0.0, sends - attention))
+
+
+def table_usp(tokens: int = 1_300_000, degrees=(8, 16, 32), gib: float = 80.0) -> str:
+    """For a minute of 720p per group: the degrees to use at N = 8, 16, 32 (8-GPU nodes), what fits on 80 GB
+    (train.memory: ZeRO-3 over the group, bf16, checkpointing, MLP and head tiled in 8) and the efficiency."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conf.schema import load_config
+    from train.memory import estimate
+
+    lines = ["| model (heads) | " + " | ".join(f"N={n}" for n in degrees) + " |", "|---|" + "---|" * len(degrees)]
+    for name, config in CONFIGS.items():
+        cfg = load_config([f"model={config}", "curriculum=t2v_3stage", "zero.stage=3", "zero.precision=bf16",
+                           "model.activation_checkpointing=true", "model.mlp_chunks=8", "model.loss_chunks=8"],
+                          check=False)
+        cells = []
+        for n in degrees:
+            ulysses, ring = usp_degrees(HEADS[name], n)
+            total = estimate(cfg, world_size=n, token_budget=tokens, sequence=n, ring=ring).total / 2 ** 30
+            fits = "fits" if total <= 0.9 * gib else "does not fit"
+            cells.append(f"U={ulysses} x R={ring}: {total:.0f} GiB {fits}, "
+                         f"{usp_efficiency(cfg.model.dim, tokens, ulysses, ring):.1%}")
+        lines.append(f"| {name} ({HEADS[name]}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_ring_overlap(degrees=(2, 4, 8, 16)) -> str:
+    """Whether a ring's sends hide behind attention: attention time / send time per block, over InfiniBand (a ring
+    across nodes, Ulysses 8 inside each), 7B."""
+    dim = MODELS["7B"][0]
+    lines = ["| tokens | " + " | ".join(f"R={r}" for r in degrees) + " |", "|---|" + "---|" * len(degrees)]
+    for tokens in TOKENS:
+        cells = []
+        for ring in degrees:
+            ranks = 8 * ring
+            attention = per_block(dim, tokens, ranks)["attention"] / (H100_BF16 * MFU)
+            sends = 8 * (tokens / ranks) * dim * BYTES * (ring - 1) / (INFINIBAND * RING_EFFICIENCY)
+            cells.append(f"{attention / sends:.1f}x")
+        lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table_volume() -> str:
@@ -72,7 +147,8 @@ def table_heads() -> str:
     lines = ["| model | heads | Ulysses degrees N (N divides the heads) | N = 8, 16, 32 |", "|---|---|---|---|"]
     for name, (_, _, heads) in MODELS.items():
         degrees = ulysses_degrees(heads)
-        wanted = ", ".join(f"{n}: {'Ulysses' if n in degrees else 'needs ring or USP'}" for n in (8, 16, 32))
+        wanted = ", ".join(f"{n}: " + ("Ulysses" if n in degrees else "U={} x R={}".format(*usp_degrees(heads, n)))
+                           for n in (8, 16, 32))
         lines.append(f"| {name} | {heads} | {', '.join(map(str, degrees))} | {wanted} |")
     return "\n".join(lines)
 
@@ -135,6 +211,10 @@ def main() -> None:
     print(table_heads())
     print("\n### What fits on 80 GB GPUs (train.memory)\n")
     print(table_fits())
+    print("\n### Ring attention and USP: degrees, memory and efficiency for a minute of 720p (1.3M tokens)\n")
+    print(table_usp())
+    print("\n### Ring sends against the attention they overlap (7B, Ulysses 8 in a node, ring over InfiniBand)\n")
+    print(table_ring_overlap())
     print("\n### Weak scaling on paper: 7B, 40k tokens per GPU, SP = 8 within a node, ZeRO-2 across nodes\n")
     print(table_weak_scaling())
 

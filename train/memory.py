@@ -148,12 +148,16 @@ def frozen_encoders(model_cfg) -> Tuple[int, Tuple[str, ...]]:
 
 
 def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = None,
-             sequence: int = None) -> MemoryEstimate:
-    """`sequence`: the sequence-parallel degree N (docs/scaling.md; default parallel.sequence). The N ranks of a
-    group share one micro-batch of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model
-    states over all ranks. Ulysses adds one block's transient all-to-all buffers (q, k, v and the output:
-    4 x tokens/N x d values). Tiling: model.mlp_chunks = c keeps one chunk of an MLP's two (tokens x
+             sequence: int = None, ring: int = None) -> MemoryEstimate:
+    """`sequence`: the sequence-parallel degree N = Ulysses x ring (docs/scaling.md; default parallel.sequence),
+    `ring` its ring degree R (default parallel.ring, or 1 where `sequence` is given alone). The N ranks of a group
+    share one micro-batch of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model states
+    over all ranks. Ulysses (N / R > 1) adds one block's transient all-to-all buffers (q, k, v and the output:
+    4 x tokens/N x d values); a ring (R > 1) adds its blocks in flight, at the peak in backward: the key and value
+    block held and the one arriving, and their gradients travelling with them (8 x tokens/N x d values). Tiling: model.mlp_chunks = c keeps one chunk of an MLP's two (tokens x
     mlp_ratio d) activations at a time, model.loss_chunks likewise the output head's."""
+    if ring is None:
+        ring = cfg.parallel.ring if sequence is None else 1
     sequence = cfg.parallel.sequence if sequence is None else sequence
     stage = cfg.zero.stage
     n = max(1, world_size)
@@ -187,7 +191,8 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     head_values = HEAD_VALUES_PER_TOKEN * (1 - 1 / m.loss_chunks)
     outside = (OUTSIDE_BLOCKS_VALUES_PER_TOKEN - head_values) * m.dim * tokens + 20 * m.text.dim * text * max(1, m.text.depth)
     saved = (saved_blocks + outside) * value_bytes
-    all_to_all = 4 * m.dim * tokens if sequence > 1 else 0
+    all_to_all = 4 * m.dim * tokens if sequence // max(1, ring) > 1 else 0
+    all_to_all += 8 * m.dim * tokens if ring > 1 else 0  # the ring's blocks in flight
     ema = 4 * psi / n  # every run keeps one (train.ema_decay), partitioned like the fp32 master weights
     gathered = 0.0
     if stage >= 3:
@@ -232,19 +237,29 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--tokens", type=at_least(1, "a micro-batch's tokens"), default=None,
                         help="micro-batch tokens (default: largest stage budget)")
     parser.add_argument("--sequence", type=at_least(1, "the sequence-parallel degree"), default=None,
-                        help="sequence-parallel degree: N ranks share each micro-batch (docs/scaling.md); "
-                             "default parallel.sequence")
+                        help="sequence-parallel degree N = Ulysses x ring: N ranks share each micro-batch "
+                             "(docs/scaling.md); default parallel.sequence")
+    parser.add_argument("--ring", type=at_least(1, "the ring degree"), default=None,
+                        help="of N, the ring attention degree R (N / R is Ulysses'); default parallel.ring, or 1 "
+                             "with --sequence")
     args = parser.parse_args(argv)
     from conf.schema import load_config
 
     cfg = load_config(args.overrides, check=False)
+    cfg.parallel.check()  # the rest is not checked (a world other than the launcher's may be asked about)
     sequence = cfg.parallel.sequence if args.sequence is None else args.sequence
+    ring = (cfg.parallel.ring if args.sequence is None else 1) if args.ring is None else args.ring
+    if sequence % ring:
+        from conf.errors import UserError
+
+        raise UserError(f"--ring {ring} does not divide the sequence-parallel degree {sequence}")
     gib = gpu_memory_gib(args.gpu)
-    result = estimate(cfg, args.world_size, args.tokens, sequence=sequence)
+    result = estimate(cfg, args.world_size, args.tokens, sequence=sequence, ring=ring)
     frozen = f" and {result.frozen / 1e9:.2f}B frozen" if result.frozen else ""
     print(f"model {cfg.model.name}: {result.trainable / 1e9:.2f}B trainable{frozen} parameters; "
           f"ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, {args.world_size} GPUs"
-          f"{f' in sequence-parallel groups of {sequence}' if sequence > 1 else ''}, "
+          f"{f' in sequence-parallel groups of {sequence}' if sequence > 1 else ''}"
+          f"{f' (Ulysses {sequence // ring} x ring {ring})' if ring > 1 else ''}, "
           f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"
           f"{f', MLP in {cfg.model.mlp_chunks} chunks' if cfg.model.mlp_chunks > 1 else ''}"
           f"{f', head in {cfg.model.loss_chunks} chunks' if cfg.model.loss_chunks > 1 else ''}")

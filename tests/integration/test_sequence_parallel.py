@@ -19,7 +19,7 @@ GOLDEN_AT_LEAST = 1e-2  # a rank reading the wrong heads of the caption
 
 
 # A degree is Ulysses' alone ("4") or Ulysses x ring ("2x2"); with a ring the model has 6 heads, which neither 4
-# nor a ring of 4 divides, and the first clip straddles three ranks (sequence_parallel_check.py).
+# nor a ring of 4 divides, and the first clip straddles every rank of the ring of 4 (sequence_parallel_check.py).
 @pytest.mark.parametrize("processes, degrees", [(2, ("2", "1x2")), (4, ("4", "1x4", "2x2"))])
 def test_sequence_parallel_reproduces_one_process_loss_and_gradients(tmp_path, processes, degrees):
     out = tmp_path / "result.json"
@@ -148,19 +148,20 @@ def test_a_two_rank_sp_run_stops_resumes_and_continues_bit_exactly(two_rank_run,
     assert_exactly_once(interrupted)
 
 
-@pytest.mark.parametrize("first, then", [((2, 2), (1, 1)), ((2, 1), (2, 2))])
+@pytest.mark.parametrize("first, then", [((2, "parallel.sequence=2"), (1, "parallel.sequence=1")),
+                                         ((2, "parallel.sequence=1"), (2, "parallel.ring=2"))])
 def test_a_run_resumes_onto_another_world_size_or_degree_without_repeating_data(tiny_dataset, tmp_path, first, then):
-    """(processes, parallel.sequence) before and after the stop: the data plan is dealt out anew, each sample
-    still trained once per epoch, the new groups draw one noise, and the engine state loaded is the one saved."""
+    """(processes, the sequence-parallel degrees) before and after the stop: from Ulysses 2 onto 1 rank, and from
+    data parallelism onto a ring of 2. The data plan is dealt out anew, each sample still trained once per epoch,
+    the new groups draw one noise, and the engine state loaded is the one saved."""
     from tests.exactly_once import assert_exactly_once
     from tests.integration.test_training import assert_same_engine_state, probed
 
     run_dir = tmp_path / "relaid"
     common = ("data.chunk_samples=2",)
-    probed(run_dir, tiny_dataset, tmp_path / "first", *common, "train.stop_after_steps=3",
-           f"parallel.sequence={first[1]}", nproc=first[0])
-    result = probed(run_dir, tiny_dataset, tmp_path / "then", *common, "train.stop_after_steps=2",
-                    f"parallel.sequence={then[1]}", nproc=then[0])
+    probed(run_dir, tiny_dataset, tmp_path / "first", *common, "train.stop_after_steps=3", first[1], nproc=first[0])
+    result = probed(run_dir, tiny_dataset, tmp_path / "then", *common, "train.stop_after_steps=2", then[1],
+                    nproc=then[0])
     assert "resuming from" in result.stdout and "dealt out anew" in result.stdout
     assert_same_engine_state(tmp_path / "first.final.pt", tmp_path / "then.resumed.pt")
     records = _keys_by_step(run_dir)

@@ -101,6 +101,28 @@ def test_sequence_parallelism_divides_the_activations_not_the_states():
         estimate(cfg, world_size=12, sequence=8)
 
 
+def test_a_ring_counts_its_blocks_in_flight_and_a_7b_minute_fits_at_n16_as_ulysses_8_x_ring_2(capsys):
+    """A ring keeps the key and value block it attends and the one arriving, and in backward their gradients
+    (8 x tokens/N x d values); Ulysses' all-to-all buffers (4 x) only where its degree is over 1. The issue's case:
+    60 s of 720p on a 7B (24 heads: Ulysses alone cannot take N = 16) fits 16 H100s as Ulysses 8 x ring 2."""
+    import pytest
+
+    from train.memory import main
+
+    cfg = load_config(["model=7B", "curriculum=t2v_minute", "zero.precision=bf16", "zero.stage=3"])
+    tokens = 1_299_600
+    ulysses = estimate(cfg, world_size=16, token_budget=tokens, sequence=16)
+    hybrid = estimate(cfg, world_size=16, token_budget=tokens, sequence=16, ring=2)
+    ring = estimate(cfg, world_size=16, token_budget=tokens, sequence=16, ring=16)
+    per_value = cfg.model.dim * tokens / 16 * 2  # bf16
+    assert hybrid.activations - ulysses.activations == pytest.approx(8 * per_value)
+    assert ring.activations - ulysses.activations == pytest.approx(4 * per_value)  # no all-to-all left
+    assert main(["model=7B", "curriculum=t2v_minute", "zero.stage=3", "zero.precision=bf16", "parallel.ulysses=8",
+                 "parallel.ring=2", "--world-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "groups of 16 (Ulysses 8 x ring 2)" in out and out.rstrip().endswith("fits")
+
+
 def test_tiling_shrinks_what_one_block_rebuilds_and_what_the_head_keeps():
     import pytest
 
