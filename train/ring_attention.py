@@ -10,8 +10,9 @@ Backward runs the same ring: each rank recomputes each block's probabilities fro
 its queries' gradient, and sends the block's key and value gradients on with the block, so that after R steps
 they arrive back at the rank that owns those keys.
 
-A block's work is done per clip that both sides hold (`_overlaps`), with fp32 scores and sums: exact for the varlen
-layout at any block size, with no mask across clips. Attention is bidirectional within a clip, so a query's cost
+A block's work is done per clip that both sides hold (`_overlaps`), in tiles of queries and keys (`TILE`) with
+fp32 scores and sums: exact for the varlen layout at any block size, with no mask across clips, and bounded in
+memory at any clip length. Attention is bidirectional within a clip, so a query's cost
 is its clip's length wherever the keys are: `balanced_bounds` splits the ring by that cost, not by token count.
 """
 from __future__ import annotations
@@ -51,18 +52,32 @@ def _overlaps(cu: Sequence[int], q_range: Tuple[int, int], k_range: Tuple[int, i
     return out
 
 
-def block_forward(q, k, v, pairs, scale: float):
+# Queries and keys per tile of a block's work: the fp32 scores of one tile (heads x TILE x TILE) are all that is
+# held at once, whatever the clip's length (a minute-long clip's stretch is hundreds of thousands of tokens).
+TILE = 2048
+
+
+def _tiles(start: int, end: int, size: int):
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
+
+
+def block_forward(q, k, v, pairs, scale: float, tile: int = None):
     """One block's attention for the clips in `pairs`: (out (n, H, D) fp32 normalised within the block, lse (n, H)
-    fp32; -inf where a query has no key in the block)."""
+    fp32; -inf where a query has no key in the block). Tile by tile, merged by the log-sum-exp."""
+    tile = tile or TILE
     n, heads, _ = q.shape
     out = torch.zeros(n, heads, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((n, heads), float("-inf"), dtype=torch.float32, device=q.device)
     for qa, qb, ka, kb in pairs:
-        scores = torch.einsum("qhd,khd->hqk", q[qa:qb].float(), k[ka:kb].float()) * scale
-        block_lse = torch.logsumexp(scores, dim=-1)  # (H, q)
-        probs = torch.exp(scores - block_lse[..., None])
-        out[qa:qb] = torch.einsum("hqk,khd->qhd", probs, v[ka:kb].float())
-        lse[qa:qb] = block_lse.transpose(0, 1)
+        for ta, tb in _tiles(qa, qb, tile):
+            tile_out, tile_lse = out[ta:tb], lse[ta:tb]
+            for ua, ub in _tiles(ka, kb, tile):
+                scores = torch.einsum("qhd,khd->hqk", q[ta:tb].float(), k[ua:ub].float()) * scale
+                part_lse = torch.logsumexp(scores, dim=-1)  # (H, q)
+                probs = torch.exp(scores - part_lse[..., None])
+                part_out = torch.einsum("hqk,khd->qhd", probs, v[ua:ub].float())
+                tile_out, tile_lse = merge(tile_out, tile_lse, part_out, part_lse.transpose(0, 1))
+            out[ta:tb], lse[ta:tb] = tile_out, tile_lse
     return out, lse
 
 
@@ -75,20 +90,23 @@ def merge(out, lse, block_out, block_lse):
     return out * keep[..., None] + block_out * take[..., None], new
 
 
-def block_backward(q, k, v, grad_out, lse, delta, pairs, scale: float):
-    """Gradients of one block from the final lse: (dq, dk, dv) fp32, the block's share of each."""
+def block_backward(q, k, v, grad_out, lse, delta, pairs, scale: float, tile: int = None):
+    """Gradients of one block from the final lse: (dq, dk, dv) fp32, the block's share of each, tile by tile."""
+    tile = tile or TILE
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     for qa, qb, ka, kb in pairs:
-        qf, kf, vf, go = q[qa:qb].float(), k[ka:kb].float(), v[ka:kb].float(), grad_out[qa:qb].float()
-        scores = torch.einsum("qhd,khd->hqk", qf, kf) * scale
-        probs = torch.exp(scores - lse[qa:qb].transpose(0, 1)[..., None])
-        dv[ka:kb] += torch.einsum("hqk,qhd->khd", probs, go)
-        dprobs = torch.einsum("qhd,khd->hqk", go, vf)
-        dscores = probs * (dprobs - delta[qa:qb].transpose(0, 1)[..., None])
-        dq[qa:qb] += torch.einsum("hqk,khd->qhd", dscores, kf) * scale
-        dk[ka:kb] += torch.einsum("hqk,qhd->khd", dscores, qf) * scale
+        for ta, tb in _tiles(qa, qb, tile):
+            qf, go = q[ta:tb].float(), grad_out[ta:tb].float()
+            rows_lse, rows_delta = lse[ta:tb].transpose(0, 1)[..., None], delta[ta:tb].transpose(0, 1)[..., None]
+            for ua, ub in _tiles(ka, kb, tile):
+                kf, vf = k[ua:ub].float(), v[ua:ub].float()
+                probs = torch.exp(torch.einsum("qhd,khd->hqk", qf, kf) * scale - rows_lse)
+                dv[ua:ub] += torch.einsum("hqk,qhd->khd", probs, go)
+                dscores = probs * (torch.einsum("qhd,khd->hqk", go, vf) - rows_delta)
+                dq[ta:tb] += torch.einsum("hqk,khd->qhd", dscores, kf) * scale
+                dk[ua:ub] += torch.einsum("hqk,qhd->khd", dscores, qf) * scale
     return dq, dk, dv
 
 
@@ -161,9 +179,10 @@ class _RingAttention(torch.autograd.Function):
             dq += bq
             dk, dv = (bk, bv) if dk is None else (dk + bk, dv + bv)
             # The block's key and value gradients travel with it; the last pass brings them home.
-            grads, requests = ring.shift((dk, dv), source, tag=1)
-            _wait(requests)
-            dk, dv = grads
+            if ring.size > 1:
+                grads, requests = ring.shift((dk, dv), source, tag=1)
+                _wait(requests)
+                dk, dv = grads
             if pending is not None:
                 _wait(pending[1])
                 block, source = tuple(pending[0]), (source - 1) % ring.size
