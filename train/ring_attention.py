@@ -17,6 +17,9 @@ is its clip's length wherever the keys are: `balanced_bounds` splits the ring by
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -27,23 +30,35 @@ def balanced_bounds(lengths: Sequence[int], parts: int, dim: int) -> List[int]:
     """Token offsets (parts + 1) splitting packed clips of `lengths` into contiguous stretches of equal work. A
     token's work: its attention (scores and the weighted sum: 4 x its clip's length x the width, in any layout) and
     everything else a block does per token (projections and the MLP: about 24 x width^2), so the cost of a token of
-    a clip of length L is proportional to L + 6 x dim. With one clip, the split is even."""
-    total = sum(lengths)
-    cost = torch.cat([torch.full((n,), float(n + 6 * dim), dtype=torch.float64) for n in lengths]) \
-        if total else torch.zeros(0, dtype=torch.float64)
-    cumulative = torch.cumsum(cost, 0)
-    targets = cumulative[-1] * torch.arange(1, parts, dtype=torch.float64) / parts if total else torch.zeros(parts - 1)
-    inner = torch.searchsorted(cumulative, targets).tolist() if total else [0] * (parts - 1)
-    bounds = [0] + [min(total, int(i) + 1) for i in inner] + [total]
-    for i in range(1, len(bounds)):  # monotone even where one token's cost spans several targets
-        bounds[i] = max(bounds[i], bounds[i - 1])
-    return bounds
+    a clip of length L is proportional to L + 6 x dim. With one clip, the split is even. O(clips x log clips): a
+    token's cost is its clip's, so each cut is found among the clips, then within one."""
+    starts = [0] + list(itertools.accumulate(lengths))
+    costs = [float(n + 6 * dim) for n in lengths]
+    before = [0.0] + list(itertools.accumulate(n * c for n, c in zip(lengths, costs)))  # cost before each clip
+    bounds = [0]
+    for part in range(1, parts):
+        target = before[-1] * part / parts
+        clip = min(max(bisect.bisect_right(before, target) - 1, 0), len(lengths) - 1) if lengths else 0
+        if not lengths:
+            bounds.append(0)
+            continue
+        inside = math.ceil((target - before[clip]) / costs[clip] - 1e-9)  # tokens of `clip` before the cut
+        bounds.append(max(bounds[-1], min(starts[clip] + max(inside, 0), starts[-1])))
+    return bounds + [starts[-1]]
+
+
+def clips_between(cu: Sequence[int], start: int, end: int) -> range:
+    """The clips (indices into cu's offsets) that tokens [start, end) touch; O(log clips)."""
+    if start >= end:
+        return range(0)
+    return range(bisect.bisect_right(cu, start) - 1, bisect.bisect_left(cu, end))
 
 
 def _overlaps(cu: Sequence[int], q_range: Tuple[int, int], k_range: Tuple[int, int]):
     """For each clip that both token ranges touch: (q start, q end, k start, k end), local to each range."""
     out = []
-    for c in range(len(cu) - 1):
+    queries, keys = clips_between(cu, *q_range), clips_between(cu, *k_range)
+    for c in range(max(queries.start, keys.start), min(queries.stop, keys.stop)):
         lo, hi = cu[c], cu[c + 1]
         qa, qb = max(lo, q_range[0]), min(hi, q_range[1])
         ka, kb = max(lo, k_range[0]), min(hi, k_range[1])

@@ -27,7 +27,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from torch import nn
 from models.dit import DiTBlock, JointBlock
 from models.wan import WanBlock
 from train import collectives
-from train.ring_attention import Ring, balanced_bounds, ring_attention
+from train.ring_attention import Ring, balanced_bounds, clips_between, ring_attention
 
 
 @dataclass
@@ -136,18 +136,22 @@ class SequenceSplit:
         self.layout, self.dim = layout, dim
         self.total: Optional[int] = None
         self.lengths: Optional[List[int]] = None
+        self._planned: Tuple = (None, None)  # (key, bounds): every layer of a forward asks for the same cut
 
     def bounds(self, total: int) -> List[int]:
         """Each member's first token, and the end (degree + 1 offsets, member order)."""
         layout = self.layout
         if layout.ring == 1 or self.lengths is None or sum(self.lengths) != total:
             return [0] + list(itertools.accumulate(shares(total, layout.degree)))
-        stretches = balanced_bounds(self.lengths, layout.ring, self.dim)
-        out = [0]
-        for r in range(layout.ring):
-            out += list(itertools.accumulate(shares(stretches[r + 1] - stretches[r], layout.ulysses),
-                                             initial=stretches[r]))[1:]
-        return out
+        key = (total, tuple(self.lengths))
+        if self._planned[0] != key:
+            stretches = balanced_bounds(self.lengths, layout.ring, self.dim)
+            out = [0]
+            for r in range(layout.ring):
+                out += list(itertools.accumulate(shares(stretches[r + 1] - stretches[r], layout.ulysses),
+                                                 initial=stretches[r]))[1:]
+            self._planned = (key, out)
+        return self._planned[1]
 
     @property
     def shares(self) -> List[int]:
@@ -304,8 +308,7 @@ class SequenceParallelAttention(nn.Module):
         """Cross-attention of this ring stretch's queries to the captions (or images) of the clips it holds."""
         ring = self.split.ring()
         start, end = ring.stretch(ring.index)
-        pieces = [(c, min(end, ring.cu[c + 1]) - max(start, ring.cu[c])) for c in range(len(ring.cu) - 1)
-                  if ring.cu[c] < end and ring.cu[c + 1] > start]
+        pieces = [(c, min(end, ring.cu[c + 1]) - max(start, ring.cu[c])) for c in clips_between(ring.cu, start, end)]
         if not pieces:
             return q.new_zeros(q.shape)
         first, last = pieces[0][0], pieces[-1][0]
