@@ -295,28 +295,36 @@ class SequenceParallelAttention(nn.Module):
         ringed = self.split.layout.ring > 1
         if self.kv_sharded:
             q, k, v = to_heads(self.split, q, k, v)
-            out = ring_attention(q, k, v, self.split.ring()) if ringed else \
+            out = ring_self_attention(self.split, q, k, v) if ringed else \
                 self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         else:
             (q,) = to_heads(self.split, q)
             k, v = self.split.own_heads(k), self.split.own_heads(v)
-            out = self._stretch_cross(q, k, v, cu_seqlens_k) if ringed else \
+            out = stretch_cross_attention(self.split, self.inner, q, k, v, cu_seqlens_k) if ringed else \
                 self.inner(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
         return to_sequence(self.split, out)
 
-    def _stretch_cross(self, q, k, v, cu_seqlens_k):
-        """Cross-attention of this ring stretch's queries to the captions (or images) of the clips it holds."""
-        ring = self.split.ring()
-        start, end = ring.stretch(ring.index)
-        pieces = [(c, min(end, ring.cu[c + 1]) - max(start, ring.cu[c])) for c in clips_between(ring.cu, start, end)]
-        if not pieces:
-            return q.new_zeros(q.shape)
-        first, last = pieces[0][0], pieces[-1][0]
-        context = cu_seqlens_k.tolist()[first:last + 2]
-        cu_q = torch.tensor([0] + list(itertools.accumulate(n for _, n in pieces)), dtype=torch.int32, device=q.device)
-        cu_k = torch.tensor([c - context[0] for c in context], dtype=torch.int32, device=q.device)
-        return self.inner(q, k[context[0]:context[-1]], v[context[0]:context[-1]], cu_q, cu_k,
-                          max(n for _, n in pieces), max(b - a for a, b in zip(context, context[1:])))
+
+# The ring's plan is host-side Python (the cut, bisection over the clips): compiled blocks break here, not inside it.
+@torch.compiler.disable
+def ring_self_attention(split: SequenceSplit, q, k, v) -> torch.Tensor:
+    return ring_attention(q, k, v, split.ring())
+
+
+@torch.compiler.disable
+def stretch_cross_attention(split: SequenceSplit, inner: nn.Module, q, k, v, cu_seqlens_k) -> torch.Tensor:
+    """Cross-attention of this ring stretch's queries to the captions (or images) of the clips it holds."""
+    ring = split.ring()
+    start, end = ring.stretch(ring.index)
+    pieces = [(c, min(end, ring.cu[c + 1]) - max(start, ring.cu[c])) for c in clips_between(ring.cu, start, end)]
+    if not pieces:
+        return q.new_zeros(q.shape)
+    first, last = pieces[0][0], pieces[-1][0]
+    context = cu_seqlens_k.tolist()[first:last + 2]
+    cu_q = torch.tensor([0] + list(itertools.accumulate(n for _, n in pieces)), dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([c - context[0] for c in context], dtype=torch.int32, device=q.device)
+    return inner(q, k[context[0]:context[-1]], v[context[0]:context[-1]], cu_q, cu_k,
+                 max(n for _, n in pieces), max(b - a for a, b in zip(context, context[1:])))
 
 
 class SequenceParallelJointAttention(nn.Module):

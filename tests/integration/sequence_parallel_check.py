@@ -162,8 +162,10 @@ def check(ulysses: int, ring: int, env):
                 p.add_(torch.randn_like(p) * 0.05)
         losses, per_clip, grads = reference(copy.deepcopy(base), cfg, layout.data_world)
         results[f"{conditioning}-zero-gradients"] = sorted(k for k, g in grads.items() if not g.abs().max() > 0)
+        # With a ring, ZeRO-3 is left to the end-to-end ring run (test_sequence_parallel.py): it partitions the
+        # parameters the same whatever splits the sequence, and each case here costs an engine's start.
         golden = "wrong heads" if ring == 1 else "unrescaled"
-        for zero in (None, 3, "checkpointed", golden):
+        for zero in (None, 3, "checkpointed", golden) if ring == 1 else (None, "checkpointed", golden):
             model = copy.deepcopy(base)
             apply_sequence_parallel(model, layout)  # first, as train/parallelize.py orders it
             engine = None
