@@ -154,8 +154,9 @@ def estimate(cfg, world_size: int, token_budget: int = None, text_tokens: int = 
     share one micro-batch of `token_budget` tokens, each holding 1/N of them; ZeRO still shards the model states
     over all ranks. Ulysses (N / R > 1) adds one block's transient all-to-all buffers (q, k, v and the output:
     4 x tokens/N x d values); a ring (R > 1) adds its blocks in flight, at the peak in backward: the key and value
-    block held and the one arriving, and their gradients travelling with them (8 x tokens/N x d values). Tiling: model.mlp_chunks = c keeps one chunk of an MLP's two (tokens x
-    mlp_ratio d) activations at a time, model.loss_chunks likewise the output head's."""
+    block held and the one arriving, and their gradients travelling with them (8 x tokens/N x d values).
+    Tiling: model.mlp_chunks = c keeps one chunk of an MLP's two (tokens x mlp_ratio d) activations at a time,
+    model.loss_chunks likewise the output head's."""
     if ring is None:
         ring = cfg.parallel.ring if sequence is None else 1
     sequence = cfg.parallel.sequence if sequence is None else sequence

@@ -108,11 +108,11 @@ def sequence_layout(degree: int, rank: int, world_size: int, ring: int = 1) -> S
     for first in range(0, world_size, degree):
         members = list(range(first, first + degree))
         found[tuple(members)] = dist.new_group(members)
-        if ring > 1 and ulysses > 1:
-            for r in range(ring):
-                found[tuple(members[r * ulysses:(r + 1) * ulysses])] = dist.new_group(members[r * ulysses:(r + 1) * ulysses])
-            for u in range(ulysses):
-                found[tuple(members[u::ulysses])] = dist.new_group(members[u::ulysses])
+        if ring > 1 and ulysses > 1:  # a ring alone, or Ulysses alone, is the group itself
+            subgroups = [members[r * ulysses:(r + 1) * ulysses] for r in range(ring)]  # Ulysses: inside a node
+            subgroups += [members[u::ulysses] for u in range(ulysses)]  # rings: across the Ulysses groups
+            for ranks in subgroups:
+                found[tuple(ranks)] = dist.new_group(ranks)
     group = found[tuple(range(layout.leader, layout.leader + degree))]
     layout = dataclasses.replace(layout, group=group)
     ulysses_members = tuple(layout.leader + layout.ring_member * ulysses + u for u in range(ulysses))

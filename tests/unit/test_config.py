@@ -103,7 +103,8 @@ def test_the_degree_is_ulysses_times_ring_and_a_config_from_before_the_ring_keep
     split = load_config(["experiment=demo", "parallel.sequence=8", "parallel.ring=4"], world_size=8).parallel
     assert (split.sequence, split.ulysses, split.ring) == (8, 2, 4)
     # A ring takes any degree: 3 ranks for a model of 4 heads, which Ulysses alone refuses
-    assert load_config(["experiment=demo", "parallel.ulysses=1", "parallel.ring=3"], world_size=3).parallel.sequence == 3
+    ring_of_three = load_config(["experiment=demo", "parallel.ulysses=1", "parallel.ring=3"], world_size=3)
+    assert ring_of_three.parallel.sequence == 3
 
 
 def test_the_minute_curriculum_validates_for_the_sizes_and_degrees_heads_allow():
