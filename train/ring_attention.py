@@ -33,15 +33,14 @@ def balanced_bounds(lengths: Sequence[int], parts: int, dim: int) -> List[int]:
     a clip of length L is proportional to L + 6 x dim. With one clip, the split is even. O(clips x log clips): a
     token's cost is its clip's, so each cut is found among the clips, then within one."""
     starts = [0] + list(itertools.accumulate(lengths))
+    if not lengths:
+        return [0] * (parts + 1)
     costs = [float(n + 6 * dim) for n in lengths]
     before = [0.0] + list(itertools.accumulate(n * c for n, c in zip(lengths, costs)))  # cost before each clip
     bounds = [0]
     for part in range(1, parts):
         target = before[-1] * part / parts
-        clip = min(max(bisect.bisect_right(before, target) - 1, 0), len(lengths) - 1) if lengths else 0
-        if not lengths:
-            bounds.append(0)
-            continue
+        clip = min(max(bisect.bisect_right(before, target) - 1, 0), len(lengths) - 1)
         inside = math.ceil((target - before[clip]) / costs[clip] - 1e-9)  # tokens of `clip` before the cut
         bounds.append(max(bounds[-1], min(starts[clip] + max(inside, 0), starts[-1])))
     return bounds + [starts[-1]]
@@ -162,19 +161,26 @@ def _wait(requests) -> None:
         request.wait()
 
 
+def _around(ring: Ring, block):
+    """Every member's block in ring order, this rank's own first: (block, its member). While the caller works on
+    one, the next is on its way from the previous rank."""
+    source = ring.index
+    for step in range(ring.size):
+        pending = ring.shift(block, source) if step < ring.size - 1 else None
+        yield block, source
+        if pending is not None:
+            _wait(pending[1])
+            block, source = tuple(pending[0]), (source - 1) % ring.size
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring):
         scale = q.shape[-1] ** -0.5
         out = lse = None
-        block, source = (k, v), ring.index
-        for step in range(ring.size):
-            pending = ring.shift(block, source) if step < ring.size - 1 else None
+        for block, source in _around(ring, (k, v)):
             block_out, block_lse = block_forward(q, *block, ring.pairs(source), scale)
             out, lse = (block_out, block_lse) if out is None else merge(out, lse, block_out, block_lse)
-            if pending is not None:
-                _wait(pending[1])
-                block, source = tuple(pending[0]), (source - 1) % ring.size
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale = ring, scale
@@ -186,10 +192,8 @@ class _RingAttention(torch.autograd.Function):
         ring, scale = ctx.ring, ctx.scale
         delta = (grad_out.float() * out.float()).sum(-1)  # (n, H): rowsum(dO * O)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        block, source = (k, v), ring.index
         dk = dv = None
-        for step in range(ring.size):
-            pending = ring.shift(block, source) if step < ring.size - 1 else None
+        for block, source in _around(ring, (k, v)):
             bq, bk, bv = block_backward(q, *block, grad_out, lse, delta, ring.pairs(source), scale)
             dq += bq
             dk, dv = (bk, bv) if dk is None else (dk + bk, dv + bv)
@@ -198,9 +202,6 @@ class _RingAttention(torch.autograd.Function):
                 grads, requests = ring.shift((dk, dv), source, tag=1)
                 _wait(requests)
                 dk, dv = grads
-            if pending is not None:
-                _wait(pending[1])
-                block, source = tuple(pending[0]), (source - 1) % ring.size
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -27,7 +27,7 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,8 +78,12 @@ class SequenceLayout:
         return self.member // self.ulysses
 
     @property
-    def ring_ranks(self) -> List[int]:
+    def ring_ranks(self) -> List[int]:  # the global ranks of this rank's ring, in ring order
         return [self.leader + r * self.ulysses + self.head_member for r in range(self.ring)]
+
+    @property
+    def ulysses_ranks(self) -> List[int]:  # the global ranks of this rank's Ulysses group
+        return [self.leader + self.ring_member * self.ulysses + u for u in range(self.ulysses)]
 
     @property
     def leader(self) -> int:  # the global rank of the group's first member
@@ -115,8 +119,7 @@ def sequence_layout(degree: int, rank: int, world_size: int, ring: int = 1) -> S
                 found[tuple(ranks)] = dist.new_group(ranks)
     group = found[tuple(range(layout.leader, layout.leader + degree))]
     layout = dataclasses.replace(layout, group=group)
-    ulysses_members = tuple(layout.leader + layout.ring_member * ulysses + u for u in range(ulysses))
-    return dataclasses.replace(layout, ulysses_group=found.get(ulysses_members, group),
+    return dataclasses.replace(layout, ulysses_group=found.get(tuple(layout.ulysses_ranks), group),
                                ring_group=found.get(tuple(layout.ring_ranks), group))
 
 
@@ -130,28 +133,29 @@ class SequenceSplit:
     forward (activation checkpointing's recompute sees the same one). Without a ring, each member computes a
     contiguous, even share. With one, the ring's stretches are cut by attention cost (ring_attention.balanced_bounds:
     packed clips of very different lengths would otherwise give some ranks far more work), and each stretch is
-    shared evenly by its Ulysses group; `lengths` (the clips' tokens, set before each forward) says where."""
+    shared evenly by its Ulysses group; `plan` (the clips' tokens, before each forward) says where."""
 
     def __init__(self, layout: SequenceLayout, dim: int = 0):
         self.layout, self.dim = layout, dim
         self.total: Optional[int] = None
-        self.lengths: Optional[List[int]] = None
-        self._planned: Tuple = (None, None)  # (key, bounds): every layer of a forward asks for the same cut
+        self.cu: Optional[List[int]] = None  # with a ring: the current micro-batch's clip offsets (`plan`)
+        self._ring_bounds: Optional[List[int]] = None
+
+    def plan(self, lengths: Sequence[int]) -> None:
+        """With a ring, before each forward: the clips' tokens, and the cut they make (once for every layer)."""
+        layout = self.layout
+        self.cu = [0] + list(itertools.accumulate(lengths))
+        stretches = balanced_bounds(lengths, layout.ring, self.dim)
+        self._ring_bounds = [0]
+        for r in range(layout.ring):
+            self._ring_bounds += list(itertools.accumulate(shares(stretches[r + 1] - stretches[r], layout.ulysses),
+                                                           initial=stretches[r]))[1:]
 
     def bounds(self, total: int) -> List[int]:
         """Each member's first token, and the end (degree + 1 offsets, member order)."""
-        layout = self.layout
-        if layout.ring == 1 or self.lengths is None or sum(self.lengths) != total:
-            return [0] + list(itertools.accumulate(shares(total, layout.degree)))
-        key = (total, tuple(self.lengths))
-        if self._planned[0] != key:
-            stretches = balanced_bounds(self.lengths, layout.ring, self.dim)
-            out = [0]
-            for r in range(layout.ring):
-                out += list(itertools.accumulate(shares(stretches[r + 1] - stretches[r], layout.ulysses),
-                                                 initial=stretches[r]))[1:]
-            self._planned = (key, out)
-        return self._planned[1]
+        if self.layout.ring == 1 or self.cu is None or self.cu[-1] != total:
+            return [0] + list(itertools.accumulate(shares(total, self.layout.degree)))
+        return self._ring_bounds
 
     @property
     def shares(self) -> List[int]:
@@ -167,9 +171,8 @@ class SequenceSplit:
     def ring(self) -> Ring:
         """This rank's ring over the current micro-batch: each member's stretch and the clips' offsets."""
         layout = self.layout
-        bounds = self.bounds(self.total)[::layout.ulysses]
-        cu = [0] + list(itertools.accumulate(self.lengths))
-        return Ring(layout.ring_ranks, layout.ring_member, layout.ring_group, bounds, cu)
+        return Ring(layout.ring_ranks, layout.ring_member, layout.ring_group, self.bounds(self.total)[::layout.ulysses],
+                    self.cu)
 
     def local(self, per_token: torch.Tensor) -> torch.Tensor:
         """This rank's share of a per-token tensor of the whole micro-batch."""
@@ -351,7 +354,7 @@ def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> Sequenc
     split = SequenceSplit(layout, dit.cfg.dim)
     dit.sequence = SequenceShare(split)
     if layout.ring > 1:  # the ring's cut needs each clip's length before the first per-token tensor is split
-        dit.register_forward_pre_hook(functools.partial(_record_lengths, split))
+        dit.register_forward_pre_hook(functools.partial(_plan_split, split))
     for block in dit.blocks:
         if isinstance(block, DiTBlock):
             block.attn.core = SequenceParallelAttention(block.attn.core, split, kv_sharded=True)
@@ -369,8 +372,8 @@ def apply_sequence_parallel(model: nn.Module, layout: SequenceLayout) -> Sequenc
     return split
 
 
-def _record_lengths(split: SequenceSplit, dit: nn.Module, args) -> None:
-    split.lengths = [math.prod(dit.grid(x.shape)) for x in args[0]]
+def _plan_split(split: SequenceSplit, dit: nn.Module, args) -> None:
+    split.plan([math.prod(dit.grid(x.shape)) for x in args[0]])
 
 
 # -- the trainer's side -------------------------------------------------------------------------------------
