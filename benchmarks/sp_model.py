@@ -34,7 +34,7 @@ GPUS_PER_NODE = 8
 
 MODELS = {"1B": (1536, 24, 12), "3B": (2304, 28, 18), "7B": (3072, 36, 24)}  # dim, depth, heads (conf/model)
 CONFIGS = {"1B": "1B", "3B": "3B", "7B": "7B", "Wan-14B": "wan_14B"}  # conf/model names
-HEADS = {"1B": 12, "3B": 18, "7B": 24, "Wan-14B": 40}
+HEADS = {**{name: heads for name, (_, _, heads) in MODELS.items()}, "Wan-14B": 40}
 TOKENS = [50_000, 100_000, 250_000, 500_000, 1_300_000]
 
 
@@ -66,6 +66,11 @@ def usp_degrees(heads: int, ranks: int) -> tuple:
     return ulysses, ranks // ulysses
 
 
+def ring_send_bytes(dim: int, tokens: int, ranks: int, ring: int) -> float:
+    """What one rank's ring sends per block and training step (the module's docstring)."""
+    return 8 * (tokens / ranks) * dim * BYTES * (ring - 1)
+
+
 def usp_efficiency(dim: int, tokens: int, ulysses: int, ring: int) -> float:
     """Compute time / step time per block at Ulysses x ring: the all-to-alls on the critical path (NVLink inside a
     node), the ring's sends exposed only beyond the attention they overlap (NVLink while the group fits one node,
@@ -76,7 +81,7 @@ def usp_efficiency(dim: int, tokens: int, ulysses: int, ring: int) -> float:
     compute = attention + block["matmul"] / (H100_BF16 * MFU)
     all_to_all = 3 * 6 * (tokens / ranks) * dim * BYTES * (ulysses - 1) / ulysses / (NVLINK * ALL_TO_ALL_EFFICIENCY)
     link = NVLINK if ranks <= GPUS_PER_NODE else INFINIBAND
-    sends = 8 * (tokens / ranks) * dim * BYTES * (ring - 1) / (link * RING_EFFICIENCY)
+    sends = ring_send_bytes(dim, tokens, ranks, ring) / (link * RING_EFFICIENCY)
     return compute / (compute + all_to_all + max(0.0, sends - attention))
 
 
@@ -116,7 +121,7 @@ def table_ring_overlap(degrees=(2, 4, 8, 16)) -> str:
         for ring in degrees:
             ranks = 8 * ring
             attention = per_block(dim, tokens, ranks)["attention"] / (H100_BF16 * MFU)
-            sends = 8 * (tokens / ranks) * dim * BYTES * (ring - 1) / (INFINIBAND * RING_EFFICIENCY)
+            sends = ring_send_bytes(dim, tokens, ranks, ring) / (INFINIBAND * RING_EFFICIENCY)
             cells.append(f"{attention / sends:.1f}x")
         lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
