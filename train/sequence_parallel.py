@@ -140,11 +140,13 @@ class SequenceSplit:
         self.total: Optional[int] = None
         self.cu: Optional[List[int]] = None  # with a ring: the current micro-batch's clip offsets (`plan`)
         self._ring_bounds: Optional[List[int]] = None
+        self._host_offsets: dict = {}  # with a ring: the contexts' cu_seqlens on the host, read once a forward
 
     def plan(self, lengths: Sequence[int]) -> None:
         """With a ring, before each forward: the clips' tokens, and the cut they make (once for every layer)."""
         layout = self.layout
         self.cu = [0] + list(itertools.accumulate(lengths))
+        self._host_offsets = {}
         stretches = balanced_bounds(lengths, layout.ring, self.dim)
         self._ring_bounds = [0]
         for r in range(layout.ring):
@@ -167,6 +169,15 @@ class SequenceSplit:
         """The tokens of each member of this rank's Ulysses group: what its all-to-alls trade."""
         u, r = self.layout.ulysses, self.layout.ring_member
         return self.shares[r * u:(r + 1) * u]
+
+    def host_offsets(self, cu_seqlens: torch.Tensor) -> List[int]:
+        """A cross-attention context's clip offsets (its cu_seqlens) on the host. Every block's cross-attention
+        reads the same tensor (the caption's; Wan I2V's images have their own): the device is synced once a forward
+        for each, not once a layer. `plan` forgets them; activation checkpointing's recompute reuses them."""
+        key = (cu_seqlens.data_ptr(), cu_seqlens.numel())
+        if key not in self._host_offsets:
+            self._host_offsets[key] = cu_seqlens.tolist()
+        return self._host_offsets[key]
 
     def ring(self) -> Ring:
         """This rank's ring over the current micro-batch: each member's stretch and the clips' offsets."""
@@ -323,7 +334,7 @@ def stretch_cross_attention(split: SequenceSplit, inner: nn.Module, q, k, v, cu_
     if not pieces:
         return q.new_zeros(q.shape)
     first, last = pieces[0][0], pieces[-1][0]
-    context = cu_seqlens_k.tolist()[first:last + 2]
+    context = split.host_offsets(cu_seqlens_k)[first:last + 2]
     cu_q = torch.tensor([0] + list(itertools.accumulate(n for _, n in pieces)), dtype=torch.int32, device=q.device)
     cu_k = torch.tensor([c - context[0] for c in context], dtype=torch.int32, device=q.device)
     return inner(q, k[context[0]:context[-1]], v[context[0]:context[-1]], cu_q, cu_k,
