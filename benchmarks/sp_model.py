@@ -38,12 +38,18 @@ HEADS = {**{name: heads for name, (_, _, heads) in MODELS.items()}, "Wan-14B": 4
 TOKENS = [50_000, 100_000, 250_000, 500_000, 1_300_000]
 
 
+def all_to_all_bytes(dim: int, tokens: int, ranks: int, group: int) -> float:
+    """What one rank's all-to-alls move per block and training step (3 x 6 of its share, tokens / ranks, as the
+    module's docstring counts them), each traded within a Ulysses group of `group`."""
+    return 3 * 6 * (tokens / ranks) * dim * BYTES * (group - 1) / group
+
+
 def per_block(dim: int, tokens: int, ranks: int) -> Dict[str, float]:
     """FLOPs and all-to-all bytes of one block for one rank, one training step, with checkpointing."""
     passes = 4  # forward, backward (x2), the forward replayed under checkpointing
     attention = passes * 4 * tokens ** 2 * dim / ranks
     matmul = passes * 2 * 14 * dim ** 2 * tokens / ranks
-    all_to_all = 3 * 6 * (tokens / ranks) * dim * BYTES * (ranks - 1) / ranks
+    all_to_all = all_to_all_bytes(dim, tokens, ranks, ranks)
     return {"attention": attention, "matmul": matmul, "all_to_all": all_to_all}
 
 
@@ -79,7 +85,7 @@ def usp_efficiency(dim: int, tokens: int, ulysses: int, ring: int) -> float:
     block = per_block(dim, tokens, ranks)
     attention = block["attention"] / (H100_BF16 * MFU)
     compute = attention + block["matmul"] / (H100_BF16 * MFU)
-    all_to_all = 3 * 6 * (tokens / ranks) * dim * BYTES * (ulysses - 1) / ulysses / (NVLINK * ALL_TO_ALL_EFFICIENCY)
+    all_to_all = all_to_all_bytes(dim, tokens, ranks, ulysses) / (NVLINK * ALL_TO_ALL_EFFICIENCY)
     link = NVLINK if ranks <= GPUS_PER_NODE else INFINIBAND
     sends = ring_send_bytes(dim, tokens, ranks, ring) / (link * RING_EFFICIENCY)
     return compute / (compute + all_to_all + max(0.0, sends - attention))
