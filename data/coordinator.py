@@ -555,8 +555,9 @@ class CoordinatorClient:
             import ray
 
             if not ray.is_initialized():
-                ray.init(address=self.ray_address, namespace=self.namespace, log_to_driver=False,
-                         logging_level="ERROR")
+                from data.ray_head import connect
+
+                connect(self.ray_address, self.namespace)
             self._actor = ray.get_actor(self.actor_name, namespace=self.namespace)
         import ray
 
@@ -611,6 +612,8 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
 
     import ray
 
+    from data.ray_head import connect, start_private_head
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
@@ -618,10 +621,8 @@ def start_ray_coordinator(shards: Sequence[Tuple[str, int]], seed: int, chunk_sa
             # A private head in a session of its own, never a cluster some earlier `ray start` left behind, and
             # not in this rank's process group: a stop signal to the group must not take the data plan down
             # before the final checkpoint (data/ray_head.py).
-            from data.ray_head import start_private_head
-
             _, address = start_private_head(object_store_bytes)
-        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+        connect(address, namespace)
     try:
         # One this name left by an earlier main rank of the run (a restart on a cluster whose Ray outlived it, or a
         # run that just ended on a shared cluster): its plan is stale, and a resume restores the checkpoint's.

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 RAY_READY = "This command will now block forever"
 
@@ -97,9 +97,14 @@ def start_private_head(object_store_bytes: int, timeout: float = 120.0, num_cpus
 
 
 def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to `ray start` alone, which then stops the Ray processes it started (about 2 s; SIGTERM to the
-    whole group at once kept it waiting 10 s), then SIGKILL to whatever of its group is left."""
+    """SIGTERM to `ray start` alone, which then stops the Ray processes it started (about 2 s), then SIGKILL to
+    whatever of its group is left. When its raylet is already gone (a scancel or a preemption signals every
+    process of a job, Ray's too), `ray start` no longer stops on SIGTERM: it held the whole grace, 10 s of every
+    such stop. Then the group is killed at once; nothing in it keeps state the run needs (the trainer checkpoints
+    the data plan itself)."""
     try:
+        if process.poll() is None and not _raylet_alive(process.pid):
+            raise subprocess.TimeoutExpired(process.args, 0)
         process.terminate()
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -109,6 +114,36 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     process.wait()
+
+
+def _raylet_alive(group: int) -> bool:
+    """Whether process group `group` (a `ray start --block` and its children) still has a raylet that is not a
+    zombie. Read from /proc; where there is none, say yes (the stop then waits its grace, as before)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition("(")[2].rpartition(")")
+        fields = rest.split()
+        if len(fields) > 2 and fields[2] == str(group) and name == "raylet" and fields[0] != "Z":
+            return True
+    return False
+
+
+def connect(address: str, namespace: Optional[str]) -> None:
+    """This process's Ray driver, joined to the cluster at `address`. Ray's task events are off unless the
+    environment turns them on: nothing here reads them, and with them on, a driver whose cluster is already gone (a
+    scancel or a preemption stops Ray with the ranks) waits 5 s at exit to flush them (`ray.shutdown`)."""
+    import ray
+
+    os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
+    ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
 
 
 def _stop_when_parent_dies() -> None:
