@@ -103,13 +103,12 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process of a job, Ray's too), `ray start` no longer stops on SIGTERM: it held the whole grace, 10 s of every
     such stop. Then the group is killed at once; nothing in it keeps state the run needs (the trainer checkpoints
     the data plan itself)."""
-    try:
-        if process.poll() is None and not _raylet_alive(process.pid):
-            raise subprocess.TimeoutExpired(process.args, 0)
+    if _raylet_alive(process.pid):  # else `ray start` no longer stops on SIGTERM: kill it now
         process.terminate()
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -117,12 +116,13 @@ def stop_process_group(process: subprocess.Popen, grace: float = 10.0) -> None:
     process.wait()
 
 
-def _raylet_alive(group: int) -> bool:
-    """Whether process group `group` (a `ray start --block` and its children) still has a raylet that is not a
-    zombie. Read from /proc; where there is none, say yes (the stop then waits its grace, as before)."""
+def group_processes(group: int) -> Optional[List[Tuple[int, str, str]]]:
+    """Every process of process group `group` as (pid, name, state: "Z" for a zombie), read from /proc; None
+    where there is no /proc."""
     proc = Path("/proc")
     if not proc.is_dir():
-        return True
+        return None
+    members = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -132,9 +132,16 @@ def _raylet_alive(group: int) -> bool:
             continue
         name, _, rest = stat.partition("(")[2].rpartition(")")
         fields = rest.split()
-        if len(fields) > 2 and fields[2] == str(group) and name == "raylet" and fields[0] != "Z":
-            return True
-    return False
+        if len(fields) > 2 and fields[2] == str(group):
+            members.append((int(entry.name), name, fields[0]))
+    return members
+
+
+def _raylet_alive(group: int) -> bool:
+    """Whether process group `group` (a `ray start --block` and its children) still has a raylet that is not a
+    zombie. Without /proc, say yes (the stop then waits its grace, as before)."""
+    members = group_processes(group)
+    return members is None or any(name == "raylet" and state != "Z" for _, name, state in members)
 
 
 def connect(address: str, namespace: Optional[str]) -> None:

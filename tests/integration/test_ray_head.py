@@ -3,20 +3,12 @@ import os
 import signal
 import time
 
-from data.ray_head import _raylet_alive, start_private_head, stop_process_group
+from data.ray_head import _raylet_alive, group_processes, start_private_head, stop_process_group
 
 
-def group_members(group: int):
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if stat.rpartition(")")[2].split()[2] == str(group):
-                members.append(int(entry))
-    return members
+def living(group: int):
+    """The processes of `group` that are neither gone nor zombies."""
+    return [pid for pid, _, state in group_processes(group) if state != "Z"]
 
 
 def test_a_head_whose_raylet_was_signalled_is_seen_as_down_and_stopped_with_nothing_left():
@@ -25,7 +17,7 @@ def test_a_head_whose_raylet_was_signalled_is_seen_as_down_and_stopped_with_noth
     process, _ = start_private_head(80 * 2 ** 20)
     try:
         assert _raylet_alive(process.pid)
-        for pid in group_members(process.pid):
+        for pid, _, _ in group_processes(process.pid):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while _raylet_alive(process.pid):
@@ -40,17 +32,6 @@ def test_a_head_whose_raylet_was_signalled_is_seen_as_down_and_stopped_with_noth
         if process.poll() is None:
             stop_process_group(process, grace=0)
     deadline = time.monotonic() + 10
-    while living(group_members(process.pid)):
-        assert time.monotonic() < deadline, f"left running: {living(group_members(process.pid))}"
+    while living(process.pid):
+        assert time.monotonic() < deadline, f"left running: {living(process.pid)}"
         time.sleep(0.2)
-
-
-def living(pids):
-    alive = []
-    for pid in pids:
-        try:
-            if open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
-                alive.append(pid)
-        except OSError:
-            pass
-    return alive
