@@ -276,6 +276,10 @@ class TrainConfig:
     # Flow matching: logit-normal timesteps and a resolution-dependent shift.
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    # The logit-normal mean of the clips trained with given frames (model.frame_conditioning); null = timestep_mean.
+    # Higher trains them more at the high noise where only the given frames place what is generated
+    # (models/conditioning.py conditioned_timesteps).
+    conditioned_timestep_mean: Optional[float] = None
     shift_reference_tokens: int = 256
 
     def check(self) -> None:

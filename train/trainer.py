@@ -20,7 +20,8 @@ from conf.schema import KinoConfig, to_yaml, trajectory_hash
 from data.batch import PackedBatch
 from models.attention import pin_backend, resolve_backend
 from models.autoencoder import build_autoencoder
-from models.conditioning import condition_latents, conditioning_inputs, draw_given, pipeline_inputs
+from models.conditioning import (condition_latents, conditioned_timesteps, conditioning_inputs, draw_given,
+                                 pipeline_inputs)
 from models.dit import attention_shapes, parameter_count, text_conditioner
 from models.flops import flops_per_batch, parameter_groups, peak_flops
 from models.image_encoder import clip_picks
@@ -242,15 +243,16 @@ class Trainer:
         captions = ["" if d else c for d, c in zip(host_values(drop), batch.captions)]
         text = self.text_batch(batch, captions)
         tokens = [math.prod(self.model.dit.grid(x.shape)) for x in x0]
-        t = shift_timesteps(sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std),
-                            tokens, cfg.train.shift_reference_tokens)
+        raw_t = sample_timesteps(len(x0), gen, cfg.train.timestep_mean, cfg.train.timestep_std)
         noise = [torch.randn(x.shape, generator=self.rng.noise_generator, device=device, dtype=x.dtype) for x in x0]
-        pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
         # With model.frame_conditioning each clip is drawn a mode of its stage's mix, from the group's generator
         # (every member draws alike), and given its frames beside a mask (clean in Kino's layout, as condition
         # latents in the I2V pipeline's); `counted`: the loss's tokens.
         mix = self.curriculum.stage(self.step).conditioning if cfg.model.frame_conditioning else {}
         given = draw_given(cfg.model, mix, x0, gen)
+        raw_t = conditioned_timesteps(raw_t, given, cfg.train.timestep_mean, cfg.train.conditioned_timestep_mean)
+        t = shift_timesteps(raw_t, tokens, cfg.train.shift_reference_tokens)
+        pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
         inputs, counted, counts = conditioning_inputs(cfg.model, mix, x0, [p[0] for p in pairs], gen,
                                                       self.model.dit.grid, given=given,
                                                       conditions=self.frame_conditions(batch, given, x0))

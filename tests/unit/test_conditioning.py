@@ -192,3 +192,34 @@ def test_the_loss_does_not_reach_the_given_frames_and_is_the_mean_over_the_gener
     assert float(result.loss_tokens) == 2 * 7 * 16
     per_clip = result.per_sample_loss
     assert float(result.loss_sum) / float(result.loss_tokens) == pytest.approx(float(per_clip.mean()), rel=1e-5)
+
+
+def test_clips_given_frames_train_at_their_own_timestep_mean_and_text_clips_keep_theirs():
+    from models.conditioning import conditioned_timesteps
+    from models.flow import sample_timesteps
+
+    t = sample_timesteps(2000, torch.Generator().manual_seed(0), mean=0.8)
+    given = [torch.tensor([i % 2 == 1, False, False]) for i in range(2000)]  # every other clip given its first frame
+    moved = conditioned_timesteps(t, given, 0.8, 2.0)
+    assert torch.equal(moved[0::2], t[0::2])  # text clips: the same draws
+    assert torch.allclose(torch.logit(moved[1::2]) - torch.logit(t[1::2]), torch.full((1000,), 1.2), atol=1e-4)
+    assert (moved[1::2] > 0.95).float().mean() > 5 * (t[1::2] > 0.95).float().mean()
+    assert conditioned_timesteps(t, given, 0.8, None) is t and conditioned_timesteps(t, None, 0.8, 2.0) is t
+
+
+def test_the_trainer_draws_the_timesteps_of_clips_given_frames_around_train_conditioned_timestep_mean():
+    from tests.unit.test_host_syncs import bare_trainer, micro_batch
+    from train.trainer import Trainer
+
+    base = ["experiment=demo", "model.attention_backend=sdpa", "curriculum=demo", "model.frame_conditioning=true"]
+    every_clip_given = ["curriculum.stages.0.conditioning.text=0.0", "+curriculum.stages.0.conditioning.first_frame=1.0"]
+
+    def timesteps(overrides):
+        return Trainer.forward_backward_step(bare_trainer(load_config(base + overrides)), micro_batch(6)).timesteps
+
+    plain, raised = timesteps(every_clip_given), timesteps(every_clip_given + ["train.conditioned_timestep_mean=3.0"])
+    assert (raised > plain).all()  # the same draws, each moved up
+    # A text-only stage draws as it did: the knob touches nothing else.
+    assert torch.equal(timesteps([]), timesteps(["train.conditioned_timestep_mean=3.0"]))
+    with pytest.raises(ConfigError, match="set model.frame_conditioning=true"):
+        load_config(["experiment=demo", "model.frame_conditioning=false", "train.conditioned_timestep_mean=2.0"])
