@@ -75,8 +75,10 @@ def validate(cfg: KinoConfig, world_size: Optional[int] = None) -> None:
                           f"has none (set them to 1)")
     check_base_model(cfg)
     check_frame_inputs(cfg)
-    if cfg.train.conditioned_timestep_mean is not None and not cfg.model.frame_conditioning:
-        raise ConfigError("train.conditioned_timestep_mean sets the timesteps of clips given frames: "
+    conditioned = [k for k in ("conditioned_timestep_mean", "conditioned_timestep_std")
+                   if getattr(cfg.train, k) is not None]
+    if conditioned and not cfg.model.frame_conditioning:
+        raise ConfigError(f"train.{conditioned[0]} sets the timesteps of clips given frames: "
                           "set model.frame_conditioning=true, or leave it null")
     if cfg.train.method == "dit":
         cfg.model.check_lora_targets()

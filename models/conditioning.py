@@ -220,20 +220,25 @@ def draw_given(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Ten
     return [given_frames(m, f, generator) for m, f in zip(modes, frames)]
 
 
-def conditioned_timesteps(t: torch.Tensor, given: Optional[Sequence[torch.Tensor]], mean: float,
-                          conditioned_mean: Optional[float]) -> torch.Tensor:
-    """Logit-normal timesteps `t` drawn around `mean`, with those of the clips given frames moved to
-    `conditioned_mean` (train.conditioned_timestep_mean): the same normal draw shifted by the difference, so a text
-    clip's timestep, and every later draw, stays what it was. None, or no frame given: `t` as it is.
+def conditioned_timesteps(t: torch.Tensor, given: Optional[Sequence[torch.Tensor]], mean: float, std: float,
+                          conditioned_mean: Optional[float] = None,
+                          conditioned_std: Optional[float] = None) -> torch.Tensor:
+    """Logit-normal timesteps `t` drawn around `mean` with `std`, with those of the clips given frames redrawn at
+    `conditioned_mean` and `conditioned_std` (train.conditioned_timestep_mean and _std; None: the text clips'): the
+    same normal draw, rescaled, so a text clip's timestep, and every later draw, stays what it was. Neither set, or no
+    frame given: `t` as it is.
 
     Why: above t of about 0.9 a generated frame's own noisy pixels no longer show where its content is, so only there
     does the model learn to place it from the given frames; around the text clips' mean (the demo's 0.8) 1.6% of the
     clips train above 0.95, and an extension's new frames drifted back to the caption's usual place (BENCHMARKS.md,
     "Conditioning modes in the demo", x17)."""
-    if conditioned_mean is None or given is None or conditioned_mean == mean:
+    new_mean = mean if conditioned_mean is None else conditioned_mean
+    new_std = std if conditioned_std is None else conditioned_std
+    if given is None or (new_mean == mean and new_std == std):
         return t
     has = torch.tensor([bool(g.any()) for g in given], device=t.device)
-    return torch.where(has, torch.sigmoid(torch.logit(t) + (conditioned_mean - mean)), t)
+    z = (torch.logit(t) - mean) / std
+    return torch.where(has, torch.sigmoid(z * new_std + new_mean), t)
 
 
 def conditioning_inputs(model_cfg, shares: Mapping[str, float], clean: Sequence[torch.Tensor],

@@ -276,10 +276,11 @@ class TrainConfig:
     # Flow matching: logit-normal timesteps and a resolution-dependent shift.
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
-    # The logit-normal mean of the clips trained with given frames (model.frame_conditioning); null = timestep_mean.
-    # Higher trains them more at the high noise where only the given frames place what is generated
-    # (models/conditioning.py conditioned_timesteps).
+    # The logit-normal mean and std of the clips trained with given frames (model.frame_conditioning); null = the
+    # text clips' (timestep_mean, timestep_std). Higher or wider trains them more at the high noise where only the
+    # given frames place what is generated (models/conditioning.py conditioned_timesteps).
     conditioned_timestep_mean: Optional[float] = None
+    conditioned_timestep_std: Optional[float] = None
     shift_reference_tokens: int = 256
 
     def check(self) -> None:
@@ -289,5 +290,9 @@ class TrainConfig:
             raise ConfigError(f"train.keep_last={self.keep_last}: must be >= 1")
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every={self.checkpoint_every}: must be >= 0")
+        for key in ("timestep_std", "conditioned_timestep_std"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{key}={value}: must be > 0")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"train.cpu_threads={self.cpu_threads}: must be >= 1 (or null for the default)")

@@ -250,7 +250,8 @@ class Trainer:
         # latents in the I2V pipeline's); `counted`: the loss's tokens.
         mix = self.curriculum.stage(self.step).conditioning if cfg.model.frame_conditioning else {}
         given = draw_given(cfg.model, mix, x0, gen)
-        raw_t = conditioned_timesteps(raw_t, given, cfg.train.timestep_mean, cfg.train.conditioned_timestep_mean)
+        raw_t = conditioned_timesteps(raw_t, given, cfg.train.timestep_mean, cfg.train.timestep_std,
+                                      cfg.train.conditioned_timestep_mean, cfg.train.conditioned_timestep_std)
         t = shift_timesteps(raw_t, tokens, cfg.train.shift_reference_tokens)
         pairs = [noisy_pair(x, n, ti) for x, n, ti in zip(x0, noise, host_values(t))]
         inputs, counted, counts = conditioning_inputs(cfg.model, mix, x0, [p[0] for p in pairs], gen,

@@ -200,11 +200,14 @@ def test_clips_given_frames_train_at_their_own_timestep_mean_and_text_clips_keep
 
     t = sample_timesteps(2000, torch.Generator().manual_seed(0), mean=0.8)
     given = [torch.tensor([i % 2 == 1, False, False]) for i in range(2000)]  # every other clip given its first frame
-    moved = conditioned_timesteps(t, given, 0.8, 2.0)
+    moved = conditioned_timesteps(t, given, 0.8, 1.0, conditioned_mean=2.0)
     assert torch.equal(moved[0::2], t[0::2])  # text clips: the same draws
     assert torch.allclose(torch.logit(moved[1::2]) - torch.logit(t[1::2]), torch.full((1000,), 1.2), atol=1e-4)
     assert (moved[1::2] > 0.95).float().mean() > 5 * (t[1::2] > 0.95).float().mean()
-    assert conditioned_timesteps(t, given, 0.8, None) is t and conditioned_timesteps(t, None, 0.8, 2.0) is t
+    wider = conditioned_timesteps(t, given, 0.8, 1.0, conditioned_std=2.0)  # both tails, the same median
+    assert torch.equal(wider[0::2], t[0::2])
+    assert torch.allclose(torch.logit(wider[1::2]) - 0.8, 2.0 * (torch.logit(t[1::2]) - 0.8), atol=1e-3)
+    assert conditioned_timesteps(t, given, 0.8, 1.0) is t and conditioned_timesteps(t, None, 0.8, 1.0, 2.0) is t
 
 
 def test_the_trainer_draws_the_timesteps_of_clips_given_frames_around_train_conditioned_timestep_mean():
@@ -221,5 +224,8 @@ def test_the_trainer_draws_the_timesteps_of_clips_given_frames_around_train_cond
     assert (raised > plain).all()  # the same draws, each moved up
     # A text-only stage draws as it did: the knob touches nothing else.
     assert torch.equal(timesteps([]), timesteps(["train.conditioned_timestep_mean=3.0"]))
+    assert (timesteps(every_clip_given + ["train.conditioned_timestep_std=2.0"]) != plain).all()
     with pytest.raises(ConfigError, match="set model.frame_conditioning=true"):
         load_config(["experiment=demo", "model.frame_conditioning=false", "train.conditioned_timestep_mean=2.0"])
+    with pytest.raises(ConfigError, match="conditioned_timestep_std=0.0: must be > 0"):
+        load_config(base + ["train.conditioned_timestep_std=0.0"])
